@@ -1,0 +1,388 @@
+"""Run configuration: one dataclass tree, presets, YAML recipes and ``key=value`` overrides.
+
+Resolution order: dataclass defaults < ``model.preset`` < recipe YAML < command-line overrides.
+Everything is validated before any heavy import or allocation, and every rule fails with a one-line
+``ConfigError`` that names the field (and the file, when a file is involved) and how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence, get_args, get_origin, get_type_hints
+
+import yaml
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line that names the field and the fix."""
+
+
+# Paper Table 1 (GOKU.md). Shared: latent channels 16, patch 1x2x2, FLAN-T5 XL text width 2048.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "goku-1b": dict(num_layers=28, hidden_size=1152, ffn_hidden_size=4608, num_heads=16),
+    "goku-2b": dict(num_layers=28, hidden_size=1792, ffn_hidden_size=7168, num_heads=28),
+    "goku-8b": dict(num_layers=40, hidden_size=3072, ffn_hidden_size=12288, num_heads=48),
+    # For tests and quick CPU checks: every code path, seconds per step.
+    "tiny": dict(num_layers=4, hidden_size=64, ffn_hidden_size=256, num_heads=4, text_dim=32),
+}
+
+TIMESTEP_SAMPLERS = ("uniform", "logit_normal")
+ATTENTION_BACKENDS = ("auto", "te", "flash", "sdpa")
+LINEAR_BACKENDS = ("auto", "te", "local")
+PRECISIONS = ("auto", "fp32", "bf16")
+DIST_BACKENDS = ("auto", "nccl", "gloo")
+LR_DECAYS = ("cosine", "constant")
+
+
+@dataclass
+class ModelConfig:
+    """Goku transformer shape; see GOKU.md for what each field reproduces."""
+
+    preset: str = "tiny"
+    num_layers: int = 4
+    hidden_size: int = 64
+    ffn_hidden_size: int = 256
+    num_heads: int = 4
+    in_channels: int = 16
+    patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])
+    text_dim: int = 2048
+    timestep_freq_dim: int = 256
+    rope_theta: float = 10000.0
+    cross_attn_rope_q: bool = True
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    # adaLN-Zero: gates and the output layer start at zero, so every block starts as the identity.
+    zero_init: bool = True
+    recompute: bool = False
+    attention_backend: str = "auto"
+    linear_backend: str = "auto"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_volume(self) -> int:
+        pt, ph, pw = self.patch_size
+        return pt * ph * pw
+
+
+@dataclass
+class ParallelConfig:
+    """Megatron parallel layout; data parallelism fills the world: dp = world / (tp * pp * cp)."""
+
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    dp: int = 0  # 0: derived from the world size
+    distributed_backend: str = "auto"
+
+
+@dataclass
+class FlowConfig:
+    """Rectified-flow training and sampling (GOKU.md, "Flow formulation")."""
+
+    timestep_sampling: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: float = 1.0
+    caption_dropout: float = 0.1
+    sample_steps: int = 25
+    cfg_scale: float = 5.0
+
+
+@dataclass
+class DataConfig:
+    """Training data. ``toy``: pixel-space clips from tools/make_toy_dataset.py."""
+
+    kind: str = "toy"
+    path: str = "data/toy"
+    create_if_missing: bool = True
+    toy_clips: int = 2048
+    toy_images: int = 512
+    toy_size: int = 16
+    toy_frames: int = 8
+    image_ratio: float = 0.25
+    text_encoder: str = "hash"
+    max_text_tokens: int = 16
+
+
+@dataclass
+class OptimConfig:
+    """AdamW through megatron-core's optimizer, warmup then cosine decay."""
+
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 100
+    decay: str = "cosine"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    """Loop length, batch sizes, precision and outputs."""
+
+    steps: int = 100
+    global_batch_size: int = 8
+    micro_batch_size: int = 4
+    seed: int = 1234
+    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    log_interval: int = 10
+    save_interval: int = 0  # 0: save only at the end
+    run_dir: str = ""  # "": runs/<name>-<timestamp>
+    name: str = "goku"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["train.steps=20", "model.patch_size=[1,2,2]"]`` -> nested dict; values parsed as YAML."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or key.startswith(".") or key.endswith("."):
+            raise ConfigError(f"override '{item}' is not key=value: write e.g. train.steps=20")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' sets a field inside '{part}', which is a value")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def resolve_recipe(name_or_path: str) -> Path:
+    """A recipe is a YAML path or the name of a packaged recipe (goku_megatron/recipes/NAME.yaml)."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"{path}: recipe file not found; pass an existing YAML file or one of "
+                              f"{', '.join(available_recipes())}")
+        return path
+    packaged = RECIPES_DIR / f"{name_or_path}.yaml"
+    if not packaged.is_file():
+        raise ConfigError(f"unknown recipe '{name_or_path}': use a YAML path or one of "
+                          f"{', '.join(available_recipes())}")
+    return packaged
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML; fix the syntax there") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections (model:, train:, ...)")
+    return data
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    origin = get_origin(typ)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        (item_type,) = get_args(typ)
+        return [_coerce(v, item_type, where) for v in value]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where} must be a string, got {value!r}")
+    raise TypeError(f"unsupported config field type {typ}")
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str, source: str) -> Any:
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; valid: {', '.join(names)}"
+            raise ConfigError(f"{source}unknown key '{dotted}'{hint}")
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{source}'{dotted}' is a section: give it as {dotted}.FIELD=VALUE")
+            kwargs[key] = _build(typ, value, f"{dotted}.", source)
+        else:
+            kwargs[key] = _coerce(value, typ, f"{source}{dotted}")
+    return cls(**kwargs)
+
+
+def load_config(recipe: str | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Build the run's config from an optional recipe and ``key=value`` overrides (not validated)."""
+    values: dict[str, Any] = {}
+    if recipe:
+        path = resolve_recipe(recipe)
+        values = _read_yaml(path)
+        _build(Config, _with_preset(values, f"{path}: "), "", f"{path}: ")  # blame the file
+    values = _merge(values, parse_overrides(overrides))
+    return _build(Config, _with_preset(values, ""), "", "")
+
+
+def _with_preset(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """Expand ``model.preset`` into model fields that the explicit ones then override."""
+    model_values = dict(values.get("model") or {})
+    preset = model_values.setdefault("preset", ModelConfig.preset)
+    if preset not in MODEL_PRESETS:
+        raise ConfigError(f"{source}model.preset '{preset}' is unknown; use one of "
+                          f"{', '.join(MODEL_PRESETS)}")
+    return {**values, "model": _merge(MODEL_PRESETS[preset], model_values)}
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _one_of(value: str, allowed: Sequence[str], where: str) -> None:
+    _require(value in allowed, f"{where}='{value}' is not one of {', '.join(allowed)}")
+
+
+def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> None:
+    """Check every rule that would otherwise fail deep inside a run; fills in ``parallel.dp``."""
+    m, p, t, o, f, d = cfg.model, cfg.parallel, cfg.train, cfg.optim, cfg.flow, cfg.data
+
+    for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_heads", "in_channels", "text_dim"):
+        _require(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")
+    _require(len(m.patch_size) == 3 and all(s > 0 for s in m.patch_size),
+             f"model.patch_size must be three positive ints [t, h, w], got {m.patch_size}")
+    _require(m.hidden_size % m.num_heads == 0,
+             f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}; "
+             f"choose heads that divide the hidden size")
+    _require(m.head_dim % 2 == 0 and m.head_dim >= 8,
+             f"model head_dim={m.head_dim} (hidden_size/num_heads) must be even and >= 8 for 3D RoPE; "
+             f"change model.num_heads")
+    _one_of(m.attention_backend, ATTENTION_BACKENDS, "model.attention_backend")
+    _one_of(m.linear_backend, LINEAR_BACKENDS, "model.linear_backend")
+    if not has_cuda:
+        _require(m.attention_backend in ("auto", "sdpa"),
+                 f"model.attention_backend='{m.attention_backend}' needs a GPU; use auto or sdpa on CPU")
+        _require(m.linear_backend in ("auto", "local"),
+                 f"model.linear_backend='{m.linear_backend}' needs a GPU; use auto or local on CPU")
+
+    for name in ("tp", "pp", "cp"):
+        _require(getattr(p, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(p, name)}")
+    _require(p.cp == 1, f"parallel.cp={p.cp}: context parallelism is not implemented yet; "
+                        f"set parallel.cp=1")
+    _one_of(p.distributed_backend, DIST_BACKENDS, "parallel.distributed_backend")
+    _require(has_cuda or p.distributed_backend != "nccl",
+             "parallel.distributed_backend='nccl' needs GPUs; use auto or gloo on CPU")
+    model_parallel = p.tp * p.pp * p.cp
+    _require(world_size % model_parallel == 0,
+             f"parallel: world size {world_size} is not divisible by tp*pp*cp={model_parallel}; "
+             f"launch a multiple of {model_parallel} processes or change parallel.tp/pp/cp")
+    dp = world_size // model_parallel
+    _require(p.dp in (0, dp),
+             f"parallel.dp={p.dp} but world size {world_size} / (tp*pp*cp={model_parallel}) = {dp}; "
+             f"set parallel.dp={dp} or 0 (derived)")
+    p.dp = dp
+    _require(m.num_heads % p.tp == 0,
+             f"model.num_heads={m.num_heads} is not divisible by parallel.tp={p.tp}; "
+             f"choose a tp that divides the number of heads")
+    _require(m.ffn_hidden_size % p.tp == 0,
+             f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by parallel.tp={p.tp}")
+    _require(m.num_layers % p.pp == 0,
+             f"model.num_layers={m.num_layers} is not divisible by parallel.pp={p.pp}; "
+             f"choose a pp that divides the number of layers")
+
+    _require(t.steps > 0, f"train.steps must be positive, got {t.steps}")
+    _require(t.micro_batch_size > 0, f"train.micro_batch_size must be positive, got {t.micro_batch_size}")
+    _require(t.global_batch_size % (t.micro_batch_size * dp) == 0,
+             f"train.global_batch_size={t.global_batch_size} is not divisible by "
+             f"micro_batch_size*dp={t.micro_batch_size}*{dp}; make it a multiple of "
+             f"{t.micro_batch_size * dp}")
+    _one_of(t.precision, PRECISIONS, "train.precision")
+    _require(t.log_interval > 0, f"train.log_interval must be positive, got {t.log_interval}")
+    _require(t.save_interval >= 0, f"train.save_interval must be >= 0, got {t.save_interval}")
+
+    _require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
+    _require(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be in [0, optim.lr={o.lr}]")
+    _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    _one_of(o.decay, LR_DECAYS, "optim.decay")
+    _require(o.clip_grad >= 0, f"optim.clip_grad must be >= 0 (0 disables), got {o.clip_grad}")
+
+    _one_of(f.timestep_sampling, TIMESTEP_SAMPLERS, "flow.timestep_sampling")
+    _require(f.logit_std > 0, f"flow.logit_std must be positive, got {f.logit_std}")
+    _require(f.shift > 0, f"flow.shift must be positive, got {f.shift}")
+    _require(0 <= f.caption_dropout < 1, f"flow.caption_dropout must be in [0, 1), got {f.caption_dropout}")
+
+    _one_of(d.kind, ("toy",), "data.kind")
+    _one_of(d.text_encoder, ("hash",), "data.text_encoder")
+    pt, ph, pw = m.patch_size
+    _require(d.toy_size % ph == 0 and d.toy_size % pw == 0,
+             f"data.toy_size={d.toy_size} is not divisible by model.patch_size h/w={ph}/{pw}")
+    _require(d.toy_frames % pt == 0,
+             f"data.toy_frames={d.toy_frames} is not divisible by model.patch_size t={pt}")
+    _require(pt == 1 or d.image_ratio == 0,
+             f"model.patch_size t={pt} cannot patch images (T=1); set data.image_ratio=0 or patch t=1")
+    _require(0 <= d.image_ratio <= 1, f"data.image_ratio must be in [0, 1], got {d.image_ratio}")

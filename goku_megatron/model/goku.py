@@ -1,0 +1,285 @@
+"""GokuModel: patch embedding + conditioning -> Goku layers -> final adaLN layer -> velocity.
+
+Pipeline parallelism splits the layers into stages: the first stage owns the patch embedding, the
+last the final layer. The conditioning embedders (timestep MLP and caption projection) are needed by
+every layer, so every stage holds a replica; megatron's finalize_model_grads all-reduces their
+gradients over the pipeline group (params marked ``pipeline_parallel``, config.has_cond_embedder),
+the way megatron-core's diffusion models keep such embedders in sync.
+
+Weights are initialised per parameter from a generator seeded by (seed, global parameter name), then
+sliced for this rank: the model starts from the same weights under any TP/PP/DP layout.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedStateDict
+from megatron.core.enums import ModelType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core import tensor_parallel
+
+from goku_megatron.config import ModelConfig
+from goku_megatron.model.layer import LayerInputs, modulate
+from goku_megatron.model.rope import grid_positions, rope_angles
+
+
+def patchify(x: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
+    """[B, C, T, H, W] -> tokens [T'*H'*W', B, C*pt*ph*pw] in row-major (t, h, w) order."""
+    b, c, t, h, w = x.shape
+    pt, ph, pw = patch
+    x = x.reshape(b, c, t // pt, pt, h // ph, ph, w // pw, pw)
+    x = x.permute(2, 4, 6, 0, 1, 3, 5, 7)  # t' h' w' b c pt ph pw
+    return x.reshape((t // pt) * (h // ph) * (w // pw), b, c * pt * ph * pw)
+
+
+def unpatchify(tokens: torch.Tensor, patch: tuple[int, int, int], channels: int,
+               grid: tuple[int, int, int]) -> torch.Tensor:
+    """Inverse of patchify: [S, B, C*pt*ph*pw] -> [B, C, T, H, W]."""
+    gt, gh, gw = grid
+    pt, ph, pw = patch
+    b = tokens.shape[1]
+    x = tokens.reshape(gt, gh, gw, b, channels, pt, ph, pw)
+    x = x.permute(3, 4, 0, 5, 1, 6, 2, 7)  # b c t' pt h' ph w' pw
+    return x.reshape(b, channels, gt * pt, gh * ph, gw * pw)
+
+
+def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of timesteps in [0, 1] (scaled by 1000 as in DiT): [N] -> [N, dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = (t.float() * 1000.0)[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(torch.nn.Module):
+    """Sinusoidal features -> Linear -> SiLU -> Linear."""
+
+    def __init__(self, freq_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.fc1 = torch.nn.Linear(freq_dim, hidden)
+        self.fc2 = torch.nn.Linear(hidden, hidden)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        features = timestep_features(t, self.freq_dim).to(self.fc1.weight.dtype)
+        return self.fc2(F.silu(self.fc1(features)))
+
+
+class CaptionProjection(torch.nn.Module):
+    """Text-encoder outputs -> hidden size (Linear -> GELU(tanh) -> Linear)."""
+
+    def __init__(self, text_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(text_dim, hidden)
+        self.fc2 = torch.nn.Linear(hidden, hidden)
+
+    def forward(self, text: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(text.to(self.fc1.weight.dtype)), approximate="tanh"))
+
+
+class FinalLayer(torch.nn.Module):
+    """adaLN (shift, scale) -> LayerNorm without affine -> Linear to patch_volume * channels."""
+
+    def __init__(self, hidden: int, out_dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.adaln = torch.nn.Linear(hidden, 2 * hidden)
+        self.linear = torch.nn.Linear(hidden, out_dim)
+
+    def forward(self, x: torch.Tensor, silu_temb: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaln(silu_temb).float().unsqueeze(0).chunk(2, dim=-1)
+        h = F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return self.linear(modulate(h, shift, scale))
+
+
+class GokuModel(MegatronModule):
+    """One pipeline stage of the Goku transformer (the whole model when pp = 1)."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        model_cfg: ModelConfig,
+        spec: ModuleSpec,
+        pre_process: bool = True,
+        post_process: bool = True,
+    ) -> None:
+        super().__init__(config)
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
+        self.model_cfg = model_cfg
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.patch = tuple(model_cfg.patch_size)
+        hidden = config.hidden_size
+        patch_dim = model_cfg.in_channels * model_cfg.patch_volume
+
+        self.t_embedder = TimestepEmbedder(model_cfg.timestep_freq_dim, hidden)
+        self.caption_embedder = CaptionProjection(model_cfg.text_dim, hidden)
+        for module in (self.t_embedder, self.caption_embedder):
+            for param in module.parameters():
+                param.pipeline_parallel = True  # grads all-reduced across PP stages
+        if pre_process:
+            self.patch_embed = torch.nn.Linear(patch_dim, hidden)
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        layers_per_stage = config.num_layers // pp
+        self.layer_offset = parallel_state.get_pipeline_model_parallel_rank() * layers_per_stage
+        self.layers = torch.nn.ModuleList(
+            build_module(spec, config=config, layer_number=self.layer_offset + i + 1,
+                         cross_attn_rope_q=model_cfg.cross_attn_rope_q)
+            for i in range(layers_per_stage)
+        )
+        if post_process:
+            self.final_layer = FinalLayer(hidden, patch_dim, config.layernorm_epsilon)
+        self.input_tensor: torch.Tensor | None = None
+
+    def set_input_tensor(self, input_tensor: torch.Tensor | list[torch.Tensor]) -> None:
+        """Called by megatron's schedules with the activation received from the previous stage."""
+        if isinstance(input_tensor, list):
+            input_tensor = input_tensor[0]
+        self.input_tensor = input_tensor
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict the velocity for noisy latents [B, C, T, H, W] at timesteps [B].
+
+        text [B, L, text_dim] with text_mask [B, L] (True = token). Every stage receives the same
+        batch (only its shape and conditioning are used past the first stage). Returns the velocity
+        [B, C, T, H, W] on the last stage, the hidden states [S, B, D] on the others.
+        """
+        b, c, t, h, w = latents.shape
+        pt, ph, pw = self.patch
+        grid = (t // pt, h // ph, w // pw)
+        if self.pre_process:
+            x = self.patch_embed(patchify(latents, self.patch).to(self.patch_embed.weight.dtype))
+        else:
+            x = self.input_tensor
+        temb = self.t_embedder(timesteps)
+        silu_temb = F.silu(temb)
+        positions = grid_positions(*grid, device=latents.device)
+        rope = rope_angles(positions, self.config.hidden_size // self.config.num_attention_heads,
+                           self.model_cfg.rope_theta).unsqueeze(1)
+        inputs = LayerInputs(
+            context=self.caption_embedder(text).transpose(0, 1),
+            rope=rope,
+            context_mask=text_mask,
+        )
+        for layer in self.layers:
+            if self.model_cfg.recompute and self.training:
+                x = tensor_parallel.checkpoint(self._run_layer(layer, inputs), False, x, silu_temb, inputs.context)
+            else:
+                x = layer(x, inputs, silu_temb)
+        if not self.post_process:
+            return x
+        out = self.final_layer(x, silu_temb)
+        return unpatchify(out, self.patch, self.model_cfg.in_channels, grid).float()
+
+    @staticmethod
+    def _run_layer(layer: torch.nn.Module, inputs: LayerInputs):
+        """Activation recompute: tensors that carry gradients are passed as checkpoint arguments."""
+
+        def run(x: torch.Tensor, silu_temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+            recomputed = LayerInputs(context=context, rope=inputs.rope,
+                                     context_mask=inputs.context_mask)
+            return layer(x, recomputed, silu_temb)
+
+        return run
+
+    # ----------------------------------------------------------------------------------------
+    # Names, initialisation, checkpointing
+
+    def global_name(self, name: str) -> str:
+        """Parameter name with the stage-local layer index replaced by the global one."""
+        if name.startswith("layers."):
+            _, idx, rest = name.split(".", 2)
+            return f"layers.{self.layer_offset + int(idx)}.{rest}"
+        return name
+
+    def init_weights(self, seed: int) -> None:
+        """Layout-independent init: each full parameter from its own seeded generator, then sliced."""
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                gname = self.global_name(name)
+                full_shape = list(param.shape)
+                dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
+                if dim is not None:
+                    full_shape[dim] *= tp
+                full = self._initial_value(gname, full_shape, seed)
+                if dim is not None:
+                    full = full.chunk(tp, dim=dim)[tp_rank]
+                param.copy_(full)
+
+    def _initial_value(self, name: str, shape: list[int], seed: int) -> torch.Tensor:
+        cfg = self.model_cfg
+        zero_init = cfg.zero_init and (name.startswith("final_layer.") or ".norm1.linear." in name)
+        if name.endswith("bias") or zero_init:
+            return torch.zeros(shape)
+        if name.endswith("norm.weight") or name.endswith(("norm2.weight", "norm3.weight")):
+            return torch.ones(shape)
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+        std = cfg.init_std
+        if name.endswith(("o_proj.weight", "fc2.weight")) and name.startswith("layers."):
+            std = cfg.init_std / math.sqrt(2 * cfg.num_layers)  # megatron's scaled output init
+        return torch.randn(shape, generator=gen) * std
+
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
+    ) -> ShardedStateDict:
+        """Checkpoint keys use global layer indices, so a checkpoint does not depend on the PP layout.
+
+        The replicated conditioning embedders exist on every PP stage; only stage 0 is their main
+        replica (replica_id's first entry is the PP rank).
+        """
+        sharded: ShardedStateDict = {}
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        for name, module in self.named_children():
+            if name == "layers":
+                for i, layer in enumerate(module):
+                    sharded.update(layer.sharded_state_dict(
+                        f"{prefix}layers.{self.layer_offset + i}.", sharded_offsets, metadata))
+                continue
+            sub = _default_sharded(module, f"{prefix}{name}.", sharded_offsets, metadata)
+            if name in ("t_embedder", "caption_embedder"):
+                for tensor in sub.values():
+                    tensor.replica_id = (pp_rank, *tensor.replica_id[1:])
+            sharded.update(sub)
+        return sharded
+
+
+def _default_sharded(module: torch.nn.Module, prefix: str, offsets: tuple, metadata: dict | None) -> ShardedStateDict:
+    from megatron.core.transformer.utils import sharded_state_dict_default
+
+    return sharded_state_dict_default(module, prefix, offsets, metadata)
+
+
+def iter_stage_models(model: list[torch.nn.Module]) -> Iterator[GokuModel]:
+    """Unwrap DDP / Float16Module wrappers."""
+    for chunk in model:
+        while not isinstance(chunk, GokuModel):
+            chunk = chunk.module
+        yield chunk
+
+
+def count_parameters(cfg: ModelConfig) -> int:
+    """Parameters of the whole model (all stages, embedders counted once), from the shapes alone,
+    so --dry-run can report goku-8b without allocating it."""
+    d, f, c = cfg.hidden_size, cfg.ffn_hidden_size, cfg.in_channels * cfg.patch_volume
+    attn = 4 * d * d + 2 * d  # q, k, v, o (no bias) + full-width q/k norm weights
+    layer = (d * 6 * d + 6 * d) + 2 * attn + 2 * d + (d * f + f + f * d + d)
+    embed = (cfg.timestep_freq_dim * d + d + d * d + d) + (cfg.text_dim * d + d + d * d + d)
+    patch_in = c * d + d
+    final = (d * 2 * d + 2 * d) + (d * c + c)
+    return cfg.num_layers * layer + embed + patch_in + final

@@ -1,0 +1,248 @@
+"""The Goku transformer layer (GOKU.md, "The block") on megatron-core tensor-parallel linears.
+
+Attribute names follow the reference block (norm1.linear, attn1.q_proj, ...) so checkpoints map
+one to one. Activations are [s, b, hidden] as everywhere in megatron. Under tensor parallelism the
+Q/K/V projections are column-parallel (heads split across ranks) and the output projections
+row-parallel; the QK RMSNorm is over the *full* inner dimension, so its sum of squares is all-reduced
+across the tensor-parallel group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedStateDict
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
+)
+
+from goku_megatron.model.rope import apply_rope
+
+
+@dataclass
+class LayerInputs:
+    """Everything a layer needs besides the hidden states and the (per-sample) timestep embedding,
+    computed once per micro-batch.
+
+    ``sample_index`` ([S] long) maps each token of a packed sequence to its sample, so each sample's
+    modulation is repeated over its own tokens. Without packing it is None and the timestep
+    embedding has one row per batch element. ``rope`` holds the rotation angles [S, B or 1, hd/2].
+    """
+
+    context: torch.Tensor
+    rope: torch.Tensor
+    context_mask: torch.Tensor | None = None
+    sample_index: torch.Tensor | None = None
+    packed_self: PackedSeqParams | None = None
+    packed_cross: PackedSeqParams | None = None
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the tensor-parallel group in forward *and* backward.
+
+    The backward all-reduce is what a full-width norm needs: each rank's output depends on every
+    rank's inputs through the shared statistic (megatron's reduce_from_tensor_model_parallel_region
+    has an identity backward, which would be wrong here).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        x = x.clone()
+        torch.distributed.all_reduce(x, group=parallel_state.get_tensor_model_parallel_group())
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad, group=parallel_state.get_tensor_model_parallel_group())
+        return grad
+
+
+class RMSNorm(torch.nn.Module):
+    """RMSNorm with a learned weight, computed in float32, over the last dimension.
+
+    ``tensor_parallel=True`` makes it a full-width norm over features split across TP ranks: the
+    weight is this rank's slice and the mean of squares covers all ranks' features.
+    """
+
+    def __init__(self, local_size: int, eps: float, tensor_parallel: bool = False) -> None:
+        super().__init__()
+        self.eps = eps
+        self.tensor_parallel = tensor_parallel and parallel_state.get_tensor_model_parallel_world_size() > 1
+        self.sharded = tensor_parallel
+        self.weight = torch.nn.Parameter(torch.ones(local_size))
+        if tensor_parallel:
+            set_tensor_model_parallel_attributes(self.weight, is_parallel=True, dim=0, stride=1)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: dict | None = None) -> ShardedStateDict:
+        """A full-width norm's weight is split over TP ranks like the projection it follows."""
+        return make_sharded_tensors_for_checkpoint(
+            self.state_dict(keep_vars=True), prefix, {"weight": 0} if self.sharded else None,
+            sharded_offsets, dp_cp_group=ensure_metadata_has_dp_cp_group(metadata)["dp_cp_group"],
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        sq_sum = xf.pow(2).sum(-1, keepdim=True)
+        count = xf.shape[-1]
+        if self.tensor_parallel:
+            sq_sum = _AllReduceSum.apply(sq_sum)
+            count *= parallel_state.get_tensor_model_parallel_world_size()
+        out = xf * torch.rsqrt(sq_sum / count + self.eps) * self.weight.float()
+        return out.to(x.dtype)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x * (1 + scale) + shift in float32 (GOKU.md: modulation math in fp32)."""
+    return (x.float() * (1 + scale) + shift).to(x.dtype)
+
+
+@dataclass
+class GokuLayerSubmodules:
+    """Leaf classes: the TE spec and the local spec differ only here."""
+
+    column_linear: type
+    row_linear: type
+    core_attention: type | ModuleSpec
+
+
+class AdaLNModulation(MegatronModule):
+    """SiLU -> Linear(D, n*D) on the timestep embedding; output gathered over TP (per sample)."""
+
+    def __init__(self, config: TransformerConfig, linear: type, chunks: int) -> None:
+        super().__init__(config)
+        self.chunks = chunks
+        self.linear = linear(
+            config.hidden_size, chunks * config.hidden_size, config=config,
+            init_method=config.init_method, bias=True, gather_output=True,
+        )
+
+    def forward(self, silu_temb: torch.Tensor, sample_index: torch.Tensor | None) -> list[torch.Tensor]:
+        """silu_temb [N, D] -> chunks of [1, N, D] (unpacked) or [S, 1, D] (packed), float32."""
+        mod, _ = self.linear(silu_temb)
+        mod = mod.float()
+        mod = mod[sample_index].unsqueeze(1) if sample_index is not None else mod.unsqueeze(0)
+        return list(mod.chunk(self.chunks, dim=-1))
+
+
+class GokuAttention(MegatronModule):
+    """Multi-head attention with full-width QK RMSNorm and 3D RoPE; self or cross."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        submodules: GokuLayerSubmodules,
+        kv_dim: int,
+        rope_q: bool,
+        rope_k: bool,
+    ) -> None:
+        super().__init__(config)
+        hidden = config.hidden_size
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.heads = config.num_attention_heads // tp
+        self.head_dim = hidden // config.num_attention_heads
+        self.rope_q, self.rope_k = rope_q, rope_k
+        col = dict(config=config, init_method=config.init_method, bias=False, gather_output=False,
+                   skip_bias_add=False, is_expert=False)
+        self.q_proj = submodules.column_linear(hidden, hidden, **col)
+        self.k_proj = submodules.column_linear(kv_dim, hidden, **col)
+        self.v_proj = submodules.column_linear(kv_dim, hidden, **col)
+        self.o_proj = submodules.row_linear(
+            hidden, hidden, config=config, init_method=config.output_layer_init_method, bias=False,
+            input_is_parallel=True, skip_bias_add=False, is_expert=False,
+        )
+        self.q_norm = RMSNorm(hidden // tp, config.layernorm_epsilon, tensor_parallel=True)
+        self.k_norm = RMSNorm(hidden // tp, config.layernorm_epsilon, tensor_parallel=True)
+        self.core = build_module(submodules.core_attention)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        kv: torch.Tensor,
+        rope: torch.Tensor,
+        key_mask: torch.Tensor | None = None,
+        packed: PackedSeqParams | None = None,
+    ) -> torch.Tensor:
+        q = self.q_norm(self.q_proj(x)[0])
+        k = self.k_norm(self.k_proj(kv)[0])
+        v = self.v_proj(kv)[0]
+        q = q.view(*q.shape[:2], self.heads, self.head_dim)
+        k = k.view(*k.shape[:2], self.heads, self.head_dim)
+        v = v.view(*v.shape[:2], self.heads, self.head_dim)
+        if self.rope_q:
+            q = apply_rope(q, rope)
+        if self.rope_k:
+            k = apply_rope(k, rope)
+        out = self.core(q, k, v, key_mask=key_mask, packed=packed)
+        return self.o_proj(out.flatten(2))[0]
+
+
+class GokuMLP(MegatronModule):
+    """Linear(D, F, bias) -> GELU(tanh) -> Linear(F, D, bias), column then row parallel."""
+
+    def __init__(self, config: TransformerConfig, submodules: GokuLayerSubmodules) -> None:
+        super().__init__(config)
+        self.fc1 = submodules.column_linear(
+            config.hidden_size, config.ffn_hidden_size, config=config, init_method=config.init_method,
+            bias=True, gather_output=False, skip_bias_add=False, is_expert=False,
+        )
+        self.fc2 = submodules.row_linear(
+            config.ffn_hidden_size, config.hidden_size, config=config,
+            init_method=config.output_layer_init_method, bias=True, input_is_parallel=True,
+            skip_bias_add=False, is_expert=False,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)[0], approximate="tanh"))[0]
+
+
+class GokuLayer(MegatronModule):
+    """adaLN-Zero self-attention, ungated cross-attention to text, modulated gated MLP."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        submodules: GokuLayerSubmodules,
+        layer_number: int = 1,
+        cross_attn_rope_q: bool = True,
+        adaln_linear: type | None = None,
+    ) -> None:
+        super().__init__(config)
+        from megatron.core.tensor_parallel import ColumnParallelLinear
+
+        self.layer_number = layer_number
+        eps = config.layernorm_epsilon
+        # TE's column-parallel linear cannot gather its output; adaLN runs per sample, so the local
+        # layer costs nothing measurable here in either spec.
+        self.norm1 = AdaLNModulation(config, adaln_linear or ColumnParallelLinear, chunks=6)
+        self.attn1 = GokuAttention(config, submodules, config.hidden_size, rope_q=True, rope_k=True)
+        self.norm2 = RMSNorm(config.hidden_size, eps)
+        self.attn2 = GokuAttention(config, submodules, config.hidden_size, rope_q=cross_attn_rope_q, rope_k=False)
+        self.norm3 = RMSNorm(config.hidden_size, eps)
+        self.mlp = GokuMLP(config, submodules)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, inputs: LayerInputs, silu_temb: torch.Tensor) -> torch.Tensor:
+        """x [S, B, D]; silu_temb = SiLU(timestep embedding), [N, D] per sample."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(
+            silu_temb, inputs.sample_index
+        )
+        h = F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        h = modulate(h, shift_msa, scale_msa)
+        h = self.attn1(h, h, inputs.rope, packed=inputs.packed_self)
+        x = (x.float() + gate_msa * h.float()).to(x.dtype)
+        h = self.attn2(self.norm2(x), inputs.context, inputs.rope, key_mask=inputs.context_mask,
+                       packed=inputs.packed_cross)
+        x = x + h
+        h = self.mlp(modulate(self.norm3(x), shift_mlp, scale_mlp))
+        return (x.float() + gate_mlp * h.float()).to(x.dtype)

@@ -1,0 +1,173 @@
+"""What this machine offers and how the processes find each other.
+
+One function per question: which device, which distributed backend, which implementation of each
+model part (so ``--dry-run`` and the first log lines can say which backend is in use), and the
+setup of torch.distributed plus megatron's ``parallel_state``. GPU-only packages are imported lazily
+here and nowhere else decides on their presence.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import logging
+import os
+import random
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from goku_megatron.config import Config
+
+log = logging.getLogger(__name__)
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def has_transformer_engine() -> bool:
+    """TE imports only with CUDA and cuDNN; finding the package is not enough on a CPU box."""
+    if not has_cuda() or not _importable("transformer_engine"):
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except (ImportError, OSError, RuntimeError) as err:
+        log.warning("transformer_engine is installed but does not import (%s); using local layers", err)
+        return False
+    return True
+
+
+def has_flash_attn() -> bool:
+    if not has_cuda() or not _importable("flash_attn"):
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except (ImportError, OSError, RuntimeError) as err:
+        log.warning("flash_attn is installed but does not import (%s); using torch SDPA", err)
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Backends:
+    """The implementation chosen for each part of a run."""
+
+    device: str
+    distributed: str
+    linear: str
+    attention: str
+    optimizer: str
+    data: str
+    precision: str
+
+    def describe(self) -> str:
+        return (f"device={self.device} distributed={self.distributed} linear={self.linear} "
+                f"attention={self.attention} optimizer={self.optimizer} data={self.data} "
+                f"precision={self.precision}")
+
+
+def optimizer_backend() -> str:
+    """Which Adam megatron-core picked at import: TE/apex fused kernels or the torch fallback."""
+    from megatron.core import optimizer as mcore_optimizer
+
+    if mcore_optimizer.USING_PYTORCH_OPTIMIZER:
+        return "torch.optim.AdamW (megatron-core fallback)"
+    return f"{mcore_optimizer.Adam.__module__}.{mcore_optimizer.Adam.__name__}"
+
+
+def choose_backends(cfg: Config) -> Backends:
+    cuda = has_cuda()
+    te = has_transformer_engine()
+    if cfg.model.linear_backend == "te" and not te:
+        raise RuntimeError("model.linear_backend=te but transformer_engine is not importable; "
+                           "install it (NGC PyTorch container) or use model.linear_backend=auto")
+    linear = "te" if cfg.model.linear_backend == "te" or (cfg.model.linear_backend == "auto" and te) else "local"
+    attention = cfg.model.attention_backend
+    if attention == "auto":
+        attention = "flash" if has_flash_attn() else "sdpa"
+    elif attention == "flash" and not has_flash_attn():
+        raise RuntimeError("model.attention_backend=flash but flash_attn is not importable; "
+                           "install flash-attn or use model.attention_backend=auto")
+    elif attention == "te" and not te:
+        raise RuntimeError("model.attention_backend=te but transformer_engine is not importable; "
+                           "use model.attention_backend=auto")
+    dist = cfg.parallel.distributed_backend
+    if dist == "auto":
+        dist = "nccl" if cuda else "gloo"
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if cuda else "fp32"
+    return Backends(
+        device="cuda" if cuda else "cpu",
+        distributed=dist,
+        linear=linear,
+        attention=attention,
+        optimizer=optimizer_backend(),
+        data=f"{cfg.data.kind}: webdataset + PyAV decode",
+        precision=precision,
+    )
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(cfg: Config, backends: Backends) -> None:
+    """Start torch.distributed (torchrun env or a one-process group) and megatron's parallel state.
+
+    A single process still gets a process group, so the exact same megatron code path runs on a
+    laptop and on a cluster.
+    """
+    from megatron.core import parallel_state
+
+    if not torch.distributed.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        if backends.device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(
+            backend=backends.distributed, timeout=datetime.timedelta(minutes=10)
+        )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=cfg.parallel.tp,
+            pipeline_model_parallel_size=cfg.parallel.pp,
+            context_parallel_size=cfg.parallel.cp,
+        )
+
+
+def shutdown_distributed() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed host RNGs identically everywhere (weights are seeded per parameter, see model.init)
+    and megatron's model-parallel RNG tracker, which activation recompute restores."""
+    from megatron.core import tensor_parallel
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)

@@ -1,0 +1,410 @@
+"""goku-train: the training loop, top to bottom.
+
+    goku-train                                   # toy recipe on CPU, creates the toy data
+    goku-train --config goku-2b train.steps=20   # any recipe, dotted overrides
+    goku-train --dry-run --world-size 64 ...     # resolved config, layout, backends, size
+    torchrun --nproc-per-node 4 -m goku_megatron.train parallel.tp=2 parallel.pp=2
+
+Every step: the data-parallel rank's batch -> rectified-flow inputs (noise, timesteps, caption
+dropout; seeded per sample so any parallel layout sees the same numbers) -> megatron's
+forward_backward_func (1F1B across pipeline stages) -> megatron DDP gradient reduction ->
+megatron optimizer (AdamW, clipping) and the warmup + cosine schedule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import yaml
+
+from goku_megatron import cpu_compat
+from goku_megatron.config import Config, ConfigError, load_config, validate
+from goku_megatron.platform import Backends, choose_backends, has_cuda, world_size_from_env
+
+log = logging.getLogger("goku_megatron")
+
+# A batch source yields, per step, this data-parallel rank's samples:
+# {"pixels": [B, C, T, H, W] in [-1, 1], "captions": list[str], "keys": list[str]}.
+BatchSource = Iterator[dict[str, Any]]
+
+
+@dataclass
+class FlowBatch:
+    """One micro-batch of rectified-flow training inputs."""
+
+    noisy: torch.Tensor  # x_t = t * x1 + (1 - t) * x0, [B, C, T, H, W]
+    timesteps: torch.Tensor  # [B]
+    text: torch.Tensor  # [B, L, text_dim]
+    text_mask: torch.Tensor  # [B, L]
+    target: torch.Tensor  # velocity x1 - x0
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def build_transformer_config(cfg: Config, backends: Backends) -> Any:
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    m, p = cfg.model, cfg.parallel
+    bf16 = backends.precision == "bf16"
+    tc = TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_heads,
+        layernorm_epsilon=m.norm_eps,
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        context_parallel_size=p.cp,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_cpu_initialization=backends.device == "cpu",
+        perform_initialization=False,  # GokuModel.init_weights: identical under any layout
+        init_method_std=m.init_std,
+        # Batched isend/irecv over gloo is not reliable; NCCL batches them.
+        batch_p2p_comm=backends.distributed == "nccl",
+    )
+    tc.has_cond_embedder = True  # finalize_model_grads syncs the replicated embedders over PP
+    return tc
+
+
+def build_model(cfg: Config, backends: Backends) -> tuple[list[torch.nn.Module], Any]:
+    """This rank's pipeline stage, initialised and wrapped in megatron DDP (and Float16Module)."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.module import Float16Module
+
+    from goku_megatron.model.goku import GokuModel
+    from goku_megatron.model.specs import layer_spec
+
+    tc = build_transformer_config(cfg, backends)
+    stage = GokuModel(
+        tc, cfg.model, layer_spec(backends.linear, backends.attention),
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    )
+    stage.init_weights(cfg.train.seed)
+    module: torch.nn.Module = stage
+    if backends.device == "cuda":
+        module = module.cuda()
+    if tc.bf16:
+        module = Float16Module(tc, module)
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                               use_distributed_optimizer=False)
+    return [DistributedDataParallel(config=tc, ddp_config=ddp_config, module=module)], tc
+
+
+def build_optimizer(cfg: Config, model: list[torch.nn.Module], tc: Any) -> tuple[Any, Any]:
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    o = cfg.optim
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+            adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+            clip_grad=o.clip_grad, bf16=tc.bf16, params_dtype=tc.params_dtype,
+            use_distributed_optimizer=False,
+        ),
+        model,
+    )
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=o.lr,
+        min_lr=o.min_lr if o.decay == "cosine" else o.lr,
+        lr_warmup_steps=o.warmup_steps,
+        lr_decay_steps=max(cfg.train.steps, o.warmup_steps + 1),
+        lr_decay_style=o.decay,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=cfg.train.steps,
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+def sample_generator(seed: int, step: int, key: str) -> torch.Generator:
+    """Per-sample randomness from (seed, step, sample key): independent of the parallel layout."""
+    return torch.Generator().manual_seed(zlib.crc32(f"{seed}:{step}:{key}".encode()))
+
+
+def make_flow_batch(
+    batch: dict[str, Any], step: int, cfg: Config, text_encoder: Callable, device: torch.device
+) -> FlowBatch:
+    """Noise, timesteps and caption dropout for each sample, then the interpolated inputs."""
+    from goku_megatron import flow
+
+    f = cfg.flow
+    x1 = batch["pixels"].float()
+    noise, times, captions = [], [], []
+    for i, key in enumerate(batch["keys"]):
+        gen = sample_generator(cfg.train.seed, step, key)
+        noise.append(torch.randn(x1.shape[1:], generator=gen))
+        times.append(flow.sample_timesteps(1, f.timestep_sampling, logit_mean=f.logit_mean,
+                                           logit_std=f.logit_std, shift=f.shift, generator=gen))
+        dropped = bool(flow.caption_dropout_mask(1, f.caption_dropout, generator=gen)[0])
+        captions.append("" if dropped else batch["captions"][i])
+    x0 = torch.stack(noise)
+    t = torch.cat(times)
+    text, text_mask = text_encoder(captions)
+    return FlowBatch(
+        noisy=flow.interpolate(x1, x0, t).to(device),
+        timesteps=t.to(device),
+        text=text.to(device),
+        text_mask=text_mask.to(device),
+        target=flow.velocity_target(x1, x0).to(device),
+    )
+
+
+def split_microbatches(batch: FlowBatch, micro_batch_size: int) -> list[FlowBatch]:
+    fields = {f.name: getattr(batch, f.name).split(micro_batch_size) for f in dataclasses.fields(batch)}
+    return [FlowBatch(**{k: v[i] for k, v in fields.items()}) for i in range(len(fields["noisy"]))]
+
+
+def forward_step(data_iterator: Iterator[FlowBatch], model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
+    """megatron's forward_step_func: run the stage, and on the last stage return the loss."""
+    from megatron.core import parallel_state
+
+    from goku_megatron import flow
+
+    batch = next(data_iterator)
+    output = model(batch.noisy, batch.timesteps, batch.text, batch.text_mask)
+
+    def loss_func(output_tensor: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss = flow.flow_loss(output_tensor, batch.target).mean()
+        reported = loss.detach().clone()
+        torch.distributed.all_reduce(reported, group=parallel_state.get_data_parallel_group())
+        reported /= parallel_state.get_data_parallel_world_size()
+        return loss, {"loss": reported}
+
+    return output, loss_func
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    lr: float
+    skipped: bool
+
+
+def train_step(
+    microbatches: list[FlowBatch],
+    model: list[torch.nn.Module],
+    optimizer: Any,
+    scheduler: Any,
+    cfg: Config,
+) -> StepResult:
+    """One optimizer step over this rank's micro-batches."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    first = microbatches[0].noisy
+    c, t, h, w = first.shape[1:]
+    pt, ph, pw = cfg.model.patch_size
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(microbatches),
+        model=model,
+        num_microbatches=len(microbatches),
+        seq_length=(t // pt) * (h // ph) * (w // pw),
+        micro_batch_size=first.shape[0],
+        forward_only=False,
+    )
+    update_ok, grad_norm, _ = optimizer.step()
+    if update_ok:
+        scheduler.step(increment=1)
+    # The loss lives on the last pipeline stage; share it along the pipeline for logging.
+    loss = torch.zeros(())
+    if losses:
+        loss = torch.stack([d["loss"].float().cpu() for d in losses]).mean()
+    loss = loss.to(first.device)
+    torch.distributed.all_reduce(loss, group=parallel_state.get_pipeline_model_parallel_group())
+    return StepResult(loss=float(loss), grad_norm=float(grad_norm or 0.0),
+                      lr=optimizer.param_groups[0]["lr"], skipped=not update_ok)
+
+
+def wire_megatron_config(tc: Any, model: list[torch.nn.Module], optimizer: Any) -> None:
+    """Hooks megatron's schedules call: grad scaling, DDP no_sync and the final grad reduction."""
+    from megatron.core.distributed import finalize_model_grads
+
+    tc.grad_scale_func = optimizer.scale_loss
+    tc.no_sync_func = model[0].no_sync
+    tc.finalize_model_grads_func = finalize_model_grads
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+def resolve_run_dir(cfg: Config) -> Path:
+    """Same directory on every rank: rank 0 picks it (timestamped unless given) and broadcasts."""
+    chosen = [cfg.train.run_dir or f"runs/{cfg.train.name}-{time.strftime('%Y%m%d-%H%M%S')}"]
+    torch.distributed.broadcast_object_list(chosen, src=0)
+    return Path(chosen[0])
+
+
+def build_batch_source(cfg: Config, dp_rank: int, dp_size: int) -> BatchSource:
+    """The toy recipe's loader; the toy dataset is created (by global rank 0) when missing."""
+    from goku_megatron.data.toy import ToyClipLoader, ensure_toy_dataset
+
+    d = cfg.data
+    path = Path(d.path)
+    if torch.distributed.get_rank() == 0:
+        if d.create_if_missing:
+            ensure_toy_dataset(path, clips=d.toy_clips, images=d.toy_images, size=d.toy_size,
+                               frames=d.toy_frames, seed=cfg.train.seed)
+    torch.distributed.barrier()
+    if not (path / "manifest.json").is_file():
+        raise ConfigError(f"{path}: no toy dataset (manifest.json missing); run "
+                          f"'python tools/make_toy_dataset.py --out {path}' or set data.create_if_missing=true")
+    local_batch = cfg.train.global_batch_size // cfg.parallel.dp
+    return iter(ToyClipLoader(path, batch_size=local_batch, dp_rank=dp_rank, dp_size=dp_size,
+                              seed=cfg.train.seed, image_ratio=d.image_ratio))
+
+
+def run(cfg: Config, batches: BatchSource | None = None) -> list[StepResult]:
+    """Train ``cfg.train.steps`` steps; returns the per-step results (on every rank)."""
+    from megatron.core import parallel_state
+
+    from goku_megatron.checkpoint import save_checkpoint
+    from goku_megatron.data.text_encoder import HashTextEncoder
+    from goku_megatron.metrics import MetricsLogger
+    from goku_megatron.platform import init_distributed, seed_everything
+
+    backends = choose_backends(cfg)
+    init_distributed(cfg, backends)
+    seed_everything(cfg.train.seed)
+    rank = torch.distributed.get_rank()
+    run_dir = resolve_run_dir(cfg)
+    log.info("backends: %s", backends.describe())
+    log.info("layout: world=%d tp=%d pp=%d cp=%d dp=%d | run dir %s", torch.distributed.get_world_size(),
+             cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.parallel.dp, run_dir)
+
+    model, tc = build_model(cfg, backends)
+    optimizer, scheduler = build_optimizer(cfg, model, tc)
+    wire_megatron_config(tc, model, optimizer)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    if batches is None:
+        batches = build_batch_source(cfg, dp_rank, cfg.parallel.dp)
+    text_encoder = HashTextEncoder(dim=cfg.model.text_dim, max_tokens=cfg.data.max_text_tokens)
+    device = torch.device("cuda", torch.cuda.current_device()) if backends.device == "cuda" else torch.device("cpu")
+
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    metrics = MetricsLogger(run_dir, cfg.train.steps, enabled=rank == 0)
+    results: list[StepResult] = []
+    t = cfg.train
+    for step in range(1, t.steps + 1):
+        start = time.perf_counter()
+        flow_batch = make_flow_batch(next(batches), step, cfg, text_encoder, device)
+        result = train_step(split_microbatches(flow_batch, t.micro_batch_size), model, optimizer, scheduler, cfg)
+        step_time = time.perf_counter() - start
+        results.append(result)
+        if step % t.log_interval == 0 or step in (1, t.steps):
+            metrics.log(step, {
+                "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
+                "samples_per_s": t.global_batch_size / step_time, "step_time_s": step_time,
+            })
+        if (t.save_interval and step % t.save_interval == 0) or step == t.steps:
+            path = save_checkpoint(run_dir, step, model, cfg.to_dict())
+            log.info("saved checkpoint %s", path)
+    metrics.close()
+    log.info("done: %d steps in %.1f s, loss %.4f -> %.4f", t.steps, metrics.elapsed(),
+             results[0].loss, results[-1].loss)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def dry_run_report(cfg: Config, world_size: int) -> str:
+    """Everything --dry-run prints: nothing is allocated, no process group is started."""
+    from goku_megatron.model.goku import count_parameters
+
+    backends = choose_backends(cfg)
+    p, t = cfg.parallel, cfg.train
+    n_micro = t.global_batch_size // (t.micro_batch_size * p.dp)
+    params = count_parameters(cfg.model)
+    lines = [
+        "# resolved config",
+        yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(),
+        "# parallel layout",
+        f"world_size={world_size} tp={p.tp} pp={p.pp} cp={p.cp} dp={p.dp} "
+        f"layers_per_stage={cfg.model.num_layers // p.pp} micro_batches_per_step={n_micro} "
+        f"micro_batch_size={t.micro_batch_size} global_batch_size={t.global_batch_size}",
+        "# backends",
+        f"attention={backends.attention} linear={backends.linear} optimizer={backends.optimizer} "
+        f"data={backends.data} distributed={backends.distributed} device={backends.device} "
+        f"precision={backends.precision}",
+        "# parameters",
+        f"parameters={params:,} ({params / 1e9:.2f} B)",
+    ]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="goku-train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="toy", help="recipe name (goku_megatron/recipes) or YAML path")
+    parser.add_argument("--dry-run", action="store_true", help="print config, layout, backends, size; exit")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="world size to plan for in --dry-run (default: $WORLD_SIZE or 1)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=20")
+    return parser.parse_args(argv)
+
+
+def setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[%(asctime)s rank{rank}] %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stdout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    world_size = args.world_size or world_size_from_env()
+    try:
+        cfg = load_config(args.config, args.overrides)
+        validate(cfg, world_size, has_cuda=has_cuda())
+    except ConfigError as err:
+        print(f"goku-train: error: {err}", file=sys.stderr)
+        return 2
+    cpu_compat.apply()
+    if args.dry_run:
+        print(dry_run_report(cfg, world_size))
+        return 0
+    from goku_megatron.platform import shutdown_distributed
+
+    try:
+        run(cfg)
+    except ConfigError as err:
+        print(f"goku-train: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

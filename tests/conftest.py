@@ -1,0 +1,41 @@
+"""Shared fixtures: a one-process megatron world (gloo, TP=PP=1) and a torchrun launcher."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))  # tests/reference_goku.py
+
+warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+
+
+@pytest.fixture(scope="session")
+def megatron_world():
+    """torch.distributed + megatron parallel_state for one process, as goku-train sets them up."""
+    from goku_megatron import cpu_compat
+    from goku_megatron.config import Config
+    from goku_megatron.platform import choose_backends, init_distributed, seed_everything
+
+    cpu_compat.apply()
+    cfg = Config()
+    init_distributed(cfg, choose_backends(cfg))
+    seed_everything(0)
+    yield
+
+
+def run_torchrun(nproc: int, module_args: list[str], timeout: int = 600, env: dict | None = None) -> str:
+    """Run ``torchrun --nproc-per-node nproc -m ...`` on CPU; fail the test with its output."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-port", "0", *module_args]
+    run_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=run_env)
+    if proc.returncode != 0:
+        pytest.fail(f"torchrun exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc.stdout

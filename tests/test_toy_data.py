@@ -1,0 +1,226 @@
+"""Toy dataset: writer, codec round trip, DP-aware resumable loader, hash text encoder."""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import warnings
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from goku_megatron.data.text_encoder import NULL_TOKEN, HashTextEncoder
+from goku_megatron.data.toy import (
+    BACKGROUND,
+    COLORS,
+    MANIFEST,
+    ToyClipLoader,
+    decode_sample,
+    ensure_toy_dataset,
+    iter_raw_samples,
+    make_toy_dataset,
+    read_manifest,
+)
+
+CLIPS, IMAGES, SIZE, FRAMES = 24, 8, 16, 8
+# (dy, dx) per frame, written out again rather than imported, so the test checks the writer.
+STEP = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
+PALETTE = {**COLORS, "background": BACKGROUND}
+
+
+@pytest.fixture(scope="module")
+def toy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("toy")
+    make_toy_dataset(out, clips=CLIPS, images=IMAGES, size=SIZE, frames=FRAMES, shard_size=10,
+                     seed=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def decoded(toy_dir: Path) -> dict[str, dict]:
+    return {s["key"]: s for s in map(decode_sample, _raw_samples(toy_dir))}
+
+
+def _raw_samples(shard_dir: Path) -> list[dict]:
+    return list(iter_raw_samples(shard_dir))
+
+
+def _nearest_colour(rgb: np.ndarray) -> np.ndarray:
+    """Name of the nearest palette colour for each pixel of a (..., 3) array in [0, 255]."""
+    names = list(PALETTE)
+    ref = np.array([PALETTE[n] for n in names], dtype=np.float32)
+    dist = ((rgb[..., None, :] - ref) ** 2).sum(-1)
+    return np.array(names)[dist.argmin(-1)]
+
+
+def _to_rgb(pixels: torch.Tensor) -> np.ndarray:
+    """(3, T, H, W) in [-1, 1] -> (T, H, W, 3) in [0, 255]."""
+    return ((pixels.permute(1, 2, 3, 0).numpy() + 1.0) * 127.5).astype(np.float32)
+
+
+def _loader(shard_dir: Path, **overrides) -> ToyClipLoader:
+    kwargs = dict(batch_size=4, dp_rank=0, dp_size=1, seed=0, image_ratio=0.3) | overrides
+    return ToyClipLoader(shard_dir, **kwargs)
+
+
+def test_shards_and_manifest(toy_dir: Path) -> None:
+    manifest = read_manifest(toy_dir)
+    shards = sorted(toy_dir.glob("toy-*.tar"))
+    assert [p.name for p in shards] == [s["name"] for s in manifest["shards"]]
+    assert len(shards) == 4 and manifest["samples"] == CLIPS + IMAGES
+    assert (manifest["clips"], manifest["images"]) == (CLIPS, IMAGES)
+    raws = _raw_samples(toy_dir)
+    assert [r["__key__"] for r in raws] == [f"{i:08d}" for i in range(CLIPS + IMAGES)]
+    # The standard reader opens the shards too; webdataset 1.0.2 leaves its file handles to gc.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        reader = wds.WebDataset([str(p) for p in shards], shardshuffle=False)
+        standard = [r["__key__"] for r in reader]
+        gc.collect()
+    assert standard == [r["__key__"] for r in raws]
+    for raw in raws:
+        media = "webm" if int(raw["__key__"]) < CLIPS else "png"
+        assert {media, "txt", "json"} <= raw.keys()
+        meta = json.loads(raw["json"])
+        assert (meta["width"], meta["height"]) == (SIZE, SIZE)
+        assert meta["frames"] == (FRAMES if media == "webm" else 1)
+
+
+def test_clip_round_trip_matches_caption(decoded: dict[str, dict]) -> None:
+    for key, sample in decoded.items():
+        if int(key) >= CLIPS:
+            continue
+        meta = sample["meta"]
+        assert sample["pixels"].shape == (3, FRAMES, SIZE, SIZE)
+        assert sample["pixels"].dtype == torch.float32
+        assert -1.0 <= sample["pixels"].min() and sample["pixels"].max() <= 1.0
+        assert sample["caption"] == f"a {meta['color']} {meta['shape']} moving {meta['direction']}"
+        assert meta["fps"] * meta["duration"] == FRAMES
+        rgb = _to_rgb(sample["pixels"])
+        dy, dx = STEP[meta["direction"]]
+        centre = meta["shape_size"] // 2
+        for t in range(FRAMES):
+            y, x = meta["top"] + dy * t + centre, meta["left"] + dx * t + centre
+            assert _nearest_colour(rgb[t, y, x]) == meta["color"], (key, t)
+            # 4:2:0 chroma bleeds across the outline, but the centre stays within a few levels.
+            assert np.abs(rgb[t, y, x] - COLORS[meta["color"]]).max() < 8, (key, t)
+        # The shape's centroid moves (frames - 1) px in the captioned direction.
+        centroids = [np.argwhere(_nearest_colour(rgb[t]) == meta["color"]).mean(0) for t in (0, -1)]
+        shift = centroids[1] - centroids[0]
+        assert np.allclose(shift, [dy * (FRAMES - 1), dx * (FRAMES - 1)], atol=1.0), (key, shift)
+
+
+def test_images_are_single_frames(decoded: dict[str, dict]) -> None:
+    images = [s for k, s in decoded.items() if int(k) >= CLIPS]
+    assert len(images) == IMAGES
+    for sample in images:
+        meta = sample["meta"]
+        assert sample["pixels"].shape == (3, 1, SIZE, SIZE)
+        assert sample["caption"] == f"a {meta['color']} {meta['shape']}"
+        rgb = _to_rgb(sample["pixels"])[0]
+        c = meta["shape_size"] // 2
+        assert np.abs(rgb[meta["top"] + c, meta["left"] + c] - COLORS[meta["color"]]).max() < 1.0
+        assert np.abs(rgb[_nearest_colour(rgb) == "background"] - BACKGROUND).max() < 1.0
+
+
+def test_dataset_is_deterministic_and_rebuilt_when_incomplete(tmp_path: Path) -> None:
+    def build(name: str, seed: int) -> list[bytes]:
+        shards = ensure_toy_dataset(tmp_path / name, clips=3, images=1, shard_size=2, seed=seed)
+        return [p.read_bytes() for p in shards]
+
+    first = build("a", 0)
+    assert build("b", 0) == first
+    assert build("c", 1) != first
+    (tmp_path / "a" / "toy-00001.tar").write_bytes(b"half written")
+    assert build("a", 0)[1] != first[1]  # manifest present and params equal: reused as is
+    (tmp_path / "a" / MANIFEST).unlink()  # what an interrupted build leaves behind
+    assert build("a", 0) == first
+    assert build("a", 1) == build("c", 1)  # other parameters: rebuilt
+
+
+def test_corrupt_clip_raises_with_key(toy_dir: Path) -> None:
+    raw = _raw_samples(toy_dir)[0]
+    for bad in (b"\x1a\x45\xdf\xa3 not a webm", raw["webm"][: len(raw["webm"]) // 2]):
+        with pytest.raises(ValueError, match=raw["__key__"]):
+            decode_sample({**raw, "webm": bad})
+    with pytest.raises(ValueError, match="no media"):
+        decode_sample({k: v for k, v in raw.items() if k != "webm"})
+
+
+def test_dp_split_is_disjoint_and_complete(toy_dir: Path) -> None:
+    ranks = [_loader(toy_dir, dp_rank=r, dp_size=3).keys for r in range(3)]
+    assert sum(len(k) for k in ranks) == CLIPS + IMAGES
+    assert set().union(*ranks) == {f"{i:08d}" for i in range(CLIPS + IMAGES)}
+    for r, keys in enumerate(ranks):
+        assert all(int(k) % 3 == r for k in keys)
+
+
+def test_batches_are_homogeneous_and_epochs_cover_the_pool(toy_dir: Path) -> None:
+    loader = _loader(toy_dir, image_ratio=0.5)
+    clip_keys: list[str] = []
+    modalities = set()
+    for batch in islice(loader, 40):
+        is_image = [int(k) >= CLIPS for k in batch["keys"]]
+        assert len(set(is_image)) == 1
+        t = 1 if is_image[0] else FRAMES
+        assert batch["pixels"].shape == (4, 3, t, SIZE, SIZE) and len(batch["captions"]) == 4
+        modalities.add(t)
+        if not is_image[0]:
+            clip_keys += batch["keys"]
+    assert modalities == {1, FRAMES}
+    assert sorted(clip_keys[:CLIPS]) == [f"{i:08d}" for i in range(CLIPS)]  # one epoch, each once
+    assert clip_keys[:CLIPS] != clip_keys[CLIPS : 2 * CLIPS]  # reshuffled per epoch
+    no_images = _loader(toy_dir, image_ratio=0.0)
+    assert all(b["pixels"].shape[2] == FRAMES for b in islice(no_images, 10))
+
+
+def test_clips_only_dataset_never_yields_images(tmp_path: Path) -> None:
+    make_toy_dataset(tmp_path, clips=4, images=0, shard_size=4)
+    loader = _loader(tmp_path, batch_size=3, image_ratio=1.0)
+    assert all(b["pixels"].shape[2] == FRAMES for b in islice(loader, 5))
+
+
+def test_resume_reproduces_the_uninterrupted_sequence(toy_dir: Path) -> None:
+    uninterrupted = [b["keys"] for b in islice(_loader(toy_dir, dp_rank=1, dp_size=2), 30)]
+    first = _loader(toy_dir, dp_rank=1, dp_size=2)
+    head = [b["keys"] for b in islice(first, 11)]
+    state = json.loads(json.dumps(first.state_dict()))  # checkpoints may store it as JSON
+    resumed = _loader(toy_dir, dp_rank=1, dp_size=2)
+    resumed.load_state_dict(state)
+    tail = [b["keys"] for b in islice(resumed, 19)]
+    assert head + tail == uninterrupted
+
+
+def test_sequence_depends_on_seed(toy_dir: Path) -> None:
+    def keys(seed: int) -> list[list[str]]:
+        return [b["keys"] for b in islice(_loader(toy_dir, seed=seed), 10)]
+
+    assert keys(0) == keys(0)
+    assert keys(0) != keys(1)
+
+
+def test_hash_text_encoder() -> None:
+    encoder = HashTextEncoder(dim=8, max_tokens=4)
+    assert not list(encoder.parameters()) and not encoder.state_dict()
+    emb, mask = encoder(["a red square moving left", "A red, square!", ""])
+    assert emb.shape == (3, 4, 8) and emb.dtype == torch.float32 and mask.dtype == torch.bool
+    assert mask.tolist() == [[True] * 4, [True, True, True, False], [True, False, False, False]]
+    assert torch.equal(emb[0, :3], emb[1, :3])  # case and punctuation do not matter
+    assert torch.count_nonzero(emb[~mask]) == 0
+    assert torch.equal(emb[2, 0], encoder.word_embedding(NULL_TOKEN))
+    assert not torch.allclose(encoder.word_embedding("left"), encoder.word_embedding("right"))
+
+
+def test_hash_text_encoder_is_the_same_in_another_process() -> None:
+    code = ("from goku_megatron.data.text_encoder import HashTextEncoder; "
+            "print(HashTextEncoder(dim=8).word_embedding('red').tolist())")
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert json.loads(out) == HashTextEncoder(dim=8).word_embedding("red").tolist()
