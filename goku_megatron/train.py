@@ -72,7 +72,9 @@ def build_transformer_config(cfg: Config, backends: Backends) -> Any:
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_cpu_initialization=backends.device == "cpu",
-        perform_initialization=False,  # GokuModel.init_weights: identical under any layout
+        # megatron sets the tensor-parallel attributes of its linears only in its init path, so it
+        # initialises first; GokuModel.init_weights then overwrites every weight, layout-free.
+        perform_initialization=True,
         init_method_std=m.init_std,
         # Batched isend/irecv over gloo is not reliable; NCCL batches them.
         batch_p2p_comm=backends.distributed == "nccl",

@@ -33,7 +33,7 @@ def megatron_world():
 def run_torchrun(nproc: int, module_args: list[str], timeout: int = 600, env: dict | None = None) -> str:
     """Run ``torchrun --nproc-per-node nproc -m ...`` on CPU; fail the test with its output."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-port", "0", *module_args]
+           "--standalone", *module_args]
     run_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=run_env)
     if proc.returncode != 0:

@@ -19,7 +19,7 @@ D, HEADS, FFN = 64, 4, 160
 
 def _pair(megatron_world, cross_attn_rope_q: bool = True):
     config = TransformerConfig(num_layers=1, hidden_size=D, num_attention_heads=HEADS, ffn_hidden_size=FFN,
-                               use_cpu_initialization=True, perform_initialization=False,
+                               use_cpu_initialization=True, perform_initialization=True,
                                layernorm_epsilon=1e-6)
     ours = build_module(local_layer_spec("sdpa"), config=config, cross_attn_rope_q=cross_attn_rope_q)
     ref = ReferenceGokuBlock(D, HEADS, FFN, context_dim=D, cross_attn_rope_q=cross_attn_rope_q).randomize_(3)

@@ -113,6 +113,8 @@ class GokuModel(MegatronModule):
     ) -> None:
         super().__init__(config)
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
+        # No input/output weight tying (finalize_model_grads asks first/last PP stages).
+        self.share_embeddings_and_output_weights = False
         self.model_cfg = model_cfg
         self.pre_process = pre_process
         self.post_process = post_process

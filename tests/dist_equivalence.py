@@ -1,0 +1,95 @@
+"""torchrun worker for test_parallel_equivalence.py: two optimizer steps of the tiny Goku model.
+
+Usage: torchrun --nproc-per-node N tests/dist_equivalence.py OUT_DIR key=value ...
+Every layout trains on the same synthetic global batches (each DP rank takes its slice), and dumps
+the loss, grad norm, full (TP-gathered) gradients and final weights under global parameter names.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+
+def global_batch(step: int, size: int, shape: tuple[int, ...]) -> dict:
+    gen = torch.Generator().manual_seed(1000 + step)
+    words = ["red square moving left", "blue circle moving up", "a green square", "yellow circle moving down"]
+    return {
+        "pixels": torch.rand((size, *shape), generator=gen) * 2 - 1,
+        "captions": [words[(step + i) % len(words)] for i in range(size)],
+        "keys": [f"{step}-{i}" for i in range(size)],
+    }
+
+
+def full_tensors(stage, use_grad: bool) -> dict[str, torch.Tensor]:
+    from megatron.core import parallel_state
+
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    out = {}
+    for name, param in stage.named_parameters():
+        value = (param.main_grad if use_grad else param.data).detach().clone()
+        if getattr(param, "tensor_model_parallel", False) and tp > 1:
+            parts = [torch.empty_like(value) for _ in range(tp)]
+            torch.distributed.all_gather(parts, value, group=tp_group)
+            value = torch.cat(parts, dim=param.partition_dim)
+        out[stage.global_name(name)] = value
+    return out
+
+
+def main() -> None:
+    from goku_megatron import cpu_compat
+    from goku_megatron.config import load_config, validate
+    from goku_megatron.model.goku import iter_stage_models
+    from goku_megatron.platform import choose_backends, init_distributed, seed_everything
+    from goku_megatron.train import (build_model, build_optimizer, make_flow_batch, split_microbatches,
+                                     train_step, wire_megatron_config)
+    from goku_megatron.data.text_encoder import HashTextEncoder
+    from megatron.core import parallel_state
+
+    out_dir = Path(sys.argv[1])
+    cpu_compat.apply()
+    cfg = load_config(None, ["model.preset=tiny", "model.zero_init=false", "model.in_channels=3",
+                             "train.global_batch_size=8", "train.micro_batch_size=2",
+                             "optim.warmup_steps=0", "optim.lr=1e-3", "optim.clip_grad=0.5",
+                             *sys.argv[2:]])
+    validate(cfg, int(torch.distributed.get_world_size()) if torch.distributed.is_initialized()
+             else int(__import__("os").environ["WORLD_SIZE"]))
+    backends = choose_backends(cfg)
+    init_distributed(cfg, backends)
+    seed_everything(cfg.train.seed)
+    model, tc = build_model(cfg, backends)
+    optimizer, scheduler = build_optimizer(cfg, model, tc)
+    wire_megatron_config(tc, model, optimizer)
+    (stage,) = list(iter_stage_models(model))
+    encoder = HashTextEncoder(dim=cfg.model.text_dim, max_tokens=8)
+
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    g = cfg.train.global_batch_size
+    local = g // dp
+    dump_rank = parallel_state.get_tensor_model_parallel_rank() == 0 and dp_rank == 0
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    record: dict = {"loss": [], "grad_norm": []}
+    for step in (1, 2):
+        full = global_batch(step, g, (3, 2, 8, 8))
+        mine = {k: v[dp_rank * local:(dp_rank + 1) * local] for k, v in full.items()}
+        batch = make_flow_batch(mine, step, cfg, encoder, torch.device("cpu"))
+        result = train_step(split_microbatches(batch, cfg.train.micro_batch_size), model, optimizer, scheduler, cfg)
+        record["loss"].append(result.loss)
+        record["grad_norm"].append(result.grad_norm)
+        grads = full_tensors(stage, use_grad=True)
+        if dump_rank:
+            torch.save(grads, out_dir / f"grads{step}_pp{pp_rank}.pt")
+    weights = full_tensors(stage, use_grad=False)
+    if dump_rank:
+        torch.save(weights, out_dir / f"weights_pp{pp_rank}.pt")
+    if torch.distributed.get_rank() == 0:
+        torch.save(record, out_dir / "record.pt")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
