@@ -1,6 +1,7 @@
 """Run configuration: one dataclass tree, presets, YAML recipes and ``key=value`` overrides.
 
-Resolution order: dataclass defaults < ``model.preset`` < recipe YAML < command-line overrides.
+Resolution order: dataclass defaults < ``model.preset`` < recipe YAML < command-line overrides;
+a ``model.preset`` given on the command line replaces the recipe's preset-defined shape fields.
 Everything is validated before any heavy import or allocation, and every rule fails with a one-line
 ``ConfigError`` that names the field (and the file, when a file is involved) and how to fix it.
 """
@@ -24,9 +25,9 @@ class ConfigError(ValueError):
 
 # Paper Table 1 (GOKU.md). Shared: latent channels 16, patch 1x2x2, FLAN-T5 XL text width 2048.
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    "goku-1b": dict(num_layers=28, hidden_size=1152, ffn_hidden_size=4608, num_heads=16),
-    "goku-2b": dict(num_layers=28, hidden_size=1792, ffn_hidden_size=7168, num_heads=28),
-    "goku-8b": dict(num_layers=40, hidden_size=3072, ffn_hidden_size=12288, num_heads=48),
+    "goku-1b": dict(num_layers=28, hidden_size=1152, ffn_hidden_size=4608, num_heads=16, text_dim=2048),
+    "goku-2b": dict(num_layers=28, hidden_size=1792, ffn_hidden_size=7168, num_heads=28, text_dim=2048),
+    "goku-8b": dict(num_layers=40, hidden_size=3072, ffn_hidden_size=12288, num_heads=48, text_dim=2048),
     # For tests and quick CPU checks: every code path, seconds per step.
     "tiny": dict(num_layers=4, hidden_size=64, ffn_hidden_size=256, num_heads=4, text_dim=32),
 }
@@ -41,7 +42,8 @@ LR_DECAYS = ("cosine", "constant")
 
 @dataclass
 class ModelConfig:
-    """Goku transformer shape; see GOKU.md for what each field reproduces."""
+    """Goku transformer shape; see GOKU.md for what each field reproduces. The defaults are the
+    ``tiny`` preset, so ``Config()`` equals ``load_config()``."""
 
     preset: str = "tiny"
     num_layers: int = 4
@@ -50,7 +52,7 @@ class ModelConfig:
     num_heads: int = 4
     in_channels: int = 16
     patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])
-    text_dim: int = 2048
+    text_dim: int = 32
     timestep_freq_dim: int = 256
     rope_theta: float = 10000.0
     cross_attn_rope_q: bool = True
@@ -281,15 +283,25 @@ def load_config(recipe: str | None = None, overrides: Sequence[str] = ()) -> Con
         path = resolve_recipe(recipe)
         values = _read_yaml(path)
         _build(Config, _with_preset(values, f"{path}: "), "", f"{path}: ")  # blame the file
-    values = _merge(values, parse_overrides(overrides))
+    cli = parse_overrides(overrides)
+    cli_preset = cli["model"].get("preset") if isinstance(cli.get("model"), dict) else None
+    if isinstance(cli_preset, str) and cli_preset in MODEL_PRESETS and isinstance(values.get("model"), dict):
+        # A preset named on the command line picks the architecture: the recipe's shape fields
+        # that the preset defines give way to it (other recipe fields, e.g. in_channels, stay).
+        values = {**values, "model": {k: v for k, v in values["model"].items()
+                                      if k not in MODEL_PRESETS[cli_preset]}}
+    values = _merge(values, cli)
     return _build(Config, _with_preset(values, ""), "", "")
 
 
 def _with_preset(values: dict[str, Any], source: str) -> dict[str, Any]:
     """Expand ``model.preset`` into model fields that the explicit ones then override."""
-    model_values = dict(values.get("model") or {})
+    model = values.get("model") or {}
+    if not isinstance(model, Mapping):
+        raise ConfigError(f"{source}'model' is a section: give it as model.FIELD=VALUE")
+    model_values = dict(model)
     preset = model_values.setdefault("preset", ModelConfig.preset)
-    if preset not in MODEL_PRESETS:
+    if not isinstance(preset, str) or preset not in MODEL_PRESETS:
         raise ConfigError(f"{source}model.preset '{preset}' is unknown; use one of "
                           f"{', '.join(MODEL_PRESETS)}")
     return {**values, "model": _merge(MODEL_PRESETS[preset], model_values)}
@@ -330,6 +342,8 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> None:
         _require(m.linear_backend in ("auto", "local"),
                  f"model.linear_backend='{m.linear_backend}' needs a GPU; use auto or local on CPU")
 
+    _require(world_size >= 1, f"world size must be >= 1, got {world_size}; pass --world-size N or launch "
+                              f"with torchrun")
     for name in ("tp", "pp", "cp"):
         _require(getattr(p, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(p, name)}")
     _require(p.cp == 1, f"parallel.cp={p.cp}: context parallelism is not implemented yet; "
@@ -357,6 +371,7 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> None:
 
     _require(t.steps > 0, f"train.steps must be positive, got {t.steps}")
     _require(t.micro_batch_size > 0, f"train.micro_batch_size must be positive, got {t.micro_batch_size}")
+    _require(t.global_batch_size > 0, f"train.global_batch_size must be positive, got {t.global_batch_size}")
     _require(t.global_batch_size % (t.micro_batch_size * dp) == 0,
              f"train.global_batch_size={t.global_batch_size} is not divisible by "
              f"micro_batch_size*dp={t.micro_batch_size}*{dp}; make it a multiple of "
@@ -378,6 +393,8 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> None:
 
     _one_of(d.kind, ("toy",), "data.kind")
     _one_of(d.text_encoder, ("hash",), "data.text_encoder")
+    _require(d.toy_size > 0 and d.toy_frames > 0,
+             f"data.toy_size={d.toy_size} and data.toy_frames={d.toy_frames} must be positive")
     pt, ph, pw = m.patch_size
     _require(d.toy_size % ph == 0 and d.toy_size % pw == 0,
              f"data.toy_size={d.toy_size} is not divisible by model.patch_size h/w={ph}/{pw}")

@@ -372,7 +372,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--world-size", type=int, default=None,
                         help="world size to plan for in --dry-run (default: $WORLD_SIZE or 1)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=20")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def setup_logging() -> None:
@@ -385,7 +385,7 @@ def setup_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
-    world_size = args.world_size or world_size_from_env()
+    world_size = args.world_size if args.world_size is not None else world_size_from_env()
     try:
         cfg = load_config(args.config, args.overrides)
         validate(cfg, world_size, has_cuda=has_cuda())

@@ -1,0 +1,517 @@
+"""Config loading, validation and ``goku-train --dry-run``: fast, one process, no process groups."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+
+from goku_megatron.config import (
+    MODEL_PRESETS,
+    Config,
+    ConfigError,
+    available_recipes,
+    load_config,
+    parse_overrides,
+    validate,
+)
+
+
+@pytest.fixture(autouse=True)
+def _cpu_single_process(monkeypatch):
+    """Plan as a CPU box outside torchrun, whatever runs the tests, so the dry-run text is fixed."""
+    import goku_megatron.platform
+    import goku_megatron.train
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(goku_megatron.platform, "has_cuda", lambda: False)
+    monkeypatch.setattr(goku_megatron.train, "has_cuda", lambda: False)
+
+
+def _error(excinfo: pytest.ExceptionInfo) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message, f"ConfigError message is not one line: {message!r}"
+    return message
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: one case per rule in validate()
+
+# (overrides, world_size, has_cuda, field named in the message, regex of the rule's fix hint)
+INVALID = [
+    # model shape: positive sizes
+    (["model.num_layers=0"], 1, False, "model.num_layers", r"must be positive, got 0"),
+    (["model.hidden_size=-64"], 1, False, "model.hidden_size", r"must be positive, got -64"),
+    (["model.ffn_hidden_size=0"], 1, False, "model.ffn_hidden_size", r"must be positive, got 0"),
+    (["model.num_heads=0"], 1, False, "model.num_heads", r"must be positive, got 0"),
+    (["model.in_channels=0"], 1, False, "model.in_channels", r"must be positive, got 0"),
+    (["model.text_dim=-1"], 1, False, "model.text_dim", r"must be positive, got -1"),
+    # patch size
+    (["model.patch_size=[2,2]"], 1, False, "model.patch_size", r"three positive ints \[t, h, w\]"),
+    (["model.patch_size=[1,0,2]"], 1, False, "model.patch_size", r"three positive ints \[t, h, w\]"),
+    # heads
+    (["model.hidden_size=64", "model.num_heads=5"], 1, False, "model.num_heads",
+     r"hidden_size=64 is not divisible by model.num_heads=5; choose heads that divide"),
+    (["model.hidden_size=72", "model.num_heads=8"], 1, False, "model.num_heads",
+     r"head_dim=9 .*must be even and >= 8 for 3D RoPE; change model.num_heads"),
+    (["model.hidden_size=24", "model.num_heads=4"], 1, False, "model.num_heads",
+     r"head_dim=6 .*must be even and >= 8 for 3D RoPE"),
+    # backend enums and GPU-only backends
+    (["model.attention_backend=xformers"], 1, False, "model.attention_backend",
+     r"'xformers' is not one of auto, te, flash, sdpa"),
+    (["model.linear_backend=apex"], 1, False, "model.linear_backend", r"'apex' is not one of auto, te, local"),
+    (["model.attention_backend=te"], 1, False, "model.attention_backend",
+     r"'te' needs a GPU; use auto or sdpa on CPU"),
+    (["model.attention_backend=flash"], 1, False, "model.attention_backend",
+     r"'flash' needs a GPU; use auto or sdpa on CPU"),
+    (["model.linear_backend=te"], 1, False, "model.linear_backend", r"'te' needs a GPU; use auto or local on CPU"),
+    # parallel layout
+    (["parallel.tp=0"], 1, False, "parallel.tp", r"must be >= 1, got 0"),
+    (["parallel.pp=-1"], 1, False, "parallel.pp", r"must be >= 1, got -1"),
+    (["parallel.cp=0"], 1, False, "parallel.cp", r"must be >= 1, got 0"),
+    (["parallel.cp=2"], 2, False, "parallel.cp",
+     r"context parallelism is not implemented yet; set parallel.cp=1"),
+    (["parallel.distributed_backend=mpi"], 1, False, "parallel.distributed_backend",
+     r"'mpi' is not one of auto, nccl, gloo"),
+    (["parallel.distributed_backend=nccl"], 1, False, "parallel.distributed_backend",
+     r"'nccl' needs GPUs; use auto or gloo on CPU"),
+    (["parallel.tp=2", "parallel.pp=2"], 6, False, "parallel.tp",
+     r"world size 6 is not divisible by tp\*pp\*cp=4; launch a multiple of 4 processes"),
+    (["parallel.tp=2", "parallel.dp=3"], 8, False, "parallel.dp",
+     r"parallel.dp=3 but world size 8 / \(tp\*pp\*cp=2\) = 4; set parallel.dp=4 or 0 \(derived\)"),
+    (["parallel.tp=3"], 3, False, "parallel.tp",
+     r"model.num_heads=4 is not divisible by parallel.tp=3; choose a tp that divides the number of heads"),
+    (["model.ffn_hidden_size=255", "parallel.tp=2"], 2, False, "model.ffn_hidden_size",
+     r"ffn_hidden_size=255 is not divisible by parallel.tp=2"),
+    (["model.num_layers=3", "parallel.pp=2"], 2, False, "parallel.pp",
+     r"num_layers=3 is not divisible by parallel.pp=2; choose a pp that divides the number of layers"),
+    # train
+    (["train.steps=0"], 1, False, "train.steps", r"must be positive, got 0"),
+    (["train.micro_batch_size=0"], 1, False, "train.micro_batch_size", r"must be positive, got 0"),
+    (["train.global_batch_size=6", "train.micro_batch_size=4"], 1, False, "train.global_batch_size",
+     r"global_batch_size=6 is not divisible by micro_batch_size\*dp=4\*1; make it a multiple of 4"),
+    (["train.global_batch_size=12", "train.micro_batch_size=4"], 2, False, "train.global_batch_size",
+     r"micro_batch_size\*dp=4\*2; make it a multiple of 8"),
+    (["train.precision=fp16"], 1, False, "train.precision", r"'fp16' is not one of auto, fp32, bf16"),
+    (["train.log_interval=0"], 1, False, "train.log_interval", r"must be positive, got 0"),
+    (["train.save_interval=-1"], 1, False, "train.save_interval", r"must be >= 0, got -1"),
+    # optim
+    (["optim.lr=0"], 1, False, "optim.lr", r"must be positive, got 0"),
+    (["optim.lr=-1e-4"], 1, False, "optim.lr", r"must be positive"),
+    (["optim.min_lr=-1e-6"], 1, False, "optim.min_lr", r"must be in \[0, optim.lr="),
+    (["optim.lr=1e-4", "optim.min_lr=1e-3"], 1, False, "optim.min_lr", r"min_lr=0.001 must be in \[0, optim.lr=0.0001\]"),
+    (["optim.warmup_steps=-5"], 1, False, "optim.warmup_steps", r"must be >= 0, got -5"),
+    (["optim.decay=linear"], 1, False, "optim.decay", r"'linear' is not one of cosine, constant"),
+    (["optim.clip_grad=-1"], 1, False, "optim.clip_grad", r"must be >= 0 \(0 disables\)"),
+    # flow
+    (["flow.timestep_sampling=beta"], 1, False, "flow.timestep_sampling",
+     r"'beta' is not one of uniform, logit_normal"),
+    (["flow.logit_std=0"], 1, False, "flow.logit_std", r"must be positive, got 0"),
+    (["flow.shift=-2"], 1, False, "flow.shift", r"must be positive, got -2"),
+    (["flow.caption_dropout=1.0"], 1, False, "flow.caption_dropout", r"must be in \[0, 1\), got 1.0"),
+    (["flow.caption_dropout=-0.1"], 1, False, "flow.caption_dropout", r"must be in \[0, 1\)"),
+    # data
+    (["data.kind=webdataset"], 1, False, "data.kind", r"'webdataset' is not one of toy"),
+    (["data.text_encoder=t5"], 1, False, "data.text_encoder", r"'t5' is not one of hash"),
+    (["data.toy_size=15"], 1, False, "data.toy_size", r"toy_size=15 is not divisible by model.patch_size h/w=2/2"),
+    (["model.patch_size=[1,2,4]", "data.toy_size=18"], 1, False, "data.toy_size",
+     r"not divisible by model.patch_size h/w=2/4"),
+    (["model.patch_size=[2,2,2]", "data.toy_frames=7", "data.image_ratio=0"], 1, False, "data.toy_frames",
+     r"toy_frames=7 is not divisible by model.patch_size t=2"),
+    (["model.patch_size=[2,2,2]", "data.image_ratio=0.25"], 1, False, "data.image_ratio",
+     r"t=2 cannot patch images \(T=1\); set data.image_ratio=0 or patch t=1"),
+    (["data.image_ratio=1.5"], 1, False, "data.image_ratio", r"must be in \[0, 1\], got 1.5"),
+    (["data.image_ratio=-0.5"], 1, False, "data.image_ratio", r"must be in \[0, 1\]"),
+]
+
+
+@pytest.mark.parametrize("overrides, world_size, cuda, field, hint", INVALID,
+                         ids=[" ".join(case[0]) + f" @world={case[1]}" for case in INVALID])
+def test_validate_rejects(overrides, world_size, cuda, field, hint):
+    cfg = load_config(None, overrides)
+    with pytest.raises(ConfigError, match=hint) as excinfo:
+        validate(cfg, world_size, has_cuda=cuda)
+    assert field in _error(excinfo)
+
+
+def test_defaults_are_valid():
+    """So each failure above comes from its own overrides."""
+    cfg = load_config(None, [])
+    validate(cfg, 1)
+    assert cfg.parallel.dp == 1
+
+
+def test_valid_config_fills_dp():
+    cfg = load_config(None, ["parallel.tp=2", "parallel.pp=2", "train.global_batch_size=16"])
+    assert cfg.parallel.dp == 0
+    validate(cfg, 8)
+    assert cfg.parallel.dp == 2
+
+
+def test_explicit_matching_dp_is_accepted():
+    cfg = load_config(None, ["parallel.tp=2", "parallel.dp=4", "train.global_batch_size=16"])
+    validate(cfg, 8)
+    assert cfg.parallel.dp == 4
+
+
+def test_gpu_backends_pass_with_cuda():
+    cfg = load_config(None, ["model.attention_backend=flash", "model.linear_backend=te",
+                             "parallel.distributed_backend=nccl"])
+    validate(cfg, 1, has_cuda=True)
+    assert cfg.parallel.dp == 1
+
+
+@pytest.mark.parametrize("recipe", available_recipes())
+def test_packaged_recipes_validate(recipe):
+    cfg = load_config(recipe, [])
+    validate(cfg, 1)
+
+
+@pytest.mark.parametrize("preset", sorted(MODEL_PRESETS))
+def test_presets_validate(preset):
+    validate(load_config(None, [f"model.preset={preset}"]), 1)
+
+
+@pytest.mark.parametrize("world_size", [0, -2])
+def test_validate_rejects_nonpositive_world_size(world_size):
+    """world 0 once divided by zero in the global-batch rule; world -2 gave parallel.dp=-2."""
+    cfg = load_config(None, [])
+    with pytest.raises(ConfigError):
+        validate(cfg, world_size)
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["train.global_batch_size=0"], "train.global_batch_size"),
+    (["train.global_batch_size=-8"], "train.global_batch_size"),
+    (["data.toy_size=0"], "data.toy_size"),
+    (["data.toy_frames=0"], "data.toy_frames"),
+])
+def test_validate_rejects_nonpositive_sizes(overrides, field):
+    """`x % n == 0` holds for x=0 and negative multiples: the positivity rules must catch them."""
+    cfg = load_config(None, overrides)
+    with pytest.raises(ConfigError) as excinfo:
+        validate(cfg, 1)
+    assert field in _error(excinfo)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading: presets, YAML, overrides
+
+TABLE_1 = {  # GOKU.md, "Model sizes (paper, Table 1)": layers, hidden, FFN, heads
+    "goku-1b": (28, 1152, 4608, 16),
+    "goku-2b": (28, 1792, 7168, 28),
+    "goku-8b": (40, 3072, 12288, 48),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(TABLE_1))
+def test_presets_match_table_1(preset):
+    m = load_config(None, [f"model.preset={preset}"]).model
+    assert (m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_heads) == TABLE_1[preset]
+    assert m.preset == preset
+    # Shared by the paper's models: latent channels 16, patch 1x2x2, FLAN-T5 XL width 2048.
+    assert (m.in_channels, m.patch_size, m.text_dim) == (16, [1, 2, 2], 2048)
+
+
+def test_explicit_model_fields_override_the_preset(tmp_path):
+    m = load_config(None, ["model.preset=goku-2b", "model.num_layers=2"]).model
+    assert (m.num_layers, m.hidden_size, m.num_heads) == (2, 1792, 28)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  preset: goku-8b\n  num_heads: 24\n")
+    m = load_config(str(recipe), []).model
+    assert (m.num_layers, m.hidden_size, m.num_heads) == (40, 3072, 24)
+
+
+def test_cli_overrides_beat_yaml(tmp_path):
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text("train:\n  steps: 50\n  name: from-yaml\noptim:\n  lr: 3.0e-4\n")
+    cfg = load_config(str(recipe), ["train.steps=7"])
+    assert cfg.train.steps == 7
+    assert cfg.train.name == "from-yaml"  # untouched YAML values survive
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.train.global_batch_size == Config().train.global_batch_size  # defaults fill the rest
+
+
+def test_yaml_path_without_yaml_suffix(tmp_path):
+    recipe = tmp_path / "recipe.conf"
+    recipe.write_text("train:\n  steps: 9\n")
+    assert load_config(str(recipe), []).train.steps == 9
+
+
+def test_empty_yaml_gives_defaults(tmp_path):
+    recipe = tmp_path / "empty.yaml"
+    recipe.write_text("# nothing here\n")
+    assert load_config(str(recipe), []).to_dict() == load_config(None, []).to_dict()
+
+
+def test_toy_recipe_values():
+    cfg = load_config("toy", [])
+    assert (cfg.model.in_channels, cfg.model.patch_size, cfg.data.image_ratio) == (3, [2, 2, 2], 0.0)
+    assert cfg.train.name == "toy"
+
+
+def test_override_value_types():
+    cfg = load_config(None, ["model.patch_size=[1,2,2]", "optim.lr=1e-4", "train.steps=20",
+                             "model.zero_init=false", "model.recompute=true", "optim.clip_grad=2",
+                             "train.name=run1", "flow.caption_dropout=0.2"])
+    assert cfg.model.patch_size == [1, 2, 2] and all(type(s) is int for s in cfg.model.patch_size)
+    assert type(cfg.optim.lr) is float and cfg.optim.lr == 1e-4  # YAML reads 1e-4 as a string
+    assert type(cfg.train.steps) is int and cfg.train.steps == 20
+    assert cfg.model.zero_init is False and cfg.model.recompute is True
+    assert type(cfg.optim.clip_grad) is float and cfg.optim.clip_grad == 2.0  # int -> float field
+    assert cfg.train.name == "run1"
+    assert cfg.flow.caption_dropout == pytest.approx(0.2)
+
+
+def test_parse_overrides_nests():
+    assert parse_overrides(["train.steps=3", "train.name=x", "model.patch_size=[1, 2, 2]"]) == {
+        "train": {"steps": 3, "name": "x"}, "model": {"patch_size": [1, 2, 2]}}
+    assert parse_overrides(["train.run_dir="]) == {"train": {"run_dir": ""}}
+
+
+def test_unknown_key_suggests():
+    with pytest.raises(ConfigError, match=r"unknown key 'train.stpes' \(did you mean 'train.steps'\?\)") as e:
+        load_config(None, ["train.stpes=3"])
+    _error(e)
+    with pytest.raises(ConfigError, match=r"unknown key 'modle' \(did you mean 'model'\?\)"):
+        load_config(None, ["modle.num_layers=3"])
+    with pytest.raises(ConfigError, match=r"unknown key 'train.zzzzzz'; valid: steps, global_batch_size"):
+        load_config(None, ["train.zzzzzz=1"])
+
+
+def test_unknown_key_in_yaml_names_the_file(tmp_path):
+    recipe = tmp_path / "bad_key.yaml"
+    recipe.write_text("model:\n  num_layers: 4\n  hiden_size: 64\n")
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(str(recipe), [])
+    message = _error(excinfo)
+    assert message.startswith(f"{recipe}: ")
+    assert "did you mean 'model.hidden_size'?" in message
+
+
+def test_wrong_type_in_yaml_names_the_file(tmp_path):
+    recipe = tmp_path / "bad_type.yaml"
+    recipe.write_text("train:\n  steps: lots\n")
+    with pytest.raises(ConfigError, match=r"train.steps must be an integer, got 'lots'") as excinfo:
+        load_config(str(recipe), [])
+    assert _error(excinfo).startswith(f"{recipe}: ")
+
+
+def test_bad_yaml_syntax_names_file_and_line(tmp_path):
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("model:\n  num_layers: 4\n bad: : x\n")
+    with pytest.raises(ConfigError, match=r"line 3 is not valid YAML") as excinfo:
+        load_config(str(recipe), [])
+    assert _error(excinfo).startswith(str(recipe))
+
+
+def test_non_mapping_yaml(tmp_path):
+    recipe = tmp_path / "list.yaml"
+    recipe.write_text("- model\n- train\n")
+    with pytest.raises(ConfigError, match=r"a recipe must be a mapping of sections") as excinfo:
+        load_config(str(recipe), [])
+    assert _error(excinfo).startswith(str(recipe))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.steps=abc", r"train.steps must be an integer, got 'abc'"),
+    ("train.steps=1.5", r"train.steps must be an integer, got 1.5"),
+    ("train.steps=true", r"train.steps must be an integer, got True"),
+    ("model.zero_init=maybe", r"model.zero_init must be true or false, got 'maybe'"),
+    ("model.zero_init=1", r"model.zero_init must be true or false, got 1"),
+    ("optim.lr=fast", r"optim.lr must be a number, got 'fast'"),
+    ("model.patch_size=2", r"model.patch_size must be a list, got 2"),
+    ("model.patch_size=[1,a,2]", r"model.patch_size must be an integer, got 'a'"),
+    ("train.name=[a,b]", r"train.name must be a string"),
+])
+def test_wrong_type_names_the_field(override, message):
+    with pytest.raises(ConfigError, match=message) as excinfo:
+        load_config(None, [override])
+    _error(excinfo)
+
+
+@pytest.mark.parametrize("override", ["train.steps", "=5", ".steps=1", "train.=1", ""])
+def test_override_syntax(override):
+    with pytest.raises(ConfigError, match=r"is not key=value: write e.g. train.steps=20") as excinfo:
+        load_config(None, [override])
+    assert f"'{override}'" in _error(excinfo)
+
+
+def test_override_with_two_equals_signs():
+    # The value is everything after the first '=': it still has to fit the field.
+    with pytest.raises(ConfigError, match=r"unknown key 'a'"):
+        load_config(None, ["a=b=c"])
+    with pytest.raises(ConfigError, match=r"train.steps must be an integer, got '1=2'"):
+        load_config(None, ["train.steps=1=2"])
+
+
+def test_override_inside_a_value():
+    with pytest.raises(ConfigError, match=r"sets a field inside 'steps', which is a value"):
+        load_config(None, ["train.steps=5", "train.steps.x=1"])
+
+
+def test_unknown_preset_lists_valid():
+    with pytest.raises(ConfigError, match=r"model.preset 'goku-3b' is unknown; use one of") as excinfo:
+        load_config(None, ["model.preset=goku-3b"])
+    message = _error(excinfo)
+    assert all(name in message for name in MODEL_PRESETS)
+
+
+def test_unknown_preset_in_yaml_names_the_file(tmp_path):
+    recipe = tmp_path / "preset.yaml"
+    recipe.write_text("model:\n  preset: goku-3b\n")
+    with pytest.raises(ConfigError, match=r"model.preset 'goku-3b' is unknown") as excinfo:
+        load_config(str(recipe), [])
+    assert _error(excinfo).startswith(f"{recipe}: ")
+
+
+def test_unknown_recipe_lists_valid(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown recipe 'no-such-recipe': use a YAML path or one of") as e:
+        load_config("no-such-recipe", [])
+    assert all(name in _error(e) for name in available_recipes())
+    missing = tmp_path / "missing.yaml"
+    with pytest.raises(ConfigError, match=r"recipe file not found; pass an existing YAML file or one of toy"):
+        load_config(str(missing), [])
+
+
+@pytest.mark.parametrize("section", ["train", "parallel", "optim", "flow", "data"])
+def test_section_given_a_scalar(section):
+    with pytest.raises(ConfigError, match=rf"'{section}' is a section: give it as {section}.FIELD=VALUE") as e:
+        load_config(None, [f"{section}=3"])
+    _error(e)
+
+
+@pytest.mark.parametrize("override", ["model=3", "model=abc", "model.preset=[1]"])
+def test_model_section_given_a_scalar(override):
+    with pytest.raises(ConfigError, match=r"model"):
+        load_config(None, [override])
+
+
+# --------------------------------------------------------------------------------------------
+# goku-train --dry-run
+
+
+def _dry_run(capsys, argv: list[str]) -> tuple[int, str, str]:
+    from goku_megatron.train import main
+
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _parameters(out: str) -> int:
+    match = re.search(r"^parameters=([\d,]+) \(([\d.]+) B\)$", out, re.MULTILINE)
+    assert match, out
+    return int(match.group(1).replace(",", ""))
+
+
+def _section(out: str, title: str) -> str:
+    return out.split(f"# {title}\n", 1)[1].split("\n# ", 1)[0]
+
+
+def test_dry_run_report(capsys):
+    rc, out, err = _dry_run(capsys, ["--dry-run"])
+    assert rc == 0, err
+    assert out.splitlines()[0] == "# resolved config"
+    expected = load_config("toy", [])
+    validate(expected, 1)
+    assert yaml.safe_load(_section(out, "resolved config")) == expected.to_dict()
+    assert re.search(r"^world_size=1 tp=1 pp=1 cp=1 dp=1 layers_per_stage=4 micro_batches_per_step=1 "
+                     r"micro_batch_size=32 global_batch_size=32$", out, re.MULTILINE), out
+    backends = _section(out, "backends")
+    assert "attention=sdpa linear=local" in backends
+    assert "device=cpu" in backends and "distributed=gloo" in backends and "precision=fp32" in backends
+    from goku_megatron.model.goku import count_parameters
+
+    assert _parameters(out) == count_parameters(expected.model)
+
+
+def test_dry_run_layout(capsys):
+    rc, out, err = _dry_run(capsys, ["--dry-run", "--config", "toy", "--world-size", "4",
+                                     "parallel.tp=2", "parallel.pp=2"])
+    assert rc == 0, err
+    assert re.search(r"^world_size=4 tp=2 pp=2 cp=1 dp=1 layers_per_stage=2 ", out, re.MULTILINE), out
+    assert "\n  dp: 1\n" in _section(out, "resolved config")
+
+
+def test_dry_run_world_size_from_env(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    rc, out, err = _dry_run(capsys, ["--dry-run", "train.micro_batch_size=8"])
+    assert rc == 0, err
+    assert re.search(r"^world_size=4 tp=1 pp=1 cp=1 dp=4 layers_per_stage=4 micro_batches_per_step=1 ",
+                     out, re.MULTILINE), out
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--dry-run", "train.stpes=3"], "did you mean 'train.steps'?"),
+    (["--dry-run", "train.steps"], "is not key=value"),
+    (["--dry-run", "--world-size", "4", "parallel.tp=3"], "world size 4 is not divisible by tp*pp*cp=3"),
+    (["--dry-run", "--config", "nope"], "unknown recipe 'nope'"),
+    (["train.steps=0"], "train.steps must be positive"),  # checked before any run starts
+])
+def test_config_errors_exit_2(capsys, argv, fragment):
+    rc, out, err = _dry_run(capsys, argv)
+    assert rc == 2
+    assert err.startswith("goku-train: error: ")
+    assert fragment in err
+    assert err.count("\n") == 1 and err.endswith("\n")
+    assert "# resolved config" not in out
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter counts
+
+
+@pytest.mark.parametrize("preset, low, high", [("goku-2b", 1.8e9, 2.2e9), ("goku-8b", 7.5e9, 8.5e9)])
+def test_dry_run_parameter_count(capsys, tmp_path, preset, low, high):
+    from goku_megatron.model.goku import count_parameters
+
+    recipe = tmp_path / f"{preset}.yaml"
+    recipe.write_text(f"model:\n  preset: {preset}\n")
+    rc, out, err = _dry_run(capsys, ["--dry-run", "--config", str(recipe)])
+    assert rc == 0, err
+    printed = _parameters(out)
+    assert low <= printed <= high
+    assert printed == count_parameters(load_config(str(recipe), []).model)
+    assert re.search(rf"\({printed / 1e9:.2f} B\)$", out, re.MULTILINE)
+    # The same model through a CLI override on top of no recipe file.
+    assert count_parameters(load_config(None, [f"model.preset={preset}"]).model) == printed
+
+
+def test_dry_run_goku_8b_layout(capsys, tmp_path):
+    recipe = tmp_path / "8b.yaml"
+    recipe.write_text("model:\n  preset: goku-8b\n")
+    rc, out, err = _dry_run(capsys, ["--dry-run", "--config", str(recipe), "--world-size", "64",
+                                     "parallel.tp=8", "parallel.pp=4", "train.global_batch_size=64"])
+    assert rc == 0, err
+    assert re.search(r"^world_size=64 tp=8 pp=4 cp=1 dp=2 layers_per_stage=10 micro_batches_per_step=8 ",
+                     out, re.MULTILINE), out
+
+
+@pytest.mark.parametrize("preset, low, high", [("goku-2b", 1.8e9, 2.2e9), ("goku-8b", 7.5e9, 8.5e9)])
+def test_dry_run_preset_override_on_default_recipe(capsys, preset, low, high):
+    from goku_megatron.model.goku import count_parameters
+
+    rc, out, err = _dry_run(capsys, ["--dry-run", f"model.preset={preset}"])
+    assert rc == 0, err
+    printed = _parameters(out)
+    assert low <= printed <= high
+    assert printed == count_parameters(load_config("toy", [f"model.preset={preset}"]).model)
+
+
+def test_cli_preset_replaces_the_recipe_shape():
+    """A preset named on the command line picks the architecture over the recipe's shape fields;
+    the recipe's other model fields and later explicit CLI fields still apply."""
+    m = load_config("toy", ["model.preset=goku-2b"]).model
+    assert (m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_heads) == TABLE_1["goku-2b"]
+    assert (m.in_channels, m.patch_size) == (3, [2, 2, 2])  # from toy.yaml
+    assert m.text_dim == 2048  # FLAN-T5 XL width belongs to the goku presets
+    m = load_config("toy", ["model.preset=goku-2b", "model.num_layers=2"]).model
+    assert (m.num_layers, m.hidden_size) == (2, 1792)
+    m = load_config("toy", ["model.num_layers=2"]).model  # no CLI preset: the recipe shape stays
+    assert (m.num_layers, m.hidden_size) == (2, 128)
+
+
+def test_dataclass_defaults_equal_the_default_preset():
+    assert Config() == load_config(None, [])
