@@ -137,14 +137,16 @@ def init_distributed(cfg: Config, backends: Backends) -> None:
     from megatron.core import parallel_state
 
     if not torch.distributed.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
         if backends.device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group(
-            backend=backends.distributed, timeout=datetime.timedelta(minutes=10)
-        )
+        timeout = datetime.timedelta(minutes=10)
+        if "RANK" in os.environ:  # torchrun / srun: env:// rendezvous
+            torch.distributed.init_process_group(backend=backends.distributed, timeout=timeout)
+        else:  # a plain process; the environment is left alone for any child process
+            torch.distributed.init_process_group(
+                backend=backends.distributed, timeout=timeout, rank=0, world_size=1,
+                init_method=f"tcp://127.0.0.1:{_free_port()}",
+            )
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=cfg.parallel.tp,

@@ -1,11 +1,11 @@
-"""One test per patch in goku_megatron.cpu_compat, each running the patched megatron-core path on CPU.
+"""One test per patch in goku_megatron.cpu_compat: the patched megatron-core code runs on CPU.
 
 When megatron-core is bumped, these tests are the checklist: every redirected module must still
 need its redirect (it still mentions CUDA) and every patched code path must still run on CPU and
 compute the same numbers as plain torch.
 
 Tests share one process with the rest of the suite: anything that un-applies a patch or reseeds an
-RNG does so through ``monkeypatch`` or a restoring fixture, so that cpu_compat is always left applied.
+RNG does so through ``monkeypatch`` or a restoring fixture: cpu_compat is always left applied.
 """
 
 from __future__ import annotations
@@ -163,8 +163,9 @@ def test_module_is_redirected_and_still_needs_it(patched, module_name):
     assert module.torch is cpu_compat.CPU_TORCH
     source = inspect.getsource(module)
     assert _CUDA_USE.search(source), (
-        f"{module_name} no longer uses CUDA ({cpu_compat.REDIRECTED_MODULES[module_name]!r} is gone "
-        f"in this megatron-core): remove it from cpu_compat.REDIRECTED_MODULES"
+        f"{module_name} no longer uses CUDA "
+        f"({cpu_compat.REDIRECTED_MODULES[module_name]!r} is gone in this megatron-core): "
+        f"remove it from cpu_compat.REDIRECTED_MODULES"
     )
 
 
@@ -337,6 +338,37 @@ def test_sequence_parallel_linear_runs_on_cpu(patched, restore_rng):
     torch.testing.assert_close(x.grad, xr.grad)
     torch.testing.assert_close(lin.weight.grad, w.grad)
     torch.testing.assert_close(lin.bias.grad, b.grad)
+
+
+@pytest.mark.parametrize("batch_p2p_comm", [False, True])
+def test_p2p_communication_buffers_on_cpu(patched, monkeypatch, batch_p2p_comm):
+    """P2PCommunicator allocates receive buffers on current_device() and (batched, synced) calls
+    torch.cuda.synchronize. gloo cannot send to its own rank, so the transport is a loopback:
+    this rank is its own previous and next pipeline stage."""
+    from megatron.core import ModelParallelConfig, parallel_state
+    from megatron.core.pipeline_parallel import p2p_communication
+
+    def loopback(*, tensor_send_prev, tensor_recv_prev, tensor_send_next, tensor_recv_next,
+                 group, prev_pipeline_rank, next_pipeline_rank):
+        with torch.no_grad():
+            if tensor_recv_prev is not None:
+                tensor_recv_prev.copy_(tensor_send_next)
+            if tensor_recv_next is not None:
+                tensor_recv_next.copy_(tensor_send_prev)
+        return [] if batch_p2p_comm else {}
+
+    monkeypatch.setattr(p2p_communication, "_p2p_ops", loopback)
+    monkeypatch.setattr(p2p_communication, "_batched_p2p_ops", loopback)
+    config = ModelParallelConfig(pipeline_dtype=torch.float32, batch_p2p_comm=batch_p2p_comm,
+                                 batch_p2p_sync=True)
+    comm = p2p_communication.P2PCommunicator(parallel_state.get_pipeline_model_parallel_group(),
+                                             config)
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+    received = comm.send_forward_recv_forward(x, recv_prev=True, tensor_shape=(2, 3))
+    assert received.device.type == "cpu" and received.requires_grad
+    assert torch.equal(received.detach(), x)
+    grad = comm.send_backward_recv_backward(2 * x, recv_next=True, tensor_shape=(2, 3))
+    assert grad.device.type == "cpu" and torch.equal(grad.detach(), 2 * x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -620,8 +652,8 @@ def test_megatron_optimizer_step_clips_like_torch(patched):
     assert ok
     assert grad_norm == pytest.approx(ref_norm.item(), rel=1e-6)
     assert grad_norm > clip  # the step really clipped
-    torch.testing.assert_close(model.lin.weight.detach(), twin.weight.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(model.lin.bias.detach(), twin.bias.detach(), rtol=1e-5, atol=1e-6)
+    for ours, ref in ((model.lin.weight, twin.weight), (model.lin.bias, twin.bias)):
+        torch.testing.assert_close(ours.detach(), ref.detach(), rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------
