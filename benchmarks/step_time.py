@@ -28,19 +28,14 @@ def main() -> None:
     from goku_megatron import cpu_compat
     from goku_megatron.config import load_config, validate
     from goku_megatron.data.text_encoder import HashTextEncoder
-    from goku_megatron.platform import choose_backends, has_cuda, init_distributed, seed_everything
-    from goku_megatron.train import (build_model, build_optimizer, make_flow_batch, split_microbatches,
-                                     train_step, wire_megatron_config)
+    from goku_megatron.platform import has_cuda
+    from goku_megatron.train import make_flow_batch, setup, split_microbatches, train_step
 
     cfg = load_config(None, ["train.global_batch_size=4", "train.micro_batch_size=4", *args.overrides])
     validate(cfg, 1, has_cuda=has_cuda())
     cpu_compat.apply()
-    backends = choose_backends(cfg)
-    init_distributed(cfg, backends)
-    seed_everything(cfg.train.seed)
-    model, tc = build_model(cfg, backends)
-    optimizer, scheduler = build_optimizer(cfg, model, tc)
-    wire_megatron_config(tc, model, optimizer)
+    training = setup(cfg)
+    backends, model = training.backends, training.model
     encoder = HashTextEncoder(dim=cfg.model.text_dim, max_tokens=cfg.data.max_text_tokens)
     device = torch.device("cuda" if backends.device == "cuda" else "cpu")
     b = cfg.train.global_batch_size
@@ -51,7 +46,7 @@ def main() -> None:
     for step in range(1, args.warmup + args.steps + 1):
         start = time.perf_counter()
         mbs = split_microbatches(make_flow_batch(batch, step, cfg, encoder, device), cfg.train.micro_batch_size)
-        train_step(mbs, model, optimizer, scheduler, cfg)
+        train_step(mbs, model, training.optimizer, training.scheduler, cfg)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if step > args.warmup:

@@ -243,6 +243,29 @@ def train_step(
                       lr=optimizer.param_groups[0]["lr"], skipped=not update_ok)
 
 
+@dataclass
+class Training:
+    """What a training process holds once set up."""
+
+    backends: Backends
+    model: list[torch.nn.Module]
+    optimizer: Any
+    scheduler: Any
+
+
+def setup(cfg: Config) -> Training:
+    """Process group, seeds, this rank's model stage, optimizer and schedule, megatron hooks."""
+    from goku_megatron.platform import init_distributed, seed_everything
+
+    backends = choose_backends(cfg)
+    init_distributed(cfg, backends)
+    seed_everything(cfg.train.seed)
+    model, tc = build_model(cfg, backends)
+    optimizer, scheduler = build_optimizer(cfg, model, tc)
+    wire_megatron_config(tc, model, optimizer)
+    return Training(backends, model, optimizer, scheduler)
+
+
 def wire_megatron_config(tc: Any, model: list[torch.nn.Module], optimizer: Any) -> None:
     """Hooks megatron's schedules call: grad scaling, DDP no_sync and the final grad reduction."""
     from megatron.core.distributed import finalize_model_grads
@@ -289,20 +312,16 @@ def run(cfg: Config, batches: BatchSource | None = None) -> list[StepResult]:
     from goku_megatron.checkpoint import save_checkpoint
     from goku_megatron.data.text_encoder import HashTextEncoder
     from goku_megatron.metrics import MetricsLogger
-    from goku_megatron.platform import init_distributed, seed_everything
 
-    backends = choose_backends(cfg)
-    init_distributed(cfg, backends)
-    seed_everything(cfg.train.seed)
+    training = setup(cfg)
+    backends, model = training.backends, training.model
+    optimizer, scheduler = training.optimizer, training.scheduler
     rank = torch.distributed.get_rank()
     run_dir = resolve_run_dir(cfg)
     log.info("backends: %s", backends.describe())
     log.info("layout: world=%d tp=%d pp=%d cp=%d dp=%d | run dir %s", torch.distributed.get_world_size(),
              cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.parallel.dp, run_dir)
 
-    model, tc = build_model(cfg, backends)
-    optimizer, scheduler = build_optimizer(cfg, model, tc)
-    wire_megatron_config(tc, model, optimizer)
     dp_rank = parallel_state.get_data_parallel_rank()
     if batches is None:
         batches = build_batch_source(cfg, dp_rank, cfg.parallel.dp)

@@ -43,9 +43,8 @@ def main() -> None:
     from goku_megatron import cpu_compat
     from goku_megatron.config import load_config, validate
     from goku_megatron.model.goku import iter_stage_models
-    from goku_megatron.platform import choose_backends, init_distributed, seed_everything
-    from goku_megatron.train import (build_model, build_optimizer, make_flow_batch, split_microbatches,
-                                     train_step, wire_megatron_config)
+    from goku_megatron.platform import world_size_from_env
+    from goku_megatron.train import make_flow_batch, setup, split_microbatches, train_step
     from goku_megatron.data.text_encoder import HashTextEncoder
     from megatron.core import parallel_state
 
@@ -55,14 +54,9 @@ def main() -> None:
                              "train.global_batch_size=8", "train.micro_batch_size=2",
                              "optim.warmup_steps=0", "optim.lr=1e-3", "optim.clip_grad=0.5",
                              *sys.argv[2:]])
-    validate(cfg, int(torch.distributed.get_world_size()) if torch.distributed.is_initialized()
-             else int(__import__("os").environ["WORLD_SIZE"]))
-    backends = choose_backends(cfg)
-    init_distributed(cfg, backends)
-    seed_everything(cfg.train.seed)
-    model, tc = build_model(cfg, backends)
-    optimizer, scheduler = build_optimizer(cfg, model, tc)
-    wire_megatron_config(tc, model, optimizer)
+    validate(cfg, world_size_from_env())
+    training = setup(cfg)
+    model, optimizer, scheduler = training.model, training.optimizer, training.scheduler
     (stage,) = list(iter_stage_models(model))
     encoder = HashTextEncoder(dim=cfg.model.text_dim, max_tokens=8)
 
