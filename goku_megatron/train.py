@@ -21,7 +21,6 @@ import sys
 import time
 import zlib
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 

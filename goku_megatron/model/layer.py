@@ -215,7 +215,6 @@ class GokuLayer(MegatronModule):
         submodules: GokuLayerSubmodules,
         layer_number: int = 1,
         cross_attn_rope_q: bool = True,
-        adaln_linear: type | None = None,
     ) -> None:
         super().__init__(config)
         from megatron.core.tensor_parallel import ColumnParallelLinear
@@ -224,7 +223,7 @@ class GokuLayer(MegatronModule):
         eps = config.layernorm_epsilon
         # TE's column-parallel linear cannot gather its output; adaLN runs per sample, so the local
         # layer costs nothing measurable here in either spec.
-        self.norm1 = AdaLNModulation(config, adaln_linear or ColumnParallelLinear, chunks=6)
+        self.norm1 = AdaLNModulation(config, ColumnParallelLinear, chunks=6)
         self.attn1 = GokuAttention(config, submodules, config.hidden_size, rope_q=True, rope_k=True)
         self.norm2 = RMSNorm(config.hidden_size, eps)
         self.attn2 = GokuAttention(config, submodules, config.hidden_size, rope_q=cross_attn_rope_q, rope_k=False)
