@@ -30,6 +30,18 @@ def megatron_world():
     yield
 
 
+def build_stage(cfg):
+    """A whole (TP=PP=1) GokuModel for cfg, initialised as goku-train initialises it."""
+    from goku_megatron.model.goku import GokuModel
+    from goku_megatron.model.specs import local_layer_spec
+    from goku_megatron.platform import choose_backends
+    from goku_megatron.train import build_transformer_config
+
+    stage = GokuModel(build_transformer_config(cfg, choose_backends(cfg)), cfg.model, local_layer_spec())
+    stage.init_weights(cfg.train.seed)
+    return stage
+
+
 def run_torchrun(nproc: int, module_args: list[str], timeout: int = 600, env: dict | None = None) -> str:
     """Run ``torchrun --nproc-per-node nproc -m ...`` on CPU; fail the test with its output."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),

@@ -2,7 +2,8 @@
 
 Usage: torchrun --nproc-per-node N tests/dist_equivalence.py OUT_DIR key=value ...
 Every layout trains on the same synthetic global batches (each DP rank takes its slice), and dumps
-the loss, grad norm, full (TP-gathered) gradients and final weights under global parameter names.
+the loss, grad norm, full (TP-gathered) gradients and final weights under global parameter names,
+then saves a distributed checkpoint (OUT_DIR/checkpoints) and the resolved config (OUT_DIR/config.yaml).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 
 
 def global_batch(step: int, size: int, shape: tuple[int, ...]) -> dict:
@@ -41,6 +43,7 @@ def full_tensors(stage, use_grad: bool) -> dict[str, torch.Tensor]:
 
 def main() -> None:
     from goku_megatron import cpu_compat
+    from goku_megatron.checkpoint import save_checkpoint
     from goku_megatron.config import load_config, validate
     from goku_megatron.model.goku import iter_stage_models
     from goku_megatron.platform import world_size_from_env
@@ -79,8 +82,10 @@ def main() -> None:
     weights = full_tensors(stage, use_grad=False)
     if dump_rank:
         torch.save(weights, out_dir / f"weights_pp{pp_rank}.pt")
+    save_checkpoint(out_dir, 2, model, cfg.to_dict())
     if torch.distributed.get_rank() == 0:
         torch.save(record, out_dir / "record.pt")
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 

@@ -1,5 +1,7 @@
-"""TP=2, PP=2 and DP=2 (gloo, 2 processes each) reproduce the single-process run for two steps:
-loss, gradient norm, every gradient and the final weights (fp32 tolerance)."""
+"""TP=2, PP=2, DP=2 (gloo, 2 processes each) and TP=2 x PP=2 (4 processes) reproduce the
+single-process run for two steps: loss, gradient norm, every gradient and the final weights (fp32
+tolerance). The distributed checkpoint each layout saves loads into one unsharded model and holds
+the single-process run's weights, so checkpoints do not depend on the parallel layout."""
 
 from __future__ import annotations
 
@@ -7,7 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_torchrun
+from conftest import build_stage, run_torchrun
+
+from goku_megatron.checkpoint import latest_checkpoint, load_model_weights
+from goku_megatron.config import load_config
 
 WORKER = str(Path(__file__).with_name("dist_equivalence.py"))
 
@@ -15,7 +20,7 @@ WORKER = str(Path(__file__).with_name("dist_equivalence.py"))
 def _run(tmp_path_factory, name: str, nproc: int, overrides: list[str]) -> dict:
     out = tmp_path_factory.mktemp(name)
     run_torchrun(nproc, [WORKER, str(out), *overrides])
-    merged: dict = {"record": torch.load(out / "record.pt")}
+    merged: dict = {"record": torch.load(out / "record.pt"), "dir": out}
     for kind in ("grads1", "grads2", "weights"):
         merged[kind] = {}
         for path in sorted(out.glob(f"{kind}_pp*.pt")):
@@ -28,18 +33,33 @@ def baseline(tmp_path_factory):
     return _run(tmp_path_factory, "single", 1, [])
 
 
-LAYOUTS = {
-    "tp2": ["parallel.tp=2"],
-    "pp2": ["parallel.pp=2"],
-    "dp2": [],
-    "tp2_recompute": ["parallel.tp=2", "model.recompute=true"],
+LAYOUTS = {  # name: (processes, overrides)
+    "tp2": (2, ["parallel.tp=2"]),
+    "pp2": (2, ["parallel.pp=2"]),
+    "dp2": (2, []),
+    "tp2_recompute": (2, ["parallel.tp=2", "model.recompute=true"]),
+    "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
 }
+
+
+@pytest.fixture(scope="module")
+def layout_run(tmp_path_factory):
+    """Runs each layout once for all the tests that inspect it."""
+    done: dict[str, dict] = {}
+
+    def get(layout: str) -> dict:
+        if layout not in done:
+            nproc, overrides = LAYOUTS[layout]
+            done[layout] = _run(tmp_path_factory, layout, nproc, overrides)
+        return done[layout]
+
+    return get
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_layout_matches_single_process(tmp_path_factory, baseline, layout):
-    got = _run(tmp_path_factory, layout, 2, LAYOUTS[layout])
+def test_layout_matches_single_process(layout_run, baseline, layout):
+    got = layout_run(layout)
     ref_rec, rec = baseline["record"], got["record"]
     assert len(rec["loss"]) == 2
     torch.testing.assert_close(torch.tensor(rec["loss"]), torch.tensor(ref_rec["loss"]), rtol=1e-5, atol=1e-6)
@@ -50,3 +70,18 @@ def test_layout_matches_single_process(tmp_path_factory, baseline, layout):
         assert got[kind].keys() == baseline[kind].keys(), kind
         for name, ref in baseline[kind].items():
             torch.testing.assert_close(got[kind][name], ref, rtol=1e-4, atol=1e-6, msg=f"{kind} {name}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["tp2_pp2", "dp2"])
+def test_layout_checkpoint_loads_unsharded(layout_run, baseline, layout, megatron_world):
+    got = layout_run(layout)
+    cfg = load_config(str(got["dir"] / "config.yaml"), ["parallel.tp=1", "parallel.pp=1"])
+    cfg.train.seed += 1  # start from other weights, so a key the load misses shows up
+    stage = build_stage(cfg)
+    info = load_model_weights(latest_checkpoint(got["dir"]), [stage])
+    assert info["step"] == 2
+    loaded = {name: param.detach() for name, param in stage.named_parameters()}
+    assert loaded.keys() == baseline["weights"].keys()
+    for name, ref in baseline["weights"].items():
+        torch.testing.assert_close(loaded[name], ref, rtol=1e-4, atol=1e-6, msg=name)

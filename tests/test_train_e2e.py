@@ -11,10 +11,10 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import REPO
+from conftest import REPO, build_stage
 
 from goku_megatron.checkpoint import latest_checkpoint, load_model_weights, save_checkpoint
-from goku_megatron.config import Config, load_config, validate
+from goku_megatron.config import load_config, validate
 
 STEPS = 24
 
@@ -62,7 +62,7 @@ def test_toy_run_checkpoint_loads(toy_run, megatron_world):
     assert (run_dir / "checkpoints" / "iter_0000012").is_dir()
     cfg = load_config(str(run_dir / "config.yaml"))
     validate(cfg, 1)
-    model = _model(cfg)
+    model = build_stage(cfg)
     fresh = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     info = load_model_weights(latest, [model])
     assert info["step"] == STEPS
@@ -71,24 +71,13 @@ def test_toy_run_checkpoint_loads(toy_run, megatron_world):
     assert "layers.0.attn1.q_proj.weight" in changed  # trained weights, not the init
 
 
-def _model(cfg: Config):
-    from goku_megatron.model.goku import GokuModel
-    from goku_megatron.model.specs import local_layer_spec
-    from goku_megatron.platform import choose_backends
-    from goku_megatron.train import build_transformer_config
-
-    stage = GokuModel(build_transformer_config(cfg, choose_backends(cfg)), cfg.model, local_layer_spec())
-    stage.init_weights(cfg.train.seed)
-    return stage
-
-
 def test_checkpoint_round_trip(tmp_path, megatron_world):
     cfg = load_config(None, ["model.zero_init=false"])
     validate(cfg, 1)
-    saved = _model(cfg)
+    saved = build_stage(cfg)
     save_checkpoint(tmp_path, 7, [saved], cfg.to_dict())
     cfg.train.seed += 1
-    other = _model(cfg)
+    other = build_stage(cfg)
     assert not torch.equal(other.layers[0].attn1.q_proj.weight, saved.layers[0].attn1.q_proj.weight)
     info = load_model_weights(latest_checkpoint(tmp_path), [other])
     assert info["step"] == 7

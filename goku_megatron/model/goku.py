@@ -264,7 +264,10 @@ class GokuModel(MegatronModule):
 def _default_sharded(module: torch.nn.Module, prefix: str, offsets: tuple, metadata: dict | None) -> ShardedStateDict:
     from megatron.core.transformer.utils import sharded_state_dict_default
 
-    return sharded_state_dict_default(module, prefix, offsets, metadata)
+    # tp_group explicitly: without it megatron-core 0.16 gives every TP rank replica TP index 0,
+    # so a replicated embedder has several main replicas and the save fails validation.
+    return sharded_state_dict_default(module, prefix, offsets, metadata,
+                                      tp_group=parallel_state.get_tensor_model_parallel_group())
 
 
 def iter_stage_models(model: list[torch.nn.Module]) -> Iterator[GokuModel]:

@@ -85,10 +85,15 @@ class RMSNorm(torch.nn.Module):
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
                            metadata: dict | None = None) -> ShardedStateDict:
-        """A full-width norm's weight is split over TP ranks like the projection it follows."""
+        """A full-width norm's weight is split over TP ranks like the projection it follows.
+
+        Both groups are passed: megatron-core 0.16 takes a missing tp_group as TP rank 0 when
+        dp_cp_group is given, which marks every TP rank as the main replica of a replicated norm.
+        """
         return make_sharded_tensors_for_checkpoint(
             self.state_dict(keep_vars=True), prefix, {"weight": 0} if self.sharded else None,
-            sharded_offsets, dp_cp_group=ensure_metadata_has_dp_cp_group(metadata)["dp_cp_group"],
+            sharded_offsets, tp_group=parallel_state.get_tensor_model_parallel_group(),
+            dp_cp_group=ensure_metadata_has_dp_cp_group(metadata)["dp_cp_group"],
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
