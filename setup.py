@@ -1,6 +1,16 @@
 """goku-megatron: Goku-style rectified-flow video/image training on Megatron-Core."""
 from setuptools import find_packages, setup
 
+# The real-data path (issue 3): DALI decoding (its CUDA 12 wheel also runs CPU pipelines, ~1 GB),
+# optical-flow motion scores, the CogVideoX VAE and the FLAN-T5 encoder. The toy run needs none.
+DATA = [
+    "nvidia-dali-cuda120==2.4.0; sys_platform == 'linux' and platform_machine == 'x86_64'",
+    "opencv-python-headless",
+    "diffusers>=0.32",
+    "transformers>=4.46",
+    "sentencepiece",
+]
+
 setup(
     name="goku-megatron",
     version="0.1.0",
@@ -24,9 +34,10 @@ setup(
         "pillow",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout"],
+        "data": DATA,
+        "test": ["pytest>=8", "pytest-timeout", *DATA],
         # Installed from NVIDIA's channels / NGC containers, never by CI: transformer-engine[pytorch],
-        # flash-attn, apex (NVIDIA's, not the PyPI package of that name), nvidia-dali-cuda120.
+        # flash-attn, apex (NVIDIA's, not the PyPI package of that name).
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
     },
     entry_points={

@@ -38,6 +38,9 @@ LINEAR_BACKENDS = ("auto", "te", "local")
 PRECISIONS = ("auto", "fp32", "bf16")
 DIST_BACKENDS = ("auto", "nccl", "gloo")
 LR_DECAYS = ("cosine", "constant")
+DATA_KINDS = ("toy", "raw", "latent")
+TEXT_ENCODERS = ("hash", "t5")
+DECODERS = ("auto", "pyav", "dali")
 
 
 @dataclass
@@ -99,8 +102,30 @@ class FlowConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of a cascaded schedule (GOKU.md: 288x512 -> 480x864 -> 720x1280).
+
+    A stage runs for ``steps`` optimizer steps; clips are decoded at ``fps``, cut to ``frames`` and
+    resized/centre-cropped to height x width; samples are packed into micro-batches of
+    ``token_budget`` tokens, drawing an image instead of a clip with probability ``image_ratio``.
+    """
+
+    name: str = ""
+    steps: int = 0
+    height: int = 288
+    width: int = 512
+    frames: int = 33
+    fps: float = 8.0
+    token_budget: int = 8192
+    image_ratio: float = 0.0
+
+
+@dataclass
 class DataConfig:
-    """Training data. ``toy``: pixel-space clips from tools/make_toy_dataset.py."""
+    """Training data. ``toy``: pixel-space clips from tools/make_toy_dataset.py; ``raw``: clip and
+    image shards (tools/prepare_shards.py) decoded and VAE-encoded online; ``latent``: shards of
+    precomputed latents and text embeddings (tools/precompute_latents.py). raw and latent runs
+    follow ``stages`` and train on packed sequences."""
 
     kind: str = "toy"
     path: str = "data/toy"
@@ -111,7 +136,21 @@ class DataConfig:
     toy_frames: int = 8
     image_ratio: float = 0.25
     text_encoder: str = "hash"
+    text_encoder_path: str = ""
+    vae_path: str = ""
+    decoder: str = "auto"  # auto: DALI where it decodes the codec (GPU: all), else PyAV
     max_text_tokens: int = 16
+    stages: list[StageConfig] = field(default_factory=list)
+
+    def stage_at(self, step: int) -> tuple[int, StageConfig]:
+        """(index, stage) that optimizer step ``step`` (1-based) belongs to; the last stage
+        continues past its end."""
+        end = 0
+        for i, stage in enumerate(self.stages):
+            end += stage.steps
+            if step <= end:
+                return i, stage
+        return len(self.stages) - 1, self.stages[-1]
 
 
 @dataclass
@@ -231,6 +270,13 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where} must be a list, got {value!r}")
         (item_type,) = get_args(typ)
+        if dataclasses.is_dataclass(item_type):
+            items = []
+            for i, v in enumerate(value):
+                if not isinstance(v, Mapping):
+                    raise ConfigError(f"{where}[{i}] must be a mapping of {item_type.__name__} fields")
+                items.append(_build(item_type, v, f"{where}[{i}].", ""))
+            return items
         return [_coerce(v, item_type, where) for v in value]
     if typ is bool:
         if isinstance(value, bool):
@@ -320,6 +366,26 @@ def _one_of(value: str, allowed: Sequence[str], where: str) -> None:
     _require(value in allowed, f"{where}='{value}' is not one of {', '.join(allowed)}")
 
 
+def _validate_stages(cfg: Config) -> None:
+    d, m, t = cfg.data, cfg.model, cfg.train
+    _require(bool(d.stages), f"data.kind={d.kind} trains in stages: list data.stages in the recipe "
+             "(see goku_megatron/recipes/goku-8b.yaml)")
+    total = sum(s.steps for s in d.stages)
+    _require(total == t.steps, f"data.stages steps add up to {total} but train.steps={t.steps}; "
+             "make them equal")
+    _require(t.micro_batch_size == 1, f"train.micro_batch_size={t.micro_batch_size}: with packing a "
+             "micro-batch is one pack of data.stages[].token_budget tokens; set it to 1")
+    _require(d.kind != "raw" or d.vae_path != "",
+             "data.kind=raw encodes clips online and needs data.vae_path (a local CogVideoX VAE)")
+    for i, s in enumerate(d.stages):
+        where = f"data.stages[{i}]"
+        _require(s.steps > 0, f"{where}.steps must be positive, got {s.steps}")
+        _require(min(s.height, s.width, s.frames) > 0 and s.fps > 0,
+                 f"{where}: height, width, frames and fps must be positive")
+        _require(s.token_budget > 0, f"{where}.token_budget must be positive, got {s.token_budget}")
+        _require(0 <= s.image_ratio <= 1, f"{where}.image_ratio must be in [0, 1], got {s.image_ratio}")
+
+
 def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> None:
     """Check every rule that would otherwise fail deep inside a run; fills in ``parallel.dp``."""
     m, p, t, o, f, d = cfg.model, cfg.parallel, cfg.train, cfg.optim, cfg.flow, cfg.data
@@ -394,8 +460,15 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> None:
     _require(f.shift > 0, f"flow.shift must be positive, got {f.shift}")
     _require(0 <= f.caption_dropout < 1, f"flow.caption_dropout must be in [0, 1), got {f.caption_dropout}")
 
-    _one_of(d.kind, ("toy",), "data.kind")
-    _one_of(d.text_encoder, ("hash",), "data.text_encoder")
+    _one_of(d.kind, DATA_KINDS, "data.kind")
+    _one_of(d.text_encoder, TEXT_ENCODERS, "data.text_encoder")
+    _one_of(d.decoder, DECODERS, "data.decoder")
+    _require(d.text_encoder != "t5" or d.text_encoder_path != "",
+             "data.text_encoder=t5 needs data.text_encoder_path (a local FLAN-T5 checkpoint)")
+    _require(d.max_text_tokens > 0, f"data.max_text_tokens must be positive, got {d.max_text_tokens}")
+    if d.kind != "toy":
+        _validate_stages(cfg)
+        return
     _require(d.toy_size > 0 and d.toy_frames > 0,
              f"data.toy_size={d.toy_size} and data.toy_frames={d.toy_frames} must be positive")
     pt, ph, pw = m.patch_size

@@ -113,8 +113,24 @@ INVALID = [
     (["flow.caption_dropout=1.0"], 1, False, "flow.caption_dropout", r"must be in \[0, 1\), got 1.0"),
     (["flow.caption_dropout=-0.1"], 1, False, "flow.caption_dropout", r"must be in \[0, 1\)"),
     # data
-    (["data.kind=webdataset"], 1, False, "data.kind", r"'webdataset' is not one of toy"),
-    (["data.text_encoder=t5"], 1, False, "data.text_encoder", r"'t5' is not one of hash"),
+    (["data.kind=webdataset"], 1, False, "data.kind", r"'webdataset' is not one of toy, raw, latent"),
+    (["data.text_encoder=clip"], 1, False, "data.text_encoder", r"'clip' is not one of hash, t5"),
+    (["data.text_encoder=t5"], 1, False, "data.text_encoder_path", r"needs data.text_encoder_path"),
+    (["data.decoder=ffmpeg"], 1, False, "data.decoder", r"'ffmpeg' is not one of auto, pyav, dali"),
+    (["data.max_text_tokens=0"], 1, False, "data.max_text_tokens", r"must be positive"),
+    (["data.kind=latent"], 1, False, "data.stages", r"trains in stages: list data.stages"),
+    (["data.kind=latent", "train.micro_batch_size=1", "data.stages=[{steps: 60}]"], 1, False, "data.stages",
+     r"steps add up to 60 but train.steps=100"),
+    (["data.kind=latent", "data.stages=[{steps: 100}]"], 1, False, "train.micro_batch_size",
+     r"one pack of .* tokens; set it to 1"),
+    (["data.kind=raw", "train.micro_batch_size=1", "data.stages=[{steps: 100}]"], 1, False, "data.vae_path",
+     r"needs data.vae_path"),
+    (["data.kind=latent", "train.micro_batch_size=1", "data.stages=[{steps: 100, token_budget: 0}]"], 1, False,
+     "data.stages[0].token_budget", r"must be positive"),
+    (["data.kind=latent", "train.micro_batch_size=1", "data.stages=[{steps: 50}, {steps: 50, image_ratio: 2}]"],
+     1, False, "data.stages[1].image_ratio", r"must be in \[0, 1\]"),
+    (["data.kind=latent", "train.micro_batch_size=1", "data.stages=[{steps: 100, fps: 0}]"], 1, False,
+     "data.stages[0]", r"must be positive"),
     (["data.toy_size=15"], 1, False, "data.toy_size", r"toy_size=15 is not divisible by model.patch_size h/w=2/2"),
     (["model.patch_size=[1,2,4]", "data.toy_size=18"], 1, False, "data.toy_size",
      r"not divisible by model.patch_size h/w=2/4"),
@@ -516,3 +532,18 @@ def test_cli_preset_replaces_the_recipe_shape():
 
 def test_dataclass_defaults_equal_the_default_preset():
     assert Config() == load_config(None, [])
+
+
+def test_stages_parse_and_schedule():
+    cfg = load_config(None, ["data.kind=latent", "train.micro_batch_size=1",
+                             "data.stages=[{name: s288, steps: 60, height: 288, width: 512}, "
+                             "{name: s480, steps: 40, height: 480, width: 864, image_ratio: 0.1}]"])
+    validate(cfg, 1)
+    assert [s.name for s in cfg.data.stages] == ["s288", "s480"]
+    assert cfg.data.stages[1].width == 864 and cfg.data.stages[1].frames == 33  # default kept
+    assert [cfg.data.stage_at(step)[0] for step in (1, 60, 61, 100, 130)] == [0, 0, 1, 1, 1]
+
+
+def test_stage_unknown_field_names_its_index():
+    with pytest.raises(ConfigError, match=r"unknown key 'data.stages\[1\].hieght' \(did you mean 'data.stages\[1\].height'"):
+        load_config(None, ["data.stages=[{steps: 1}, {hieght: 3}]"])
