@@ -10,7 +10,9 @@ every function here takes and returns ``t`` in the Goku convention.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,6 +24,7 @@ __all__ = [
     "euler_sample",
     "flow_loss",
     "interpolate",
+    "noise_sample",
     "resolution_shift",
     "sample_timesteps",
     "shift_timesteps",
@@ -184,3 +187,24 @@ def euler_sample(
             v = v_u + cfg_scale * (v - v_u)
         x = x + float(grid[i + 1] - grid[i]) * v
     return x
+
+
+@dataclass
+class SampleNoise:
+    """One training sample's draws: noise x0, timestep t ([1]) and whether its caption is dropped."""
+
+    x0: Tensor
+    t: Tensor
+    drop_caption: bool
+
+
+def noise_sample(x1: Tensor, seed: int, step: int, key: str, cfg: Any) -> SampleNoise:
+    """The draws of sample ``key`` at ``step`` from an RNG seeded by (seed, step, key), so they do
+    not depend on the parallel layout, the batch a sample lands in, or packing. ``cfg`` is the run's
+    FlowConfig (timestep_sampling, logit_mean, logit_std, shift, caption_dropout)."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{step}:{key}".encode()))
+    x0 = torch.randn(x1.shape, generator=gen)
+    t = sample_timesteps(1, cfg.timestep_sampling, logit_mean=cfg.logit_mean,
+                         logit_std=cfg.logit_std, shift=cfg.shift, generator=gen)
+    dropped = bool(caption_dropout_mask(1, cfg.caption_dropout, generator=gen)[0])
+    return SampleNoise(x0, t, dropped)

@@ -8,19 +8,25 @@ the way megatron-core's diffusion models keep such embedders in sync.
 
 Weights are initialised per parameter from a generator seeded by (seed, global parameter name), then
 sliced for this rank: the model starts from the same weights under any TP/PP/DP layout.
+
+Two input forms share the layers: a batch of same-shape latents [B, C, T, H, W], or a Patch n' Pack
+sequence (goku_megatron.data.packing.Pack) of samples with their own grids, timesteps and captions,
+where attention stays inside each sample through cu_seqlens and adaLN modulation is per token.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedStateDict
 from megatron.core.enums import ModelType
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -29,6 +35,9 @@ from megatron.core import tensor_parallel
 from goku_megatron.config import ModelConfig
 from goku_megatron.model.layer import LayerInputs, modulate
 from goku_megatron.model.rope import grid_positions, rope_angles
+
+if TYPE_CHECKING:  # packing imports patchify from here
+    from goku_megatron.data.packing import Pack
 
 
 def patchify(x: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
@@ -94,8 +103,12 @@ class FinalLayer(torch.nn.Module):
         self.adaln = torch.nn.Linear(hidden, 2 * hidden)
         self.linear = torch.nn.Linear(hidden, out_dim)
 
-    def forward(self, x: torch.Tensor, silu_temb: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaln(silu_temb).float().unsqueeze(0).chunk(2, dim=-1)
+    def forward(self, x: torch.Tensor, silu_temb: torch.Tensor,
+                sample_index: torch.Tensor | None = None) -> torch.Tensor:
+        """x [S, B, D]; silu_temb [N, D] per sample; sample_index [S] maps packed tokens to samples."""
+        mod = self.adaln(silu_temb).float()
+        mod = mod[sample_index].unsqueeze(1) if sample_index is not None else mod.unsqueeze(0)
+        shift, scale = mod.chunk(2, dim=-1)
         h = F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
         return self.linear(modulate(h, shift, scale))
 
@@ -149,9 +162,9 @@ class GokuModel(MegatronModule):
 
     def forward(
         self,
-        latents: torch.Tensor,
-        timesteps: torch.Tensor,
-        text: torch.Tensor,
+        latents: torch.Tensor | Pack,
+        timesteps: torch.Tensor | None = None,
+        text: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict the velocity for noisy latents [B, C, T, H, W] at timesteps [B].
@@ -159,7 +172,12 @@ class GokuModel(MegatronModule):
         text [B, L, text_dim] with text_mask [B, L] (True = token). Every stage receives the same
         batch (only its shape and conditioning are used past the first stage). Returns the velocity
         [B, C, T, H, W] on the last stage, the hidden states [S, B, D] on the others.
+
+        Given a Pack instead of latents (the other arguments unused), runs ``forward_packed``: the
+        DDP / Float16Module wrappers only forward ``__call__``.
         """
+        if not isinstance(latents, torch.Tensor):
+            return self.forward_packed(latents)
         b, c, t, h, w = latents.shape
         pt, ph, pw = self.patch
         grid = (t // pt, h // ph, w // pw)
@@ -177,24 +195,67 @@ class GokuModel(MegatronModule):
             rope=rope,
             context_mask=text_mask,
         )
+        x = self._run_layers(x, inputs, silu_temb)
+        if not self.post_process:
+            return x
+        out = self.final_layer(x, silu_temb)
+        return unpatchify(out, self.patch, self.model_cfg.in_channels, grid).float()
+
+    def forward_packed(self, pack: Pack) -> torch.Tensor:
+        """Predict the velocity of every token of a packed sequence of ``pack.budget`` tokens.
+
+        Returns velocity tokens [S, 1, patch_dim] (float32) on the last stage, hidden states
+        [S, 1, D] on the others; S is always the pack's budget, so pipeline p2p shapes are fixed
+        (seq_length=budget, micro_batch_size=1). ``data.packing.unpack`` turns the tokens back into
+        per-sample latents; ``data.packing.packed_flow_loss`` scores them.
+        """
+        if self.pre_process:
+            x = self.patch_embed(pack.noisy.to(self.patch_embed.weight.dtype)).unsqueeze(1)
+        else:
+            x = self.input_tensor
+        silu_temb = F.silu(self.t_embedder(pack.timesteps))
+        x = self._run_layers(x, self._packed_inputs(pack), silu_temb)
+        if not self.post_process:
+            return x
+        return self.final_layer(x, silu_temb, pack.sample_index).float()
+
+    def _packed_inputs(self, pack: Pack) -> LayerInputs:
+        """Per-token RoPE from each sample's own grid; varlen self- and cross-attention segments.
+
+        The captions' valid tokens are packed back to back (``pack.cu_seqlens_text``), so each
+        sample's video tokens see only their own caption. The padding segment, when there is one,
+        gets a single all-zero text token: a segment needs a key for its softmax, and a zero key
+        and value (the projections have no bias, RMSNorm keeps 0 at 0) make that cross-attention
+        output exactly zero.
+        """
+        context = self.caption_embedder(pack.text[pack.text_mask])
+        if pack.padding:
+            context = torch.cat([context, context.new_zeros(1, context.shape[-1])])
+        rope = rope_angles(pack.positions, self.config.hidden_size // self.config.num_attention_heads,
+                           self.model_cfg.rope_theta).unsqueeze(1)
+        packed_self = PackedSeqParams(qkv_format="thd", cu_seqlens_q=pack.cu_seqlens,
+                                      cu_seqlens_kv=pack.cu_seqlens, max_seqlen_q=pack.max_seqlen,
+                                      max_seqlen_kv=pack.max_seqlen)
+        packed_cross = PackedSeqParams(qkv_format="thd", cu_seqlens_q=pack.cu_seqlens,
+                                       cu_seqlens_kv=pack.cu_seqlens_text, max_seqlen_q=pack.max_seqlen,
+                                       max_seqlen_kv=pack.max_seqlen_text)
+        return LayerInputs(context=context.unsqueeze(1), rope=rope, sample_index=pack.sample_index,
+                           packed_self=packed_self, packed_cross=packed_cross)
+
+    def _run_layers(self, x: torch.Tensor, inputs: LayerInputs, silu_temb: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
             if self.model_cfg.recompute and self.training:
                 x = tensor_parallel.checkpoint(self._run_layer(layer, inputs), False, x, silu_temb, inputs.context)
             else:
                 x = layer(x, inputs, silu_temb)
-        if not self.post_process:
-            return x
-        out = self.final_layer(x, silu_temb)
-        return unpatchify(out, self.patch, self.model_cfg.in_channels, grid).float()
+        return x
 
     @staticmethod
     def _run_layer(layer: torch.nn.Module, inputs: LayerInputs):
         """Activation recompute: tensors that carry gradients are passed as checkpoint arguments."""
 
         def run(x: torch.Tensor, silu_temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-            recomputed = LayerInputs(context=context, rope=inputs.rope,
-                                     context_mask=inputs.context_mask)
-            return layer(x, recomputed, silu_temb)
+            return layer(x, dataclasses.replace(inputs, context=context), silu_temb)
 
         return run
 
