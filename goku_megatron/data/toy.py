@@ -25,6 +25,8 @@ import webdataset as wds
 from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from goku_megatron.data.decode import decode_image, decode_video_pyav, to_pixels
+
 FORMAT = "goku-toy-v1"
 MANIFEST = "manifest.json"
 SHARD_PATTERN = "toy-{:05d}.tar"
@@ -305,19 +307,6 @@ def iter_raw_samples(shard_dir: Path) -> Iterator[dict[str, Any]]:
             yield from group_by_keys(files)
 
 
-def _decode_video(data: bytes) -> np.ndarray:
-    with av.open(io.BytesIO(data)) as container:
-        if not container.streams.video:
-            raise ValueError("no video stream")
-        # threads=1: the default (auto) sets up a scaler thread pool per frame, which costs 4x
-        # the whole decode of a tiny clip.
-        frames = [f.reformat(format="rgb24", threads=1).to_ndarray()
-                  for f in container.decode(video=0)]
-    if not frames:
-        raise ValueError("no frames decoded")
-    return np.stack(frames)
-
-
 def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
     """Turns one raw WebDataset sample (bytes per extension) into
     {"key", "pixels" float32 (3, T, H, W) in [-1, 1], "caption", "meta"}; stills have T=1.
@@ -334,18 +323,16 @@ def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"sample {key}: no media (one of {media}) in {sorted(sample)}")
     try:
         if video_ext is not None:
-            array = _decode_video(sample[video_ext])
+            array = decode_video_pyav(sample[video_ext])
         else:
-            with Image.open(io.BytesIO(sample[image_ext])) as img:
-                array = np.array(img.convert("RGB"))[None]
+            array = decode_image(sample[image_ext])
     except (ValueError, OSError) as e:  # av.FFmpegError and PIL's errors derive from these
         raise ValueError(f"sample {key}: cannot decode .{video_ext or image_ext}: {e}") from e
     t, h, w, _ = array.shape
     expected = (meta.get("frames", t), meta.get("height", h), meta.get("width", w))
     if (t, h, w) != expected:
         raise ValueError(f"sample {key}: decoded (T, H, W) = {(t, h, w)}, metadata says {expected}")
-    pixels = torch.from_numpy(array).permute(3, 0, 1, 2).float().div_(127.5).sub_(1.0)
-    return {"key": key, "pixels": pixels.contiguous(), "caption": caption, "meta": meta}
+    return {"key": key, "pixels": to_pixels(array), "caption": caption, "meta": meta}
 
 
 @dataclass
