@@ -7,6 +7,7 @@ crash mid-save never makes a partial checkpoint "latest".
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,12 @@ def _model_sharded_state_dict(model: list[torch.nn.Module]) -> dict[str, Any]:
     return stage.sharded_state_dict(prefix="model.")
 
 
-def save_checkpoint(run_dir: Path, step: int, model: list[torch.nn.Module], config: dict[str, Any]) -> Path:
-    """Save the model weights (all ranks take part) and move the ``latest`` pointer."""
+def save_checkpoint(run_dir: Path, step: int, model: list[torch.nn.Module], config: dict[str, Any],
+                    loader_state: dict[str, Any] | None = None) -> Path:
+    """Save the model weights (all ranks take part) and this DP rank's loader state, then move the
+    ``latest`` pointer: a checkpoint is "latest" only once all of it is on disk."""
+    from megatron.core import parallel_state
+
     path = checkpoint_dir(run_dir, step)
     if torch.distributed.get_rank() == 0:
         path.mkdir(parents=True, exist_ok=True)
@@ -38,6 +43,14 @@ def save_checkpoint(run_dir: Path, step: int, model: list[torch.nn.Module], conf
     state["step"] = step
     state["config"] = config
     dist_checkpointing.save(state, str(path))
+    # The loader state differs per DP rank and is the same on its TP/CP/PP peers: one file each.
+    if loader_state is not None and parallel_state.get_tensor_model_parallel_rank() == 0 \
+            and parallel_state.get_pipeline_model_parallel_rank() == 0 \
+            and parallel_state.get_context_parallel_rank() == 0:
+        target = loader_state_path(path, parallel_state.get_data_parallel_rank())
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(json.dumps(loader_state))
+        os.replace(tmp, target)
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
         pointer = run_dir / "checkpoints" / LATEST
@@ -45,6 +58,16 @@ def save_checkpoint(run_dir: Path, step: int, model: list[torch.nn.Module], conf
         tmp.write_text(path.name + "\n")
         os.replace(tmp, pointer)
     return path
+
+
+def loader_state_path(checkpoint: Path, dp_rank: int) -> Path:
+    return checkpoint / f"loader_dp{dp_rank:05d}.json"
+
+
+def load_loader_state(checkpoint: Path, dp_rank: int) -> dict[str, Any] | None:
+    """The loader state DP rank ``dp_rank`` saved with ``checkpoint`` (None for toy runs)."""
+    path = loader_state_path(checkpoint, dp_rank)
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

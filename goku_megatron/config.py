@@ -40,7 +40,7 @@ DIST_BACKENDS = ("auto", "nccl", "gloo")
 LR_DECAYS = ("cosine", "constant")
 DATA_KINDS = ("toy", "raw", "latent")
 TEXT_ENCODERS = ("hash", "t5")
-DECODERS = ("auto", "pyav", "dali")
+DECODERS = ("auto", "pyav")
 
 
 @dataclass
@@ -105,13 +105,15 @@ class FlowConfig:
 class StageConfig:
     """One stage of a cascaded schedule (GOKU.md: 288x512 -> 480x864 -> 720x1280).
 
-    A stage runs for ``steps`` optimizer steps; clips are decoded at ``fps``, cut to ``frames`` and
-    resized/centre-cropped to height x width; samples are packed into micro-batches of
+    A stage runs for ``steps`` optimizer steps on the shards at ``path`` (empty: data.path; GOKU.md's
+    Table 4 keeps one data tier per resolution); raw clips are decoded at ``fps``, cut to ``frames``
+    and resized/centre-cropped to height x width; samples are packed into micro-batches of
     ``token_budget`` tokens, drawing an image instead of a clip with probability ``image_ratio``.
     """
 
     name: str = ""
     steps: int = 0
+    path: str = ""
     height: int = 288
     width: int = 512
     frames: int = 33
@@ -138,7 +140,7 @@ class DataConfig:
     text_encoder: str = "hash"
     text_encoder_path: str = ""
     vae_path: str = ""
-    decoder: str = "auto"  # auto: DALI where it decodes the codec (GPU: all), else PyAV
+    decoder: str = "auto"  # auto: DALI where it takes the codec (on GPU: all), else PyAV; or pyav
     max_text_tokens: int = 16
     stages: list[StageConfig] = field(default_factory=list)
 
@@ -151,6 +153,9 @@ class DataConfig:
             if step <= end:
                 return i, stage
         return len(self.stages) - 1, self.stages[-1]
+
+    def stage_path(self, stage: StageConfig) -> str:
+        return stage.path or self.path
 
 
 @dataclass
@@ -367,7 +372,7 @@ def _one_of(value: str, allowed: Sequence[str], where: str) -> None:
 
 
 def _validate_stages(cfg: Config) -> None:
-    d, m, t = cfg.data, cfg.model, cfg.train
+    d, t = cfg.data, cfg.train
     _require(bool(d.stages), f"data.kind={d.kind} trains in stages: list data.stages in the recipe "
              "(see goku_megatron/recipes/goku-8b.yaml)")
     total = sum(s.steps for s in d.stages)

@@ -19,7 +19,6 @@ import logging
 import os
 import sys
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -138,30 +137,17 @@ def build_optimizer(cfg: Config, model: list[torch.nn.Module], tc: Any) -> tuple
     return optimizer, scheduler
 
 
-def sample_generator(seed: int, step: int, key: str) -> torch.Generator:
-    """Per-sample randomness from (seed, step, sample key): independent of the parallel layout."""
-    return torch.Generator().manual_seed(zlib.crc32(f"{seed}:{step}:{key}".encode()))
-
-
 def make_flow_batch(
     batch: dict[str, Any], step: int, cfg: Config, text_encoder: Callable, device: torch.device
 ) -> FlowBatch:
     """Noise, timesteps and caption dropout for each sample, then the interpolated inputs."""
     from goku_megatron import flow
 
-    f = cfg.flow
     x1 = batch["pixels"].float()
-    noise, times, captions = [], [], []
-    for i, key in enumerate(batch["keys"]):
-        gen = sample_generator(cfg.train.seed, step, key)
-        noise.append(torch.randn(x1.shape[1:], generator=gen))
-        times.append(flow.sample_timesteps(1, f.timestep_sampling, logit_mean=f.logit_mean,
-                                           logit_std=f.logit_std, shift=f.shift, generator=gen))
-        dropped = bool(flow.caption_dropout_mask(1, f.caption_dropout, generator=gen)[0])
-        captions.append("" if dropped else batch["captions"][i])
-    x0 = torch.stack(noise)
-    t = torch.cat(times)
-    text, text_mask = text_encoder(captions)
+    draws = [flow.noise_sample(x1[i], cfg.train.seed, step, key, cfg.flow) for i, key in enumerate(batch["keys"])]
+    x0 = torch.stack([d.x0 for d in draws])
+    t = torch.cat([d.t for d in draws])
+    text, text_mask = text_encoder(["" if d.drop_caption else c for d, c in zip(draws, batch["captions"])])
     return FlowBatch(
         noisy=flow.interpolate(x1, x0, t).to(device),
         timesteps=t.to(device),
@@ -176,17 +162,26 @@ def split_microbatches(batch: FlowBatch, micro_batch_size: int) -> list[FlowBatc
     return [FlowBatch(**{k: v[i] for k, v in fields.items()}) for i in range(len(fields["noisy"]))]
 
 
-def forward_step(data_iterator: Iterator[FlowBatch], model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
-    """megatron's forward_step_func: run the stage, and on the last stage return the loss."""
+def forward_step(data_iterator: Iterator[FlowBatch | Any], model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
+    """megatron's forward_step_func: run the stage, and on the last stage return the loss.
+
+    A micro-batch is a FlowBatch of same-shape samples (toy) or one Patch n' Pack sequence."""
     from megatron.core import parallel_state
 
     from goku_megatron import flow
+    from goku_megatron.data.packing import Pack, packed_flow_loss
 
     batch = next(data_iterator)
-    output = model(batch.noisy, batch.timesteps, batch.text, batch.text_mask)
+    if isinstance(batch, Pack):
+        output = model(batch)
+    else:
+        output = model(batch.noisy, batch.timesteps, batch.text, batch.text_mask)
 
     def loss_func(output_tensor: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        loss = flow.flow_loss(output_tensor, batch.target).mean()
+        if isinstance(batch, Pack):
+            loss = packed_flow_loss(output_tensor, batch)
+        else:
+            loss = flow.flow_loss(output_tensor, batch.target).mean()
         reported = loss.detach().clone()
         torch.distributed.all_reduce(reported, group=parallel_state.get_data_parallel_group())
         reported /= parallel_state.get_data_parallel_world_size()
@@ -204,7 +199,7 @@ class StepResult:
 
 
 def train_step(
-    microbatches: list[FlowBatch],
+    microbatches: list[FlowBatch] | list[Any],
     model: list[torch.nn.Module],
     optimizer: Any,
     scheduler: Any,
@@ -218,15 +213,19 @@ def train_step(
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     first = microbatches[0].noisy
-    c, t, h, w = first.shape[1:]
-    pt, ph, pw = cfg.model.patch_size
+    if first.dim() == 2:  # packs: [budget, patch_dim], one sequence per micro-batch
+        seq_length, micro_batch_size = first.shape[0], 1
+    else:
+        c, t, h, w = first.shape[1:]
+        pt, ph, pw = cfg.model.patch_size
+        seq_length, micro_batch_size = (t // pt) * (h // ph) * (w // pw), first.shape[0]
     losses = get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=iter(microbatches),
         model=model,
         num_microbatches=len(microbatches),
-        seq_length=(t // pt) * (h // ph) * (w // pw),
-        micro_batch_size=first.shape[0],
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
         forward_only=False,
     )
     update_ok, grad_norm, _ = optimizer.step()
@@ -304,6 +303,60 @@ def build_batch_source(cfg: Config, dp_rank: int, dp_size: int) -> BatchSource:
                               seed=cfg.train.seed, image_ratio=d.image_ratio))
 
 
+def check_vae_fits(cfg: Config, vae: Any) -> None:
+    """Fail before training when a stage's clips or the model's input width do not fit the VAE."""
+    if vae.latent_channels != cfg.model.in_channels:
+        raise ConfigError(f"model.in_channels={cfg.model.in_channels} but the VAE at {cfg.data.vae_path} "
+                          f"makes {vae.latent_channels}-channel latents; set model.in_channels="
+                          f"{vae.latent_channels}")
+    _, ph, pw = cfg.model.patch_size
+    for i, stage in enumerate(cfg.data.stages):
+        try:
+            _, _, h, w = vae.latent_shape(stage.frames, stage.height, stage.width)
+        except ValueError as err:
+            raise ConfigError(f"data.stages[{i}]: {err}") from None
+        if h % ph or w % pw:
+            raise ConfigError(f"data.stages[{i}]: {stage.height}x{stage.width} gives {h}x{w} latents, "
+                              f"not divisible by model.patch_size h/w={ph}/{pw}; use a multiple of "
+                              f"{vae.spatial_factor * ph}x{vae.spatial_factor * pw}")
+
+
+def build_packed_source(cfg: Config, dp_rank: int, dp_size: int, device: torch.device) -> Any:
+    """raw / latent runs: DP-sharded sample streams -> latents -> per-step packed micro-batches."""
+    from goku_megatron.data.encoders import build_text_encoder, build_vae
+    from goku_megatron.data.loader import SampleStream
+    from goku_megatron.data.pipeline import PackedBatches, encode_raw_sample, load_latent_sample
+    from goku_megatron.data.shards import BadSamples, find_shards
+
+    d = cfg.data
+    bad = BadSamples()
+    if d.kind == "raw":
+        vae = build_vae(d.vae_path, device)
+        check_vae_fits(cfg, vae)
+        prepare = encode_raw_sample(d.decoder, vae, bad)
+    else:
+        prepare = load_latent_sample
+    streams: dict[str, dict[str, SampleStream]] = {}
+    for i, stage in enumerate(d.stages):
+        path = d.stage_path(stage)
+        try:
+            shards = find_shards(path)
+        except FileNotFoundError as err:
+            raise ConfigError(f"data.stages[{i}]: {err}") from None
+        if d.kind == "raw":
+            ratios = [s.image_ratio for s in d.stages if d.stage_path(s) == path]
+            kinds = ["video"] * any(r < 1 for r in ratios) + ["image"] * any(r > 0 for r in ratios)
+        else:  # latent shards do not show from their members whether a sample is a still
+            kinds = ["any"]
+        streams[path] = {kind: SampleStream(shards, dp_rank=dp_rank, dp_size=dp_size,
+                                            seed=cfg.train.seed, bad=bad, kind=kind) for kind in kinds}
+        log.info("data: stage %d reads %d %s shards from %s (streams: %s)", i, len(shards), d.kind,
+                 path, ", ".join(kinds))
+    text_encoder = build_text_encoder(d.text_encoder, d.text_encoder_path, cfg.model.text_dim,
+                                      d.max_text_tokens, device)
+    return PackedBatches(cfg, streams, prepare, text_encoder, bad)
+
+
 def run(cfg: Config, batches: BatchSource | None = None) -> list[StepResult]:
     """Train ``cfg.train.steps`` steps; returns the per-step results (on every rank)."""
     from megatron.core import parallel_state
@@ -322,10 +375,13 @@ def run(cfg: Config, batches: BatchSource | None = None) -> list[StepResult]:
              cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.parallel.dp, run_dir)
 
     dp_rank = parallel_state.get_data_parallel_rank()
-    if batches is None:
+    device = torch.device("cuda", torch.cuda.current_device()) if backends.device == "cuda" else torch.device("cpu")
+    packed = None
+    if cfg.data.kind != "toy":
+        packed = build_packed_source(cfg, dp_rank, cfg.parallel.dp, device)
+    elif batches is None:
         batches = build_batch_source(cfg, dp_rank, cfg.parallel.dp)
     text_encoder = HashTextEncoder(dim=cfg.model.text_dim, max_tokens=cfg.data.max_text_tokens)
-    device = torch.device("cuda", torch.cuda.current_device()) if backends.device == "cuda" else torch.device("cpu")
 
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -333,24 +389,50 @@ def run(cfg: Config, batches: BatchSource | None = None) -> list[StepResult]:
     metrics = MetricsLogger(run_dir, cfg.train.steps, enabled=rank == 0)
     results: list[StepResult] = []
     t = cfg.train
+    stage = -1
     for step in range(1, t.steps + 1):
         start = time.perf_counter()
-        flow_batch = make_flow_batch(next(batches), step, cfg, text_encoder, device)
-        result = train_step(split_microbatches(flow_batch, t.micro_batch_size), model, optimizer, scheduler, cfg)
+        extra: dict[str, float] = {}
+        if packed is not None:
+            if cfg.data.stage_at(step)[0] != stage:
+                stage, spec = cfg.data.stage_at(step)
+                log.info("step %d: stage %d %s (%dx%d, %d frames at %g fps, %d-token packs, "
+                         "image ratio %g)", step, stage, spec.name, spec.height, spec.width,
+                         spec.frames, spec.fps, spec.token_budget, spec.image_ratio)
+            microbatches = [p.to(device) for p in packed.next_step(step)]
+            bad = packed.bad.as_metrics()
+            counts = _dp_sum([sum(p.num_samples for p in microbatches), *bad.values()], device)
+            samples = counts[0]
+            extra = {"stage": stage, **dict(zip(bad, counts[1:]))}
+        else:
+            flow_batch = make_flow_batch(next(batches), step, cfg, text_encoder, device)
+            microbatches = split_microbatches(flow_batch, t.micro_batch_size)
+            samples = t.global_batch_size
+        result = train_step(microbatches, model, optimizer, scheduler, cfg)
         step_time = time.perf_counter() - start
         results.append(result)
         if step % t.log_interval == 0 or step in (1, t.steps):
             metrics.log(step, {
                 "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
-                "samples_per_s": t.global_batch_size / step_time, "step_time_s": step_time,
+                "samples_per_s": samples / step_time, "step_time_s": step_time, **extra,
             })
         if (t.save_interval and step % t.save_interval == 0) or step == t.steps:
-            path = save_checkpoint(run_dir, step, model, cfg.to_dict())
+            path = save_checkpoint(run_dir, step, model, cfg.to_dict(),
+                                   packed.state_dict() if packed is not None else None)
             log.info("saved checkpoint %s", path)
     metrics.close()
     log.info("done: %d steps in %.1f s, loss %.4f -> %.4f", t.steps, metrics.elapsed(),
              results[0].loss, results[-1].loss)
     return results
+
+
+def _dp_sum(local: list[int], device: torch.device) -> list[int]:
+    """Per-DP-rank counts summed over the data-parallel group."""
+    from megatron.core import parallel_state
+
+    total = torch.tensor(local, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    return [int(v) for v in total.tolist()]
 
 
 # ----------------------------------------------------------------------------------------------

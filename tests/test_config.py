@@ -116,7 +116,7 @@ INVALID = [
     (["data.kind=webdataset"], 1, False, "data.kind", r"'webdataset' is not one of toy, raw, latent"),
     (["data.text_encoder=clip"], 1, False, "data.text_encoder", r"'clip' is not one of hash, t5"),
     (["data.text_encoder=t5"], 1, False, "data.text_encoder_path", r"needs data.text_encoder_path"),
-    (["data.decoder=ffmpeg"], 1, False, "data.decoder", r"'ffmpeg' is not one of auto, pyav, dali"),
+    (["data.decoder=ffmpeg"], 1, False, "data.decoder", r"'ffmpeg' is not one of auto, pyav"),
     (["data.max_text_tokens=0"], 1, False, "data.max_text_tokens", r"must be positive"),
     (["data.kind=latent"], 1, False, "data.stages", r"trains in stages: list data.stages"),
     (["data.kind=latent", "train.micro_batch_size=1", "data.stages=[{steps: 60}]"], 1, False, "data.stages",
@@ -182,7 +182,7 @@ def test_gpu_backends_pass_with_cuda():
 @pytest.mark.parametrize("recipe", available_recipes())
 def test_packaged_recipes_validate(recipe):
     cfg = load_config(recipe, [])
-    validate(cfg, 1)
+    validate(cfg, cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp, has_cuda=True)
 
 
 @pytest.mark.parametrize("preset", sorted(MODEL_PRESETS))
@@ -388,7 +388,7 @@ def test_unknown_recipe_lists_valid(tmp_path):
         load_config("no-such-recipe", [])
     assert all(name in _error(e) for name in available_recipes())
     missing = tmp_path / "missing.yaml"
-    with pytest.raises(ConfigError, match=r"recipe file not found; pass an existing YAML file or one of toy"):
+    with pytest.raises(ConfigError, match=r"recipe file not found; pass an existing YAML file or one of goku-8b, toy"):
         load_config(str(missing), [])
 
 

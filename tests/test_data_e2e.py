@@ -1,0 +1,91 @@
+"""goku-train on real-format data: raw shards decoded and VAE-encoded online, and latent shards
+from tools/precompute_latents.py, both through stages, packing and the bad-sample counters."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from goku_megatron.checkpoint import latest_checkpoint, load_loader_state
+from goku_megatron.data.shards import ShardWriter
+from goku_megatron.data.toy import ToySample, encode_png, encode_webm
+from tiny_models import make_tiny_vae
+
+SIZE = 32  # 4x4 latents with the tiny VAE (8x), 2x2 tokens per latent frame with patch 1x2x2
+
+
+def _sample(index: int, still: bool) -> dict[str, bytes]:
+    sample = ToySample.draw(index, still=still, size=SIZE, frames=9, seed=0)
+    pixels = sample.render(SIZE, 9)
+    media = {"png": encode_png(pixels[0])} if still else {"webm": encode_webm(pixels, 8)}
+    return {**media, "txt": sample.caption.encode(), "json": json.dumps({"index": index}).encode()}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    with ShardWriter(root / "raw", samples_per_shard=6) as writer:
+        for i in range(12):
+            writer.write(f"{i:04d}", _sample(i, still=i % 4 == 3))
+        writer.write("bad0", {"webm": b"this is not a video" * 20, "txt": b"oops"})
+        writer.write("bad1", {"webm": b"this is not a video" * 20, "txt": b"oops"})
+    return root, make_tiny_vae(root / "vae")
+
+
+def _train(tmp_path, *overrides: str) -> Path:
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "goku_megatron.train", "model.preset=tiny", "model.in_channels=4",
+           "model.patch_size=[1,2,2]", "train.micro_batch_size=1", "train.global_batch_size=2",
+           "train.log_interval=1", f"train.run_dir={run_dir}", "optim.warmup_steps=0", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run_dir
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_raw_run_moves_through_stages_and_counts_bad_samples(data, tmp_path):
+    root, vae = data
+    stages = ("[{name: small, steps: 3, height: 16, width: 16, frames: 5, token_budget: 16, image_ratio: 0.25},"
+              " {name: big, steps: 3, height: 32, width: 32, frames: 9, token_budget: 32, image_ratio: 0.25}]")
+    run_dir = _train(tmp_path, "data.kind=raw", f"data.path={root / 'raw'}", f"data.vae_path={vae}",
+                     f"data.stages={stages}", "train.steps=6", "data.decoder=auto")
+    rows = _metrics(run_dir)
+    assert [r["stage"] for r in rows] == [0, 0, 0, 1, 1, 1]
+    assert all(r["loss"] == r["loss"] and r["loss"] > 0 for r in rows)  # finite, not NaN
+    assert rows[-1]["bad/not_a_video"] >= 1 and rows[-1]["bad/corrupt_video"] == 0
+    assert all(rows[i]["bad/not_a_video"] <= rows[i + 1]["bad/not_a_video"] for i in range(5))  # cumulative
+    state = load_loader_state(latest_checkpoint(run_dir), 0)
+    assert state["stage"] == 1 and state["bad"]["not_a_video"] == rows[-1]["bad/not_a_video"]
+
+
+def test_latent_run_from_precomputed_shards(data, tmp_path):
+    root, vae = data
+    latents = tmp_path / "latents"
+    subprocess.run([sys.executable, "tools/precompute_latents.py", "--input", str(root / "raw"),
+                    "--output", str(latents), "--vae", str(vae), "--fps", "8", "--frames", "9",
+                    "--height", "32", "--width", "32"], cwd=REPO, check=True, capture_output=True, timeout=600)
+    run_dir = _train(tmp_path, "data.kind=latent", f"data.path={latents}", "train.steps=3",
+                     "data.stages=[{steps: 3, token_budget: 40}]")
+    rows = _metrics(run_dir)
+    assert len(rows) == 3 and rows[0]["samples_per_s"] > 0
+    assert sum(rows[-1][k] for k in rows[-1] if k.startswith("bad/")) == 0  # precompute dropped them
+
+
+def test_missing_shards_fail_in_one_line(tmp_path):
+    cmd = [sys.executable, "-m", "goku_megatron.train", "data.kind=latent", f"data.path={tmp_path}",
+           "train.micro_batch_size=1", "train.steps=2", "data.stages=[{steps: 2}]"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"goku-train: error: data.stages[0]: no *.tar shards in {tmp_path}; build them with "
+        "tools/prepare_shards.py")
