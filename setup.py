@@ -43,6 +43,7 @@ setup(
     entry_points={
         "console_scripts": [
             "goku-train=goku_megatron.train:main",
+            "goku-sample=goku_megatron.sample:main",
         ]
     },
 )
