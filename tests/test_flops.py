@@ -1,0 +1,70 @@
+"""The FLOP formula against torch's own count of the model's matrix multiplies."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import build_stage
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from goku_megatron.config import load_config, validate
+from goku_megatron.data.packing import PackSample, build_pack
+from goku_megatron.flops import forward_flops, gpu_peak_flops, mfu, training_flops
+
+
+@pytest.fixture(scope="module")
+def setup(megatron_world):
+    cfg = load_config(None, ["model.zero_init=false", "model.in_channels=4", "model.patch_size=[1,2,2]"])
+    validate(cfg, 1)
+    return cfg, build_stage(cfg)
+
+
+def _counted(fn) -> int:
+    """torch's count; SDPA's math backend spells attention as matmuls so they are counted too."""
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        fn()
+    return counter.get_total_flops()
+
+
+def test_unpacked_forward_matches_torch_count(setup):
+    cfg, model = setup
+    b, t, h, w, length = 2, 3, 8, 6, 5
+    s = t * (h // 2) * (w // 2)
+    x = torch.randn(b, 4, t, h, w)
+    text = torch.randn(b, length, cfg.model.text_dim)
+    counted = _counted(lambda: model(x, torch.rand(b), text, torch.ones(b, length, dtype=torch.bool)))
+    assert counted == forward_flops(cfg.model, [s] * b, [length] * b)
+
+
+def test_packed_forward_matches_torch_count(setup):
+    cfg, model = setup
+    shapes, lengths = [(3, 4, 4), (1, 6, 8), (2, 2, 2)], [3, 7, 1]
+    samples = [PackSample(noisy=torch.randn(4, *shape), target=torch.zeros(4, *shape), timestep=0.5,
+                          text=torch.randn(n, cfg.model.text_dim), text_mask=torch.ones(n, dtype=torch.bool))
+               for shape, n in zip(shapes, lengths)]
+    tokens = [t * (h // 2) * (w // 2) for t, h, w in shapes]
+    pack = build_pack(samples, sum(tokens), (1, 2, 2))  # no padding segment: every token is real
+    counted = _counted(lambda: model(pack))
+    assert counted == forward_flops(cfg.model, tokens, lengths)
+
+
+def test_hand_count_of_one_layer():
+    cfg = load_config(None, ["model.num_layers=1", "model.hidden_size=8", "model.ffn_hidden_size=16",
+                             "model.num_heads=2", "model.in_channels=1", "model.patch_size=[1,1,1]",
+                             "model.text_dim=4", "model.timestep_freq_dim=2"])
+    s, length, d, f = 10, 3, 8, 16
+    layer = 8 * s * d * d + 4 * s * s * d + 4 * s * d * d + 4 * length * d * d + 4 * s * length * d \
+        + 4 * s * d * f + 12 * d * d
+    around = 2 * s * 1 * d * 2 + 4 * d * d + 2 * length * (4 * d + d * d) + 2 * (2 * d + d * d)
+    assert forward_flops(cfg.model, [s], [length]) == layer + around
+    assert training_flops(cfg.model, [s], [length]) == 3 * (layer + around)
+
+
+def test_mfu():
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert gpu_peak_flops("cpu") is None
+    assert math.isclose(mfu(989e12 * 8 * 0.5, 1.0, 8, 989e12), 0.5)
+    assert mfu(1e12, 1.0, 1, None) is None
