@@ -19,11 +19,15 @@ import sys
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from goku_megatron.config import Config, ConfigError, StageConfig, load_config
+
+if TYPE_CHECKING:
+    from goku_megatron.platform import Backends
 
 log = logging.getLogger("goku_megatron")
 
@@ -62,7 +66,11 @@ def checkpoint_config(path: Path) -> Config:
     """The run's resolved config, stored with the checkpoint, set up for one process."""
     from megatron.core import dist_checkpointing
 
-    saved = dist_checkpointing.load_common_state_dict(str(path))["config"]
+    return config_for_one_process(dist_checkpointing.load_common_state_dict(str(path))["config"])
+
+
+def config_for_one_process(saved: dict[str, Any]) -> Config:
+    """A saved ``Config.to_dict()`` as a Config for one unsharded process (TP=PP=CP=DP=1)."""
     cfg = load_config(None, [])
     for section, values in saved.items():
         target = getattr(cfg, section, None)
@@ -76,27 +84,34 @@ def checkpoint_config(path: Path) -> Config:
     return cfg
 
 
+def unsharded_model(cfg: Config) -> tuple[torch.nn.Module, Backends]:
+    """The whole GokuModel in this process (a one-process megatron world is set up if needed)."""
+    from goku_megatron import cpu_compat
+    from goku_megatron.model.goku import GokuModel
+    from goku_megatron.model.specs import layer_spec
+    from goku_megatron.platform import choose_backends, init_distributed
+    from goku_megatron.train import build_transformer_config
+
+    cpu_compat.apply()
+    backends = choose_backends(cfg)
+    if not torch.distributed.is_initialized():
+        init_distributed(cfg, backends)
+    model = GokuModel(build_transformer_config(cfg, backends), cfg.model,
+                      layer_spec(backends.linear, backends.attention))
+    return model.to("cuda" if backends.device == "cuda" else "cpu"), backends
+
+
 class Sampler:
     """One unsharded Goku model with its text encoder (and VAE for latent runs), ready to sample."""
 
     def __init__(self, checkpoint: Path) -> None:
-        from goku_megatron import cpu_compat
         from goku_megatron.checkpoint import load_model_weights
         from goku_megatron.data.encoders import build_text_encoder
-        from goku_megatron.model.goku import GokuModel
-        from goku_megatron.model.specs import layer_spec
-        from goku_megatron.platform import choose_backends, init_distributed
-        from goku_megatron.train import build_transformer_config
 
         self.checkpoint = resolve_checkpoint(checkpoint)
         self.cfg = cfg = checkpoint_config(self.checkpoint)
-        cpu_compat.apply()
-        backends = choose_backends(cfg)
-        if not torch.distributed.is_initialized():
-            init_distributed(cfg, backends)
+        self.model, backends = unsharded_model(cfg)
         self.device = torch.device("cuda" if backends.device == "cuda" else "cpu")
-        self.model = GokuModel(build_transformer_config(cfg, backends), cfg.model,
-                               layer_spec(backends.linear, backends.attention)).to(self.device)
         info = load_model_weights(self.checkpoint, [self.model])
         self.step = info["step"]
         self.model.eval()
