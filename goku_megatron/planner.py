@@ -1,0 +1,228 @@
+"""goku-plan: memory per GPU and step time of candidate TP/CP/PP/DP layouts, and a recommendation.
+
+    goku-plan --preset goku-8b --gpus 256 --gpu-memory-gb 80 --height 720 --width 1280 --frames 33
+    goku-plan --preset goku-2b --gpus 64 --tokens 32768 --samples-per-pack 1
+
+Memory per GPU (bytes), for a pipeline stage holding L / PP layers:
+
+    weights + grads + optimizer   P_gpu x (w + 4 + o / DP_opt)
+        P_gpu = layer params / TP x L / PP + embedders (replicated on every stage)
+        w = 2 (bf16) or 4 (fp32); grads are fp32 (megatron's grad buffer); o = 12 for Adam
+        (moments, plus fp32 main weights in bf16: 4 + 4 + 4) or 8 in fp32; DP_opt = DP with the
+        distributed optimizer, else 1
+    activations                   (L / PP) x min(PP, m) x (S / CP) x a x e
+        S = tokens per micro-batch (one pack), m = micro-batches per step and DP rank (1F1B keeps
+        up to PP of them in flight on the first stage), e = bytes per element,
+        a = 12 D + (15 D + 2 F) / TP elements per token and layer without recompute,
+            2 D with full recompute (the layer input), plus one layer's a for the recomputed layer.
+
+``a`` was measured on this code (torch.distributed._tools.MemTracker, tiny CPU runs, fp32: 27 D +
+2 F elements per token and layer at TP=1, within 1% for D = 64..256, F = 2D..8D; 1.9 D with
+recompute; tests/test_planner.py keeps it honest). Its TP split (what stays replicated: the
+residual stream, norms and modulation inputs) is read from the code, not measured.
+
+Step time: 3 x forward FLOPs (flops.py) of a pack, x 4/3 with recompute, over TP x CP GPUs at an
+assumed fraction of bf16 peak (``--efficiency``, 0.4 by default), for m micro-batches with the 1F1B
+bubble (1 + (PP - 1) / m); plus tensor-parallel all-reduces (4 per layer: 2 forward, 2 backward, of
+S/CP x D x 2 bytes, ring cost 2 (TP - 1) / TP over NVLink) and Ulysses all-to-alls under CP (8 per
+layer of S/CP x D x 2 bytes x (CP - 1) / CP, over the network once TP x CP leaves a node).
+Data-parallel gradient reduction is assumed
+overlapped with the backward pass. These are estimates to rank layouts, not measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+
+from goku_megatron.config import MODEL_PRESETS, ModelConfig
+from goku_megatron.flops import forward_flops
+
+GIB = 1024**3
+ADAM_BYTES = {"bf16": 12, "fp32": 8}  # optimizer state per parameter (see the module doc)
+WEIGHT_BYTES = {"bf16": 2, "fp32": 4}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One training step's shape: packs of ``tokens`` tokens holding ``samples_per_pack`` samples
+    of ``caption_tokens`` text tokens each, ``global_packs`` packs per optimizer step."""
+
+    tokens: int
+    samples_per_pack: int = 1
+    caption_tokens: int = 256
+    global_packs: int = 256
+
+
+@dataclass(frozen=True)
+class Hardware:
+    gpus: int
+    memory_bytes: float = 80 * GIB
+    peak_flops: float = 989e12  # dense bf16, H100 SXM
+    efficiency: float = 0.4
+    nvlink_bytes_per_s: float = 450e9
+    network_bytes_per_s: float = 50e9  # per GPU across nodes (400 Gb/s NICs)
+    gpus_per_node: int = 8
+    precision: str = "bf16"
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    cp: int
+    pp: int
+    dp: int
+    recompute: bool
+    distributed_optimizer: bool = True
+
+
+@dataclass(frozen=True)
+class Estimate:
+    layout: Layout
+    weights_bytes: float
+    activation_bytes: float
+    step_time_s: float
+
+    @property
+    def memory_bytes(self) -> float:
+        return self.weights_bytes + self.activation_bytes
+
+
+def layer_params(model: ModelConfig) -> tuple[int, int]:
+    """(parameters of one Goku layer split over TP, those replicated on every TP rank)."""
+    d, f = model.hidden_size, model.ffn_hidden_size
+    split = 6 * d * d + 6 * d  # adaLN (column-parallel)
+    split += 2 * (4 * d * d) + 2 * (2 * d)  # attn1/attn2 Q, K, V, O and full-width QK norms
+    split += d * f + f + f * d  # MLP (fc2 bias is replicated)
+    replicated = 2 * d + d  # norm2, norm3, fc2 bias
+    return split, replicated
+
+
+def embedder_params(model: ModelConfig) -> int:
+    d, patch = model.hidden_size, model.in_channels * model.patch_volume
+    t_embed = model.timestep_freq_dim * d + d + d * d + d
+    caption = model.text_dim * d + d + d * d + d
+    return t_embed + caption + (patch * d + d) + (d * 2 * d + 2 * d + d * patch + patch)
+
+
+def activation_elements(model: ModelConfig, tp: int, recompute: bool) -> float:
+    """Saved activation elements per token and layer (module doc)."""
+    d, f = model.hidden_size, model.ffn_hidden_size
+    if recompute:
+        return 2 * d
+    return 12 * d + (15 * d + 2 * f) / tp
+
+
+def estimate(model: ModelConfig, work: Workload, hw: Hardware, layout: Layout) -> Estimate:
+    tp, cp, pp, dp = layout.tp, layout.cp, layout.pp, layout.dp
+    split, replicated = layer_params(model)
+    params = (split / tp + replicated) * model.num_layers / pp + embedder_params(model)
+    opt = ADAM_BYTES[hw.precision] / (dp * cp if layout.distributed_optimizer else 1)
+    weights = params * (WEIGHT_BYTES[hw.precision] + 4 + opt)
+
+    micro = max(1, work.global_packs // dp)
+    layers = model.num_layers / pp
+    elem = WEIGHT_BYTES[hw.precision]
+    local_tokens = work.tokens / cp
+    acts = layers * min(pp, micro) * local_tokens * activation_elements(model, tp, layout.recompute) * elem
+    if layout.recompute:  # the layer being recomputed holds its full activations
+        acts += local_tokens * activation_elements(model, tp, False) * elem
+
+    per_sample = work.tokens // work.samples_per_pack
+    flops = 3 * forward_flops(model, [per_sample] * work.samples_per_pack,
+                              [work.caption_tokens] * work.samples_per_pack)
+    if layout.recompute:
+        flops *= 4 / 3
+    compute = flops / (tp * cp * hw.peak_flops * hw.efficiency)
+    message = local_tokens * model.hidden_size * 2
+    tp_comm = 4 * layers * message * 2 * (tp - 1) / tp / hw.nvlink_bytes_per_s
+    # TP ranks are adjacent (one node); a CP group that leaves the node crosses the network.
+    cp_bw = hw.nvlink_bytes_per_s if tp * cp <= hw.gpus_per_node else hw.network_bytes_per_s
+    cp_comm = 8 * layers * message * (cp - 1) / cp / cp_bw
+    per_micro = compute / pp + tp_comm + cp_comm
+    step = per_micro * micro * (1 + (pp - 1) / micro)
+    return Estimate(layout, weights, acts, step)
+
+
+def candidate_layouts(model: ModelConfig, work: Workload, gpus: int) -> list[Layout]:
+    """Every TP (<= 8, one node, dividing the heads), CP dividing the tokens, PP dividing the
+    layers, that multiplies to a divisor of the GPU count; with and without recompute."""
+    out = []
+    for tp in (1, 2, 4, 8):
+        if model.num_heads % tp or tp > gpus:
+            continue
+        for cp in (1, 2, 4, 8, 16):
+            if work.tokens % cp or (model.num_heads // tp) % cp or tp * cp > gpus:
+                continue
+            for pp in (1, 2, 4, 8):
+                if model.num_layers % pp or gpus % (tp * cp * pp):
+                    continue
+                dp = gpus // (tp * cp * pp)
+                if work.global_packs % dp:
+                    continue
+                out.extend(Layout(tp, cp, pp, dp, recompute) for recompute in (False, True))
+    return out
+
+
+def plan(model: ModelConfig, work: Workload, hw: Hardware, headroom: float = 0.9) -> list[tuple[Estimate, bool]]:
+    """All candidates, fastest first, each with whether it fits ``headroom`` x GPU memory."""
+    estimates = [estimate(model, work, hw, layout) for layout in candidate_layouts(model, work, hw.gpus)]
+    fits = [(e, e.memory_bytes <= headroom * hw.memory_bytes) for e in estimates]
+    return sorted(fits, key=lambda pair: (not pair[1], pair[0].step_time_s, pair[0].layout.tp))
+
+
+def tokens_for(model: ModelConfig, frames: int, height: int, width: int,
+               vae: tuple[int, int, int] = (4, 8, 8)) -> int:
+    """Tokens of one clip: CogVideoX-style VAE compression (time, height, width), then patching."""
+    pt, ph, pw = model.patch_size
+    t = (frames - 1) // vae[0] + 1
+    return math.ceil(t / pt) * (height // vae[1] // ph) * (width // vae[2] // pw)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="goku-plan", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="goku-8b", choices=sorted(MODEL_PRESETS))
+    parser.add_argument("--gpus", type=int, required=True)
+    parser.add_argument("--gpu-memory-gb", type=float, default=80.0)
+    parser.add_argument("--tokens", type=int, help="tokens per pack (or give --frames/--height/--width)")
+    parser.add_argument("--frames", type=int, default=33)
+    parser.add_argument("--height", type=int, default=720)
+    parser.add_argument("--width", type=int, default=1280)
+    parser.add_argument("--samples-per-pack", type=int, default=1)
+    parser.add_argument("--global-packs", type=int, default=256, help="packs per optimizer step")
+    parser.add_argument("--efficiency", type=float, default=0.4, help="assumed fraction of bf16 peak")
+    parser.add_argument("--top", type=int, default=10)
+    args = parser.parse_args(argv)
+
+    model = ModelConfig(preset=args.preset, **MODEL_PRESETS[args.preset])
+    tokens = args.tokens or args.samples_per_pack * tokens_for(model, args.frames, args.height, args.width)
+    work = Workload(tokens=tokens, samples_per_pack=args.samples_per_pack, global_packs=args.global_packs)
+    hw = Hardware(gpus=args.gpus, memory_bytes=args.gpu_memory_gb * GIB, efficiency=args.efficiency)
+    ranked = plan(model, work, hw)
+    if not ranked:
+        print(f"goku-plan: error: no TP/CP/PP layout divides {args.gpus} GPUs for {args.preset}", file=sys.stderr)
+        return 2
+    print(f"# {args.preset}: {tokens} tokens per pack, {args.global_packs} packs per step, {args.gpus} GPUs "
+          f"x {args.gpu_memory_gb:g} GiB, efficiency {args.efficiency:g} (estimates, see goku-plan --help)")
+    print(f"{'tp':>3} {'cp':>3} {'pp':>3} {'dp':>4} {'recompute':>9} {'weights GiB':>11} {'acts GiB':>9} "
+          f"{'total GiB':>9} {'step s':>8}  fits")
+    for est, fits in ranked[: args.top]:
+        lay = est.layout
+        print(f"{lay.tp:>3} {lay.cp:>3} {lay.pp:>3} {lay.dp:>4} {str(lay.recompute):>9} "
+              f"{est.weights_bytes / GIB:>11.1f} {est.activation_bytes / GIB:>9.1f} "
+              f"{est.memory_bytes / GIB:>9.1f} {est.step_time_s:>8.2f}  {'yes' if fits else 'no'}")
+    best, fits = ranked[0]
+    if not fits:
+        print("recommendation: none fits; add GPUs, lower the token budget, or pack fewer samples")
+        return 1
+    lay = best.layout
+    print(f"recommendation: parallel.tp={lay.tp} parallel.cp={lay.cp} parallel.pp={lay.pp} "
+          f"model.recompute={str(lay.recompute).lower()}  (dp={lay.dp})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
