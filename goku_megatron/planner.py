@@ -13,19 +13,21 @@ Memory per GPU (bytes), for a pipeline stage holding L / PP layers:
     activations                   (L / PP) x min(PP, m) x (S / CP) x a x e
         S = tokens per micro-batch (one pack), m = micro-batches per step and DP rank (1F1B keeps
         up to PP of them in flight on the first stage), e = bytes per element,
-        a = 12 D + (15 D + 2 F) / TP elements per token and layer without recompute,
+        a = R + (15 D + 2 F) / TP elements per token and layer without recompute, R = 22 D for
+            packed sequences (the per-token adaLN modulation is saved too), 12 D unpacked;
             2 D with full recompute (the layer input), plus one layer's a for the recomputed layer.
 
 ``a`` was measured on this code (torch.distributed._tools.MemTracker, tiny CPU runs, fp32: 27 D +
-2 F elements per token and layer at TP=1, within 1% for D = 64..256, F = 2D..8D; 1.9 D with
-recompute; tests/test_planner.py keeps it honest). Its TP split (what stays replicated: the
-residual stream, norms and modulation inputs) is read from the code, not measured.
+2 F unpacked and 37 D + 2 F packed, per token and layer at TP=1, within 5% for D = 64..256,
+F = 2D..8D; about 2 D with recompute; tests/test_planner.py keeps them honest). The TP split
+(what stays replicated: the residual stream, norms and modulation) is read from the code, not
+measured; docs/parallelism.md derives it.
 
 Step time: 3 x forward FLOPs (flops.py) of a pack, x 4/3 with recompute, over TP x CP GPUs at an
 assumed fraction of bf16 peak (``--efficiency``, 0.4 by default), for m micro-batches with the 1F1B
 bubble (1 + (PP - 1) / m); plus tensor-parallel all-reduces (4 per layer: 2 forward, 2 backward, of
 S/CP x D x 2 bytes, ring cost 2 (TP - 1) / TP over NVLink) and Ulysses all-to-alls under CP (8 per
-layer of S/CP x D x 2 bytes x (CP - 1) / CP, over the network once TP x CP leaves a node).
+layer of S/CP x D/TP x 2 bytes x (CP - 1) / CP, over the network once TP x CP leaves a node).
 Data-parallel gradient reduction is assumed
 overlapped with the backward pass. These are estimates to rank layouts, not measurements.
 """
@@ -107,12 +109,12 @@ def embedder_params(model: ModelConfig) -> int:
     return t_embed + caption + (patch * d + d) + (d * 2 * d + 2 * d + d * patch + patch)
 
 
-def activation_elements(model: ModelConfig, tp: int, recompute: bool) -> float:
+def activation_elements(model: ModelConfig, tp: int, recompute: bool, packed: bool = True) -> float:
     """Saved activation elements per token and layer (module doc)."""
     d, f = model.hidden_size, model.ffn_hidden_size
     if recompute:
         return 2 * d
-    return 12 * d + (15 * d + 2 * f) / tp
+    return (22 if packed else 12) * d + (15 * d + 2 * f) / tp
 
 
 def estimate(model: ModelConfig, work: Workload, hw: Hardware, layout: Layout) -> Estimate:
@@ -140,7 +142,7 @@ def estimate(model: ModelConfig, work: Workload, hw: Hardware, layout: Layout) -
     tp_comm = 4 * layers * message * 2 * (tp - 1) / tp / hw.nvlink_bytes_per_s
     # TP ranks are adjacent (one node); a CP group that leaves the node crosses the network.
     cp_bw = hw.nvlink_bytes_per_s if tp * cp <= hw.gpus_per_node else hw.network_bytes_per_s
-    cp_comm = 8 * layers * message * (cp - 1) / cp / cp_bw
+    cp_comm = 8 * layers * message / tp * (cp - 1) / cp / cp_bw
     per_micro = compute / pp + tp_comm + cp_comm
     step = per_micro * micro * (1 + (pp - 1) / micro)
     return Estimate(layout, weights, acts, step)

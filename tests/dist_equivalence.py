@@ -1,9 +1,12 @@
 """torchrun worker for test_parallel_equivalence.py: two optimizer steps of the tiny Goku model.
 
-Usage: torchrun --nproc-per-node N tests/dist_equivalence.py OUT_DIR key=value ...
-Every layout trains on the same synthetic global batches (each DP rank takes its slice), and dumps
-the loss, grad norm, full (TP-gathered) gradients and final weights under global parameter names,
-then saves a distributed checkpoint (OUT_DIR/checkpoints) and the resolved config (OUT_DIR/config.yaml).
+Usage: torchrun --nproc-per-node N tests/dist_equivalence.py OUT_DIR [--packed] key=value ...
+Every layout trains on the same synthetic global batches (each DP rank takes its slice; CP peers
+take the same one), and dumps the loss, grad norm, full (TP-gathered) gradients and final weights
+under global parameter names, then saves a distributed checkpoint (OUT_DIR/checkpoints) and the
+resolved config (OUT_DIR/config.yaml). Unpacked batches are [B, 3, 2, 8, 8] clips; ``--packed``
+trains on Patch n' Pack sequences of differently sized samples instead (one pack per micro-batch),
+whose sample boundaries fall inside and on the edges of context-parallel shards.
 """
 
 from __future__ import annotations
@@ -23,6 +26,29 @@ def global_batch(step: int, size: int, shape: tuple[int, ...]) -> dict:
         "captions": [words[(step + i) % len(words)] for i in range(size)],
         "keys": [f"{step}-{i}" for i in range(size)],
     }
+
+
+# (T, H, W) of the samples of a pack with patch 1x2x2: 12, 6 and 3 tokens (21 of a 24-token budget).
+PACK_SHAPES = [(2, 4, 6), (1, 6, 4), (3, 2, 2)]
+PACK_BUDGET = 24
+
+
+def global_packs(step: int, size: int, encoder) -> list:
+    """``size`` packs; pack p rotates PACK_SHAPES by p, so sample boundaries move from pack to pack."""
+    from goku_megatron.data.packing import PackSample, build_pack
+
+    words = ["red square moving left", "a blue circle", "green square moving up and down"]
+    packs = []
+    for p in range(size):
+        gen = torch.Generator().manual_seed(2000 + 10 * step + p)
+        shapes = PACK_SHAPES[p % 3:] + PACK_SHAPES[:p % 3]
+        text, mask = encoder([words[(p + i) % 3] for i in range(len(shapes))])
+        samples = [PackSample(noisy=torch.randn(3, *shape, generator=gen), target=torch.randn(3, *shape, generator=gen),
+                              timestep=float(torch.rand((), generator=gen)), text=text[i], text_mask=mask[i],
+                              key=f"{step}-{p}-{i}")
+                   for i, shape in enumerate(shapes)]
+        packs.append(build_pack(samples, PACK_BUDGET, (1, 2, 2)))
+    return packs
 
 
 def full_tensors(stage, use_grad: bool) -> dict[str, torch.Tensor]:
@@ -50,35 +76,53 @@ def main() -> None:
     from goku_megatron.train import make_flow_batch, setup, split_microbatches, train_step
     from goku_megatron.data.text_encoder import HashTextEncoder
     from megatron.core import parallel_state
+    from megatron.core.distributed import finalize_model_grads
 
     out_dir = Path(sys.argv[1])
+    packed = "--packed" in sys.argv[2:]
+    overrides = [a for a in sys.argv[2:] if a != "--packed"]
+    batches = ["train.global_batch_size=4", "train.micro_batch_size=1"] if packed else \
+        ["train.global_batch_size=8", "train.micro_batch_size=2"]
     cpu_compat.apply()
-    cfg = load_config(None, ["model.preset=tiny", "model.zero_init=false", "model.in_channels=3",
-                             "train.global_batch_size=8", "train.micro_batch_size=2",
-                             "optim.warmup_steps=0", "optim.lr=1e-3", "optim.clip_grad=0.5",
-                             *sys.argv[2:]])
+    cfg = load_config(None, ["model.preset=tiny", "model.zero_init=false", "model.in_channels=3", *batches,
+                             "optim.warmup_steps=0", "optim.lr=1e-3", "optim.clip_grad=0.5", *overrides])
     validate(cfg, world_size_from_env())
     training = setup(cfg)
     model, optimizer, scheduler = training.model, training.optimizer, training.scheduler
     (stage,) = list(iter_stage_models(model))
+    reduced: dict[str, torch.Tensor] = {}
+
+    # The gradients are taken once reduced, before the optimizer clips them. The distributed
+    # optimizer reduce-scatters (each DP x CP rank holds only its shard's sums) and clips its shard
+    # in place: all-reduce instead, so every rank holds the whole reduced gradient; the optimizer's
+    # shard receives the same sums either way.
+    def finalize_and_record(*args, force_all_reduce: bool = False, **kwargs) -> None:
+        finalize_model_grads(*args, force_all_reduce=True, **kwargs)
+        reduced.update(full_tensors(stage, use_grad=True))
+
+    model[0].config.finalize_model_grads_func = finalize_and_record
     encoder = HashTextEncoder(dim=cfg.model.text_dim, max_tokens=8)
 
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     g = cfg.train.global_batch_size
     local = g // dp
-    dump_rank = parallel_state.get_tensor_model_parallel_rank() == 0 and dp_rank == 0
+    dump_rank = (parallel_state.get_tensor_model_parallel_rank() == 0 and dp_rank == 0
+                 and parallel_state.get_context_parallel_rank() == 0)
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     record: dict = {"loss": [], "grad_norm": []}
     for step in (1, 2):
-        full = global_batch(step, g, (3, 2, 8, 8))
-        mine = {k: v[dp_rank * local:(dp_rank + 1) * local] for k, v in full.items()}
-        batch = make_flow_batch(mine, step, cfg, encoder, torch.device("cpu"))
-        result = train_step(split_microbatches(batch, cfg.train.micro_batch_size), model, optimizer, scheduler, cfg)
+        if packed:
+            microbatches = global_packs(step, g, encoder)[dp_rank * local:(dp_rank + 1) * local]
+        else:
+            full = global_batch(step, g, (3, 2, 8, 8))
+            mine = {k: v[dp_rank * local:(dp_rank + 1) * local] for k, v in full.items()}
+            batch = make_flow_batch(mine, step, cfg, encoder, torch.device("cpu"))
+            microbatches = split_microbatches(batch, cfg.train.micro_batch_size)
+        result = train_step(microbatches, model, optimizer, scheduler, cfg)
         record["loss"].append(result.loss)
         record["grad_norm"].append(result.grad_norm)
-        grads = full_tensors(stage, use_grad=True)
         if dump_rank:
-            torch.save(grads, out_dir / f"grads{step}_pp{pp_rank}.pt")
+            torch.save(reduced, out_dir / f"grads{step}_pp{pp_rank}.pt")
     weights = full_tensors(stage, use_grad=False)
     if dump_rank:
         torch.save(weights, out_dir / f"weights_pp{pp_rank}.pt")

@@ -1,6 +1,8 @@
-"""TP=2, PP=2, DP=2 (gloo, 2 processes each) and TP=2 x PP=2 (4 processes) reproduce the
-single-process run for two steps: loss, gradient norm, every gradient and the final weights (fp32
-tolerance). The distributed checkpoint each layout saves loads into one unsharded model and holds
+"""TP=2, PP=2, DP=2, CP=2 (gloo, 2 processes each), TP=2 x PP=2 and CP=2 with each of TP, PP and DP
+(4 processes) and TP=2 x CP=2 x PP=2 (8 processes) reproduce the single-process run for two steps:
+loss, gradient norm, every gradient and the final weights (fp32 tolerance). Context-parallel layouts
+run on Patch n' Pack sequences (and DP=2 x CP=2 on unpacked batches), each against the
+single-process run of the same data. The distributed checkpoint each layout saves loads into one unsharded model and holds
 the single-process run's weights, so checkpoints do not depend on the parallel layout."""
 
 from __future__ import annotations
@@ -29,16 +31,35 @@ def _run(tmp_path_factory, name: str, nproc: int, overrides: list[str]) -> dict:
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory):
-    return _run(tmp_path_factory, "single", 1, [])
+def single_process(tmp_path_factory):
+    """The single-process run of unpacked (False) or packed (True) batches, run once each."""
+    done: dict[bool, dict] = {}
+
+    def get(packed: bool) -> dict:
+        if packed not in done:
+            done[packed] = _run(tmp_path_factory, "single_packed" if packed else "single", 1,
+                                ["--packed"] if packed else [])
+        return done[packed]
+
+    return get
 
 
-LAYOUTS = {  # name: (processes, overrides)
+@pytest.fixture(scope="module")
+def baseline(single_process):
+    return single_process(False)
+
+
+LAYOUTS = {  # name: (processes, overrides); "--packed" trains on packs
     "tp2": (2, ["parallel.tp=2"]),
     "pp2": (2, ["parallel.pp=2"]),
     "dp2": (2, []),
     "tp2_recompute": (2, ["parallel.tp=2", "model.recompute=true"]),
     "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
+    "cp2_packed": (2, ["--packed", "parallel.cp=2"]),
+    "tp2_cp2_packed": (4, ["--packed", "parallel.tp=2", "parallel.cp=2"]),
+    "pp2_cp2_recompute_packed": (4, ["--packed", "parallel.pp=2", "parallel.cp=2", "model.recompute=true"]),
+    "dp2_cp2": (4, ["parallel.cp=2"]),
+    "tp2_cp2_pp2_packed": (8, ["--packed", "parallel.tp=2", "parallel.cp=2", "parallel.pp=2"]),
 }
 
 
@@ -58,8 +79,9 @@ def layout_run(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_layout_matches_single_process(layout_run, baseline, layout):
+def test_layout_matches_single_process(layout_run, single_process, layout):
     got = layout_run(layout)
+    baseline = single_process("--packed" in LAYOUTS[layout][1])
     ref_rec, rec = baseline["record"], got["record"]
     assert len(rec["loss"]) == 2
     torch.testing.assert_close(torch.tensor(rec["loss"]), torch.tensor(ref_rec["loss"]), rtol=1e-5, atol=1e-6)
@@ -73,10 +95,10 @@ def test_layout_matches_single_process(layout_run, baseline, layout):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["tp2_pp2", "dp2"])
+@pytest.mark.parametrize("layout", ["tp2_pp2", "dp2", "dp2_cp2"])
 def test_layout_checkpoint_loads_unsharded(layout_run, baseline, layout, megatron_world):
     got = layout_run(layout)
-    cfg = load_config(str(got["dir"] / "config.yaml"), ["parallel.tp=1", "parallel.pp=1"])
+    cfg = load_config(str(got["dir"] / "config.yaml"), ["parallel.tp=1", "parallel.pp=1", "parallel.cp=1"])
     cfg.train.seed += 1  # start from other weights, so a key the load misses shows up
     stage = build_stage(cfg)
     info = load_model_weights(latest_checkpoint(got["dir"]), [stage])

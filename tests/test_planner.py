@@ -8,6 +8,7 @@ from conftest import build_stage
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from goku_megatron.config import MODEL_PRESETS, ModelConfig, load_config
+from goku_megatron.data.packing import PackSample, build_pack
 from goku_megatron.model.goku import count_parameters
 from goku_megatron.planner import (Hardware, Layout, Workload, activation_elements, embedder_params, estimate,
                                    layer_params, main, plan, tokens_for)
@@ -42,7 +43,31 @@ def _measured_activation_bytes(overrides: list[str], shape: tuple[int, int, int]
 ])
 def test_activation_estimate_matches_measured_peak(megatron_world, overrides, shape):
     measured, model, tokens = _measured_activation_bytes(overrides, shape)
-    estimated = model.num_layers * tokens * activation_elements(model, tp=1, recompute=False) * 4  # fp32
+    estimated = model.num_layers * tokens * activation_elements(model, tp=1, recompute=False, packed=False) * 4
+    assert estimated == pytest.approx(measured, rel=0.05)  # fp32: 4 bytes per element
+
+
+@pytest.mark.parametrize("hidden, ffn, shapes, budget", [
+    (128, 512, [(3, 8, 8), (1, 16, 16), (4, 8, 12)], 256),
+    (64, 128, [(5, 8, 8), (2, 12, 8)], 128),
+    (192, 768, [(1, 16, 24)], 96),
+])
+def test_packed_activation_estimate_matches_measured_peak(megatron_world, hidden, ffn, shapes, budget):
+    cfg = load_config(None, ["model.in_channels=4", "model.patch_size=[1,2,2]", "model.zero_init=false",
+                             f"model.hidden_size={hidden}", f"model.ffn_hidden_size={ffn}", "model.num_layers=2"])
+    model = build_stage(cfg)
+    samples = [PackSample(noisy=torch.randn(4, *s), target=torch.zeros(4, *s), timestep=0.3,
+                          text=torch.randn(8, cfg.model.text_dim), text_mask=torch.ones(8, dtype=torch.bool))
+               for s in shapes]
+    pack = build_pack(samples, budget, (1, 2, 2))
+    tracker = MemTracker()
+    tracker.track_external(model)
+    with tracker:
+        out = model(pack)
+        snap = tracker.get_tracker_snapshot("current")[torch.device("cpu")]
+        measured = sum(v for k, v in snap.items() if "ACT" in str(k) or "TEMP" in str(k))
+        out.sum().backward()
+    estimated = cfg.model.num_layers * pack.budget * activation_elements(cfg.model, tp=1, recompute=False) * 4
     assert estimated == pytest.approx(measured, rel=0.05)
 
 

@@ -119,6 +119,11 @@ class Pack:
     frames: list[int]  # per sample latent T before time padding
     keys: list[str]
     patch: tuple[int, int, int]
+    # Tokens the pack occupies in the model's sequence layout when that is not the budget: Transformer
+    # Engine's context parallelism pads every sample to a multiple of 2*cp, and all micro-batches of
+    # a step share the longest such length so that pipeline stages exchange one shape
+    # (model.context_parallel.align_packs). 0: the budget.
+    layout_length: int = 0
 
     @property
     def budget(self) -> int:
@@ -233,13 +238,22 @@ def loss_weights(pack: Pack, weighting: Literal["token", "sample"] = "token") ->
     return torch.where(pack.loss_mask, per_sample[pack.sample_index], 0.0)
 
 
-def packed_flow_loss(pred: Tensor, pack: Pack, weighting: Literal["token", "sample"] = "token") -> Tensor:
+def packed_flow_loss(pred: Tensor, pack: Pack, weighting: Literal["token", "sample"] = "token",
+                     tokens: Tensor | None = None) -> Tensor:
     """Velocity MSE of a pack's prediction [budget, (1,) patch_dim]: a float32 scalar.
 
     Each token's MSE over its patch elements (``flow.flow_loss``, tokens as the batch) is weighted
     by ``loss_weights``; padding has weight zero and is dropped with ``where``, so whatever the
     model outputs there cannot reach the loss or the gradients.
+
+    ``tokens`` ([S_local] long) says which pack tokens ``pred`` holds when it is one context-parallel
+    rank's share (-1: a filler token of the layout, no loss). The weights stay those of the whole
+    pack, so the ranks' losses add up to the loss of the whole pack.
     """
-    per_token = flow_loss(pred.reshape(pack.target.shape), pack.target)
     weights = loss_weights(pack, weighting)
-    return torch.where(pack.loss_mask, per_token * weights, 0.0).sum()
+    target, mask = pack.target, pack.loss_mask
+    if tokens is not None:
+        index = tokens.clamp_min(0)
+        target, weights, mask = target[index], weights[index], mask[index] & (tokens >= 0)
+    per_token = flow_loss(pred.reshape(target.shape), target)
+    return torch.where(mask, per_token * weights, 0.0).sum()

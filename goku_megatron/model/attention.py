@@ -6,6 +6,13 @@ Inputs follow megatron's [s, b, heads, head_dim] layout. Packing is described by
 - ``SDPAAttention``: torch's scaled_dot_product_attention; runs everywhere (CPU included). Packed
   sequences are attended sample by sample, so memory stays O(sum of squared sample lengths).
 - ``FlashAttention``: flash-attn's varlen kernel on GPU, imported lazily.
+
+Self-attention under context parallelism (goku_megatron.model.context_parallel) goes through one of:
+
+- ``UlyssesAttention``: wraps a local backend above; all-to-all from this rank's tokens with all
+  heads to all tokens with this rank's heads, local attention, and back.
+- ``TECoreAttention``: Transformer Engine's attention (megatron's ``TEDotProductAttention``), which
+  does context parallelism itself (p2p ring, a2a, a2a+p2p) on TE's zigzag token layout.
 """
 
 from __future__ import annotations
@@ -14,7 +21,13 @@ import math
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from goku_megatron.model.context_parallel import heads_to_sequence, sequence_to_heads
 
 
 class SDPAAttention(torch.nn.Module):
@@ -88,3 +101,80 @@ class FlashAttention(torch.nn.Module):
             packed.max_seqlen_q, packed.max_seqlen_kv, softmax_scale=scale,
         )
         return out.unsqueeze(1)
+
+
+class UlyssesAttention(torch.nn.Module):
+    """Ulysses sequence parallelism around a local attention backend (``submodules``).
+
+    Each CP rank holds a contiguous slice of the sequence (``cp_layout``). One all-to-all sends q,
+    k and v together from [S/cp, b, heads, d] to [S, b, heads/cp, d]: every rank then attends the
+    whole sequence for its share of the heads, with the micro-batch's own segments (cu_seqlens of
+    the whole pack), and a second all-to-all brings the output back to [S/cp, b, heads, d]. Without
+    CP it is the wrapped backend.
+    """
+
+    cp_layout = "contiguous"
+
+    def __init__(self, config: TransformerConfig, submodules: type | ModuleSpec) -> None:
+        super().__init__()
+        self.core = build_module(submodules)
+        self.cp = parallel_state.get_context_parallel_world_size()
+        heads = config.num_attention_heads // parallel_state.get_tensor_model_parallel_world_size()
+        if heads % self.cp:
+            raise ValueError(f"Ulysses attention splits the {heads} heads of a tensor-parallel rank over "
+                             f"{self.cp} context-parallel ranks; choose a cp that divides {heads}")
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_mask: torch.Tensor | None = None,
+        packed: PackedSeqParams | None = None,
+    ) -> torch.Tensor:
+        """q/k/v [S/cp, b, heads, d] (this rank's tokens) -> [S/cp, b, heads, d]."""
+        if self.cp == 1:
+            return self.core(q, k, v, key_mask=key_mask, packed=packed)
+        group = parallel_state.get_context_parallel_group()
+        q, k, v = sequence_to_heads(torch.stack((q, k, v)), group).unbind(0)
+        out = self.core(q, k, v, key_mask=key_mask, packed=packed)
+        return heads_to_sequence(out, group)
+
+
+class TECoreAttention(torch.nn.Module):
+    """Transformer Engine's fused attention (GPU), context parallel over megatron's CP group.
+
+    TE expects this rank's tokens in its zigzag layout (``cp_layout``) and, for packs, the global
+    cu_seqlens with every sample padded to a multiple of 2*cp (``cu_seqlens_*_padded``); the TE
+    communication pattern is the TransformerConfig's single ``cp_comm_type`` (p2p when unset). Not
+    exercised by the CPU test suite.
+    """
+
+    cp_layout = "zigzag"
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+        # layer_number only matters to TE's query-key layer scaling, which Goku does not use;
+        # cp_comm_type None is p2p.
+        self.attn = TEDotProductAttention(config, layer_number=1, attn_mask_type=AttnMaskType.no_mask,
+                                          attention_type="self", cp_comm_type=config.cp_comm_type)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_mask: torch.Tensor | None = None,
+        packed: PackedSeqParams | None = None,
+    ) -> torch.Tensor:
+        """q/k/v [s, b, heads, d] (packed: b = 1, THD segments in ``packed``) -> [s, b, heads, d]."""
+        if key_mask is not None:
+            raise ValueError("TECoreAttention is the self-attention backend; it takes no key mask")
+        if packed is None:
+            out = self.attn(q, k, v, None, AttnMaskType.no_mask)
+        else:
+            out = self.attn(q.squeeze(1), k.squeeze(1), v.squeeze(1), None, AttnMaskType.padding,
+                            packed_seq_params=packed)
+        return out.reshape(q.shape)

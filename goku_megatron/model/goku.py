@@ -12,6 +12,10 @@ sliced for this rank: the model starts from the same weights under any TP/PP/DP 
 Two input forms share the layers: a batch of same-shape latents [B, C, T, H, W], or a Patch n' Pack
 sequence (goku_megatron.data.packing.Pack) of samples with their own grids, timesteps and captions,
 where attention stays inside each sample through cu_seqlens and adaLN modulation is per token.
+
+Context parallelism: every CP rank receives the whole micro-batch and runs the layers on its share
+of the tokens (goku_megatron.model.context_parallel); the last stage returns that share's velocity
+tokens, which train.forward_step scores against the same share of the targets.
 """
 
 from __future__ import annotations
@@ -26,15 +30,16 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedStateDict
 from megatron.core.enums import ModelType
-from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core import tensor_parallel
 
 from goku_megatron.config import ModelConfig
+from goku_megatron.model import context_parallel
 from goku_megatron.model.layer import LayerInputs, modulate
 from goku_megatron.model.rope import grid_positions, rope_angles
+from goku_megatron.model.specs import cp_layout
 
 if TYPE_CHECKING:  # packing imports patchify from here
     from goku_megatron.data.packing import Pack
@@ -132,14 +137,18 @@ class GokuModel(MegatronModule):
         self.pre_process = pre_process
         self.post_process = post_process
         self.patch = tuple(model_cfg.patch_size)
+        self.cp_layout = cp_layout(spec)
         hidden = config.hidden_size
         patch_dim = model_cfg.in_channels * model_cfg.patch_volume
 
         self.t_embedder = TimestepEmbedder(model_cfg.timestep_freq_dim, hidden)
         self.caption_embedder = CaptionProjection(model_cfg.text_dim, hidden)
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
         for module in (self.t_embedder, self.caption_embedder):
             for param in module.parameters():
                 param.pipeline_parallel = True  # grads all-reduced across PP stages
+                # One replica per stage: megatron's grad norm (and so clipping) skips `shared` ones.
+                param.shared = pp_rank > 0
         if pre_process:
             self.patch_embed = torch.nn.Linear(patch_dim, hidden)
         pp = parallel_state.get_pipeline_model_parallel_world_size()
@@ -171,7 +180,9 @@ class GokuModel(MegatronModule):
 
         text [B, L, text_dim] with text_mask [B, L] (True = token). Every stage receives the same
         batch (only its shape and conditioning are used past the first stage). Returns the velocity
-        [B, C, T, H, W] on the last stage, the hidden states [S, B, D] on the others.
+        [B, C, T, H, W] on the last stage, the hidden states [S, B, D] on the others. With context
+        parallelism S is this rank's tokens (``sequence_shard``) and the last stage returns their
+        velocity tokens [S, B, patch_dim] (float32).
 
         Given a Pack instead of latents (the other arguments unused), runs ``forward_packed``: the
         DDP / Float16Module wrappers only forward ``__call__``.
@@ -181,13 +192,17 @@ class GokuModel(MegatronModule):
         b, c, t, h, w = latents.shape
         pt, ph, pw = self.patch
         grid = (t // pt, h // ph, w // pw)
+        shard = self.sequence_shard(latents)
         if self.pre_process:
-            x = self.patch_embed(patchify(latents, self.patch).to(self.patch_embed.weight.dtype))
+            tokens = patchify(latents, self.patch)
+            tokens = tokens if shard is None else tokens[shard]
+            x = self.patch_embed(tokens.to(self.patch_embed.weight.dtype))
         else:
             x = self.input_tensor
         temb = self.t_embedder(timesteps)
         silu_temb = F.silu(temb)
         positions = grid_positions(*grid, device=latents.device)
+        positions = positions if shard is None else positions[shard]
         rope = rope_angles(positions, self.config.hidden_size // self.config.num_attention_heads,
                            self.model_cfg.rope_theta).unsqueeze(1)
         inputs = LayerInputs(
@@ -199,7 +214,21 @@ class GokuModel(MegatronModule):
         if not self.post_process:
             return x
         out = self.final_layer(x, silu_temb)
+        if shard is not None:
+            return out.float()
         return unpatchify(out, self.patch, self.model_cfg.in_channels, grid).float()
+
+    def sequence_shard(self, latents: torch.Tensor) -> torch.Tensor | None:
+        """This CP rank's tokens of an unpacked batch of latents [B, C, T, H, W]; None without CP."""
+        t, h, w = latents.shape[-3:]
+        pt, ph, pw = self.patch
+        return context_parallel.sequence_shard((t // pt) * (h // ph) * (w // pw), self.cp_layout,
+                                               latents.device)
+
+    def pack_shard(self, pack: Pack) -> context_parallel.PackShard:
+        """This CP rank's share of a pack (the whole pack without CP)."""
+        cp, rank = context_parallel.cp_world()
+        return context_parallel.shard_pack(pack, self.cp_layout, cp, rank)
 
     def forward_packed(self, pack: Pack) -> torch.Tensor:
         """Predict the velocity of every token of a packed sequence of ``pack.budget`` tokens.
@@ -207,40 +236,37 @@ class GokuModel(MegatronModule):
         Returns velocity tokens [S, 1, patch_dim] (float32) on the last stage, hidden states
         [S, 1, D] on the others; S is always the pack's budget, so pipeline p2p shapes are fixed
         (seq_length=budget, micro_batch_size=1). ``data.packing.unpack`` turns the tokens back into
-        per-sample latents; ``data.packing.packed_flow_loss`` scores them.
+        per-sample latents; ``data.packing.packed_flow_loss`` scores them. With context parallelism
+        S is this rank's share of the pack's laid-out sequence (``pack_shard``).
         """
+        shard = self.pack_shard(pack)
         if self.pre_process:
-            x = self.patch_embed(pack.noisy.to(self.patch_embed.weight.dtype)).unsqueeze(1)
+            x = self.patch_embed(shard.gather(pack.noisy).to(self.patch_embed.weight.dtype)).unsqueeze(1)
         else:
             x = self.input_tensor
         silu_temb = F.silu(self.t_embedder(pack.timesteps))
-        x = self._run_layers(x, self._packed_inputs(pack), silu_temb)
+        x = self._run_layers(x, self._packed_inputs(pack, shard), silu_temb)
         if not self.post_process:
             return x
-        return self.final_layer(x, silu_temb, pack.sample_index).float()
+        return self.final_layer(x, silu_temb, shard.sample_index).float()
 
-    def _packed_inputs(self, pack: Pack) -> LayerInputs:
+    def _packed_inputs(self, pack: Pack, shard: context_parallel.PackShard) -> LayerInputs:
         """Per-token RoPE from each sample's own grid; varlen self- and cross-attention segments.
 
         The captions' valid tokens are packed back to back (``pack.cu_seqlens_text``), so each
-        sample's video tokens see only their own caption. The padding segment, when there is one,
-        gets a single all-zero text token: a segment needs a key for its softmax, and a zero key
-        and value (the projections have no bias, RMSNorm keeps 0 at 0) make that cross-attention
-        output exactly zero.
+        sample's video tokens see only their own caption; the shard picks the captions of the
+        samples its tokens belong to. The padding segment gets a single all-zero text token
+        appended after the captions: a segment needs a key for its softmax, and a zero key and
+        value (the projections have no bias, RMSNorm keeps 0 at 0) make that cross-attention output
+        exactly zero.
         """
         context = self.caption_embedder(pack.text[pack.text_mask])
-        if pack.padding:
-            context = torch.cat([context, context.new_zeros(1, context.shape[-1])])
-        rope = rope_angles(pack.positions, self.config.hidden_size // self.config.num_attention_heads,
+        context = torch.cat([context, context.new_zeros(1, context.shape[-1])])
+        start, end = shard.text_range
+        rope = rope_angles(shard.positions, self.config.hidden_size // self.config.num_attention_heads,
                            self.model_cfg.rope_theta).unsqueeze(1)
-        packed_self = PackedSeqParams(qkv_format="thd", cu_seqlens_q=pack.cu_seqlens,
-                                      cu_seqlens_kv=pack.cu_seqlens, max_seqlen_q=pack.max_seqlen,
-                                      max_seqlen_kv=pack.max_seqlen)
-        packed_cross = PackedSeqParams(qkv_format="thd", cu_seqlens_q=pack.cu_seqlens,
-                                       cu_seqlens_kv=pack.cu_seqlens_text, max_seqlen_q=pack.max_seqlen,
-                                       max_seqlen_kv=pack.max_seqlen_text)
-        return LayerInputs(context=context.unsqueeze(1), rope=rope, sample_index=pack.sample_index,
-                           packed_self=packed_self, packed_cross=packed_cross)
+        return LayerInputs(context=context[start:end].unsqueeze(1), rope=rope, sample_index=shard.sample_index,
+                           packed_self=shard.packed_self, packed_cross=shard.packed_cross)
 
     def _run_layers(self, x: torch.Tensor, inputs: LayerInputs, silu_temb: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:

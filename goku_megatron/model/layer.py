@@ -4,7 +4,9 @@ Attribute names follow the reference block (norm1.linear, attn1.q_proj, ...) so 
 one to one. Activations are [s, b, hidden] as everywhere in megatron. Under tensor parallelism the
 Q/K/V projections are column-parallel (heads split across ranks) and the output projections
 row-parallel; the QK RMSNorm is over the *full* inner dimension, so its sum of squares is all-reduced
-across the tensor-parallel group.
+across the tensor-parallel group. Under context parallelism ``s`` is this rank's share of the tokens
+and ``LayerInputs`` holds that share's sample indices, RoPE angles and attention segments; only the
+self-attention core communicates (goku_megatron.model.context_parallel).
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ class LayerInputs:
     ``sample_index`` ([S] long) maps each token of a packed sequence to its sample, so each sample's
     modulation is repeated over its own tokens. Without packing it is None and the timestep
     embedding has one row per batch element. ``rope`` holds the rotation angles [S, B or 1, hd/2].
+    With context parallelism S is this rank's tokens; ``packed_self`` describes the sequence the
+    self-attention core attends (see its backend) and ``packed_cross`` this rank's queries against
+    ``context``.
     """
 
     context: torch.Tensor
@@ -114,11 +119,17 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 @dataclass
 class GokuLayerSubmodules:
-    """Leaf classes: the TE spec and the local spec differ only here."""
+    """Leaf classes: the TE spec and the local spec differ only here.
+
+    ``self_attention`` is built with the TransformerConfig and sees this rank's tokens under context
+    parallelism (it declares the token layout it needs as ``cp_layout``); ``cross_attention`` is a
+    local backend (queries local, keys and values the whole caption).
+    """
 
     column_linear: type
     row_linear: type
-    core_attention: type | ModuleSpec
+    self_attention: type | ModuleSpec
+    cross_attention: type | ModuleSpec
 
 
 class AdaLNModulation(MegatronModule):
@@ -150,6 +161,7 @@ class GokuAttention(MegatronModule):
         kv_dim: int,
         rope_q: bool,
         rope_k: bool,
+        core: torch.nn.Module,
     ) -> None:
         super().__init__(config)
         hidden = config.hidden_size
@@ -168,7 +180,7 @@ class GokuAttention(MegatronModule):
         )
         self.q_norm = RMSNorm(hidden // tp, config.layernorm_epsilon, tensor_parallel=True)
         self.k_norm = RMSNorm(hidden // tp, config.layernorm_epsilon, tensor_parallel=True)
-        self.core = build_module(submodules.core_attention)
+        self.core = core
 
     def forward(
         self,
@@ -229,9 +241,11 @@ class GokuLayer(MegatronModule):
         # TE's column-parallel linear cannot gather its output; adaLN runs per sample, so the local
         # layer costs nothing measurable here in either spec.
         self.norm1 = AdaLNModulation(config, ColumnParallelLinear, chunks=6)
-        self.attn1 = GokuAttention(config, submodules, config.hidden_size, rope_q=True, rope_k=True)
+        self.attn1 = GokuAttention(config, submodules, config.hidden_size, rope_q=True, rope_k=True,
+                                   core=build_module(submodules.self_attention, config=config))
         self.norm2 = RMSNorm(config.hidden_size, eps)
-        self.attn2 = GokuAttention(config, submodules, config.hidden_size, rope_q=cross_attn_rope_q, rope_k=False)
+        self.attn2 = GokuAttention(config, submodules, config.hidden_size, rope_q=cross_attn_rope_q, rope_k=False,
+                                   core=build_module(submodules.cross_attention))
         self.norm3 = RMSNorm(config.hidden_size, eps)
         self.mlp = GokuMLP(config, submodules)
         self.eps = eps

@@ -2,16 +2,27 @@
 
 The two specs name the same layer and differ only in the linear and attention leaf classes, as
 megatron-core's GPT specs do. TE is imported only when its spec is asked for.
+
+Self-attention is where context parallelism communicates: with the ``te`` attention backend TE's
+own CP attention, otherwise Ulysses all-to-all around the local backend (a plain pass-through
+when cp = 1). Cross-attention never communicates; with ``te`` it runs on torch SDPA.
 """
 
 from __future__ import annotations
 
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from goku_megatron.model.attention import FlashAttention, SDPAAttention
+from goku_megatron.model.attention import FlashAttention, SDPAAttention, TECoreAttention, UlyssesAttention
 from goku_megatron.model.layer import GokuLayer, GokuLayerSubmodules
 
 CORE_ATTENTION = {"sdpa": SDPAAttention, "flash": FlashAttention}
+
+
+def _attention(attention: str) -> dict[str, type | ModuleSpec]:
+    if attention == "te":
+        return {"self_attention": TECoreAttention, "cross_attention": SDPAAttention}
+    return {"self_attention": ModuleSpec(module=UlyssesAttention, submodules=CORE_ATTENTION[attention]),
+            "cross_attention": CORE_ATTENTION[attention]}
 
 
 def local_layer_spec(attention: str = "sdpa") -> ModuleSpec:
@@ -22,7 +33,7 @@ def local_layer_spec(attention: str = "sdpa") -> ModuleSpec:
         submodules=GokuLayerSubmodules(
             column_linear=ColumnParallelLinear,
             row_linear=RowParallelLinear,
-            core_attention=CORE_ATTENTION[attention],
+            **_attention(attention),
         ),
     )
 
@@ -35,7 +46,7 @@ def te_layer_spec(attention: str = "flash") -> ModuleSpec:
         submodules=GokuLayerSubmodules(
             column_linear=TEColumnParallelLinear,
             row_linear=TERowParallelLinear,
-            core_attention=CORE_ATTENTION[attention],
+            **_attention(attention),
         ),
     )
 
@@ -43,3 +54,9 @@ def te_layer_spec(attention: str = "flash") -> ModuleSpec:
 def layer_spec(linear: str, attention: str) -> ModuleSpec:
     """The spec for the chosen backends (see platform.choose_backends)."""
     return te_layer_spec(attention) if linear == "te" else local_layer_spec(attention)
+
+
+def cp_layout(spec: ModuleSpec) -> str:
+    """The token layout across context-parallel ranks that the spec's self-attention needs."""
+    core = spec.submodules.self_attention
+    return (core.module if isinstance(core, ModuleSpec) else core).cp_layout

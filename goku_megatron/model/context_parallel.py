@@ -1,0 +1,269 @@
+"""Context parallelism (CP): each CP rank holds a share of a micro-batch's token sequence.
+
+Conditioning is never split: every CP rank embeds all captions and all per-sample timesteps. What
+is split is the video tokens and everything attached to a token: its input, its RoPE position, its
+sample index (which picks its adaLN modulation) and its loss target and weight. The data path is
+unchanged: all CP peers of a DP rank receive the same whole micro-batch, and ``shard_pack`` /
+``sequence_shard`` pick this rank's tokens inside the model and the loss.
+
+Where the tokens go depends on the self-attention backend (its ``cp_layout``):
+
+- ``"contiguous"`` (Ulysses, around any local attention backend): rank r holds tokens
+  [r*S/cp, (r+1)*S/cp) of the sequence (a pack's budget, or an unpacked grid's tokens). Before core
+  attention an all-to-all turns [S/cp, heads] into [S, heads/cp]; the whole sequence is attended
+  with the pack's own cu_seqlens; a second all-to-all turns the output back.
+- ``"zigzag"`` (Transformer Engine's CP attention: p2p, a2a, a2a+p2p): TE splits every sequence
+  into 2*cp chunks and rank r holds chunks r and 2*cp-1-r (TE's load-balanced layout,
+  ``thd_get_partitioned_indices``). A packed sequence is laid out first with every sample padded
+  to a multiple of 2*cp (TE's ``cu_seqlens_padded``); the inserted filler tokens are zero, take no
+  part in self-attention (TE's actual ``cu_seqlens``) and carry no loss.
+
+Cross-attention needs no communication in either layout: a query's output depends only on that
+query and its own sample's caption, so each rank attends its local queries, grouped by sample,
+to those samples' caption segments (the cu_seqlens ``shard_pack`` works out for the rank).
+
+Loss: each rank sums its tokens' weighted errors with the weights of the whole micro-batch (one
+normalisation for the pack), so the CP ranks' losses add up to the CP=1 loss. megatron's schedule
+multiplies a 2-output loss_func's loss by cp and DDP averages gradients over the dp x cp group, so
+the gradients are the CP=1 gradients; train.forward_step reports the sum over CP ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Literal, Sequence
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.packed_seq_params import PackedSeqParams
+from torch import Tensor
+
+from goku_megatron.flow import flow_loss
+
+if TYPE_CHECKING:
+    from goku_megatron.data.packing import Pack
+
+Layout = Literal["contiguous", "zigzag"]
+
+
+def cp_world() -> tuple[int, int]:
+    """(size, rank) of this process's context-parallel group."""
+    return parallel_state.get_context_parallel_world_size(), parallel_state.get_context_parallel_rank()
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+# ------------------------------------------------------------------------------------------------
+# Ulysses all-to-all
+
+
+def _all_to_all(x: Tensor, group: torch.distributed.ProcessGroup, scatter_dim: int, gather_dim: int) -> Tensor:
+    """Chunk ``x`` along scatter_dim, send chunk j to rank j, concatenate what arrives along
+    gather_dim in rank order."""
+    world = group.size()
+    send = torch.stack(x.chunk(world, dim=scatter_dim)).contiguous()
+    recv = torch.empty_like(send)
+    torch.distributed.all_to_all_single(recv, send, group=group)
+    return torch.cat(recv.unbind(0), dim=gather_dim)
+
+
+class _AllToAll(torch.autograd.Function):
+    """The all-to-all is a permutation of elements across ranks; its adjoint is the inverse
+    all-to-all (scatter and gather dims swapped)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: torch.distributed.ProcessGroup, scatter_dim: int,  # type: ignore[override]
+                gather_dim: int) -> Tensor:
+        ctx.group, ctx.scatter_dim, ctx.gather_dim = group, scatter_dim, gather_dim
+        return _all_to_all(x, group, scatter_dim, gather_dim)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
+        return _all_to_all(grad.contiguous(), ctx.group, ctx.gather_dim, ctx.scatter_dim), None, None, None
+
+
+def all_to_all(x: Tensor, group: torch.distributed.ProcessGroup, scatter_dim: int, gather_dim: int) -> Tensor:
+    """Differentiable all-to-all over ``group``: the identity for a group of one."""
+    if group.size() == 1:
+        return x
+    return _AllToAll.apply(x, group, scatter_dim, gather_dim)
+
+
+def sequence_to_heads(x: Tensor, group: torch.distributed.ProcessGroup) -> Tensor:
+    """[..., S/cp, b, heads, d] (this rank's tokens, all heads) -> [..., S, b, heads/cp, d]."""
+    return all_to_all(x, group, scatter_dim=x.dim() - 2, gather_dim=x.dim() - 4)
+
+
+def heads_to_sequence(x: Tensor, group: torch.distributed.ProcessGroup) -> Tensor:
+    """Inverse of ``sequence_to_heads``: [..., S, b, heads/cp, d] -> [..., S/cp, b, heads, d]."""
+    return all_to_all(x, group, scatter_dim=x.dim() - 4, gather_dim=x.dim() - 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Token layouts
+
+
+def contiguous_index(length: int, cp: int, rank: int, device: torch.device | None = None) -> Tensor:
+    """Rank ``rank``'s tokens [rank*length/cp, (rank+1)*length/cp) of a sequence."""
+    if length % cp:
+        raise ValueError(f"a sequence of {length} tokens does not split over {cp} context-parallel ranks")
+    share = length // cp
+    return torch.arange(rank * share, (rank + 1) * share, device=device)
+
+
+def zigzag_index(segments: Sequence[int], cp: int, rank: int, device: torch.device | None = None) -> Tensor:
+    """TE's load-balanced CP layout of back-to-back sequences of the given (padded) lengths: each
+    split into 2*cp equal chunks, rank r holding chunks r and 2*cp-1-r of every sequence, in order."""
+    parts, offset = [], 0
+    for n in segments:
+        if n % (2 * cp):
+            raise ValueError(f"a sequence of {n} tokens does not split into 2*cp={2 * cp} chunks")
+        chunk = n // (2 * cp)
+        for c in (rank, 2 * cp - 1 - rank):
+            parts.append(torch.arange(offset + c * chunk, offset + (c + 1) * chunk, device=device))
+        offset += n
+    return torch.cat(parts)
+
+
+def sequence_shard(length: int, layout: Layout, device: torch.device | None = None) -> Tensor | None:
+    """This CP rank's tokens of an unpacked sequence of ``length`` tokens; None without CP."""
+    cp, rank = cp_world()
+    if cp == 1:
+        return None
+    if layout == "zigzag":
+        return zigzag_index([length], cp, rank, device)
+    return contiguous_index(length, cp, rank, device)
+
+
+def zigzag_length(pack: Pack, cp: int) -> int:
+    """Tokens of a pack laid out for TE's CP attention: each sample padded to a multiple of 2*cp,
+    then at least the budget (the rest is one padding segment), a multiple of 2*cp."""
+    multiple = 2 * cp
+    samples = pack.cu_seqlens.diff()[: pack.num_samples].tolist()
+    return _round_up(max(pack.budget, sum(_round_up(n, multiple) for n in samples)), multiple)
+
+
+def align_packs(packs: list[Pack], layout: Layout) -> tuple[list[Pack], int]:
+    """The packs of one step with the sequence length every pipeline stage exchanges.
+
+    Contiguous: the budget. Zigzag with CP: the longest pack's laid-out length, recorded in each
+    pack's ``layout_length`` so all micro-batches of the step share one pipeline shape.
+    """
+    cp, _ = cp_world()
+    if layout == "contiguous" or cp == 1:
+        return packs, packs[0].budget
+    length = max(zigzag_length(p, cp) for p in packs)
+    return [replace(p, layout_length=length) for p in packs], length
+
+
+@dataclass
+class PackShard:
+    """This CP rank's share of a pack, and the attention segments for it.
+
+    ``source`` maps each local token to its pack token (-1: a filler the layout inserted). The
+    self-attention segments are those of the whole laid-out sequence (Ulysses attends it whole after
+    its all-to-all; TE takes global cu_seqlens); the cross-attention segments are local: the local
+    queries grouped by segment, each against its caption's tokens in ``context[text_range]``, where
+    the context is the valid caption tokens of the pack followed by one zero (null) token that the
+    padding segment attends to.
+    """
+
+    source: Tensor  # [S_local] long
+    sample_index: Tensor  # [S_local] long, the sample whose modulation a token takes
+    positions: Tensor  # [S_local, 3] long, zero on fillers
+    packed_self: PackedSeqParams
+    packed_cross: PackedSeqParams
+    text_range: tuple[int, int]
+
+    def gather(self, tokens: Tensor) -> Tensor:
+        """Pack tokens [budget, ...] -> this rank's tokens [S_local, ...], zero on fillers."""
+        keep = (self.source >= 0).view(-1, *[1] * (tokens.dim() - 1))
+        return torch.where(keep, tokens[self.source.clamp_min(0)], torch.zeros((), dtype=tokens.dtype,
+                                                                                device=tokens.device))
+
+
+def _offsets(lengths: Sequence[int], device: torch.device) -> Tensor:
+    return torch.tensor([0, *lengths], device=device).cumsum(0).int()
+
+
+def shard_pack(pack: Pack, layout: Layout, cp: int, rank: int) -> PackShard:
+    """Rank ``rank`` of ``cp``'s share of ``pack`` (cp=1: the whole pack, in pack order).
+
+    Segments are the pack's samples plus, when there is one, a padding segment. In the zigzag
+    layout each sample's segment is padded to a multiple of 2*cp and the padding segment takes the
+    rest of the laid-out length (its tokens are all fillers). A rank's tokens cover a consecutive
+    run of segments in order (contiguous: one slice of the sequence; zigzag: two chunks of every
+    segment), which is what makes its cross-attention segments a slice of the caption tokens.
+    """
+    device = pack.cu_seqlens.device
+    n = pack.num_samples
+    cu = pack.cu_seqlens.tolist()
+    real = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    starts_in_pack = cu[:-1]
+    if layout == "contiguous":
+        padded, attended, length = real, real, pack.budget
+        local = contiguous_index(length, cp, rank, device)
+    elif layout == "zigzag":
+        length = pack.layout_length or zigzag_length(pack, cp)
+        padded = [_round_up(m, 2 * cp) for m in real[:n]]
+        tail = length - sum(padded)
+        if tail < 0 or tail % (2 * cp):
+            raise ValueError(f"layout length {length} cannot hold the pack's samples padded to "
+                             f"multiples of 2*cp (at least {sum(padded)}); use align_packs")
+        attended = real[:n] + [tail] * (tail > 0)  # TE's actual cu_seqlens: fillers of a sample excluded
+        real = real[:n] + [0] * (tail > 0)  # the padding segment holds only fillers
+        starts_in_pack = cu[:n] + [0] * (tail > 0)
+        padded = padded + [tail] * (tail > 0)
+        local = zigzag_index(padded, cp, rank, device)
+    else:
+        raise ValueError(f"unknown context-parallel layout {layout!r}")
+
+    # Per laid-out position: its segment, and the pack token it holds (-1: filler).
+    starts = _offsets(padded, device).long()
+    segment = torch.repeat_interleave(torch.arange(len(padded), device=device),
+                                      torch.tensor(padded, device=device))[local]
+    offset = local - starts[segment]
+    real_t = torch.tensor(real, device=device)
+    pack_start = torch.tensor(starts_in_pack, device=device)
+    source = torch.where(offset < real_t[segment], pack_start[segment] + offset, -1)
+    positions = torch.where((source >= 0)[:, None], pack.positions[source.clamp_min(0)], 0)
+
+    # Cross-attention: local queries, grouped by segment, against their caption tokens.
+    cu_text = pack.cu_seqlens_text.tolist()[: n + 1]
+    cu_text = cu_text + [cu_text[-1] + 1]  # segment n (padding) -> the null token
+    present, counts = torch.unique_consecutive(segment, return_counts=True)
+    first, last = int(present[0]), int(present[-1])
+    text_lengths = [cu_text[j + 1] - cu_text[j] for j in range(first, last + 1)]
+    packed_cross = PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=_offsets(counts.tolist(), device),
+        cu_seqlens_kv=_offsets(text_lengths, device), max_seqlen_q=int(counts.max()),
+        max_seqlen_kv=max(text_lengths),
+    )
+    cu_self = _offsets(attended, device)
+    packed_self = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_self, cu_seqlens_kv=cu_self,
+                                  max_seqlen_q=max(padded), max_seqlen_kv=max(padded))
+    if layout == "zigzag":
+        cu_padded = _offsets(padded, device)
+        packed_self = replace(packed_self, cu_seqlens_q_padded=cu_padded, cu_seqlens_kv_padded=cu_padded)
+    return PackShard(
+        source=source, sample_index=segment.clamp_max(n - 1), positions=positions,
+        packed_self=packed_self, packed_cross=packed_cross, text_range=(cu_text[first], cu_text[last + 1]),
+    )
+
+
+def sequence_shard_loss(pred: Tensor, target: Tensor, patch: Sequence[int], shard: Tensor) -> Tensor:
+    """This CP rank's share of ``flow_loss(velocity, target).mean()`` for an unpacked batch.
+
+    pred: the rank's velocity tokens [S_local, B, patch_dim]; target: the whole batch's velocity
+    [B, C, T, H, W]. Every sample has S tokens of the same size, so the batch loss is the mean over
+    all elements and the rank's share is its tokens' mean times S_local / S.
+    """
+    from goku_megatron.model.goku import patchify  # goku imports this module
+
+    tokens = patchify(target, (patch[0], patch[1], patch[2]))
+    local = tokens[shard]
+    share = local.shape[0] / tokens.shape[0]
+    return flow_loss(pred.transpose(0, 1), local.transpose(0, 1)).mean() * share
+
