@@ -1,63 +1,68 @@
-"""Distributed checkpoints through megatron-core dist_checkpointing (torch_dist format).
+"""Fault-tolerant distributed checkpoints: megatron-core dist_checkpointing (torch_dist format).
 
-Layout: ``RUN/checkpoints/iter_0000100/`` plus ``RUN/checkpoints/latest`` naming the newest
-complete one. The pointer is written (atomically) only after every rank finished the save, so a
-crash mid-save never makes a partial checkpoint "latest".
+Layout of a run directory's ``checkpoints/`` (docs/checkpointing.md):
+
+    iter_0000100/              one complete checkpoint
+        __R_0.distcp, .metadata, metadata.json   tensors and their index (torch.distributed.checkpoint)
+        common.pt              step, config, LR schedule, trainer state (consumed samples, step guard)
+        loader_dp00000.json    each data-parallel rank's data-loader state
+        manifest.json          written last: every file with its size, the layout, the config
+    iter_0000110.partial/      a save in progress or interrupted: never loaded, removed at start-up
+    latest                     the name of the newest complete checkpoint
+
+A checkpoint holds everything an exact resume needs: the weights, the optimizer (megatron's
+sharded state; the distributed optimizer in the ``fully_reshardable`` format), the fp32 EMA of
+the weights, every rank's RNG states (python, numpy, torch, CUDA and megatron's model-parallel
+tracker), the data-loader state, step and consumed samples, and the resolved config. Tensors are
+stored by global name and offset, so a checkpoint loads into any TP/PP/DP layout; only the RNG
+states and the loader state belong to one layout and are restored only into that layout.
+
+Atomicity: a save writes into ``iter_N.partial``; once every rank has finished (for an async
+save: when megatron's finalisation runs on all ranks), rank 0 writes the manifest, renames the
+directory to ``iter_N``, moves ``latest`` and removes checkpoints beyond the last ``keep_last``.
+An interrupted save leaves only a ``.partial`` directory; the previous checkpoint is untouched.
+On load the manifest detects a missing or truncated file, and the run falls back to the newest
+checkpoint that is complete.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
+import logging
 import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
 
+from goku_megatron.config import Config, ConfigError
+from goku_megatron.ema import EMA, EMA_PREFIX, MODEL_PREFIX
 from goku_megatron.model.goku import iter_stage_models
 
+log = logging.getLogger("goku_megatron")
+
 LATEST = "latest"
+MANIFEST = "manifest.json"
+FORMAT = "goku-megatron-checkpoint/1"
+PARTIAL_SUFFIX = ".partial"
+_ITER_NAME = re.compile(r"iter_(\d{7,})")
+# model.* fields that fix the weights' shapes: a checkpoint loads only into a model with the same.
+SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_heads", "in_channels", "patch_size",
+                "text_dim", "timestep_freq_dim")
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / f"iter_{step:07d}"
-
-
-def _model_sharded_state_dict(model: list[torch.nn.Module]) -> dict[str, Any]:
-    (stage,) = list(iter_stage_models(model))
-    return stage.sharded_state_dict(prefix="model.")
-
-
-def save_checkpoint(run_dir: Path, step: int, model: list[torch.nn.Module], config: dict[str, Any],
-                    loader_state: dict[str, Any] | None = None) -> Path:
-    """Save the model weights (all ranks take part) and this DP rank's loader state, then move the
-    ``latest`` pointer: a checkpoint is "latest" only once all of it is on disk."""
-    from megatron.core import parallel_state
-
-    path = checkpoint_dir(run_dir, step)
-    if torch.distributed.get_rank() == 0:
-        path.mkdir(parents=True, exist_ok=True)
-    torch.distributed.barrier()
-    state = _model_sharded_state_dict(model)
-    state["step"] = step
-    state["config"] = config
-    dist_checkpointing.save(state, str(path))
-    # The loader state differs per DP rank and is the same on its TP/CP/PP peers: one file each.
-    if loader_state is not None and parallel_state.get_tensor_model_parallel_rank() == 0 \
-            and parallel_state.get_pipeline_model_parallel_rank() == 0 \
-            and parallel_state.get_context_parallel_rank() == 0:
-        target = loader_state_path(path, parallel_state.get_data_parallel_rank())
-        tmp = target.with_suffix(".tmp")
-        tmp.write_text(json.dumps(loader_state))
-        os.replace(tmp, target)
-    torch.distributed.barrier()
-    if torch.distributed.get_rank() == 0:
-        pointer = run_dir / "checkpoints" / LATEST
-        tmp = pointer.with_suffix(".tmp")
-        tmp.write_text(path.name + "\n")
-        os.replace(tmp, pointer)
-    return path
+    return Path(run_dir) / "checkpoints" / f"iter_{step:07d}"
 
 
 def loader_state_path(checkpoint: Path, dp_rank: int) -> Path:
@@ -65,29 +70,472 @@ def loader_state_path(checkpoint: Path, dp_rank: int) -> Path:
 
 
 def load_loader_state(checkpoint: Path, dp_rank: int) -> dict[str, Any] | None:
-    """The loader state DP rank ``dp_rank`` saved with ``checkpoint`` (None for toy runs)."""
+    """The loader state DP rank ``dp_rank`` saved with ``checkpoint`` (None if it saved none)."""
     path = loader_state_path(checkpoint, dp_rank)
     return json.loads(path.read_text()) if path.is_file() else None
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = run_dir / "checkpoints" / LATEST
+    """The checkpoint the ``latest`` pointer names (see ``newest_valid_checkpoint`` for one that is
+    also checked for completeness)."""
+    pointer = Path(run_dir) / "checkpoints" / LATEST
     if not pointer.is_file():
         return None
-    return run_dir / "checkpoints" / pointer.read_text().strip()
+    return Path(run_dir) / "checkpoints" / pointer.read_text().strip()
 
 
-def load_model_weights(path: Path, model: list[torch.nn.Module]) -> dict[str, Any]:
-    """Load model weights saved by save_checkpoint (any TP/PP layout); returns step and config."""
-    state = _model_sharded_state_dict(model)
-    state["step"] = 0
-    state["config"] = {}
-    loaded = dist_checkpointing.load(state, str(path))
+def checkpoint_step(path: Path) -> int | None:
+    match = _ITER_NAME.fullmatch(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def _complete_checkpoints(root: Path) -> list[Path]:
+    """``iter_N`` directories under ``root``, newest first (partial and quarantined ones excluded)."""
+    found = [p for p in root.iterdir() if p.is_dir() and checkpoint_step(p) is not None] if root.is_dir() else []
+    return sorted(found, key=checkpoint_step, reverse=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# What a checkpoint holds
+
+
+@dataclass
+class TrainingState:
+    """The parts of a training process that a checkpoint covers; all but the model are optional."""
+
+    model: list[torch.nn.Module]
+    optimizer: Any = None
+    scheduler: Any = None
+    ema: EMA | None = None
+
+
+def layout() -> dict[str, int]:
+    """This process group's parallel layout, as recorded in a checkpoint's manifest."""
+    from megatron.core import parallel_state
+
+    return {"tp": parallel_state.get_tensor_model_parallel_world_size(),
+            "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+            "cp": parallel_state.get_context_parallel_world_size(),
+            "dp": parallel_state.get_data_parallel_world_size(),
+            "world_size": torch.distributed.get_world_size()}
+
+
+def _stage(model: list[torch.nn.Module]) -> Any:
     (stage,) = list(iter_stage_models(model))
-    weights = {k[len("model."):]: v for k, v in loaded.items() if k.startswith("model.")}
-    local = {_local_name(stage, k): v for k, v in weights.items()}
-    stage.load_state_dict(local, strict=False)
-    return {"step": loaded["step"], "config": loaded["config"]}
+    return stage
+
+
+def _model_sharded_state_dict(model: list[torch.nn.Module]) -> dict[str, Any]:
+    return _stage(model).sharded_state_dict(prefix=MODEL_PREFIX)
+
+
+def _unwrapped(optimizer: Any) -> Any:
+    """megatron's optimizer inside resilience.SkipNonFiniteSteps."""
+    return getattr(optimizer, "inner", optimizer)
+
+
+def _optimizer_parts(optimizer: Any) -> list[Any]:
+    optimizer = _unwrapped(optimizer)
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _optimizer_metadata() -> dict[str, Any]:
+    """How the distributed optimizer lays out its state: ``fully_reshardable`` (per parameter, by
+    global name: reshards over TP/PP/DP). Over gloo its state is gathered through the gloo group
+    (the NCCL variant moves the buffers to CUDA first)."""
+    return {"distrib_optim_sharding_type": "fully_reshardable",
+            "distrib_optim_fully_reshardable_mem_efficient": torch.distributed.get_backend() == "gloo",
+            "chained_optim_avoid_prefix": True}
+
+
+def _optimizer_has_state(optimizer: Any) -> bool:
+    """Whether every rank's optimizer has taken a step (before that there is nothing to save, and a
+    fresh optimizer is exactly what a resume would restore). Collective."""
+    has = all(len(p.optimizer.state) > 0 for p in _optimizer_parts(optimizer) if p.optimizer is not None)
+    flag = torch.tensor([int(has)], dtype=torch.int32, device=_device())
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _rng_state() -> dict[str, Any]:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "tracker": {k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()}}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded(state: dict[str, Any]) -> ShardedObject:
+    """One entry per global rank (RNG states are rank-local; they only make sense in one layout)."""
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return ShardedObject("rng_state", state, (world,), (rank,), replica_id=0)
+
+
+def _drop_optimizer_from_consistency_check(common: dict[str, Any]) -> dict[str, Any]:
+    """The distributed optimizer's gathered state exists on DP rank 0 only (None elsewhere), so
+    the common part legitimately differs there; everything else must agree on all ranks."""
+    return {k: v for k, v in common.items() if k != "optimizer"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving
+
+
+class Checkpointer:
+    """Saves the checkpoints of one run directory: sync or async, atomic, keeping the last K.
+
+    ``save`` and ``poll``/``wait`` are collective (every rank calls them at the same step). At most
+    one async save is in flight: a new save first waits for the previous one.
+    """
+
+    def __init__(self, run_dir: Path, keep_last: int = 0, async_save: bool = False) -> None:
+        self.run_dir = Path(run_dir)
+        self.root = self.run_dir / "checkpoints"
+        self.keep_last = keep_last
+        self.async_save = async_save
+        self._queue: Any = None
+
+    def remove_leftovers(self) -> None:
+        """Deal with the ``.partial`` directories of saves a crash interrupted (rank 0, at
+        start-up): one whose manifest was written is complete and only missed its rename, so it
+        is published; the others are deleted."""
+        if torch.distributed.get_rank() == 0 and self.root.is_dir():
+            for stale in sorted(self.root.glob(f"iter_*{PARTIAL_SUFFIX}")):
+                final = stale.with_name(stale.name[:-len(PARTIAL_SUFFIX)])
+                if validate_checkpoint(stale) is None and not final.exists():
+                    log.info("publishing %s (saved completely, interrupted before its rename)", final)
+                    os.replace(stale, final)
+                    newest = _complete_checkpoints(self.root)[0]
+                    _write_atomically(self.root / LATEST, newest.name + "\n")
+                else:
+                    log.info("removing %s (an interrupted save)", stale)
+                    shutil.rmtree(stale, ignore_errors=True)
+        torch.distributed.barrier()
+
+    def save(self, step: int, state: TrainingState, config: dict[str, Any], *,
+             train_state: dict[str, Any] | None = None, loader_state: dict[str, Any] | None = None,
+             blocking: bool = False) -> float:
+        """Write checkpoint ``step``; returns the seconds training was blocked (for an async save:
+        waiting for the previous one, planning, the common part and the snapshot of the tensors;
+        the write itself overlaps the next steps). ``blocking`` forces a synchronous save."""
+        from megatron.core import parallel_state
+
+        start = time.perf_counter()
+        self.wait()
+        final = checkpoint_dir(self.run_dir, step)
+        partial = final.with_name(final.name + PARTIAL_SUFFIX)
+        if torch.distributed.get_rank() == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        torch.distributed.barrier()
+
+        model_sd = _model_sharded_state_dict(state.model)
+        sharded: dict[str, Any] = dict(model_sd)
+        parts = {"optimizer": False, "ema": state.ema is not None, "scheduler": state.scheduler is not None}
+        if state.ema is not None:
+            sharded.update(state.ema.sharded_state_dict(model_sd))
+        if state.optimizer is not None and _optimizer_has_state(state.optimizer):
+            sharded["optimizer"] = _unwrapped(state.optimizer).sharded_state_dict(
+                model_sd, metadata=_optimizer_metadata())
+            parts["optimizer"] = True
+        if state.scheduler is not None:
+            sharded["scheduler"] = state.scheduler.state_dict()
+        sharded["rng_state"] = _rng_sharded(_rng_state())
+        sharded["step"] = step
+        sharded["config"] = config
+        sharded["train_state"] = train_state or {}
+
+        use_async = self.async_save and not blocking
+        request = dist_checkpointing.save(
+            sharded, str(partial), async_sharded_save=use_async,
+            preprocess_common_before_consistancy_check=_drop_optimizer_from_consistency_check)
+        # The loader state differs per DP rank and is the same on its TP/CP/PP peers: one file each.
+        if loader_state is not None and parallel_state.get_tensor_model_parallel_rank() == 0 \
+                and parallel_state.get_pipeline_model_parallel_rank() == 0 \
+                and parallel_state.get_context_parallel_rank() == 0:
+            _write_atomically(loader_state_path(partial, parallel_state.get_data_parallel_rank()),
+                              json.dumps(loader_state))
+        manifest = {"format": FORMAT, "step": step, "layout": layout(), "parts": parts, "config": config}
+        finalize = functools.partial(self._finalize, partial, final, manifest)
+        if request is None:
+            finalize()
+        else:
+            request.add_finalize_fn(finalize)
+            self._async_queue().schedule_async_request(request)
+        return time.perf_counter() - start
+
+    def poll(self) -> None:
+        """Complete the async save once every rank has written it (collective, cheap when idle)."""
+        if self._queue is not None and self._queue.get_num_unfinalized_calls():
+            self._queue.maybe_finalize_async_calls(blocking=False)
+
+    def wait(self) -> None:
+        """Block until the save in flight, if any, is complete (collective)."""
+        if self._queue is not None and self._queue.get_num_unfinalized_calls():
+            self._queue.maybe_finalize_async_calls(blocking=True)
+
+    def close(self) -> None:
+        self.wait()
+        if self._queue is not None:
+            self._queue.close()
+            self._queue = None
+
+    def _async_queue(self) -> Any:
+        # Not persistent: the persistent worker hangs on CPU (DESIGN.md); a forked writer per save
+        # also snapshots the tensors at fork time, so training may change them right away.
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        if self._queue is None:
+            self._queue = AsyncCallsQueue(persistent=False)
+        return self._queue
+
+    def _finalize(self, partial: Path, final: Path, manifest: dict[str, Any]) -> None:
+        """Every rank finished writing: publish the checkpoint (collective; rank 0 does the work)."""
+        torch.distributed.barrier()
+        if torch.distributed.get_rank() == 0:
+            files = {str(p.relative_to(partial)): p.stat().st_size
+                     for p in sorted(partial.rglob("*")) if p.is_file()}
+            _write_atomically(partial / MANIFEST, json.dumps({**manifest, "files": files}, indent=1))
+            if final.exists():  # the same step saved again (a run resumed from before it)
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            _fsync_dir(final.parent)
+            _write_atomically(self.root / LATEST, final.name + "\n")
+            self._prune()
+            log.info("checkpoint %s complete", final)
+        torch.distributed.barrier()
+
+    def _prune(self) -> None:
+        if not self.keep_last:
+            return
+        for old in _complete_checkpoints(self.root)[self.keep_last:]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(run_dir: Path, step: int, model: list[torch.nn.Module], config: dict[str, Any],
+                    loader_state: dict[str, Any] | None = None) -> Path:
+    """Save the weights alone (synchronously), e.g. an imported or freshly converted model."""
+    Checkpointer(run_dir).save(step, TrainingState(model), config, loader_state=loader_state, blocking=True)
+    return checkpoint_dir(run_dir, step)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validating and choosing
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    return json.loads((Path(path) / MANIFEST).read_text())
+
+
+def validate_checkpoint(path: Path) -> str | None:
+    """Why ``path`` is not a complete checkpoint (None when it is): its manifest is missing or
+    unreadable, or a file it lists is missing or has another size (truncated)."""
+    path = Path(path)
+    try:
+        manifest = read_manifest(path)
+    except FileNotFoundError:
+        return f"no {MANIFEST} (an incomplete save)"
+    except (OSError, ValueError) as err:
+        return f"{MANIFEST} is unreadable ({err.__class__.__name__})"
+    if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+        return f"{MANIFEST} is not a {FORMAT} manifest"
+    for name, size in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        actual = file.stat().st_size
+        if actual != size:
+            return f"{name} has {actual} bytes, the manifest says {size} (truncated)"
+    return None
+
+
+def check_compatible(manifest: dict[str, Any], cfg: Config, path: Path) -> None:
+    """Refuse, in one line, a checkpoint saved for a model of another shape."""
+    saved = manifest.get("config", {}).get("model", {})
+    current = dataclasses.asdict(cfg.model)
+    diffs = [f"{k} {saved.get(k)} (checkpoint) vs {current[k]} (this run)" for k in SHAPE_FIELDS
+             if saved.get(k) != current[k]]
+    if diffs:
+        raise ConfigError(f"{path}: saved for another model: model.{'; model.'.join(diffs)}; resume it with "
+                          f"the same model.* shape, or start a new train.run_dir")
+
+
+def newest_valid_checkpoint(root: Path, quarantine: bool = False) -> tuple[Path | None, list[str]]:
+    """The newest complete checkpoint under ``root`` (a run dir or its ``checkpoints/``) and one
+    line per newer one that is not. ``quarantine`` renames those to ``iter_N.invalid-<time>`` so
+    that keep_last never counts them (done only in the run's own directory)."""
+    root = Path(root)
+    if (root / "checkpoints").is_dir():
+        root = root / "checkpoints"
+    notes = []
+    for candidate in _complete_checkpoints(root):
+        reason = validate_checkpoint(candidate)
+        if reason is None:
+            return candidate, notes
+        if quarantine:
+            moved = candidate.with_name(f"{candidate.name}.invalid-{time.strftime('%Y%m%d-%H%M%S')}")
+            candidate.rename(moved)
+            reason += f", moved to {moved.name}"
+        notes.append(f"{candidate.name}: {reason}")
+    return None, notes
+
+
+def choose_resume_checkpoint(run_dir: Path, cfg: Config) -> Path | None:
+    """The checkpoint this run starts from (None: from scratch), per ``checkpoint.resume``.
+
+    The run directory's own newest complete checkpoint always wins when resuming is on (so a run
+    restarted by torchrun or requeued by SLURM continues where it stopped); otherwise ``auto``
+    starts fresh and a path names the checkpoint (or the run directory) to start from. Falling
+    back past incomplete checkpoints is said in one line. Collective: rank 0 decides.
+    """
+    decision: list[Any] = [None, None]  # (path, error)
+    if torch.distributed.get_rank() == 0:
+        try:
+            decision[0] = _choose(Path(run_dir), cfg)
+        except ConfigError as err:
+            decision[1] = str(err)
+    torch.distributed.broadcast_object_list(decision, src=0)
+    if decision[1] is not None:
+        raise ConfigError(decision[1])
+    return None if decision[0] is None else Path(decision[0])
+
+
+def _choose(run_dir: Path, cfg: Config) -> str | None:
+    resume = cfg.checkpoint.resume
+    if resume == "":
+        if _complete_checkpoints(run_dir / "checkpoints"):
+            log.warning("checkpoint.resume='': starting from scratch although %s holds checkpoints",
+                        run_dir / "checkpoints")
+        return None
+    own, notes = newest_valid_checkpoint(run_dir, quarantine=True)
+    chosen = own
+    if own is None and resume != "auto":
+        given = Path(resume)
+        if checkpoint_step(given) is not None or (given / MANIFEST).is_file():
+            reason = validate_checkpoint(given)
+            if reason is not None:
+                raise ConfigError(f"checkpoint.resume={given}: {reason}; pass a complete checkpoint")
+            chosen = given
+        else:
+            chosen, notes = newest_valid_checkpoint(given)
+            if chosen is None:
+                raise ConfigError(f"checkpoint.resume={given}: no complete checkpoint there"
+                                  + (f" ({'; '.join(notes)})" if notes else ""))
+    elif own is not None and resume != "auto":
+        log.info("%s holds checkpoints of its own: continuing from %s (not checkpoint.resume=%s)",
+                 run_dir, own.name, resume)
+    if chosen is None:
+        if notes:
+            log.warning("no complete checkpoint in %s (%s): starting from scratch", run_dir, "; ".join(notes))
+        return None
+    if notes:
+        log.warning("%s; falling back to %s", "; ".join(f"checkpoint {n}" for n in notes), chosen)
+    check_compatible(read_manifest(chosen), cfg, chosen)
+    return str(chosen)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_checkpoint(path: Path, state: TrainingState) -> dict[str, Any]:
+    """Load every part of ``state`` that ``path`` holds, resharding weights, optimizer and EMA to
+    this layout. RNG states are restored only in the layout they were saved in. Returns the common
+    part: step, config, train_state, and ``same_layout``."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    same_layout = manifest["layout"] == layout()
+    model_sd = _model_sharded_state_dict(state.model)
+    template: dict[str, Any] = dict(model_sd)
+    ema_template: dict[str, ShardedTensor] = {}
+    if state.ema is not None and manifest["parts"]["ema"]:
+        ema_template = state.ema.sharded_state_dict(model_sd)
+        template.update(ema_template)
+    load_optimizer = state.optimizer is not None and manifest["parts"]["optimizer"]
+    if load_optimizer:
+        optimizer = _unwrapped(state.optimizer)
+        _prepare_optimizer_for_loading(optimizer)
+        template["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True,
+                                                             metadata=_optimizer_metadata())
+    if same_layout:
+        template["rng_state"] = _rng_sharded(_rng_state())
+
+    loaded = dist_checkpointing.load(template, str(path))
+
+    _load_weights(state.model, loaded, MODEL_PREFIX)
+    if load_optimizer:
+        _unwrapped(state.optimizer).load_state_dict(loaded["optimizer"])
+    if state.scheduler is not None and "scheduler" in loaded:
+        state.scheduler.load_state_dict(loaded["scheduler"])
+    with torch.no_grad():
+        for key, sharded in ema_template.items():
+            sharded.data.copy_(loaded[key])
+    if state.ema is not None and not ema_template:
+        state.ema.restart()
+        log.info("%s has no EMA: the EMA starts from its weights", path.name)
+    if same_layout:
+        _set_rng_state(loaded["rng_state"])
+    else:
+        log.info("resharding %s from %s to %s: weights, optimizer and EMA are exact; RNG states restart "
+                 "from the seed", path.name, _describe(manifest["layout"]), _describe(layout()))
+    return {"step": loaded["step"], "config": loaded["config"], "train_state": loaded.get("train_state", {}),
+            "same_layout": same_layout}
+
+
+def _describe(lay: dict[str, int]) -> str:
+    return " ".join(f"{k}={v}" for k, v in lay.items())
+
+
+def _prepare_optimizer_for_loading(optimizer: Any) -> None:
+    """A distributed optimizer builds its loading template from its own state, which a fresh one
+    lacks: megatron's dummy step creates it (the values are then overwritten by the load)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for part in _optimizer_parts(optimizer):
+        if isinstance(part, DistributedOptimizer) and not part.optimizer.state:
+            part._init_optimizer_states_with_dummy_values()
+
+
+def _load_weights(model: list[torch.nn.Module], loaded: dict[str, Any], prefix: str) -> None:
+    stage = _stage(model)
+    weights = {_local_name(stage, k[len(prefix):]): v for k, v in loaded.items()
+               if isinstance(k, str) and k.startswith(prefix)}
+    missing, _ = stage.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing:
+        raise ValueError(f"checkpoint lacks weights for {missing[:3]}")
 
 
 def _local_name(stage: Any, global_key: str) -> str:
@@ -95,3 +543,22 @@ def _local_name(stage: Any, global_key: str) -> str:
         _, idx, rest = global_key.split(".", 2)
         return f"layers.{int(idx) - stage.layer_offset}.{rest}"
     return global_key
+
+
+def load_model_weights(path: Path, model: list[torch.nn.Module], ema: bool = False) -> dict[str, Any]:
+    """Load only the weights (any TP/PP layout), or with ``ema`` the EMA weights in their place;
+    returns step and config."""
+    model_sd = _model_sharded_state_dict(model)
+    if ema:
+        if not read_manifest(path)["parts"]["ema"]:
+            raise ValueError(f"{path}: no EMA weights in this checkpoint (checkpoint.ema_decay was 0)")
+        template = {EMA_PREFIX + k[len(MODEL_PREFIX):]: dataclasses.replace(
+            sh, key=EMA_PREFIX + sh.key[len(MODEL_PREFIX):], data=torch.empty_like(sh.data, dtype=torch.float32),
+            dtype=torch.float32) for k, sh in model_sd.items() if isinstance(sh, ShardedTensor)}
+    else:
+        template = dict(model_sd)
+    template["step"] = 0
+    template["config"] = {}
+    loaded = dist_checkpointing.load(template, str(path))
+    _load_weights(model, loaded, EMA_PREFIX if ema else MODEL_PREFIX)
+    return {"step": loaded["step"], "config": loaded["config"]}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence, get_args, get_origin, get_type_hints
@@ -171,6 +172,8 @@ class OptimConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
+    # ZeRO-1: each data-parallel rank keeps the Adam state of its 1/dp of the parameters.
+    distributed_optimizer: bool = True
 
 
 @dataclass
@@ -184,8 +187,31 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     log_interval: int = 10
     save_interval: int = 0  # 0: save only at the end
-    run_dir: str = ""  # "": runs/<name>-<timestamp>
+    run_dir: str = ""  # "": runs/<name>-<timestamp> (runs/<name>-<rdzv id> under torchrun)
     name: str = "goku"
+
+
+RESUME_MODES = ("auto", "")
+
+
+@dataclass
+class CheckpointConfig:
+    """Fault tolerance: what a checkpoint holds, when a run resumes, how it reacts to faults
+    (docs/checkpointing.md). Checkpoints are written every ``train.save_interval`` steps, at the
+    end, and when SIGTERM/SIGUSR1 asks the run to stop."""
+
+    # auto: continue from train.run_dir's newest valid checkpoint; "": always start fresh; a run
+    # directory or checkpoints/iter_N: start from there (once the run dir holds checkpoints of its
+    # own, restarts continue from those).
+    resume: str = "auto"
+    keep_last: int = 3  # complete checkpoints kept in the run dir; 0 keeps all
+    async_save: bool = True  # write in a background process; training blocks only for the snapshot
+    ema_decay: float = 0.9999  # fp32 EMA of the weights, updated after each optimizer step; 0: off
+    max_bad_steps: int = 5  # this many skipped (NaN/Inf loss or gradient) steps in a row stop the run
+    spike_factor: float = 10.0  # log a loss above spike_factor x the running mean; 0: off
+    spike_window: int = 50  # steps in that running mean
+    # nvidia-resiliency-ext heartbeats and sections (needs the package and its ft_launcher).
+    fault_tolerance: bool = False
 
 
 @dataclass
@@ -196,6 +222,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -391,6 +418,21 @@ def _validate_stages(cfg: Config) -> None:
         _require(0 <= s.image_ratio <= 1, f"{where}.image_ratio must be in [0, 1], got {s.image_ratio}")
 
 
+def _validate_checkpoint(c: CheckpointConfig) -> None:
+    _require(c.resume in RESUME_MODES or Path(c.resume).exists(),
+             f"checkpoint.resume={c.resume}: no such file or directory; give a run directory or its "
+             "checkpoints/iter_N, 'auto' (continue train.run_dir) or '' (start fresh)")
+    _require(c.keep_last >= 0, f"checkpoint.keep_last must be >= 0 (0 keeps all), got {c.keep_last}")
+    _require(0 <= c.ema_decay < 1, f"checkpoint.ema_decay must be in [0, 1) (0 disables EMA), got {c.ema_decay}")
+    _require(c.max_bad_steps >= 1, f"checkpoint.max_bad_steps must be >= 1, got {c.max_bad_steps}")
+    _require(c.spike_factor == 0 or c.spike_factor > 1,
+             f"checkpoint.spike_factor must be > 1 (0 disables spike logging), got {c.spike_factor}")
+    _require(c.spike_window >= 1, f"checkpoint.spike_window must be >= 1, got {c.spike_window}")
+    _require(not c.fault_tolerance or importlib.util.find_spec("nvidia_resiliency_ext") is not None,
+             "checkpoint.fault_tolerance=true needs nvidia-resiliency-ext: pip install "
+             "nvidia-resiliency-ext and launch with its ft_launcher, or set checkpoint.fault_tolerance=false")
+
+
 def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> None:
     """Check every rule that would otherwise fail deep inside a run; fills in ``parallel.dp``."""
     m, p, t, o, f, d = cfg.model, cfg.parallel, cfg.train, cfg.optim, cfg.flow, cfg.data
@@ -417,8 +459,30 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> None:
                               f"with torchrun")
     for name in ("tp", "pp", "cp"):
         _require(getattr(p, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(p, name)}")
-    _require(p.cp == 1, f"parallel.cp={p.cp}: context parallelism is not implemented yet; "
-                        f"set parallel.cp=1")
+    if p.cp > 1:  # context parallelism splits each sequence over cp ranks (model/context_parallel.py)
+        # Transformer Engine's CP attention (attention_backend te, or auto on GPU) cuts every
+        # sequence into 2*cp chunks; Ulysses all-to-all (any other backend) splits heads over cp.
+        te = m.attention_backend == "te" or (m.attention_backend == "auto" and has_cuda)
+        split = 2 * p.cp if te else p.cp
+        why = f"2*cp={split} chunks for Transformer Engine's CP attention" if te else f"cp={split} ranks"
+        heads = m.num_heads // p.tp
+        _require(m.attention_backend == "te" or m.num_heads % p.tp != 0 or heads % p.cp == 0,
+                 f"parallel.cp={p.cp}: Ulysses all-to-all splits the {heads} heads per tensor-parallel rank "
+                 f"(model.num_heads={m.num_heads} / parallel.tp={p.tp}) over cp ranks; choose a parallel.cp "
+                 f"that divides {heads}, or model.attention_backend=te on GPU")
+        pt, ph, pw = m.patch_size
+        if d.kind == "toy" and min(d.toy_size, d.toy_frames) > 0 and not (
+                d.toy_size % ph or d.toy_size % pw or d.toy_frames % pt):
+            frames = 1 if d.image_ratio > 0 else d.toy_frames // pt  # stills have one frame
+            tokens = frames * (d.toy_size // ph) * (d.toy_size // pw)
+            _require(tokens % split == 0,
+                     f"data.toy_size={d.toy_size}: an unpacked sample of {tokens} tokens does not split into "
+                     f"{why} (parallel.cp={p.cp}); choose data.toy_size/toy_frames so that tokens per "
+                     f"{'still' if d.image_ratio > 0 else 'clip'} are a multiple of {split}")
+        for i, stage in enumerate(d.stages if d.kind != "toy" else []):
+            _require(stage.token_budget % split == 0,
+                     f"data.stages[{i}].token_budget={stage.token_budget} does not split into {why} "
+                     f"(parallel.cp={p.cp}); make it a multiple of {split}")
     _one_of(p.distributed_backend, DIST_BACKENDS, "parallel.distributed_backend")
     _require(has_cuda or p.distributed_backend != "nccl",
              "parallel.distributed_backend='nccl' needs GPUs; use auto or gloo on CPU")
@@ -453,6 +517,7 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> None:
              "use auto or fp32 on CPU")
     _require(t.log_interval > 0, f"train.log_interval must be positive, got {t.log_interval}")
     _require(t.save_interval >= 0, f"train.save_interval must be >= 0, got {t.save_interval}")
+    _validate_checkpoint(cfg.checkpoint)
 
     _require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
     _require(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be in [0, optim.lr={o.lr}]")

@@ -11,12 +11,18 @@ Rules that keep this module honest:
 - It refuses any megatron-core version but the one it was written for, so that an upgrade fails
   here, loudly, instead of somewhere inside a training step. tests/test_cpu_compat.py has one test
   per patch; re-run it and revisit each patch when bumping the pin in setup.py.
-- No megatron code is copied: patches either swap the ``torch`` name a module sees (``_CpuTorch``)
-  or replace one small function with a CPU equivalent written here.
+- No megatron code is copied: patches either swap the ``torch`` name a module sees (``_CpuTorch``),
+  replace one small function with a CPU equivalent written here, or wrap one method so that it
+  gets what it expects (``_wrap_method``; the wrapper calls megatron's original).
+
+Without Transformer Engine or apex (always the case on CPU) megatron-core falls back to torch's
+AdamW, whose per-parameter ``step`` tensor the distributed optimizer's checkpoint code does not
+expect; two wrappers below close that gap, so they live here too.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import types
@@ -44,7 +50,11 @@ REDIRECTED_MODULES: dict[str, str] = {
     "megatron.core.dist_checkpointing.strategies.async_utils": "cuda.synchronize before async save",
     "megatron.core.dist_checkpointing.strategies.filesystem_async": "cuda.synchronize in tensor preload",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver": "failure flag on current_device()",
+    "megatron.core.optimizer.distrib_optimizer": "dummy Adam state on current_device() when loading",
 }
+
+# Marks a method wrapped by _wrap_method, so that apply() never wraps a wrapper.
+_WRAPPED = "_goku_cpu_compat_wrapped"
 
 _applied = False
 
@@ -158,6 +168,116 @@ def clip_grad_by_total_norm(
         torch._foreach_mul_(grads, clip_coeff)
 
 
+_write_results_queue: Any = None
+
+
+def forked_write_results_queue() -> Any:
+    """Replacement for filesystem_async._get_write_results_queue: the same cached manager queue
+    through which async checkpoint writers report, but the manager process is forked.
+
+    megatron spawns it: a fresh interpreter that imports torch and re-imports the main module,
+    which takes seconds of the first save on a busy CPU (and hangs a torchrun script without an
+    ``if __name__ == "__main__"`` guard). The manager only relays results; it never touches CUDA.
+    """
+    global _write_results_queue
+    if _write_results_queue is None:
+        import multiprocessing
+
+        _write_results_queue = multiprocessing.get_context("fork").Manager().Queue()
+    return _write_results_queue
+
+
+def _reported_type(name: str, tensor: torch.Tensor, dtype: Any = None, non_blocking: bool = False,
+                   **kwargs: Any) -> Any:
+    """``tensor.type()`` answering ``name``; with a dtype it converts, as Tensor.type does."""
+    if dtype is None and not kwargs:
+        return name
+    return torch.Tensor.type(tensor, dtype, non_blocking, **kwargs)
+
+
+def cpu_params_report_cuda_types(build: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrapper for DistributedOptimizer._build_model_and_main_param_groups (a classmethod).
+
+    It sorts parameters by ``param.type()`` into 'torch.cuda.FloatTensor' (main params are the
+    parameter shards themselves) and 'torch.cuda.HalfTensor'/'BFloat16Tensor' (fp32 main copies),
+    and raises TypeError for anything else, CPU tensors included. For the duration of the call
+    each CPU parameter reports the CUDA name of its dtype (an instance attribute shadowing
+    Tensor.type); the attribute is removed afterwards.
+    """
+
+    def build_groups(cls: type, gbuf_ranges: Any, param_gbuf_map: dict, opt_group_ranges: Any,
+                     config: Any) -> Any:
+        cpu_params = [p for p in param_gbuf_map if p.device.type == "cpu"]
+        for param in cpu_params:
+            cuda_name = torch.Tensor.type(param).replace("torch.", "torch.cuda.", 1)
+            param.type = functools.partial(_reported_type, cuda_name, param)
+        try:
+            return build(cls, gbuf_ranges, param_gbuf_map, opt_group_ranges, config)
+        finally:
+            for param in cpu_params:
+                del param.type
+
+    return classmethod(build_groups)
+
+
+def keep_torch_adam_step(set_states: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrapper for DistributedOptimizer._set_main_param_and_optimizer_states.
+
+    Loading a ``fully_reshardable`` checkpoint hands it the param, exp_avg and exp_avg_sq of a
+    parameter and copies into every state the optimizer holds; torch's AdamW also holds a 'step'
+    (megatron restores it separately, from the param groups), so the copy fails with KeyError.
+    The wrapper passes the optimizer's own step along, which leaves it as it is.
+    """
+
+    def set_main_param_and_optimizer_states(self: Any, model_param: torch.nn.Parameter,
+                                            tensors: dict[str, torch.Tensor]) -> Any:
+        if "step" not in tensors:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            state = self.optimizer.state[main_param]
+            if "step" in state:
+                tensors = {**tensors, "step": state["step"]}
+        return set_states(self, model_param, tensors)
+
+    return set_main_param_and_optimizer_states
+
+
+def own_torch_adam_steps(load_state_dict: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrapper for DistributedOptimizer.load_state_dict.
+
+    For torch's AdamW it gives every parameter the *same* 'step' tensor. AdamW increments each
+    parameter's step in place, so after a resume the shared tensor advanced once per parameter
+    per optimizer step and Adam's bias correction was wrong from then on. The wrapper gives each
+    parameter its own copy of the loaded step.
+    """
+
+    def load(self: Any, state_dict: dict[str, Any]) -> None:
+        load_state_dict(self, state_dict)
+        for state in self.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+    return load
+
+
+def _wrap_method(owner: type, name: str, make_wrapper: Callable[[Callable[..., Any]], Any]) -> None:
+    """Replace ``owner.name`` by ``make_wrapper(original)``, once (a wrapper is never rewrapped)."""
+    if name not in owner.__dict__:
+        raise RuntimeError(
+            f"cpu_compat: {owner.__module__}.{owner.__name__}.{name} is gone; "
+            f"update goku_megatron/cpu_compat.py"
+        )
+    current = owner.__dict__[name]
+    function = current.__func__ if isinstance(current, classmethod) else current
+    if getattr(function, _WRAPPED, False):
+        return
+    wrapped = make_wrapper(function)
+    wrapper = wrapped.__func__ if isinstance(wrapped, classmethod) else wrapped
+    setattr(wrapper, _WRAPPED, True)
+    wrapper.__wrapped__ = function  # megatron's original, for tests/test_cpu_compat.py
+    setattr(owner, name, wrapped)
+
+
 def _patch_attr(module_name: str, attr: str, replacement: Any) -> None:
     module = importlib.import_module(module_name)
     if not hasattr(module, attr):
@@ -194,6 +314,13 @@ def apply(force: bool = False) -> bool:
     _patch_attr("megatron.core.tensor_parallel.random", "_get_cuda_rng_state", _cpu_rng_state)
     _patch_attr("megatron.core.tensor_parallel.random", "_set_cuda_rng_state", _set_cpu_rng_state)
     _patch_attr("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32", clip_grad_by_total_norm)
+    _patch_attr("megatron.core.dist_checkpointing.strategies.filesystem_async", "_get_write_results_queue",
+                forked_write_results_queue)
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    _wrap_method(DistributedOptimizer, "_build_model_and_main_param_groups", cpu_params_report_cuda_types)
+    _wrap_method(DistributedOptimizer, "_set_main_param_and_optimizer_states", keep_torch_adam_step)
+    _wrap_method(DistributedOptimizer, "load_state_dict", own_torch_adam_steps)
     _applied = True
     log.info("megatron-core %s adapted to CPU (goku_megatron.cpu_compat)", MEGATRON_CORE_VERSION)
     return True

@@ -19,6 +19,18 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop the records past ``step`` from ``run_dir/metrics.jsonl``: a run resumed from the
+    checkpoint of ``step`` logs those steps again, so the file keeps one record per step."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
 class MetricsLogger:
     """Writes one JSON object per logged step and the same scalars to TensorBoard."""
 

@@ -93,8 +93,8 @@ def choose_backends(cfg: Config) -> Backends:
                            "install it (NGC PyTorch container) or use model.linear_backend=auto")
     linear = "te" if cfg.model.linear_backend == "te" or (cfg.model.linear_backend == "auto" and te) else "local"
     attention = cfg.model.attention_backend
-    if attention == "auto":
-        attention = "flash" if has_flash_attn() else "sdpa"
+    if attention == "auto":  # context parallelism goes through TE's CP attention where TE exists
+        attention = "te" if te and cfg.parallel.cp > 1 else "flash" if has_flash_attn() else "sdpa"
     elif attention == "flash" and not has_flash_attn():
         raise RuntimeError("model.attention_backend=flash but flash_attn is not importable; "
                            "install flash-attn or use model.attention_backend=auto")
@@ -144,6 +144,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun_restart_store(timeout: datetime.timedelta) -> torch.distributed.Store | None:
+    """torchrun's store with keys prefixed by the restart count, for workers that share the
+    agent's store (``TORCHELASTIC_USE_AGENT_STORE``); None otherwise.
+
+    torchrun (torch 2.13, c10d rendezvous) gives restarted workers the same store as the workers
+    they replace, without a per-attempt prefix, so a restarted rank that creates a process group
+    before its peers can read the addresses the killed ranks published there and fail to connect
+    ("Gloo connectFullMesh failed ... Connection refused").
+    """
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or restart is None:
+        return None
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                       is_master=False, timeout=timeout)
+    return torch.distributed.PrefixStore(f"goku/restart_{restart}", store)
+
+
 def init_distributed(cfg: Config, backends: Backends) -> None:
     """Start torch.distributed (torchrun env or a one-process group) and megatron's parallel state.
 
@@ -156,7 +173,12 @@ def init_distributed(cfg: Config, backends: Backends) -> None:
         if backends.device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         timeout = datetime.timedelta(minutes=10)
-        if "RANK" in os.environ:  # torchrun / srun: env:// rendezvous
+        restart_store = torchrun_restart_store(timeout)
+        if restart_store is not None:
+            torch.distributed.init_process_group(backend=backends.distributed, timeout=timeout,
+                                                 store=restart_store, rank=int(os.environ["RANK"]),
+                                                 world_size=int(os.environ["WORLD_SIZE"]))
+        elif "RANK" in os.environ:  # torchrun / srun: env:// rendezvous
             torch.distributed.init_process_group(backend=backends.distributed, timeout=timeout)
         else:  # a plain process; the environment is left alone for any child process
             torch.distributed.init_process_group(

@@ -14,7 +14,9 @@ megatron optimizer (AdamW, clipping) and the warmup + cosine schedule.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import sys
@@ -103,7 +105,7 @@ def build_model(cfg: Config, backends: Backends) -> tuple[list[torch.nn.Module],
     if tc.bf16:
         module = Float16Module(tc, module)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                               use_distributed_optimizer=False)
+                                               use_distributed_optimizer=cfg.optim.distributed_optimizer)
     return [DistributedDataParallel(config=tc, ddp_config=ddp_config, module=module)], tc
 
 
@@ -117,7 +119,7 @@ def build_optimizer(cfg: Config, model: list[torch.nn.Module], tc: Any) -> tuple
             optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
             adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
             clip_grad=o.clip_grad, bf16=tc.bf16, params_dtype=tc.params_dtype,
-            use_distributed_optimizer=False,
+            use_distributed_optimizer=o.distributed_optimizer,
         ),
         model,
     )
@@ -165,13 +167,21 @@ def split_microbatches(batch: FlowBatch, micro_batch_size: int) -> list[FlowBatc
 def forward_step(data_iterator: Iterator[FlowBatch | Any], model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
     """megatron's forward_step_func: run the stage, and on the last stage return the loss.
 
-    A micro-batch is a FlowBatch of same-shape samples (toy) or one Patch n' Pack sequence."""
+    A micro-batch is a FlowBatch of same-shape samples (toy) or one Patch n' Pack sequence.
+
+    With context parallelism the stage outputs this CP rank's tokens and the loss is this rank's
+    share of the micro-batch loss (the shares add up to it). megatron's schedule multiplies the
+    returned loss by cp and DDP averages gradients over dp x cp ranks, which leaves the CP=1
+    gradients; the reported loss sums the shares over CP and averages over DP."""
     from megatron.core import parallel_state
 
     from goku_megatron import flow
     from goku_megatron.data.packing import Pack, packed_flow_loss
+    from goku_megatron.model.context_parallel import sequence_shard_loss
+    from goku_megatron.model.goku import iter_stage_models
 
     batch = next(data_iterator)
+    (stage,) = iter_stage_models([model])
     if isinstance(batch, Pack):
         output = model(batch)
     else:
@@ -179,11 +189,13 @@ def forward_step(data_iterator: Iterator[FlowBatch | Any], model: torch.nn.Modul
 
     def loss_func(output_tensor: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if isinstance(batch, Pack):
-            loss = packed_flow_loss(output_tensor, batch)
+            loss = packed_flow_loss(output_tensor, batch, tokens=stage.pack_shard(batch).source)
+        elif (shard := stage.sequence_shard(batch.target)) is not None:
+            loss = sequence_shard_loss(output_tensor, batch.target, stage.patch, shard)
         else:
             loss = flow.flow_loss(output_tensor, batch.target).mean()
         reported = loss.detach().clone()
-        torch.distributed.all_reduce(reported, group=parallel_state.get_data_parallel_group())
+        torch.distributed.all_reduce(reported, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
         reported /= parallel_state.get_data_parallel_world_size()
         return loss, {"loss": reported}
 
@@ -209,12 +221,17 @@ def train_step(
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from goku_megatron.model.context_parallel import align_packs
+    from goku_megatron.model.goku import iter_stage_models
+
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     first = microbatches[0].noisy
     if first.dim() == 2:  # packs: [budget, patch_dim], one sequence per micro-batch
-        seq_length, micro_batch_size = first.shape[0], 1
+        # megatron divides seq_length by cp for the p2p shape: the CP-local sequence.
+        microbatches, seq_length = align_packs(microbatches, next(iter_stage_models(model)).cp_layout)
+        micro_batch_size = 1
     else:
         c, t, h, w = first.shape[1:]
         pt, ph, pw = cfg.model.patch_size
@@ -249,19 +266,25 @@ class Training:
     model: list[torch.nn.Module]
     optimizer: Any
     scheduler: Any
+    ema: Any = None  # goku_megatron.ema.EMA, None when checkpoint.ema_decay=0
 
 
 def setup(cfg: Config) -> Training:
-    """Process group, seeds, this rank's model stage, optimizer and schedule, megatron hooks."""
+    """Process group, seeds, this rank's model stage, optimizer (skipping non-finite steps) and
+    schedule, megatron hooks, and the EMA of the weights."""
+    from goku_megatron.ema import EMA
     from goku_megatron.platform import init_distributed, seed_everything
+    from goku_megatron.resilience import SkipNonFiniteSteps
 
     backends = choose_backends(cfg)
     init_distributed(cfg, backends)
     seed_everything(cfg.train.seed)
     model, tc = build_model(cfg, backends)
     optimizer, scheduler = build_optimizer(cfg, model, tc)
+    optimizer = SkipNonFiniteSteps(optimizer)
     wire_megatron_config(tc, model, optimizer)
-    return Training(backends, model, optimizer, scheduler)
+    ema = EMA(model, cfg.checkpoint.ema_decay) if cfg.checkpoint.ema_decay else None
+    return Training(backends, model, optimizer, scheduler, ema)
 
 
 def wire_megatron_config(tc: Any, model: list[torch.nn.Module], optimizer: Any) -> None:
@@ -278,8 +301,12 @@ def wire_megatron_config(tc: Any, model: list[torch.nn.Module], optimizer: Any) 
 
 
 def resolve_run_dir(cfg: Config) -> Path:
-    """Same directory on every rank: rank 0 picks it (timestamped unless given) and broadcasts."""
-    chosen = [cfg.train.run_dir or f"runs/{cfg.train.name}-{time.strftime('%Y%m%d-%H%M%S')}"]
+    """Same directory on every rank: rank 0 picks it and broadcasts. Unless train.run_dir names
+    one it is runs/<name>-<torchrun's rendezvous id> under torchrun, so that a job torchrun
+    restarts finds its checkpoints, and runs/<name>-<timestamp> otherwise."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    suffix = run_id if run_id != "none" else time.strftime("%Y%m%d-%H%M%S")
+    chosen = [cfg.train.run_dir or f"runs/{cfg.train.name}-{suffix}"]
     torch.distributed.broadcast_object_list(chosen, src=0)
     return Path(chosen[0])
 
@@ -358,72 +385,149 @@ def build_packed_source(cfg: Config, dp_rank: int, dp_size: int, device: torch.d
 
 
 def run(cfg: Config, batches: BatchSource | None = None) -> list[StepResult]:
-    """Train ``cfg.train.steps`` steps; returns the per-step results (on every rank)."""
+    """Train up to step ``cfg.train.steps``, continuing from a checkpoint when there is one
+    (``checkpoint.resume``); returns the results of the steps this call ran (on every rank).
+
+    Checkpoints every ``train.save_interval`` steps (async when ``checkpoint.async_save``) and at
+    the end. Raises resilience.Preempted after the checkpoint of the step at which any rank got
+    SIGTERM/SIGUSR1, and resilience.Diverged after ``checkpoint.max_bad_steps`` non-finite steps
+    in a row (each skipped without touching the weights).
+    """
     from megatron.core import parallel_state
 
-    from goku_megatron.checkpoint import save_checkpoint
+    from goku_megatron.checkpoint import Checkpointer, TrainingState, choose_resume_checkpoint
     from goku_megatron.data.text_encoder import HashTextEncoder
-    from goku_megatron.metrics import MetricsLogger
+    from goku_megatron.metrics import MetricsLogger, truncate_metrics
+    from goku_megatron.resilience import Diverged, FaultTolerance, Preempted, StepGuard, StopSignals
 
-    training = setup(cfg)
-    backends, model = training.backends, training.model
-    optimizer, scheduler = training.optimizer, training.scheduler
-    rank = torch.distributed.get_rank()
-    run_dir = resolve_run_dir(cfg)
-    log.info("backends: %s", backends.describe())
-    log.info("layout: world=%d tp=%d pp=%d cp=%d dp=%d | run dir %s", torch.distributed.get_world_size(),
-             cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.parallel.dp, run_dir)
+    ck = cfg.checkpoint
+    fault_tolerance = FaultTolerance(ck.fault_tolerance)
+    with StopSignals() as signals, contextlib.ExitStack() as cleanup:
+        cleanup.callback(fault_tolerance.close)
+        with fault_tolerance.section("setup"):
+            training = setup(cfg)
+            backends, model = training.backends, training.model
+            optimizer, scheduler = training.optimizer, training.scheduler
+            rank = torch.distributed.get_rank()
+            run_dir = resolve_run_dir(cfg)
+            log.info("backends: %s", backends.describe())
+            log.info("layout: world=%d tp=%d pp=%d cp=%d dp=%d | run dir %s", torch.distributed.get_world_size(),
+                     cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.parallel.dp, run_dir)
 
-    dp_rank = parallel_state.get_data_parallel_rank()
-    device = torch.device("cuda", torch.cuda.current_device()) if backends.device == "cuda" else torch.device("cpu")
-    packed = None
-    if cfg.data.kind != "toy":
-        packed = build_packed_source(cfg, dp_rank, cfg.parallel.dp, device)
-    elif batches is None:
-        batches = build_batch_source(cfg, dp_rank, cfg.parallel.dp)
-    text_encoder = HashTextEncoder(dim=cfg.model.text_dim, max_tokens=cfg.data.max_text_tokens)
+            dp_rank = parallel_state.get_data_parallel_rank()
+            device = torch.device("cuda", torch.cuda.current_device()) if backends.device == "cuda" else torch.device("cpu")
+            packed = None
+            if cfg.data.kind != "toy":
+                packed = build_packed_source(cfg, dp_rank, cfg.parallel.dp, device)
+            elif batches is None:
+                batches = build_batch_source(cfg, dp_rank, cfg.parallel.dp)
+            loader = packed if packed is not None else batches
+            text_encoder = HashTextEncoder(dim=cfg.model.text_dim, max_tokens=cfg.data.max_text_tokens)
 
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    metrics = MetricsLogger(run_dir, cfg.train.steps, enabled=rank == 0)
-    results: list[StepResult] = []
-    t = cfg.train
-    stage = -1
-    for step in range(1, t.steps + 1):
-        start = time.perf_counter()
-        extra: dict[str, float] = {}
-        if packed is not None:
-            if cfg.data.stage_at(step)[0] != stage:
-                stage, spec = cfg.data.stage_at(step)
-                log.info("step %d: stage %d %s (%dx%d, %d frames at %g fps, %d-token packs, "
-                         "image ratio %g)", step, stage, spec.name, spec.height, spec.width,
-                         spec.frames, spec.fps, spec.token_budget, spec.image_ratio)
-            microbatches = [p.to(device) for p in packed.next_step(step)]
-            bad = packed.bad.as_metrics()
-            counts = _dp_sum([sum(p.num_samples for p in microbatches), *bad.values()], device)
-            samples = counts[0]
-            extra = {"stage": stage, **dict(zip(bad, counts[1:]))}
-        else:
-            flow_batch = make_flow_batch(next(batches), step, cfg, text_encoder, device)
-            microbatches = split_microbatches(flow_batch, t.micro_batch_size)
-            samples = t.global_batch_size
-        result = train_step(microbatches, model, optimizer, scheduler, cfg)
-        step_time = time.perf_counter() - start
-        results.append(result)
-        if step % t.log_interval == 0 or step in (1, t.steps):
-            metrics.log(step, {
-                "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
-                "samples_per_s": samples / step_time, "step_time_s": step_time, **extra,
-            })
-        if (t.save_interval and step % t.save_interval == 0) or step == t.steps:
-            path = save_checkpoint(run_dir, step, model, cfg.to_dict(),
-                                   packed.state_dict() if packed is not None else None)
-            log.info("saved checkpoint %s", path)
-    metrics.close()
-    log.info("done: %d steps in %.1f s, loss %.4f -> %.4f", t.steps, metrics.elapsed(),
-             results[0].loss, results[-1].loss)
+            state = TrainingState(model, optimizer, scheduler, training.ema)
+            checkpointer = Checkpointer(run_dir, ck.keep_last, ck.async_save)
+            checkpointer.remove_leftovers()
+            guard = StepGuard(ck.max_bad_steps, ck.spike_factor, ck.spike_window)
+            start_step, consumed = 0, 0
+            resume = choose_resume_checkpoint(run_dir, cfg)
+            if resume is not None:
+                start_step, consumed = restore(resume, state, guard, loader)
+            if rank == 0:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+                truncate_metrics(run_dir, start_step)  # steps past the checkpoint are done again
+            # megatron's distributed optimizer runs gc.collect() at every save; with the set-up
+            # objects (modules, model, data) frozen out of collection it takes milliseconds.
+            gc.freeze()
+        metrics = MetricsLogger(run_dir, cfg.train.steps, enabled=rank == 0)
+        cleanup.callback(metrics.close)
+        results: list[StepResult] = []
+        t = cfg.train
+        stage = -1
+        for step in range(start_step + 1, t.steps + 1):
+            start = time.perf_counter()
+            extra: dict[str, float] = {}
+            if packed is not None:
+                if cfg.data.stage_at(step)[0] != stage:
+                    stage, spec = cfg.data.stage_at(step)
+                    log.info("step %d: stage %d %s (%dx%d, %d frames at %g fps, %d-token packs, "
+                             "image ratio %g)", step, stage, spec.name, spec.height, spec.width,
+                             spec.frames, spec.fps, spec.token_budget, spec.image_ratio)
+                microbatches = [p.to(device) for p in packed.next_step(step)]
+                bad = packed.bad.as_metrics()
+                counts = _dp_sum([sum(p.num_samples for p in microbatches), *bad.values()], device)
+                samples = counts[0]
+                extra = {"stage": stage, **dict(zip(bad, counts[1:]))}
+            else:
+                flow_batch = make_flow_batch(next(batches), step, cfg, text_encoder, device)
+                microbatches = split_microbatches(flow_batch, t.micro_batch_size)
+                samples = t.global_batch_size
+            with fault_tolerance.section("step"):
+                result = train_step(microbatches, model, optimizer, scheduler, cfg)
+            if training.ema is not None and not result.skipped:
+                training.ema.update()
+            step_time = time.perf_counter() - start
+            results.append(result)
+            consumed += samples
+            try:
+                extra.update(guard.observe(step, result.loss, result.grad_norm, result.skipped))
+            except Diverged:
+                checkpointer.close()  # a save in flight holds good weights: let it complete
+                raise
+            stop = signals.agreed(device)
+            checkpointer.poll()
+            saving = bool(stop) or step == t.steps or bool(t.save_interval and step % t.save_interval == 0)
+            if saving:
+                with fault_tolerance.section("checkpointing"):
+                    blocked = checkpointer.save(
+                        step, state, cfg.to_dict(), blocking=bool(stop) or step == t.steps,
+                        train_state={"consumed_samples": consumed, "guard": guard.state_dict()},
+                        loader_state=loader.state_dict() if hasattr(loader, "state_dict") else None)
+                log.info("step %d: checkpoint saved (training blocked %.3f s)", step, blocked)
+                extra["checkpoint_blocking_s"] = blocked
+            if step % t.log_interval == 0 or step in (1, t.steps) or saving:
+                metrics.log(step, {
+                    "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
+                    "samples_per_s": samples / step_time, "step_time_s": step_time,
+                    "consumed_samples": consumed, **extra,
+                })
+            fault_tolerance.heartbeat()
+            if stop and step < t.steps:  # at the last step the run is simply done
+                raise Preempted(stop, step)
+        checkpointer.close()
+    if results:
+        log.info("done: steps %d..%d in %.1f s, loss %.4f -> %.4f", start_step + 1, t.steps,
+                 metrics.elapsed(), results[0].loss, results[-1].loss)
+    else:
+        log.info("done: the checkpoint is at step %d = train.steps; nothing to train", start_step)
     return results
+
+
+def restore(path: Path, state: Any, guard: Any, loader: Any) -> tuple[int, int]:
+    """Load checkpoint ``path`` into the training state, the step guard and the data loader;
+    returns (step, consumed samples). The loader continues exactly when the data-parallel size is
+    the one it was saved with; otherwise it starts over (one line says so)."""
+    from megatron.core import parallel_state
+
+    from goku_megatron.checkpoint import load_checkpoint, load_loader_state, read_manifest
+
+    info = load_checkpoint(path, state)
+    train_state = info["train_state"]
+    if "guard" in train_state:
+        guard.load_state_dict(train_state["guard"])
+    if hasattr(loader, "load_state_dict"):
+        saved_dp = read_manifest(path)["layout"]["dp"]
+        loader_state = load_loader_state(path, parallel_state.get_data_parallel_rank())
+        if saved_dp != parallel_state.get_data_parallel_world_size():
+            log.warning("%s was saved with dp=%d, this run has dp=%d: the data order starts over",
+                        path.name, saved_dp, parallel_state.get_data_parallel_world_size())
+        elif loader_state is None:
+            log.warning("%s holds no data loader state: the data order starts over", path.name)
+        else:
+            loader.load_state_dict(loader_state)
+    log.info("resumed from %s: step %d, %d samples consumed", path, info["step"],
+             train_state.get("consumed_samples", 0))
+    return int(info["step"]), int(train_state.get("consumed_samples", 0))
 
 
 def _dp_sum(local: list[int], device: torch.device) -> list[int]:
@@ -471,6 +575,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="print config, layout, backends, size; exit")
     parser.add_argument("--world-size", type=int, default=None,
                         help="world size to plan for in --dry-run (default: $WORLD_SIZE or 1)")
+    parser.add_argument("--resume", metavar="PATH", default=None,
+                        help="start from this checkpoint (checkpoints/iter_N) or run directory; same as "
+                             "checkpoint.resume=PATH (restarts continue from the run dir's own checkpoints)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=20")
     return parser.parse_intermixed_args(argv)
 
@@ -483,15 +590,21 @@ def setup_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """goku-train; the exit codes are resilience.EXIT_* (0 done, 2 bad config, 3 diverged,
+    99 preempted with a checkpoint saved)."""
+    from goku_megatron.resilience import EXIT_CONFIG_ERROR, EXIT_DIVERGED, EXIT_PREEMPTED, Diverged, Preempted
+
     args = parse_args(argv)
     setup_logging()
     world_size = args.world_size if args.world_size is not None else world_size_from_env()
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.resume is not None:
+            cfg.checkpoint.resume = args.resume
         validate(cfg, world_size, has_cuda=has_cuda())
     except ConfigError as err:
         print(f"goku-train: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG_ERROR
     cpu_compat.apply()
     if args.dry_run:
         print(dry_run_report(cfg, world_size))
@@ -502,7 +615,13 @@ def main(argv: list[str] | None = None) -> int:
         run(cfg)
     except ConfigError as err:
         print(f"goku-train: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG_ERROR
+    except Preempted as stop:
+        log.warning("%s", stop)
+        return EXIT_PREEMPTED
+    except Diverged as err:
+        print(f"goku-train: error: {err}", file=sys.stderr)
+        return EXIT_DIVERGED
     finally:
         shutdown_distributed()
     return 0

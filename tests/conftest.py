@@ -51,3 +51,23 @@ def run_torchrun(nproc: int, module_args: list[str], timeout: int = 600, env: di
     if proc.returncode != 0:
         pytest.fail(f"torchrun exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc.stdout
+
+
+# Checkpoint and restart tests (test_checkpoint*.py, test_resilience.py): the toy recipe, shrunk.
+TOY_CHECKPOINT_RUN = ["model.hidden_size=64", "model.ffn_hidden_size=256", "data.toy_clips=32",
+                      "data.toy_images=0", "train.global_batch_size=8", "train.micro_batch_size=2",
+                      "train.log_interval=1", "optim.warmup_steps=2", "train.steps=6"]
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory):
+    """The toy dataset of TOY_CHECKPOINT_RUN, made once (goku-train would rebuild it if its
+    parameters differed)."""
+    from goku_megatron.config import load_config
+    from goku_megatron.data.toy import ensure_toy_dataset
+
+    path = tmp_path_factory.mktemp("toy-data")
+    d = load_config("toy", TOY_CHECKPOINT_RUN).data
+    ensure_toy_dataset(path, clips=d.toy_clips, images=d.toy_images, size=d.toy_size, frames=d.toy_frames,
+                       seed=load_config("toy", TOY_CHECKPOINT_RUN).train.seed)
+    return path

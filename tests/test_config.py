@@ -70,8 +70,23 @@ INVALID = [
     (["parallel.tp=0"], 1, False, "parallel.tp", r"must be >= 1, got 0"),
     (["parallel.pp=-1"], 1, False, "parallel.pp", r"must be >= 1, got -1"),
     (["parallel.cp=0"], 1, False, "parallel.cp", r"must be >= 1, got 0"),
-    (["parallel.cp=2"], 2, False, "parallel.cp",
-     r"context parallelism is not implemented yet; set parallel.cp=1"),
+    # context parallelism: heads per TP rank split by Ulysses, sequences split into cp (TE: 2*cp) parts
+    (["parallel.tp=2", "parallel.cp=4"], 8, False, "parallel.cp",
+     r"splits the 2 heads per tensor-parallel rank .* choose a parallel.cp that divides 2, or "
+     r"model.attention_backend=te on GPU"),
+    (["model.hidden_size=96", "model.num_heads=6", "parallel.cp=4"], 4, False, "parallel.cp",
+     r"splits the 6 heads per tensor-parallel rank \(model.num_heads=6 / parallel.tp=1\)"),
+    (["data.toy_size=6", "parallel.cp=2"], 2, False, "data.toy_size",
+     r"unpacked sample of 9 tokens does not split into cp=2 ranks .*tokens per still are a multiple of 2"),
+    (["data.toy_size=6", "data.toy_frames=3", "data.image_ratio=0", "parallel.cp=2"], 2, False, "data.toy_size",
+     r"unpacked sample of 27 tokens .*tokens per clip are a multiple of 2"),
+    (["data.toy_size=4", "parallel.cp=4"], 4, True, "data.toy_size",
+     r"4 tokens does not split into 2\*cp=8 chunks for Transformer Engine's CP attention"),
+    (["data.kind=latent", "train.micro_batch_size=1", "data.stages=[{steps: 100, token_budget: 1001}]",
+      "parallel.cp=2"], 2, False, "data.stages[0].token_budget", r"=1001 does not split into cp=2 ranks .*"
+     r"make it a multiple of 2"),
+    (["data.kind=latent", "train.micro_batch_size=1", "data.stages=[{steps: 100, token_budget: 1002}]",
+      "parallel.cp=2"], 2, True, "data.stages[0].token_budget", r"into 2\*cp=4 chunks .*make it a multiple of 4"),
     (["parallel.distributed_backend=mpi"], 1, False, "parallel.distributed_backend",
      r"'mpi' is not one of auto, nccl, gloo"),
     (["parallel.distributed_backend=nccl"], 1, False, "parallel.distributed_backend",
@@ -170,6 +185,22 @@ def test_explicit_matching_dp_is_accepted():
     cfg = load_config(None, ["parallel.tp=2", "parallel.dp=4", "train.global_batch_size=16"])
     validate(cfg, 8)
     assert cfg.parallel.dp == 4
+
+
+@pytest.mark.parametrize("overrides, world_size, cuda", [
+    (["parallel.cp=2"], 2, False),
+    (["parallel.tp=2", "parallel.cp=2", "parallel.pp=2", "train.global_batch_size=4"], 8, False),
+    # The same sequences split over cp ranks but not into TE's 2*cp chunks: fine without TE.
+    (["data.toy_size=4", "parallel.cp=4"], 4, False),
+    (["data.kind=latent", "train.micro_batch_size=1", "data.stages=[{steps: 100, token_budget: 1002}]",
+      "parallel.cp=2"], 2, False),
+    # TE's CP attention does not split heads: 6 heads pass at cp=4.
+    (["model.hidden_size=96", "model.num_heads=6", "parallel.cp=4", "model.attention_backend=te"], 4, True),
+])
+def test_context_parallel_layouts_pass(overrides, world_size, cuda):
+    cfg = load_config(None, overrides)
+    validate(cfg, world_size, has_cuda=cuda)
+    assert cfg.parallel.dp * cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp == world_size
 
 
 def test_gpu_backends_pass_with_cuda():
@@ -388,7 +419,8 @@ def test_unknown_recipe_lists_valid(tmp_path):
         load_config("no-such-recipe", [])
     assert all(name in _error(e) for name in available_recipes())
     missing = tmp_path / "missing.yaml"
-    with pytest.raises(ConfigError, match=r"recipe file not found; pass an existing YAML file or one of goku-8b, toy"):
+    with pytest.raises(ConfigError, match=r"recipe file not found; pass an existing YAML file or one of "
+                       + re.escape(", ".join(available_recipes()))):
         load_config(str(missing), [])
 
 
@@ -547,3 +579,62 @@ def test_stages_parse_and_schedule():
 def test_stage_unknown_field_names_its_index():
     with pytest.raises(ConfigError, match=r"unknown key 'data.stages\[1\].hieght' \(did you mean 'data.stages\[1\].height'"):
         load_config(None, ["data.stages=[{steps: 1}, {hieght: 3}]"])
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoint: fault tolerance settings
+
+
+def test_checkpoint_defaults_validate():
+    cfg = load_config(None, [])
+    validate(cfg, 1)
+    c = cfg.checkpoint
+    assert (c.resume, c.keep_last, c.async_save, c.ema_decay) == ("auto", 3, True, 0.9999)
+    assert (c.max_bad_steps, c.spike_factor, c.spike_window, c.fault_tolerance) == (5, 10.0, 50, False)
+    assert cfg.optim.distributed_optimizer is True
+    assert cfg.to_dict()["checkpoint"]["resume"] == "auto"
+
+
+@pytest.mark.parametrize("override, hint", [
+    ("checkpoint.keep_last=-1", r"checkpoint.keep_last must be >= 0 \(0 keeps all\), got -1"),
+    ("checkpoint.ema_decay=1", r"checkpoint.ema_decay must be in \[0, 1\) \(0 disables EMA\), got 1.0"),
+    ("checkpoint.ema_decay=-0.5", r"checkpoint.ema_decay must be in \[0, 1\)"),
+    ("checkpoint.max_bad_steps=0", r"checkpoint.max_bad_steps must be >= 1, got 0"),
+    ("checkpoint.spike_factor=0.5", r"checkpoint.spike_factor must be > 1 \(0 disables spike logging\), got 0.5"),
+    ("checkpoint.spike_window=0", r"checkpoint.spike_window must be >= 1, got 0"),
+    ("checkpoint.resume=/no/such/run", r"checkpoint.resume=/no/such/run: no such file or directory; give a run "
+                                       r"directory or its checkpoints/iter_N, 'auto' \(continue train.run_dir\) "
+                                       r"or '' \(start fresh\)"),
+    ("checkpoint.async_save=maybe", r"checkpoint.async_save must be true or false"),
+])
+def test_checkpoint_rules(override, hint):
+    with pytest.raises(ConfigError, match=hint) as excinfo:
+        validate(load_config(None, [override]), 1)
+    _error(excinfo)
+
+
+@pytest.mark.parametrize("resume", ["auto", "", "''"])
+def test_checkpoint_resume_modes(resume):
+    cfg = load_config(None, [f"checkpoint.resume={resume}"])
+    validate(cfg, 1)
+    assert cfg.checkpoint.resume == ("auto" if resume == "auto" else "")
+
+
+def test_fault_tolerance_needs_nvidia_resiliency_ext(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "nvidia_resiliency_ext" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"checkpoint.fault_tolerance=true needs nvidia-resiliency-ext: pip "
+                                          r"install nvidia-resiliency-ext and launch with its ft_launcher"):
+        validate(load_config(None, ["checkpoint.fault_tolerance=true"]), 1)
+
+
+def test_resume_flag_sets_checkpoint_resume(capsys, tmp_path):
+    rc, out, err = _dry_run(capsys, ["--dry-run", "--resume", str(tmp_path)])
+    assert rc == 0, err
+    resolved = yaml.safe_load(_section(out, "resolved config"))
+    assert resolved["checkpoint"]["resume"] == str(tmp_path)
+    rc, out, err = _dry_run(capsys, ["--dry-run", "--resume", str(tmp_path / "missing")])
+    assert rc == 2 and err.strip().startswith(f"goku-train: error: checkpoint.resume={tmp_path / 'missing'}: ")

@@ -719,15 +719,129 @@ def test_dist_checkpointing_async_save_round_trip(patched, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# The distributed optimizer (distrib_optimizer) and the async writers' results queue
+
+
+def _distributed(seed: int = 0):
+    """A tiny model under megatron DDP with the distributed optimizer (one DP rank)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    config = _tiny_transformer_config()
+    model = _tiny_model(config, seed)
+    ddp = DistributedDataParallel(config=config, module=model, ddp_config=DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True))
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=0.1, weight_decay=0.0, clip_grad=0.0, bf16=False,
+                        params_dtype=torch.float32, use_distributed_optimizer=True), [ddp])
+    return model, ddp, optimizer
+
+
+def _adam_step(ddp, optimizer, seed: int = 3):
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(seed))
+    ddp.zero_grad_buffer()
+    optimizer.zero_grad()
+    ddp(x).pow(2).sum().backward()
+    ddp.finish_grad_sync()
+    return optimizer.step()
+
+
+def test_distributed_optimizer_on_cpu_steps_like_torch_adamw(patched):
+    """_build_model_and_main_param_groups accepts CPU parameters (reported as CUDA types while it
+    sorts them) and the update equals torch's AdamW."""
+    model, ddp, optimizer = _distributed()
+    for p in model.parameters():
+        assert "type" not in p.__dict__  # the reported CUDA type is gone again
+        assert p.type() == "torch.FloatTensor"
+    twin = _torch_twin(model)
+    ref_opt = torch.optim.AdamW(twin.parameters(), lr=0.1, weight_decay=0.0)
+    ok, _, _ = _adam_step(ddp, optimizer)
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(3))
+    twin(x).pow(2).sum().backward()
+    ref_opt.step()
+    assert ok
+    for ours, ref in ((model.lin.weight, twin.weight), (model.lin.bias, twin.bias)):
+        torch.testing.assert_close(ours.detach(), ref.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_distributed_optimizer_needs_the_type_patch(patched, monkeypatch):
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    wrapper = DistributedOptimizer.__dict__["_build_model_and_main_param_groups"].__func__
+    monkeypatch.setattr(DistributedOptimizer, "_build_model_and_main_param_groups",
+                        classmethod(wrapper.__wrapped__))
+    with pytest.raises(TypeError, match="torch.cuda.FloatTensor"):
+        _distributed()
+
+
+def _reload(path, optimizer_source, seed):
+    """Save optimizer_source's state fully_reshardable to ``path`` and load it into a fresh one."""
+    from megatron.core import dist_checkpointing
+
+    metadata = {"distrib_optim_sharding_type": "fully_reshardable",
+                "distrib_optim_fully_reshardable_mem_efficient": True}
+    model, source = optimizer_source
+    dist_checkpointing.save({**model.sharded_state_dict(),
+                             "optimizer": source.sharded_state_dict(model.sharded_state_dict(), metadata=metadata)},
+                            str(path))
+    fresh_model, _, fresh = _distributed(seed)
+    for part in fresh.chained_optimizers:
+        part._init_optimizer_states_with_dummy_values()
+    template = fresh.sharded_state_dict(fresh_model.sharded_state_dict(), is_loading=True, metadata=metadata)
+    fresh.load_state_dict(dist_checkpointing.load({"optimizer": template}, str(path))["optimizer"])
+    return fresh
+
+
+@pytest.mark.parametrize("patch", ["all", "without_keep_step", "without_own_steps"])
+def test_fully_reshardable_load_restores_torch_adam_steps(patched, monkeypatch, tmp_path, patch):
+    """Loading restores moments and a step per parameter: without keep_torch_adam_step the load
+    fails on AdamW's 'step'; without own_torch_adam_steps all parameters share one step tensor
+    (which AdamW then increments once per parameter)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    name = {"without_keep_step": "_set_main_param_and_optimizer_states",
+            "without_own_steps": "load_state_dict"}.get(patch)
+    if name:
+        monkeypatch.setattr(DistributedOptimizer, name, DistributedOptimizer.__dict__[name].__wrapped__)
+    model, ddp, optimizer = _distributed()
+    _adam_step(ddp, optimizer)
+    _adam_step(ddp, optimizer, seed=4)
+    if patch == "without_keep_step":
+        with pytest.raises(KeyError, match="step"):
+            _reload(tmp_path, (model, optimizer), seed=1)
+        return
+    fresh = _reload(tmp_path, (model, optimizer), seed=1)
+    saved, loaded = optimizer.chained_optimizers[0].optimizer, fresh.chained_optimizers[0].optimizer
+    steps = [s["step"] for s in loaded.state.values()]
+    assert [float(s) for s in steps] == [2.0] * len(steps)
+    assert len({id(s) for s in steps}) == (1 if patch == "without_own_steps" else len(steps))
+    for a, b in zip(saved.state.values(), loaded.state.values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+
+
+def test_async_writers_report_through_a_forked_manager(patched):
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    assert filesystem_async._get_write_results_queue is cpu_compat.forked_write_results_queue
+    queue = filesystem_async._get_write_results_queue()
+    assert filesystem_async._get_write_results_queue() is queue  # one manager per process
+    queue.put({"rank": 0})
+    assert queue.get(timeout=10) == {"rank": 0}
+    assert 'get_context("spawn")' in inspect.getsource(filesystem_async), (
+        "megatron's results queue manager is no longer spawned: drop forked_write_results_queue")
+
+
+# ----------------------------------------------------------------------------------------------
 # The no-op rule: GPU runs use megatron-core untouched
 
 
 def _patch_targets():
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
     from megatron.core.optimizer import optimizer
     from megatron.core.tensor_parallel import random as mrandom
 
     return [(mrandom, "_get_cuda_rng_state"), (mrandom, "_set_cuda_rng_state"),
-            (optimizer, "clip_grad_by_total_norm_fp32")]
+            (optimizer, "clip_grad_by_total_norm_fp32"), (filesystem_async, "_get_write_results_queue")]
 
 
 def _unpatch(monkeypatch):
@@ -773,3 +887,8 @@ def test_patches_are_restored_after_the_no_op_tests(patched):
 
     assert mrandom._get_cuda_rng_state is cpu_compat._cpu_rng_state
     assert optimizer.clip_grad_by_total_norm_fp32 is cpu_compat.clip_grad_by_total_norm
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for name in ("_build_model_and_main_param_groups", "_set_main_param_and_optimizer_states", "load_state_dict"):
+        method = DistributedOptimizer.__dict__[name]
+        assert getattr(getattr(method, "__func__", method), cpu_compat._WRAPPED), name

@@ -1,0 +1,137 @@
+"""Checkpoint save and load throughput, and how long an async save blocks training, against a
+plain torch.save / torch.load of the same tensors.
+
+    python benchmarks/checkpoint.py                                  # ~50 M parameters, one process
+    python benchmarks/checkpoint.py model.num_layers=16 --repeats 5
+    torchrun --nproc-per-node 2 benchmarks/checkpoint.py parallel.tp=2
+
+The state is what goku-train checkpoints: weights, fp32 EMA, and the distributed optimizer's fp32
+main weights and Adam moments (after one optimizer step, so that they exist). "MB" is the size on
+disk. Each figure is the median over ``--repeats`` runs; the first save of a process also pays
+one-time set-up (planning caches, the forked manager of the async writers) and is shown apart.
+Not a test: figures depend on the machine and its disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _plain_state(training) -> dict[str, torch.Tensor]:
+    """The same tensors as one flat dict for torch.save."""
+    state = {f"model.{n}": p.detach() for n, p in training.model[0].named_parameters()}
+    if training.ema is not None:
+        state.update({f"ema.{i}": t for i, t in enumerate(training.ema.averages)})
+    for part in training.optimizer.inner.chained_optimizers:
+        for i, (param, s) in enumerate(part.optimizer.state.items()):
+            state[f"optimizer.{i}.param"] = param.detach()
+            state.update({f"optimizer.{i}.{k}": v for k, v in s.items() if isinstance(v, torch.Tensor)})
+    return state
+
+
+def _fsynced_save(state: dict, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+
+    from goku_megatron import cpu_compat
+    from goku_megatron.checkpoint import Checkpointer, TrainingState, load_checkpoint
+    from goku_megatron.config import load_config, validate
+    from goku_megatron.platform import has_cuda, shutdown_distributed, world_size_from_env
+    from goku_megatron.train import setup
+
+    cfg = load_config(None, ["model.num_layers=8", "model.hidden_size=512", "model.ffn_hidden_size=2048",
+                             "model.num_heads=8", "model.text_dim=512", *args.overrides])
+    validate(cfg, world_size_from_env(), has_cuda=has_cuda())
+    cpu_compat.apply()
+    training = setup(cfg)
+    for p in training.model[0].parameters():  # one optimizer step creates the Adam state
+        p.main_grad.normal_(generator=torch.Generator().manual_seed(0))
+    training.optimizer.step()
+    state = TrainingState(training.model, training.optimizer, training.scheduler, training.ema)
+    rank = torch.distributed.get_rank()
+    root = Path(args.dir or tempfile.mkdtemp(prefix="goku-ckpt-bench-"))
+    if args.dir:
+        root.mkdir(parents=True, exist_ok=True)
+    shared = [str(root)]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    root = Path(shared[0])
+
+    def timed(fn) -> float:
+        torch.distributed.barrier()
+        start = time.perf_counter()
+        fn()
+        torch.distributed.barrier()
+        return time.perf_counter() - start
+
+    results: dict[str, list[float]] = {k: [] for k in ("torch_save", "torch_load", "sync_save", "async_block",
+                                                      "async_total", "load")}
+    first: dict[str, float] = {}
+    plain = _plain_state(training)
+    plain_path = root / f"plain_rank{rank}.pt"
+    step = 0
+    for repeat in range(args.repeats + 1):
+        results["torch_save"].append(timed(lambda: _fsynced_save(plain, plain_path)))
+        results["torch_load"].append(timed(lambda: torch.load(plain_path, map_location="cpu")))
+        step += 1
+        sync_run = root / f"sync{repeat}"
+        results["sync_save"].append(timed(lambda: Checkpointer(sync_run).save(step, state, cfg.to_dict(),
+                                                                             blocking=True)))
+        checkpointer = Checkpointer(root / f"async{repeat}", async_save=True)
+        blocked: list[float] = []
+        results["async_total"].append(timed(lambda: (blocked.append(checkpointer.save(step, state, cfg.to_dict())),
+                                                     checkpointer.close())))
+        results["async_block"].append(blocked[0])
+        results["load"].append(timed(lambda: load_checkpoint(sync_run / "checkpoints" / f"iter_{step:07d}", state)))
+        if repeat == 0:  # one-time costs: report apart, time the rest
+            first = {k: v.pop() for k, v in results.items()}
+    plain_bytes = torch.tensor([os.path.getsize(plain_path)], dtype=torch.float64)
+    torch.distributed.all_reduce(plain_bytes)
+    torch_mb = plain_bytes.item() / 1e6
+    dist_mb = _dir_bytes(root / "sync0" / "checkpoints" / "iter_0000001") / 1e6
+    if rank == 0:
+        params = sum(p.numel() for p in training.model[0].parameters())
+        print(f"model: {cfg.model.num_layers} layers x {cfg.model.hidden_size}, {params:,} parameters per rank; "
+              f"world {torch.distributed.get_world_size()} (tp={cfg.parallel.tp} pp={cfg.parallel.pp} "
+              f"dp={cfg.parallel.dp}); optimizer distributed={cfg.optim.distributed_optimizer}; "
+              f"EMA {'on' if training.ema is not None else 'off'}; median of {args.repeats}")
+        print(f"checkpoint: dist_checkpointing {dist_mb:.1f} MB on disk; torch.save of the same tensors "
+              f"{torch_mb:.1f} MB")
+        rows = [("torch.save (fsync)", "torch_save", torch_mb), ("torch.load", "torch_load", torch_mb),
+                ("dist save, sync", "sync_save", dist_mb), ("dist save, async: blocking", "async_block", None),
+                ("dist save, async: until complete", "async_total", dist_mb), ("dist load (load_checkpoint)", "load", dist_mb)]
+        print(f"| {'operation':<34} | {'seconds':>8} | {'MB/s':>7} | {'first call, s':>13} |")
+        print(f"|{'-' * 36}|{'-' * 10}|{'-' * 9}|{'-' * 15}|")
+        for label, key, mb in rows:
+            seconds = statistics.median(results[key])
+            rate = f"{mb / seconds:7.0f}" if mb else "      -"
+            print(f"| {label:<34} | {seconds:8.3f} | {rate} | {first[key]:13.3f} |")
+    torch.distributed.barrier()
+    if rank == 0 and not args.dir:
+        shutil.rmtree(root, ignore_errors=True)
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,338 @@
+"""Checkpoints in one process: what they hold, atomic publication, validation and fall-back,
+incompatible models refused, exact resume (toy and packed loaders), preemption, NaN steps.
+
+The runs here are goku-train's own loop (train.run) in the test process's one-rank megatron world;
+tests/test_checkpoint_dist.py does the same across processes (DP=2, TP=2, PP=2, kills)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from checkpoint_utils import adam_steps, assert_same_tensors, checkpoint_tensors, losses, metrics
+from conftest import TOY_CHECKPOINT_RUN, build_stage
+
+from goku_megatron.checkpoint import (
+    Checkpointer,
+    TrainingState,
+    checkpoint_dir,
+    choose_resume_checkpoint,
+    latest_checkpoint,
+    load_model_weights,
+    newest_valid_checkpoint,
+    save_checkpoint,
+    validate_checkpoint,
+)
+from goku_megatron.config import ConfigError, load_config, validate
+from goku_megatron.resilience import Diverged, Preempted
+
+
+def _cfg(toy_data: Path, run_dir: Path, *extra: str):
+    cfg = load_config("toy", [*TOY_CHECKPOINT_RUN, f"data.path={toy_data}", f"train.run_dir={run_dir}",
+                              "train.save_interval=3", *extra])
+    validate(cfg, 1)
+    return cfg
+
+
+def _run(cfg, batches=None):
+    from goku_megatron.train import run
+
+    return run(cfg, batches)
+
+
+class _Interfere:
+    """The run's own toy loader, with a hook that runs when a given step's batch is drawn (the
+    loader state passes through, so checkpoints hold it)."""
+
+    def __init__(self, cfg, at: dict[int, callable]):
+        from goku_megatron.train import build_batch_source
+
+        self.loader = build_batch_source(cfg, 0, 1)
+        self.at = at
+        self.step = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.step += 1
+        batch = next(self.loader)
+        if self.step in self.at:
+            batch = self.at[self.step](batch) or batch
+        return batch
+
+    def state_dict(self):
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state):
+        self.loader.load_state_dict(state)
+
+
+def _nan(batch):
+    pixels = batch["pixels"].clone()
+    pixels[0, 0, 0, 0, 0] = float("nan")
+    return {**batch, "pixels": pixels}
+
+
+@pytest.fixture(scope="module")
+def reference(toy_data, tmp_path_factory, megatron_world):
+    """Six uninterrupted steps, checkpoints at 3 and 6."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    results = _run(_cfg(toy_data, run_dir))
+    assert [r.skipped for r in results] == [False] * 6
+    return run_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# What a checkpoint holds and how it is published
+
+
+def test_checkpoint_holds_everything_a_resume_needs(reference):
+    from megatron.core import dist_checkpointing
+
+    path = latest_checkpoint(reference)
+    assert path.name == "iter_0000006" and validate_checkpoint(path) is None
+    tensors = checkpoint_tensors(path)
+    weights = {k[len("model."):] for k in tensors if k.startswith("model.")}
+    assert {k[len("ema."):] for k in tensors if k.startswith("ema.")} == weights
+    for kind in ("param", "exp_avg", "exp_avg_sq"):
+        assert {k.split(".model.", 1)[1] for k in tensors if k.startswith(f"optimizer.state.{kind}.")} == weights
+    assert adam_steps(path) == [6.0] * len(adam_steps(path))
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    assert common["step"] == 6 and common["config"]["model"]["hidden_size"] == 64
+    assert common["train_state"]["consumed_samples"] == 6 * 8
+    assert common["scheduler"]["num_steps"] == 6
+    assert (path / "loader_dp00000.json").is_file()
+    # fp32 EMA, updated after each step, and loadable in place of the weights (for sampling)
+    assert tensors["ema.final_layer.linear.weight"].dtype == torch.float32
+    assert not torch.equal(tensors["ema.layers.0.attn1.q_proj.weight"], tensors["model.layers.0.attn1.q_proj.weight"])
+    cfg = load_config("toy", TOY_CHECKPOINT_RUN)
+    validate(cfg, 1)
+    stage = build_stage(cfg)
+    assert load_model_weights(path, [stage], ema=True)["step"] == 6
+    for name, param in stage.named_parameters():
+        assert torch.equal(param, tensors[f"ema.{name}"]), name
+
+
+def test_ema_follows_each_optimizer_step(megatron_world):
+    from goku_megatron.ema import EMA
+
+    cfg = load_config(None, ["model.zero_init=false"])
+    validate(cfg, 1)
+    stage = build_stage(cfg)
+    ema = EMA([stage], decay=0.9)
+    start = {n: p.detach().clone() for n, p in stage.named_parameters()}
+    with torch.no_grad():
+        for p in stage.parameters():
+            p.add_(1.0)
+    ema.update()
+    ema.update()
+    for (name, p), avg in zip(stage.named_parameters(), ema.averages):
+        # two steps towards start+1: start + 1 - 0.9**2
+        torch.testing.assert_close(avg, start[name] + 1 - 0.81, rtol=0, atol=1e-6)
+
+
+def test_keep_last_and_the_latest_pointer(tmp_path, megatron_world):
+    cfg = load_config(None, [])
+    validate(cfg, 1)
+    state = TrainingState([build_stage(cfg)])
+    checkpointer = Checkpointer(tmp_path, keep_last=2)
+    for step in (1, 2, 3, 4):
+        checkpointer.save(step, state, cfg.to_dict(), blocking=True)
+        assert latest_checkpoint(tmp_path).name == f"iter_{step:07d}"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["iter_0000003", "iter_0000004", "latest"]
+
+
+def test_interrupted_save_never_becomes_latest(tmp_path, megatron_world):
+    cfg = load_config(None, [])
+    validate(cfg, 1)
+    path = save_checkpoint(tmp_path, 4, [build_stage(cfg)], cfg.to_dict())
+    # a crash in the middle of saving step 5: its directory is still .partial
+    partial = checkpoint_dir(tmp_path, 5).with_name("iter_0000005.partial")
+    shutil.copytree(path, partial)
+    (partial / "manifest.json").unlink()
+    assert latest_checkpoint(tmp_path) == path
+    assert newest_valid_checkpoint(tmp_path) == (path, [])
+    # ... and one that wrote everything (its manifest too) but crashed before its rename
+    complete = checkpoint_dir(tmp_path, 6).with_name("iter_0000006.partial")
+    shutil.copytree(path, complete)
+    Checkpointer(tmp_path).remove_leftovers()
+    assert not partial.exists() and validate_checkpoint(path) is None
+    assert not complete.exists() and latest_checkpoint(tmp_path) == checkpoint_dir(tmp_path, 6)
+
+
+def test_async_save_snapshots_the_weights_when_it_returns(tmp_path, megatron_world):
+    cfg = load_config(None, ["model.zero_init=false"])
+    validate(cfg, 1)
+    stage = build_stage(cfg)
+    saved = {n: p.detach().clone() for n, p in stage.named_parameters()}
+    checkpointer = Checkpointer(tmp_path, async_save=True)
+    blocked = checkpointer.save(1, TrainingState([stage]), cfg.to_dict())
+    assert blocked > 0 and latest_checkpoint(tmp_path) is None  # written in the background
+    with torch.no_grad():  # training goes on and changes the weights in place
+        for p in stage.parameters():
+            p.add_(1.0)
+    checkpointer.close()
+    assert latest_checkpoint(tmp_path).name == "iter_0000001"
+    fresh = build_stage(cfg)
+    load_model_weights(latest_checkpoint(tmp_path), [fresh])
+    for name, p in fresh.named_parameters():
+        assert torch.equal(p, saved[name]), name
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation on load
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_damaged_latest_falls_back_to_the_previous_checkpoint(reference, tmp_path, caplog, damage):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    latest = run_dir / "checkpoints" / "iter_0000006"
+    shard = sorted(latest.glob("*.distcp"))[0]
+    if damage == "truncate":
+        with open(shard, "r+b") as f:
+            f.truncate(shard.stat().st_size // 2)
+    else:
+        shard.unlink()
+    assert validate_checkpoint(latest) is not None
+    cfg = _cfg(reference.parent, run_dir)
+    with caplog.at_level(logging.WARNING, logger="goku_megatron"):
+        chosen = choose_resume_checkpoint(run_dir, cfg)
+    assert chosen == run_dir / "checkpoints" / "iter_0000003"
+    lines = [r.getMessage() for r in caplog.records if "falling back" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert lines[0].startswith(f"checkpoint iter_0000006: {shard.name} ")
+    assert lines[0].endswith(f"falling back to {chosen}")
+    assert not latest.exists()  # moved aside, so keep_last never counts it
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(reference, tmp_path):
+    cfg = _cfg(reference.parent, tmp_path / "new", "model.hidden_size=96",
+               f"checkpoint.resume={reference / 'checkpoints' / 'iter_0000003'}")
+    with pytest.raises(ConfigError) as err:
+        choose_resume_checkpoint(tmp_path / "new", cfg)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "saved for another model: model.hidden_size 64 (checkpoint) vs 96 (this run)" in message
+
+
+def test_resume_from_an_incomplete_checkpoint_fails_in_one_line(reference, tmp_path):
+    broken = tmp_path / "iter_0000003"
+    shutil.copytree(reference / "checkpoints" / "iter_0000003", broken)
+    (broken / "common.pt").unlink()
+    cfg = _cfg(reference.parent, tmp_path / "new", f"checkpoint.resume={broken}")
+    with pytest.raises(ConfigError, match=r"^checkpoint.resume=.*iter_0000003: common.pt is missing; "):
+        choose_resume_checkpoint(tmp_path / "new", cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact resume
+
+
+def _same_run(run_dir: Path, reference: Path, steps=range(4, 7)) -> None:
+    got, want = losses(run_dir), losses(reference)
+    assert [got[s] for s in steps] == [want[s] for s in steps]
+    assert_same_tensors(checkpoint_tensors(latest_checkpoint(run_dir)),
+                        checkpoint_tensors(latest_checkpoint(reference)))
+
+
+def test_resume_from_step_3_equals_the_uninterrupted_run(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = _cfg(reference.parent, run_dir, f"checkpoint.resume={reference / 'checkpoints' / 'iter_0000003'}")
+    results = _run(cfg)
+    assert len(results) == 3
+    assert [r["step"] for r in metrics(run_dir)] == [4, 5, 6]
+    _same_run(run_dir, reference)
+
+
+def test_sigterm_saves_the_step_and_the_resume_is_exact(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = _cfg(reference.parent, run_dir, "train.save_interval=0")
+    terminate = _Interfere(cfg, {4: lambda batch: os.kill(os.getpid(), signal.SIGTERM)})
+    with pytest.raises(Preempted) as stop:
+        _run(cfg, terminate)
+    assert stop.value.step == 4 and stop.value.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    assert latest_checkpoint(run_dir).name == "iter_0000004"
+    _run(cfg)  # auto-resume: the run dir's own checkpoint
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
+    _same_run(run_dir, reference, steps=range(1, 7))
+
+
+# ----------------------------------------------------------------------------------------------
+# Non-finite steps
+
+
+def test_a_nan_step_is_skipped_and_counted(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = _cfg(reference.parent, run_dir, "train.save_interval=0")
+    results = _run(cfg, _Interfere(cfg, {2: _nan}))
+    assert [r.skipped for r in results] == [False, True, False, False, False, False]
+    rows = metrics(run_dir)
+    assert [r["skipped_steps"] for r in rows] == [0, 1, 1, 1, 1, 1]
+    assert rows[1]["loss"] != rows[1]["loss"]  # NaN, logged as such
+    assert rows[0]["loss"] == losses(reference)[1]
+    # the skipped step changed neither the weights nor Adam: 5 updates in 6 steps
+    assert adam_steps(latest_checkpoint(run_dir)) == [5.0] * len(adam_steps(latest_checkpoint(run_dir)))
+    weights = checkpoint_tensors(latest_checkpoint(run_dir))
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_too_many_bad_steps_in_a_row_stop_the_run(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = _cfg(reference.parent, run_dir, "checkpoint.max_bad_steps=2", "train.save_interval=1")
+    with pytest.raises(Diverged) as err:
+        _run(cfg, _Interfere(cfg, {3: _nan, 4: _nan}))
+    assert str(err.value).startswith("steps 3..4: 2 steps in a row had a non-finite loss or gradient norm")
+    assert "\n" not in str(err.value)
+    # step 3 was skipped and saved, step 4 stopped the run: the weights are those after step 2
+    assert latest_checkpoint(run_dir).name == "iter_0000003"
+    assert adam_steps(latest_checkpoint(run_dir)) == [2.0] * len(adam_steps(latest_checkpoint(run_dir)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The packed (latent) loader resumes exactly too
+
+
+@pytest.fixture(scope="module")
+def latent_shards(tmp_path_factory):
+    import io
+    import json
+
+    from goku_megatron.data.shards import ShardWriter
+
+    out = tmp_path_factory.mktemp("latents")
+    gen = torch.Generator().manual_seed(0)
+    with ShardWriter(out, samples_per_shard=8) as writer:
+        for i in range(24):
+            t, h, w = [(1, 4, 4), (3, 4, 4), (2, 6, 4)][i % 3]
+            buf = io.BytesIO()
+            torch.save(torch.randn(4, t, h, w, generator=gen), buf)
+            writer.write(f"k{i:03d}", {"latent.pth": buf.getvalue(), "txt": f"sample {i}".encode(),
+                                       "json": json.dumps({"frames": t}).encode()})
+    return out
+
+
+def test_packed_loader_resume_is_exact(latent_shards, tmp_path, megatron_world):
+    def cfg(run_dir, *extra):
+        c = load_config(None, ["data.kind=latent", f"data.path={latent_shards}", "model.in_channels=4",
+                               "train.micro_batch_size=1", "train.global_batch_size=2", "train.steps=4",
+                               "train.log_interval=1", "train.save_interval=2", "optim.warmup_steps=0",
+                               "data.stages=[{steps: 2, token_budget: 24}, {steps: 2, token_budget: 32}]",
+                               f"train.run_dir={run_dir}", *extra])
+        validate(c, 1)
+        return c
+
+    reference = tmp_path / "reference"
+    _run(cfg(reference))
+    resumed = tmp_path / "resumed"
+    assert len(_run(cfg(resumed, f"checkpoint.resume={checkpoint_dir(reference, 2)}"))) == 2
+    assert losses(resumed) == {s: v for s, v in losses(reference).items() if s > 2}
+    assert_same_tensors(checkpoint_tensors(checkpoint_dir(resumed, 4)),
+                        checkpoint_tensors(checkpoint_dir(reference, 4)))

@@ -1,0 +1,177 @@
+"""Checkpoints and restarts across processes (torchrun, gloo): exact resume with DP=2 and TP=2, a
+SIGTERM that stops all ranks at one step (exit code 99), a SIGKILLed rank that torchrun restarts
+from the latest checkpoint, and resharding TP2->TP1, PP2->PP1 and DP1->DP2 with the optimizer.
+
+The toy run of conftest.TOY_CHECKPOINT_RUN (6 steps) is the reference every test compares with,
+bit for bit: losses, weights, EMA, Adam moments and step counts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from checkpoint_utils import adam_steps, assert_same_tensors, checkpoint_tensors, losses, metrics
+from conftest import REPO, TOY_CHECKPOINT_RUN, run_torchrun
+
+from goku_megatron.checkpoint import checkpoint_dir, latest_checkpoint, load_loader_state
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("megatron_world")]  # loads checkpoints here too
+
+WORKER = str(Path(__file__).with_name("reshard_worker.py"))
+
+
+def _args(toy_data: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["-m", "goku_megatron.train", *TOY_CHECKPOINT_RUN, f"data.path={toy_data}", f"train.run_dir={run_dir}",
+            "train.save_interval=3", *extra]
+
+
+def _train(toy_data: Path, run_dir: Path, *extra: str, nproc: int = 2) -> Path:
+    run_torchrun(nproc, _args(toy_data, run_dir, *extra))
+    return run_dir
+
+
+def _start(toy_data: Path, run_dir: Path, *extra: str, max_restarts: int = 0) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+           "--max-restarts", str(max_restarts), *_args(toy_data, run_dir, *extra)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    log = open(run_dir.parent / f"{run_dir.name}.log", "w")
+    return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def _when_logged(run_dir: Path, step: int, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 300
+    while not ((run_dir / "metrics.jsonl").is_file() and len(metrics(run_dir)) >= step):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before the fault"
+        time.sleep(0.05)
+
+
+def _ranks(proc: subprocess.Popen) -> dict[int, psutil.Process]:
+    """torchrun's workers by RANK (its direct children; their own forks are not workers)."""
+    return {int(p.environ()["RANK"]): p for p in psutil.Process(proc.pid).children()}
+
+
+def _same_as(run_dir: Path, reference: Path) -> None:
+    assert losses(run_dir) == losses(reference)
+    assert [r["step"] for r in metrics(run_dir)] == list(range(1, 7))  # steps redone after a fault: once
+    assert_same_tensors(checkpoint_tensors(checkpoint_dir(run_dir, 6)),
+                        checkpoint_tensors(checkpoint_dir(reference, 6)))
+
+
+@pytest.fixture(scope="module")
+def dp2(toy_data, tmp_path_factory):
+    """The DP=2 reference, with a checkpoint after every step to compare any step with."""
+    return _train(toy_data, tmp_path_factory.mktemp("dp2") / "run", "train.save_interval=1", "checkpoint.keep_last=0")
+
+
+@pytest.fixture(scope="module")
+def tp2(toy_data, tmp_path_factory):
+    return _train(toy_data, tmp_path_factory.mktemp("tp2") / "run", "parallel.tp=2")
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact resume
+
+
+def test_tp2_resume_from_step_3_is_exact(toy_data, tp2, tmp_path):
+    run_dir = _train(toy_data, tmp_path / "run", "parallel.tp=2", f"--resume={checkpoint_dir(tp2, 3)}")
+    assert [r["step"] for r in metrics(run_dir)] == [4, 5, 6]
+    assert {s: v for s, v in losses(tp2).items() if s > 3} == losses(run_dir)
+    assert_same_tensors(checkpoint_tensors(checkpoint_dir(run_dir, 6)), checkpoint_tensors(checkpoint_dir(tp2, 6)))
+
+
+def test_sigterm_on_one_rank_stops_both_at_one_step(toy_data, dp2, tmp_path):
+    """Preemption: SIGTERM reaches rank 1 only; both ranks save the same step, which holds exactly
+    the uninterrupted run's state at that step, and exit with 99. (test_checkpoint.py resumes
+    after a SIGTERM; the SIGKILL test below resumes across processes.)"""
+    run_dir = tmp_path / "run"
+    proc = _start(toy_data, run_dir, "train.save_interval=0")
+    _when_logged(run_dir, 2, proc)
+    ranks = _ranks(proc)
+    ranks[0].suspend()  # keeps the run from finishing before the signal lands
+    ranks[1].send_signal(signal.SIGTERM)
+    ranks[0].resume()
+    assert proc.wait(timeout=300) != 0
+    out = (tmp_path / "run.log").read_text()
+    stopped = latest_checkpoint(run_dir)
+    step = int(stopped.name.split("_")[1])
+    for rank in (0, 1):  # both stopped after the same step, once its checkpoint was complete
+        assert f"rank{rank}] SIGTERM: stopped after step {step} with a checkpoint; exit code 99" in out, out[-3000:]
+    # torchrun reports the first exit (99); the other rank may still be tearing down when torchrun
+    # stops it in turn
+    assert "exitcode  : 99" in out
+    assert 2 <= step < 6 and [r["step"] for r in metrics(run_dir)] == list(range(1, step + 1))
+    assert load_loader_state(stopped, 0) == load_loader_state(checkpoint_dir(dp2, step), 0)
+    assert load_loader_state(stopped, 1) == load_loader_state(checkpoint_dir(dp2, step), 1)
+    assert {s: v for s, v in losses(dp2).items() if s <= step} == losses(run_dir)
+    assert_same_tensors(checkpoint_tensors(stopped), checkpoint_tensors(checkpoint_dir(dp2, step)))
+
+
+def test_sigkilled_rank_is_restarted_by_torchrun_from_the_latest_checkpoint(toy_data, dp2, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _start(toy_data, run_dir, "train.save_interval=1", "checkpoint.keep_last=0", max_restarts=1)
+    _when_logged(run_dir, 2, proc)
+    ranks = _ranks(proc)
+    ranks[0].suspend()
+    ranks[1].send_signal(signal.SIGKILL)
+    ranks[0].resume()
+    assert proc.wait(timeout=300) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    out = (tmp_path / "run.log").read_text()
+    assert "exitcode: -9" in out and "resumed from" in out
+    _same_as(run_dir, dp2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Resharding: load into another layout, save again, compare every tensor
+
+
+def _reshard(source: Path, into: list[str], nproc: int, out: Path) -> Path:
+    overrides = [*TOY_CHECKPOINT_RUN, *into]
+    if nproc > 1:
+        run_torchrun(nproc, [WORKER, str(source), str(out), *overrides])
+    else:  # this process's one-rank world
+        from goku_megatron.checkpoint import Checkpointer, TrainingState, load_checkpoint
+        from goku_megatron.config import load_config, validate
+        from goku_megatron.train import setup
+
+        cfg = load_config("toy", overrides)
+        validate(cfg, 1)
+        training = setup(cfg)
+        state = TrainingState(training.model, training.optimizer, training.scheduler, training.ema)
+        info = load_checkpoint(source, state)
+        assert not info["same_layout"]
+        Checkpointer(out).save(info["step"], state, cfg.to_dict(), blocking=True)
+    return latest_checkpoint(out)
+
+
+def _assert_resharded(got: Path, source: Path) -> None:
+    assert_same_tensors(checkpoint_tensors(got), checkpoint_tensors(source))
+    assert adam_steps(got) == adam_steps(source) and adam_steps(source)[0] == 3.0
+
+
+def test_reshard_tp2_to_tp1(tp2, tmp_path, megatron_world):
+    source = checkpoint_dir(tp2, 3)
+    _assert_resharded(_reshard(source, [], 1, tmp_path), source)
+
+
+def test_reshard_pp2_to_pp1(toy_data, tmp_path_factory, tmp_path, megatron_world):
+    pp2 = _train(toy_data, tmp_path_factory.mktemp("pp2") / "run", "parallel.pp=2", "train.steps=3")
+    source = checkpoint_dir(pp2, 3)
+    _assert_resharded(_reshard(source, ["train.steps=3"], 1, tmp_path), source)
+
+
+def test_reshard_dp1_to_dp2(toy_data, tmp_path_factory, tmp_path, megatron_world):
+    from goku_megatron.config import load_config, validate
+    from goku_megatron.train import run
+
+    dp1 = tmp_path_factory.mktemp("dp1") / "run"
+    cfg = load_config("toy", [*TOY_CHECKPOINT_RUN, f"data.path={toy_data}", f"train.run_dir={dp1}", "train.steps=3"])
+    validate(cfg, 1)
+    run(cfg)
+    source = checkpoint_dir(dp1, 3)
+    _assert_resharded(_reshard(source, ["train.steps=3"], 2, tmp_path), source)
