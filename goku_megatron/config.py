@@ -42,6 +42,7 @@ LR_DECAYS = ("cosine", "constant")
 DATA_KINDS = ("toy", "raw", "latent")
 TEXT_ENCODERS = ("hash", "t5")
 DECODERS = ("auto", "pyav")
+CP_COMM_TYPES = ("p2p", "a2a", "a2a+p2p")
 
 
 @dataclass
@@ -87,6 +88,9 @@ class ParallelConfig:
     cp: int = 1
     dp: int = 0  # 0: derived from the world size
     distributed_backend: str = "auto"
+    # Transformer Engine's CP communication (GPU, attention_backend te): p2p ring, a2a (Ulysses
+    # inside TE) or a2a+p2p (hierarchical); without TE, CP is always Ulysses all-to-all.
+    cp_comm_type: str = "p2p"
 
 
 @dataclass
@@ -495,6 +499,7 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> None:
              f"parallel.dp={p.dp} but world size {world_size} / (tp*pp*cp={model_parallel}) = {dp}; "
              f"set parallel.dp={dp} or 0 (derived)")
     p.dp = dp
+    _one_of(p.cp_comm_type, CP_COMM_TYPES, "parallel.cp_comm_type")
     _require(m.num_heads % p.tp == 0,
              f"model.num_heads={m.num_heads} is not divisible by parallel.tp={p.tp}; "
              f"choose a tp that divides the number of heads")

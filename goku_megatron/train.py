@@ -68,6 +68,7 @@ def build_transformer_config(cfg: Config, backends: Backends) -> Any:
         tensor_model_parallel_size=p.tp,
         pipeline_model_parallel_size=p.pp,
         context_parallel_size=p.cp,
+        cp_comm_type=p.cp_comm_type,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,

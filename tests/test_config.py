@@ -128,6 +128,7 @@ INVALID = [
     (["flow.caption_dropout=1.0"], 1, False, "flow.caption_dropout", r"must be in \[0, 1\), got 1.0"),
     (["flow.caption_dropout=-0.1"], 1, False, "flow.caption_dropout", r"must be in \[0, 1\)"),
     # data
+    (["parallel.cp_comm_type=ring"], 1, False, "parallel.cp_comm_type", r"'ring' is not one of p2p, a2a, a2a\+p2p"),
     (["data.kind=webdataset"], 1, False, "data.kind", r"'webdataset' is not one of toy, raw, latent"),
     (["data.text_encoder=clip"], 1, False, "data.text_encoder", r"'clip' is not one of hash, t5"),
     (["data.text_encoder=t5"], 1, False, "data.text_encoder_path", r"needs data.text_encoder_path"),

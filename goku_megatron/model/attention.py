@@ -146,7 +146,7 @@ class TECoreAttention(torch.nn.Module):
 
     TE expects this rank's tokens in its zigzag layout (``cp_layout``) and, for packs, the global
     cu_seqlens with every sample padded to a multiple of 2*cp (``cu_seqlens_*_padded``); the TE
-    communication pattern is the TransformerConfig's single ``cp_comm_type`` (p2p when unset). Not
+    communication pattern is the TransformerConfig's ``cp_comm_type`` (parallel.cp_comm_type). Not
     exercised by the CPU test suite.
     """
 
