@@ -56,7 +56,8 @@ def run_torchrun(nproc: int, module_args: list[str], timeout: int = 600, env: di
 # Checkpoint and restart tests (test_checkpoint*.py, test_resilience.py): the toy recipe, shrunk.
 TOY_CHECKPOINT_RUN = ["model.hidden_size=64", "model.ffn_hidden_size=256", "data.toy_clips=32",
                       "data.toy_images=0", "train.global_batch_size=8", "train.micro_batch_size=2",
-                      "train.log_interval=1", "optim.warmup_steps=2", "train.steps=6"]
+                      "train.log_interval=1", "optim.warmup_steps=2", "train.steps=6",
+                      "optim.distributed_optimizer=true"]  # the toy recipe turns it off for speed
 
 
 @pytest.fixture(scope="session")
