@@ -93,6 +93,7 @@ class PackedBatches:
         self.text_encoder = text_encoder
         self.bad = bad
         self.buffer_size = buffer_size
+        self.patch = tuple(cfg.model.patch_size)
         self.buffer: list[Buffered] = []
         self.draws = 0
         self._stage_index = -1
@@ -105,7 +106,6 @@ class PackedBatches:
         return streams["image" if draw < stage.image_ratio else "video"]
 
     def _fill(self, step: int, stage: StageConfig) -> None:
-        patch = tuple(self.cfg.model.patch_size)
         while len(self.buffer) < self.buffer_size:
             stream = self._stream_for(step, stage)
             self.draws += 1
@@ -117,7 +117,7 @@ class PackedBatches:
             if channels != self.cfg.model.in_channels:
                 raise ValueError(f"sample {ref.key} in {ref.shard} has {channels}-channel latents but "
                                  f"model.in_channels={self.cfg.model.in_channels}; set it to {channels}")
-            tokens = math.prod(token_grid(prepared.latent.shape, patch))
+            tokens = math.prod(token_grid(prepared.latent.shape, self.patch))
             if tokens > stage.token_budget:
                 raise ValueError(
                     f"sample {ref.key} in {ref.shard} has {tokens} tokens, over data.stages"
@@ -136,11 +136,11 @@ class PackedBatches:
         packs = []
         for _ in range(t.global_batch_size // self.cfg.parallel.dp):
             self._fill(step, stage)
-            patch = tuple(self.cfg.model.patch_size)
-            counts = [math.prod(token_grid(b.sample.latent.shape, patch)) for b in self.buffer]
+            counts = [math.prod(token_grid(b.sample.latent.shape, self.patch)) for b in self.buffer]
             chosen = plan_packs(counts, stage.token_budget)[0]
             samples = [self.buffer[i] for i in chosen]
-            self.buffer = [b for i, b in enumerate(self.buffer) if i not in set(chosen)]
+            taken = set(chosen)
+            self.buffer = [b for i, b in enumerate(self.buffer) if i not in taken]
             packs.append(self._pack(samples, step, stage))
         return packs
 
@@ -168,7 +168,7 @@ class PackedBatches:
         return build_pack(
             [PackSample(noisy=n, target=g, timestep=t, text=e, text_mask=m, key=b.key)
              for n, g, t, e, m, b in zip(noisy, targets, times, text, text_mask, samples)],
-            stage.token_budget, tuple(self.cfg.model.patch_size),
+            stage.token_budget, self.patch,
         )
 
     def state_dict(self) -> dict[str, Any]:
