@@ -125,7 +125,20 @@ def _stage(model: list[torch.nn.Module]) -> Any:
     return stage
 
 
+def gather_weights(model: list[torch.nn.Module]) -> None:
+    """Bring this rank's copy of every weight up to date (collective over data parallelism).
+
+    With optim.overlap_param_gather the distributed optimizer leaves the all-gather of the
+    updated weights to the next forward pass, which gathers each bucket just before its layers
+    run; anything that reads the weights in between (a checkpoint, a dump) must gather first.
+    """
+    for chunk in model:
+        if getattr(chunk, "use_forward_hook", False):
+            chunk.start_param_sync(force_sync=True)
+
+
 def _model_sharded_state_dict(model: list[torch.nn.Module]) -> dict[str, Any]:
+    gather_weights(model)
     return _stage(model).sharded_state_dict(prefix=MODEL_PREFIX)
 
 

@@ -43,6 +43,9 @@ DATA_KINDS = ("toy", "raw", "latent")
 TEXT_ENCODERS = ("hash", "t5")
 DECODERS = ("auto", "pyav")
 CP_COMM_TYPES = ("p2p", "a2a", "a2a+p2p")
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+FP8_FORMATS = ("", "e4m3", "hybrid")
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 
 
 @dataclass
@@ -66,6 +69,19 @@ class ModelConfig:
     # adaLN-Zero: gates and the output layer start at zero, so every block starts as the identity.
     zero_init: bool = True
     recompute: bool = False
+    # What model.recompute recomputes in the backward pass: "full" reruns whole layers (least
+    # memory), "selective" only the core attention softmax(QK^T)V, whose activations are large and
+    # whose FLOPs are few (megatron's "core_attn"; the projections and MLP keep theirs).
+    recompute_granularity: str = "full"
+    # FP8 matrix multiplies through Transformer Engine (GPU, linear backend te): "" off, "e4m3"
+    # everywhere or "hybrid" (e4m3 forward, e5m2 gradients). fp8_recipe picks the scaling: delayed
+    # (amax history), tensorwise (current scaling), blockwise, mxfp8 (Blackwell only); see
+    # docs/performance.md.
+    fp8: str = ""
+    fp8_recipe: str = "delayed"
+    # Keep the first and last N layers in bf16 (FP8 hurts most at the ends of the network); not
+    # with the delayed recipe, whose amax reduction needs one FP8 region around all layers.
+    fp8_bf16_layers: int = 0
     attention_backend: str = "auto"
     linear_backend: str = "auto"
 
@@ -178,6 +194,18 @@ class OptimConfig:
     clip_grad: float = 1.0
     # ZeRO-1: each data-parallel rank keeps the Adam state of its 1/dp of the parameters.
     distributed_optimizer: bool = True
+    # Reduce each bucket of gradients over data parallelism as soon as the backward pass has
+    # produced it, overlapping the communication with the rest of the backward pass.
+    overlap_grad_reduce: bool = False
+    # Distributed optimizer: all-gather the updated weights bucket by bucket during the next
+    # forward pass instead of at the end of the step.
+    overlap_param_gather: bool = False
+    # Distributed optimizer with model.fp8: keep the layers' weights in FP8, so the all-gather moves
+    # half the bytes of bf16 (fp32 main weights stay in the optimizer).
+    fp8_param_gather: bool = False
+    # Elements per gradient bucket, the unit that overlap_grad_reduce communicates; 0: megatron's
+    # default (max(40M, 1M x dp)).
+    ddp_bucket_size: int = 0
 
 
 @dataclass
@@ -437,6 +465,68 @@ def _validate_checkpoint(c: CheckpointConfig) -> None:
              "nvidia-resiliency-ext and launch with its ft_launcher, or set checkpoint.fault_tolerance=false")
 
 
+# Tokens per rank and micro-batch that TE's FP8 GEMMs need a multiple of, per recipe
+# (megatron.core.fp8_utils.get_fp8_align_size).
+FP8_ALIGN = {"mxfp8": 32}
+FP8_ALIGN_DEFAULT = 16
+
+
+def _validate_performance(cfg: Config, has_cuda: bool) -> None:
+    """FP8, activation recompute and communication overlap (docs/performance.md)."""
+    m, o, p, d = cfg.model, cfg.optim, cfg.parallel, cfg.data
+    _one_of(m.recompute_granularity, RECOMPUTE_GRANULARITIES, "model.recompute_granularity")
+    _require(m.fp8 in FP8_FORMATS, f"model.fp8='{m.fp8}' is not one of '' (off), e4m3, hybrid")
+    _one_of(m.fp8_recipe, FP8_RECIPES, "model.fp8_recipe")
+    _require(m.fp8_bf16_layers >= 0, f"model.fp8_bf16_layers must be >= 0, got {m.fp8_bf16_layers}")
+    _require(o.ddp_bucket_size >= 0, f"optim.ddp_bucket_size must be >= 0 (0: megatron's default), "
+                                     f"got {o.ddp_bucket_size}")
+    if m.fp8:
+        _require(has_cuda, f"model.fp8={m.fp8} needs a GPU with Transformer Engine; set model.fp8='' on CPU")
+        _require(m.linear_backend in ("auto", "te"),
+                 f"model.fp8={m.fp8} runs in Transformer Engine's linears; set model.linear_backend=te "
+                 f"(or auto), or model.fp8=''")
+        align = FP8_ALIGN.get(m.fp8_recipe, FP8_ALIGN_DEFAULT)
+        pt, ph, pw = m.patch_size
+        if d.kind == "toy" and p.cp == 1 and min(d.toy_size, d.toy_frames) > 0:
+            frames = 1 if d.image_ratio > 0 else max(d.toy_frames // pt, 1)  # stills have one frame
+            tokens = frames * (d.toy_size // ph) * (d.toy_size // pw) * cfg.train.micro_batch_size
+            _require(tokens % align == 0,
+                     f"data.toy_size={d.toy_size}: a micro-batch of {tokens} tokens, but FP8 GEMMs "
+                     f"({m.fp8_recipe}) need a multiple of {align}; change data.toy_size or train.micro_batch_size")
+        for i, stage in enumerate(d.stages if d.kind != "toy" else []):
+            _require(stage.token_budget % (align * p.cp) == 0,
+                     f"data.stages[{i}].token_budget={stage.token_budget}: FP8 GEMMs ({m.fp8_recipe}) need a "
+                     f"multiple of {align} tokens per context-parallel rank; make it a multiple of {align * p.cp}")
+    if m.fp8_bf16_layers:
+        n, layers = m.fp8_bf16_layers, m.num_layers
+        _require(bool(m.fp8), f"model.fp8_bf16_layers={n} keeps layers out of FP8 training; set model.fp8 "
+                              f"(e4m3 or hybrid) or model.fp8_bf16_layers=0")
+        _require(m.fp8_recipe != "delayed",
+                 f"model.fp8_bf16_layers={n} needs an FP8 context per layer, which the delayed recipe's amax "
+                 f"reduction does not allow; use model.fp8_recipe=tensorwise (or blockwise, mxfp8) or "
+                 f"model.fp8_bf16_layers=0")
+        _require(2 * n < layers, f"model.fp8_bf16_layers={n} keeps {2 * n} of the {layers} layers (first and "
+                                 f"last {n}) in bf16 and none in FP8; lower it")
+        _require(n <= layers // p.pp,
+                 f"model.fp8_bf16_layers={n} is more than the {layers // p.pp} layers of one pipeline stage "
+                 f"(megatron's limit, parallel.pp={p.pp}); lower it")
+    if o.fp8_param_gather:
+        _require(bool(m.fp8), "optim.fp8_param_gather keeps the weights in FP8: set model.fp8 (e4m3 or hybrid) "
+                              "or optim.fp8_param_gather=false")
+        _require(o.distributed_optimizer, "optim.fp8_param_gather is the distributed optimizer's FP8 all-gather: "
+                                          "set optim.distributed_optimizer=true or optim.fp8_param_gather=false")
+        _require(m.fp8_bf16_layers == 0,
+                 f"optim.fp8_param_gather makes every layer's weights FP8, so none can run in bf16: set "
+                 f"model.fp8_bf16_layers=0 (is {m.fp8_bf16_layers}) or optim.fp8_param_gather=false")
+    if o.overlap_param_gather:
+        _require(o.distributed_optimizer, "optim.overlap_param_gather overlaps the distributed optimizer's "
+                                          "all-gather: set optim.distributed_optimizer=true")
+        _require(cfg.checkpoint.ema_decay == 0,
+                 "optim.overlap_param_gather leaves the weights stale until the next forward pass gathers "
+                 "them, but the EMA reads them right after each step: set checkpoint.ema_decay=0 or "
+                 "optim.overlap_param_gather=false")
+
+
 def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> None:
     """Check every rule that would otherwise fail deep inside a run; fills in ``parallel.dp``."""
     m, p, t, o, f, d = cfg.model, cfg.parallel, cfg.train, cfg.optim, cfg.flow, cfg.data
@@ -529,6 +619,7 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> None:
     _require(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
     _one_of(o.decay, LR_DECAYS, "optim.decay")
     _require(o.clip_grad >= 0, f"optim.clip_grad must be >= 0 (0 disables), got {o.clip_grad}")
+    _validate_performance(cfg, has_cuda)
 
     _one_of(f.timestep_sampling, TIMESTEP_SAMPLERS, "flow.timestep_sampling")
     _require(f.logit_std > 0, f"flow.logit_std must be positive, got {f.logit_std}")

@@ -28,19 +28,25 @@ from goku_megatron.config import ModelConfig
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
+def layer_forward_flops(model: ModelConfig, video_tokens: int, text_tokens: int) -> float:
+    """Forward FLOPs of one Goku layer for one sample of ``video_tokens`` tokens and a caption of
+    ``text_tokens`` tokens (benchmarks/throughput.py times layers alone)."""
+    s, length, d, f = video_tokens, text_tokens, model.hidden_size, model.ffn_hidden_size
+    return float(8 * s * d * d + 4 * s * s * d                                # self-attention
+                 + 4 * s * d * d + 4 * length * d * d + 4 * s * length * d    # cross-attention
+                 + 4 * s * d * f                                              # MLP
+                 + 12 * d * d)                                                # adaLN modulation
+
+
 def forward_flops(model: ModelConfig, video_tokens: Sequence[int], text_tokens: Sequence[int]) -> float:
     """Forward FLOPs for samples with the given video token counts and caption token counts."""
     if len(video_tokens) != len(text_tokens):
         raise ValueError(f"{len(video_tokens)} video token counts but {len(text_tokens)} caption counts")
-    d, f = model.hidden_size, model.ffn_hidden_size
+    d = model.hidden_size
     patch = model.in_channels * model.patch_volume
     total = 0.0
     for s, length in zip(video_tokens, text_tokens):
-        layer = (8 * s * d * d + 4 * s * s * d          # self-attention
-                 + 4 * s * d * d + 4 * length * d * d + 4 * s * length * d  # cross-attention
-                 + 4 * s * d * f                        # MLP
-                 + 12 * d * d)                          # adaLN modulation
-        total += model.num_layers * layer
+        total += model.num_layers * layer_forward_flops(model, s, length)
         total += 2 * s * patch * d + 2 * s * d * patch + 4 * d * d  # patch embed, final layer
         total += 2 * length * (model.text_dim * d + d * d) + 2 * (model.timestep_freq_dim * d + d * d)
     return float(total)

@@ -85,6 +85,22 @@ def optimizer_backend() -> str:
     return f"{mcore_optimizer.Adam.__module__}.{mcore_optimizer.Adam.__name__}"
 
 
+# Compute capability that TE's FP8 GEMMs need: FP8 tensor cores arrived with Ada/Hopper (8.9/9.0);
+# MXFP8's per-32-element block scales are a Blackwell (10.x) tensor-core format.
+FP8_MIN_CAPABILITY = {"mxfp8": (10, 0)}
+FP8_MIN_CAPABILITY_DEFAULT = (8, 9)
+
+
+def check_fp8_recipe(recipe: str, capability: tuple[int, int], device_name: str) -> None:
+    """Refuse, in one line, an FP8 recipe that this GPU cannot run (before TE fails in a GEMM)."""
+    need = FP8_MIN_CAPABILITY.get(recipe, FP8_MIN_CAPABILITY_DEFAULT)
+    if tuple(capability) < need:
+        alternative = ("model.fp8_recipe=tensorwise (or blockwise, delayed)" if recipe == "mxfp8"
+                       else "model.fp8='' (bf16)")
+        raise RuntimeError(f"model.fp8_recipe={recipe} needs compute capability >= {need[0]}.{need[1]} but "
+                           f"{device_name} has {capability[0]}.{capability[1]}; use {alternative}")
+
+
 def choose_backends(cfg: Config) -> Backends:
     cuda = has_cuda()
     te = has_transformer_engine()
@@ -92,6 +108,12 @@ def choose_backends(cfg: Config) -> Backends:
         raise RuntimeError("model.linear_backend=te but transformer_engine is not importable; "
                            "install it (NGC PyTorch container) or use model.linear_backend=auto")
     linear = "te" if cfg.model.linear_backend == "te" or (cfg.model.linear_backend == "auto" and te) else "local"
+    if cfg.model.fp8:
+        if linear != "te":
+            raise RuntimeError(f"model.fp8={cfg.model.fp8} runs in Transformer Engine's linears but "
+                               "transformer_engine is not importable; install it (NGC PyTorch container) "
+                               "or set model.fp8=''")
+        check_fp8_recipe(cfg.model.fp8_recipe, torch.cuda.get_device_capability(), torch.cuda.get_device_name())
     attention = cfg.model.attention_backend
     if attention == "auto":  # context parallelism goes through TE's CP attention where TE exists
         attention = "te" if te and cfg.parallel.cp > 1 else "flash" if has_flash_attn() else "sdpa"

@@ -59,6 +59,7 @@ def build_transformer_config(cfg: Config, backends: Backends) -> Any:
 
     m, p = cfg.model, cfg.parallel
     bf16 = backends.precision == "bf16"
+    recompute = m.recompute_granularity if m.recompute else None
     tc = TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -79,6 +80,19 @@ def build_transformer_config(cfg: Config, backends: Backends) -> Any:
         init_method_std=m.init_std,
         # Batched isend/irecv over gloo is not reliable; NCCL batches them.
         batch_p2p_comm=backends.distributed == "nccl",
+        # GokuModel and GokuLayer read these: "full" checkpoints each layer, "selective" each
+        # core attention (megatron's own options, so its validation applies).
+        recompute_granularity=recompute,
+        recompute_method="uniform" if recompute == "full" else None,
+        recompute_num_layers=1 if recompute == "full" else None,
+        recompute_modules=["core_attn"] if recompute == "selective" else None,
+        # FP8 through TE: GokuModel enters megatron's fp8 context around each layer (fp8_utils).
+        fp8=m.fp8 or None,
+        fp8_recipe=m.fp8_recipe,
+        fp8_param=cfg.optim.fp8_param_gather,
+        first_last_layers_bf16=m.fp8_bf16_layers > 0,
+        num_layers_at_start_in_bf16=m.fp8_bf16_layers,
+        num_layers_at_end_in_bf16=m.fp8_bf16_layers,
     )
     tc.has_cond_embedder = True  # finalize_model_grads syncs the replicated embedders over PP
     return tc
@@ -88,25 +102,34 @@ def build_model(cfg: Config, backends: Backends) -> tuple[list[torch.nn.Module],
     """This rank's pipeline stage, initialised and wrapped in megatron DDP (and Float16Module)."""
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.fp8_utils import get_fp8_context
     from megatron.core.transformer.module import Float16Module
 
     from goku_megatron.model.goku import GokuModel
     from goku_megatron.model.specs import layer_spec
 
+    o = cfg.optim
     tc = build_transformer_config(cfg, backends)
-    stage = GokuModel(
-        tc, cfg.model, layer_spec(backends.linear, backends.attention),
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-    )
+    # optim.fp8_param_gather: TE creates its linears' weights as FP8 tensors (a no-op context
+    # otherwise). Without grad, TE keeps no high-precision copy of megatron's initial values,
+    # so the optimizer's fp32 main weights start from the FP8 weights that init_weights wrote.
+    with torch.no_grad(), get_fp8_context(tc, is_init=True):
+        stage = GokuModel(
+            tc, cfg.model, layer_spec(backends.linear, backends.attention),
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
+        )
     stage.init_weights(cfg.train.seed)
     module: torch.nn.Module = stage
     if backends.device == "cuda":
         module = module.cuda()
     if tc.bf16:
         module = Float16Module(tc, module)
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                               use_distributed_optimizer=cfg.optim.distributed_optimizer)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=o.distributed_optimizer,
+        overlap_grad_reduce=o.overlap_grad_reduce, overlap_param_gather=o.overlap_param_gather,
+        fp8_param_gather=o.fp8_param_gather, bucket_size=o.ddp_bucket_size or None,
+    )
     return [DistributedDataParallel(config=tc, ddp_config=ddp_config, module=module)], tc
 
 
@@ -121,6 +144,9 @@ def build_optimizer(cfg: Config, model: list[torch.nn.Module], tc: Any) -> tuple
             adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
             clip_grad=o.clip_grad, bf16=tc.bf16, params_dtype=tc.params_dtype,
             use_distributed_optimizer=o.distributed_optimizer,
+            # How the distributed optimizer treats FP8 weights (optim.fp8_param_gather) depends on
+            # the recipe; overlap_param_gather mirrors the DDP setting, as megatron asks.
+            fp8_recipe=tc.fp8_recipe if tc.fp8 else None, overlap_param_gather=o.overlap_param_gather,
         ),
         model,
     )

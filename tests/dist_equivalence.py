@@ -69,7 +69,7 @@ def full_tensors(stage, use_grad: bool) -> dict[str, torch.Tensor]:
 
 def main() -> None:
     from goku_megatron import cpu_compat
-    from goku_megatron.checkpoint import save_checkpoint
+    from goku_megatron.checkpoint import gather_weights, save_checkpoint
     from goku_megatron.config import load_config, validate
     from goku_megatron.model.goku import iter_stage_models
     from goku_megatron.platform import world_size_from_env
@@ -101,6 +101,9 @@ def main() -> None:
         reduced.update(full_tensors(stage, use_grad=True))
 
     model[0].config.finalize_model_grads_func = finalize_and_record
+    # With optim.overlap_grad_reduce the backward pass itself starts each bucket's reduction: make
+    # that an all-reduce too.
+    model[0].force_all_reduce = True
     encoder = HashTextEncoder(dim=cfg.model.text_dim, max_tokens=8)
 
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
@@ -123,6 +126,7 @@ def main() -> None:
         record["grad_norm"].append(result.grad_norm)
         if dump_rank:
             torch.save(reduced, out_dir / f"grads{step}_pp{pp_rank}.pt")
+    gather_weights(model)  # optim.overlap_param_gather leaves the gather to the next forward
     weights = full_tensors(stage, use_grad=False)
     if dump_rank:
         torch.save(weights, out_dir / f"weights_pp{pp_rank}.pt")

@@ -156,6 +156,46 @@ INVALID = [
      r"t=2 cannot patch images \(T=1\); set data.image_ratio=0 or patch t=1"),
     (["data.image_ratio=1.5"], 1, False, "data.image_ratio", r"must be in \[0, 1\], got 1.5"),
     (["data.image_ratio=-0.5"], 1, False, "data.image_ratio", r"must be in \[0, 1\]"),
+    # recompute, FP8, communication overlap (docs/performance.md)
+    (["model.recompute_granularity=layer"], 1, False, "model.recompute_granularity",
+     r"'layer' is not one of full, selective"),
+    (["model.fp8=e5m2"], 1, True, "model.fp8", r"'e5m2' is not one of '' \(off\), e4m3, hybrid"),
+    (["model.fp8_recipe=nvfp4"], 1, True, "model.fp8_recipe", r"'nvfp4' is not one of delayed, tensorwise, "
+     r"blockwise, mxfp8"),
+    (["model.fp8_bf16_layers=-1"], 1, False, "model.fp8_bf16_layers", r"must be >= 0, got -1"),
+    (["optim.ddp_bucket_size=-5"], 1, False, "optim.ddp_bucket_size", r"must be >= 0 \(0: megatron's default\)"),
+    (["model.fp8=e4m3"], 1, False, "model.fp8", r"needs a GPU with Transformer Engine; set model.fp8='' on CPU"),
+    (["model.fp8=hybrid", "model.linear_backend=local"], 1, True, "model.linear_backend",
+     r"model.fp8=hybrid runs in Transformer Engine's linears; set model.linear_backend=te"),
+    (["model.fp8=e4m3", "data.kind=latent", "train.micro_batch_size=1",
+      "data.stages=[{steps: 100, token_budget: 1000}]"], 1, True, "data.stages[0].token_budget",
+     r"=1000: FP8 GEMMs \(delayed\) need a multiple of 16 tokens .*make it a multiple of 16"),
+    (["model.fp8=e4m3", "model.fp8_recipe=mxfp8", "data.kind=latent", "train.micro_batch_size=1",
+      "data.stages=[{steps: 100, token_budget: 1008}]"], 1, True, "data.stages[0].token_budget",
+     r"\(mxfp8\) need a multiple of 32 tokens per context-parallel rank"),
+    (["model.fp8=e4m3", "parallel.cp=2", "data.kind=latent", "train.micro_batch_size=1",
+      "data.stages=[{steps: 100, token_budget: 1008}]"], 2, True, "data.stages[0].token_budget",
+     r"make it a multiple of 32"),
+    (["model.fp8=e4m3", "data.toy_size=6"], 1, True, "data.toy_size",
+     r"a micro-batch of 36 tokens, but FP8 GEMMs \(delayed\) need a multiple of 16"),
+    (["model.fp8_bf16_layers=1"], 1, True, "model.fp8_bf16_layers", r"keeps layers out of FP8 training; set model.fp8"),
+    (["model.fp8=e4m3", "model.fp8_bf16_layers=1"], 1, True, "model.fp8_bf16_layers",
+     r"needs an FP8 context per layer, which the delayed recipe's amax reduction does not allow; "
+     r"use model.fp8_recipe=tensorwise"),
+    (["model.fp8=e4m3", "model.fp8_recipe=tensorwise", "model.fp8_bf16_layers=2"], 1, True, "model.fp8_bf16_layers",
+     r"keeps 4 of the 4 layers \(first and last 2\) in bf16 and none in FP8; lower it"),
+    (["model.num_layers=8", "parallel.pp=4", "model.fp8=e4m3", "model.fp8_recipe=blockwise",
+      "model.fp8_bf16_layers=3"], 4, True, "model.fp8_bf16_layers",
+     r"more than the 2 layers of one pipeline stage \(megatron's limit, parallel.pp=4\)"),
+    (["optim.fp8_param_gather=true"], 1, True, "optim.fp8_param_gather", r"set model.fp8 \(e4m3 or hybrid\)"),
+    (["optim.fp8_param_gather=true", "model.fp8=e4m3", "optim.distributed_optimizer=false"], 1, True,
+     "optim.fp8_param_gather", r"set optim.distributed_optimizer=true or optim.fp8_param_gather=false"),
+    (["optim.fp8_param_gather=true", "model.fp8=e4m3", "model.fp8_recipe=tensorwise", "model.fp8_bf16_layers=1"],
+     1, True, "optim.fp8_param_gather", r"set model.fp8_bf16_layers=0 \(is 1\) or optim.fp8_param_gather=false"),
+    (["optim.overlap_param_gather=true", "optim.distributed_optimizer=false", "checkpoint.ema_decay=0"], 1, False,
+     "optim.overlap_param_gather", r"set optim.distributed_optimizer=true"),
+    (["optim.overlap_param_gather=true"], 1, False, "optim.overlap_param_gather",
+     r"the EMA reads them right after each step: set checkpoint.ema_decay=0"),
 ]
 
 
@@ -202,6 +242,21 @@ def test_context_parallel_layouts_pass(overrides, world_size, cuda):
     cfg = load_config(None, overrides)
     validate(cfg, world_size, has_cuda=cuda)
     assert cfg.parallel.dp * cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp == world_size
+
+
+@pytest.mark.parametrize("overrides, world_size, cuda", [
+    (["model.recompute=true", "model.recompute_granularity=selective"], 1, False),
+    (["optim.overlap_grad_reduce=true", "optim.ddp_bucket_size=100000"], 2, False),  # works over gloo
+    (["optim.overlap_grad_reduce=true", "optim.overlap_param_gather=true", "checkpoint.ema_decay=0"], 2, False),
+    (["model.fp8=hybrid", "model.fp8_recipe=tensorwise", "model.fp8_bf16_layers=1"], 1, True),
+    (["model.fp8=e4m3", "model.linear_backend=te", "optim.fp8_param_gather=true", "optim.overlap_grad_reduce=true",
+      "optim.overlap_param_gather=true", "checkpoint.ema_decay=0"], 1, True),
+    (["model.fp8=e4m3", "model.fp8_recipe=mxfp8", "parallel.cp=2", "data.kind=latent", "train.micro_batch_size=1",
+      "data.stages=[{steps: 100, token_budget: 14592}]"], 2, True),
+])
+def test_performance_settings_pass(overrides, world_size, cuda):
+    cfg = load_config(None, overrides)
+    validate(cfg, world_size, has_cuda=cuda)
 
 
 def test_gpu_backends_pass_with_cuda():

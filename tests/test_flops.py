@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from goku_megatron.config import load_config, validate
 from goku_megatron.data.packing import PackSample, build_pack
-from goku_megatron.flops import forward_flops, gpu_peak_flops, mfu, training_flops
+from goku_megatron.flops import forward_flops, gpu_peak_flops, layer_forward_flops, mfu, training_flops
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +59,25 @@ def test_hand_count_of_one_layer():
     layer = 8 * s * d * d + 4 * s * s * d + 4 * s * d * d + 4 * length * d * d + 4 * s * length * d \
         + 4 * s * d * f + 12 * d * d
     around = 2 * s * 1 * d * 2 + 4 * d * d + 2 * length * (4 * d + d * d) + 2 * (2 * d + d * d)
+    assert layer_forward_flops(cfg.model, s, length) == layer
     assert forward_flops(cfg.model, [s], [length]) == layer + around
     assert training_flops(cfg.model, [s], [length]) == 3 * (layer + around)
+
+
+def test_layer_flops_by_hand_at_goku_8b_720p():
+    """One goku-8b layer on a 720p clip (9 x 45 x 80 = 32400 tokens) with a 128-token caption,
+    counted matrix multiply by matrix multiply (2 FLOPs per multiply-add)."""
+    m = load_config(None, ["model.preset=goku-8b"]).model
+    s, length, d, f = 32400, 128, 3072, 12288
+    qkvo = 4 * (2 * s * d * d)                       # self-attention projections
+    scores_and_sum = 2 * (2 * s * s * d)             # QK^T and PV over all heads
+    cross = 2 * (2 * s * d * d) + 2 * (2 * length * d * d) + 2 * (2 * s * length * d)
+    mlp = 2 * s * d * f + 2 * s * f * d
+    adaln = 2 * d * (6 * d)
+    assert layer_forward_flops(m, s, length) == qkvo + scores_and_sum + cross + mlp + adaln
+    # At 720p attention's S^2 term is most of a layer (~60%): MFU hinges on the attention kernel.
+    assert 0.55 < scores_and_sum / layer_forward_flops(m, s, length) < 0.65
+    assert forward_flops(m, [s], [length]) > m.num_layers * layer_forward_flops(m, s, length)
 
 
 def test_mfu():

@@ -2,8 +2,9 @@
 (4 processes) and TP=2 x CP=2 x PP=2 (8 processes) reproduce the single-process run for two steps:
 loss, gradient norm, every gradient and the final weights (fp32 tolerance). Context-parallel layouts
 run on Patch n' Pack sequences (and DP=2 x CP=2 on unpacked batches), each against the
-single-process run of the same data. The distributed checkpoint each layout saves loads into one unsharded model and holds
-the single-process run's weights, so checkpoints do not depend on the parallel layout."""
+single-process run of the same data. DP=2 with optim.overlap_grad_reduce and overlap_param_gather
+(gloo runs megatron's asynchronous bucket reductions and all-gathers) matches too. The distributed
+checkpoint each layout saves loads into one unsharded model and holds the single-process run's weights, so checkpoints do not depend on the parallel layout."""
 
 from __future__ import annotations
 
@@ -60,6 +61,13 @@ LAYOUTS = {  # name: (processes, overrides); "--packed" trains on packs
     "pp2_cp2_recompute_packed": (4, ["--packed", "parallel.pp=2", "parallel.cp=2", "model.recompute=true"]),
     "dp2_cp2": (4, ["parallel.cp=2"]),
     "tp2_cp2_pp2_packed": (8, ["--packed", "parallel.tp=2", "parallel.cp=2", "parallel.pp=2"]),
+    # Gradient reduction during the backward pass and the weights' all-gather during the next
+    # forward, bucket by bucket (small buckets, so there are several); the EMA would read stale
+    # weights, so it is off (config validation).
+    "dp2_overlap": (2, ["optim.overlap_grad_reduce=true", "optim.overlap_param_gather=true",
+                        "optim.ddp_bucket_size=20000", "checkpoint.ema_decay=0"]),
+    "pp2_dp2_overlap_grad_reduce": (4, ["parallel.pp=2", "optim.overlap_grad_reduce=true",
+                                        "optim.ddp_bucket_size=20000"]),
 }
 
 
@@ -95,7 +103,7 @@ def test_layout_matches_single_process(layout_run, single_process, layout):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["tp2_pp2", "dp2", "dp2_cp2"])
+@pytest.mark.parametrize("layout", ["tp2_pp2", "dp2", "dp2_cp2", "dp2_overlap"])
 def test_layout_checkpoint_loads_unsharded(layout_run, baseline, layout, megatron_world):
     got = layout_run(layout)
     cfg = load_config(str(got["dir"] / "config.yaml"), ["parallel.tp=1", "parallel.pp=1", "parallel.cp=1"])

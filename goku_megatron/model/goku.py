@@ -269,19 +269,50 @@ class GokuModel(MegatronModule):
                            packed_self=shard.packed_self, packed_cross=shard.packed_cross)
 
     def _run_layers(self, x: torch.Tensor, inputs: LayerInputs, silu_temb: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            if self.model_cfg.recompute and self.training:
-                x = tensor_parallel.checkpoint(self._run_layer(layer, inputs), False, x, silu_temb, inputs.context)
-            else:
-                x = layer(x, inputs, silu_temb)
+        """The stage's layers in megatron's FP8 context (model.fp8), each one recomputed in the
+        backward pass under full recompute.
+
+        This loop stands in for megatron's TransformerBlock, so it applies the block's FP8 rule:
+        the delayed recipe reduces amax over one FP8 region around all layers; the other recipes
+        enter the context per layer, where ``get_fp8_context`` keeps the model.fp8_bf16_layers at
+        either end in bf16. Without FP8 both contexts are no-ops. FP8 is a training speed-up: in
+        eval mode (sampling, evaluation) the layers run in bf16, which takes any token count
+        (TE's FP8 GEMMs need multiples of 16) and keeps FP8 rounding out of the samples.
+        """
+        from contextlib import nullcontext
+
+        from megatron.core.enums import Fp8Recipe
+        from megatron.core.fp8_utils import get_fp8_context
+
+        fp8 = bool(self.config.fp8) and self.training
+        per_layer = fp8 and self.config.fp8_recipe != Fp8Recipe.delayed
+        full_recompute = self.config.recompute_granularity == "full" and self.training
+        with get_fp8_context(self.config) if fp8 and not per_layer else nullcontext():
+            for layer in self.layers:
+                run = self._run_layer(layer, inputs, per_layer)
+                if not full_recompute:
+                    x = run(x, silu_temb, inputs.context)
+                elif fp8:  # TE's checkpoint restores the FP8 state for the recomputation
+                    from megatron.core.extensions.transformer_engine import te_checkpoint
+
+                    x = te_checkpoint(run, False, tensor_parallel.get_cuda_rng_tracker,
+                                      parallel_state.get_tensor_model_parallel_group(), x, silu_temb, inputs.context)
+                else:
+                    x = tensor_parallel.checkpoint(run, False, x, silu_temb, inputs.context)
         return x
 
     @staticmethod
-    def _run_layer(layer: torch.nn.Module, inputs: LayerInputs):
-        """Activation recompute: tensors that carry gradients are passed as checkpoint arguments."""
+    def _run_layer(layer: torch.nn.Module, inputs: LayerInputs, fp8_per_layer: bool):
+        """One layer as a function of the tensors that carry gradients (the checkpoint arguments
+        under activation recompute), inside its own FP8 context when the recipe has one per layer
+        (so a recomputation re-enters it, as megatron's checkpointed block does)."""
+        from contextlib import nullcontext
+
+        from megatron.core.fp8_utils import get_fp8_context
 
         def run(x: torch.Tensor, silu_temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-            return layer(x, dataclasses.replace(inputs, context=context), silu_temb)
+            with get_fp8_context(layer.config, layer.layer_number - 1) if fp8_per_layer else nullcontext():
+                return layer(x, dataclasses.replace(inputs, context=context), silu_temb)
 
         return run
 

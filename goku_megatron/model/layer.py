@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedStateDict
+from megatron.core.fp8_utils import get_fp8_align_size
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.module import MegatronModule
@@ -191,8 +192,8 @@ class GokuAttention(MegatronModule):
         packed: PackedSeqParams | None = None,
     ) -> torch.Tensor:
         q = self.q_norm(self.q_proj(x)[0])
-        k = self.k_norm(self.k_proj(kv)[0])
-        v = self.v_proj(kv)[0]
+        k, v = self._project_kv(kv)
+        k = self.k_norm(k)
         q = q.view(*q.shape[:2], self.heads, self.head_dim)
         k = k.view(*k.shape[:2], self.heads, self.head_dim)
         v = v.view(*v.shape[:2], self.heads, self.head_dim)
@@ -200,8 +201,32 @@ class GokuAttention(MegatronModule):
             q = apply_rope(q, rope)
         if self.rope_k:
             k = apply_rope(k, rope)
-        out = self.core(q, k, v, key_mask=key_mask, packed=packed)
+
+        def core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return self.core(q, k, v, key_mask=key_mask, packed=packed)
+
+        if self.config.recompute_granularity == "selective" and self.training:
+            # megatron's "core_attn" recompute: keep q, k, v and recompute softmax(QK^T)V in the
+            # backward pass. An unfused kernel (SDPA's math backend) would keep an S x S matrix
+            # per head; fused kernels (flash, TE) keep only their output and softmax statistics,
+            # so there it saves little.
+            out = tensor_parallel.checkpoint(core, False, q, k, v)
+        else:
+            out = core(q, k, v)
         return self.o_proj(out.flatten(2))[0]
+
+    def _project_kv(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V projections of the key tokens [n, b, kv_dim].
+
+        Under FP8, TE's GEMMs need the rows to be a multiple of 16 (32 for MXFP8). The video
+        tokens are (config validation), but a caption has as many tokens as it has: zero tokens
+        pad it for the projections, which have no bias and so map them to zero, and are dropped.
+        """
+        n = kv.shape[0]
+        pad = -n % get_fp8_align_size(self.config.fp8_recipe) if self.config.fp8 else 0
+        if pad:
+            kv = F.pad(kv, (0, 0, 0, 0, 0, pad))
+        return self.k_proj(kv)[0][:n], self.v_proj(kv)[0][:n]
 
 
 class GokuMLP(MegatronModule):
