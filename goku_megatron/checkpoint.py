@@ -58,7 +58,10 @@ PARTIAL_SUFFIX = ".partial"
 _ITER_NAME = re.compile(r"iter_(\d{7,})")
 # model.* fields that fix the weights' shapes: a checkpoint loads only into a model with the same.
 SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_heads", "in_channels", "patch_size",
-                "text_dim", "timestep_freq_dim")
+                "text_dim", "timestep_freq_dim", "i2v")
+# Layers a finetune (checkpoint.init_from) may add to the model it starts from: they keep their
+# initialisation. model.i2v's image_cond starts as the identity on the noisy tokens.
+NEW_LAYERS = ("image_cond.",)
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -82,6 +85,21 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     if not pointer.is_file():
         return None
     return Path(run_dir) / "checkpoints" / pointer.read_text().strip()
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint directory, or a run directory whose ``latest`` pointer names one."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"{path}: no complete checkpoint (checkpoints/latest missing); "
+                                    "train longer or pass a checkpoints/iter_N directory")
+        return found
+    if not (path / "metadata.json").is_file():
+        raise FileNotFoundError(f"{path}: not a goku-train checkpoint (no metadata.json); pass a run "
+                                "directory or its checkpoints/iter_N")
+    return path
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -541,12 +559,13 @@ def _prepare_optimizer_for_loading(optimizer: Any) -> None:
             part._init_optimizer_states_with_dummy_values()
 
 
-def _load_weights(model: list[torch.nn.Module], loaded: dict[str, Any], prefix: str) -> None:
+def _load_weights(model: list[torch.nn.Module], loaded: dict[str, Any], prefix: str,
+                  new_layers: tuple[str, ...] = ()) -> None:
     stage = _stage(model)
     weights = {_local_name(stage, k[len(prefix):]): v for k, v in loaded.items()
                if isinstance(k, str) and k.startswith(prefix)}
     missing, _ = stage.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
+    missing = [k for k in missing if not k.endswith("_extra_state") and not k.startswith(new_layers)]
     if missing:
         raise ValueError(f"checkpoint lacks weights for {missing[:3]}")
 
@@ -558,10 +577,17 @@ def _local_name(stage: Any, global_key: str) -> str:
     return global_key
 
 
-def load_model_weights(path: Path, model: list[torch.nn.Module], ema: bool = False) -> dict[str, Any]:
+def load_model_weights(path: Path, model: list[torch.nn.Module], ema: bool = False,
+                       new_layers: tuple[str, ...] = ()) -> dict[str, Any]:
     """Load only the weights (any TP/PP layout), or with ``ema`` the EMA weights in their place;
-    returns step and config."""
+    returns step and config. Parameters whose names start with one of ``new_layers`` may be
+    missing from the checkpoint and then keep their current values."""
     model_sd = _model_sharded_state_dict(model)
+    if new_layers:
+        saved = dist_checkpointing.load_tensors_metadata(str(path))
+        model_sd = {k: v for k, v in model_sd.items() if not (
+            isinstance(v, ShardedTensor) and v.key.startswith(tuple(MODEL_PREFIX + n for n in new_layers))
+            and (EMA_PREFIX + v.key[len(MODEL_PREFIX):] if ema else v.key) not in saved)}
     if ema:
         if not read_manifest(path)["parts"]["ema"]:
             raise ValueError(f"{path}: no EMA weights in this checkpoint (checkpoint.ema_decay was 0)")
@@ -573,5 +599,27 @@ def load_model_weights(path: Path, model: list[torch.nn.Module], ema: bool = Fal
     template["step"] = 0
     template["config"] = {}
     loaded = dist_checkpointing.load(template, str(path))
-    _load_weights(model, loaded, EMA_PREFIX if ema else MODEL_PREFIX)
+    _load_weights(model, loaded, EMA_PREFIX if ema else MODEL_PREFIX, new_layers)
     return {"step": loaded["step"], "config": loaded["config"]}
+
+
+def init_weights_from(path: Path, state: TrainingState, cfg: Config, ema: bool = False) -> Path:
+    """Finetuning: a fresh run's weights from ``path`` (a run directory or checkpoints/iter_N),
+    optimizer, schedule and step starting anew. Layers of this model that the checkpoint lacks
+    (NEW_LAYERS, e.g. the I2V condition layer of a T2V checkpoint) keep their initialisation; the
+    optimizer's fp32 main weights and the EMA restart from the loaded weights."""
+    try:
+        checkpoint = resolve_checkpoint(Path(path))
+    except FileNotFoundError as err:
+        raise ConfigError(f"checkpoint.init_from: {err}") from None
+    reason = validate_checkpoint(checkpoint)
+    if reason is not None:
+        raise ConfigError(f"checkpoint.init_from={path}: {reason}; pass a complete checkpoint")
+    saved = dict(read_manifest(checkpoint).get("config", {}).get("model", {}))
+    saved.setdefault("i2v", False)  # the I2V layer may be new: every other shape must match
+    check_compatible({"config": {"model": {**saved, "i2v": cfg.model.i2v}}}, cfg, checkpoint)
+    load_model_weights(checkpoint, state.model, ema=ema, new_layers=NEW_LAYERS)
+    _unwrapped(state.optimizer).reload_model_params()
+    if state.ema is not None:
+        state.ema.restart()
+    return checkpoint

@@ -68,6 +68,9 @@ class ModelConfig:
     init_std: float = 0.02
     # adaLN-Zero: gates and the output layer start at zero, so every block starts as the identity.
     zero_init: bool = True
+    # Image-to-video (Goku-I2V): the first-frame latent, broadcast over time, is concatenated on
+    # channels with the noisy latent and mapped back by one linear layer before the patch embedding.
+    i2v: bool = False
     recompute: bool = False
     # What model.recompute recomputes in the backward pass: "full" reruns whole layers (least
     # memory), "selective" only the core attention softmax(QK^T)V, whose activations are large and
@@ -107,6 +110,11 @@ class ParallelConfig:
     # Transformer Engine's CP communication (GPU, attention_backend te): p2p ring, a2a (Ulysses
     # inside TE) or a2a+p2p (hierarchical); without TE, CP is always Ulysses all-to-all.
     cp_comm_type: str = "p2p"
+    # Let goku-plan choose tp, cp, pp and model.recompute for the world size, GPU memory and the
+    # largest data.stages token budget (goku_megatron/planner.py); the choice is logged and saved
+    # in the run's config.yaml. Checkpoints reshard, so a run may continue under another layout.
+    auto: bool = False
+    gpu_memory_gb: float = 80.0  # what parallel.auto plans for: H100 80, H200 141
 
 
 @dataclass
@@ -221,6 +229,15 @@ class TrainConfig:
     save_interval: int = 0  # 0: save only at the end
     run_dir: str = ""  # "": runs/<name>-<timestamp> (runs/<name>-<rdzv id> under torchrun)
     name: str = "goku"
+    # Every sample_interval steps (0: never) the model being trained samples sample_prompts at the
+    # current stage's size: MP4s under <run_dir>/samples/ and GIFs in TensorBoard.
+    sample_interval: int = 0
+    sample_prompts: list[str] = field(default_factory=list)
+    # Toy runs: every eval_interval steps (0: never) ShapesBench prompt adherence (seen and held-out
+    # colour x shape x direction prompts, eval_samples_per_prompt clips each) and the validation
+    # loss at fixed timesteps and noise, as eval/* scalars (goku_megatron/evaluation.py).
+    eval_interval: int = 0
+    eval_samples_per_prompt: int = 1
 
 
 RESUME_MODES = ("auto", "")
@@ -244,6 +261,12 @@ class CheckpointConfig:
     spike_window: int = 50  # steps in that running mean
     # nvidia-resiliency-ext heartbeats and sections (needs the package and its ft_launcher).
     fault_tolerance: bool = False
+    # Finetuning: a run that starts fresh takes its weights (only) from this run directory or
+    # checkpoints/iter_N, e.g. the T2V checkpoint an I2V finetune starts from; layers that the
+    # checkpoint lacks (model.i2v's image_cond) keep their initialisation. "": no. Checked when the
+    # run starts, so that a recipe chained after another one dry-runs before that one has trained.
+    init_from: str = ""
+    init_from_ema: bool = False  # take init_from's EMA weights instead of its trained ones
 
 
 @dataclass
@@ -328,6 +351,24 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def _recipe_values(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    """A recipe's values over those of its ``base:`` recipe (a packaged name, or a path relative to
+    the recipe), recursively; sections merge key by key, lists (data.stages) are replaced whole."""
+    values = _read_yaml(path)
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base must name one recipe (e.g. base: goku-8b), got {base!r}")
+    relative = path.parent / base
+    base_path = relative if relative.suffix in (".yaml", ".yml") and relative.is_file() else resolve_recipe(base)
+    if base_path.resolve() in seen + (path.resolve(),):
+        raise ConfigError(f"{path}: base: {base} leads back to itself; break the cycle of base: recipes")
+    inherited = _recipe_values(base_path, seen + (path.resolve(),))
+    _build(Config, _with_preset(inherited, f"{base_path}: "), "", f"{base_path}: ")  # blame the base
+    return _merge(inherited, values)
+
+
 def _coerce(value: Any, typ: Any, where: str) -> Any:
     origin = get_origin(typ)
     if origin is list:
@@ -391,7 +432,7 @@ def load_config(recipe: str | None = None, overrides: Sequence[str] = ()) -> Con
     values: dict[str, Any] = {}
     if recipe:
         path = resolve_recipe(recipe)
-        values = _read_yaml(path)
+        values = _recipe_values(path, ())
         _build(Config, _with_preset(values, f"{path}: "), "", f"{path}: ")  # blame the file
     cli = parse_overrides(overrides)
     cli_preset = cli["model"].get("preset") if isinstance(cli.get("model"), dict) else None
@@ -448,6 +489,25 @@ def _validate_stages(cfg: Config) -> None:
                  f"{where}: height, width, frames and fps must be positive")
         _require(s.token_budget > 0, f"{where}.token_budget must be positive, got {s.token_budget}")
         _require(0 <= s.image_ratio <= 1, f"{where}.image_ratio must be in [0, 1], got {s.image_ratio}")
+
+
+def _plan_layout(cfg: Config, world_size: int) -> None:
+    """parallel.auto: goku-plan's recommended layout in parallel.tp/cp/pp and model.recompute."""
+    from goku_megatron.planner import recommend  # the planner reads this module's presets
+
+    p = cfg.parallel
+    _require(p.tp == p.cp == p.pp == 1, f"parallel.auto picks tp, cp and pp itself (given tp={p.tp} cp={p.cp} "
+             f"pp={p.pp}): drop those overrides, or set parallel.auto=false to choose the layout yourself")
+    _require(cfg.data.kind != "toy" and bool(cfg.data.stages),
+             "parallel.auto plans for data.stages' token budgets; a toy run sets parallel.tp/cp/pp itself")
+    _require(p.gpu_memory_gb > 0, f"parallel.gpu_memory_gb must be positive, got {p.gpu_memory_gb}")
+    layout = recommend(cfg, world_size)
+    budget = max(s.token_budget for s in cfg.data.stages)
+    _require(layout is not None, f"parallel.auto: no layout of {world_size} GPUs x {p.gpu_memory_gb:g} GiB fits "
+             f"{cfg.model.preset} at {budget} tokens per pack (goku-plan --config ... lists the candidates); "
+             "use more GPUs or a smaller data.stages[].token_budget")
+    p.tp, p.cp, p.pp, cfg.model.recompute = layout.tp, layout.cp, layout.pp, layout.recompute
+    p.auto = False  # resolved: config.yaml and checkpoints record the layout itself
 
 
 def _validate_checkpoint(c: CheckpointConfig) -> None:
@@ -553,6 +613,12 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> None:
                               f"with torchrun")
     for name in ("tp", "pp", "cp"):
         _require(getattr(p, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(p, name)}")
+    if p.auto:
+        _require(m.recompute_granularity == "full",
+                 f"parallel.auto plans memory for full activation recompute, not "
+                 f"model.recompute_granularity={m.recompute_granularity}; set it to full or choose the layout "
+                 f"yourself (parallel.auto=false)")
+        _plan_layout(cfg, world_size)
     if p.cp > 1:  # context parallelism splits each sequence over cp ranks (model/context_parallel.py)
         # Transformer Engine's CP attention (attention_backend te, or auto on GPU) cuts every
         # sequence into 2*cp chunks; Ulysses all-to-all (any other backend) splits heads over cp.
@@ -612,6 +678,20 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> None:
              "use auto or fp32 on CPU")
     _require(t.log_interval > 0, f"train.log_interval must be positive, got {t.log_interval}")
     _require(t.save_interval >= 0, f"train.save_interval must be >= 0, got {t.save_interval}")
+    if t.sample_interval:
+        _require(t.sample_interval > 0, f"train.sample_interval must be >= 0 (0: no samples), got {t.sample_interval}")
+        _require(bool(t.sample_prompts), "train.sample_interval needs prompts: set train.sample_prompts, e.g. "
+                 "train.sample_prompts='[a red square moving left]'")
+        _require(not m.i2v, "train.sample_interval: in-training samples are text-to-video; sample an I2V run "
+                 "with goku-sample --image, and set train.sample_interval=0")
+        _require(d.kind != "latent" or d.vae_path != "", "train.sample_interval>0 decodes samples with the VAE: "
+                 "set data.vae_path for data.kind=latent, or train.sample_interval=0")
+    if t.eval_interval:
+        _require(t.eval_interval > 0, f"train.eval_interval must be >= 0 (0: no evaluation), got {t.eval_interval}")
+        _require(t.eval_samples_per_prompt >= 1,
+                 f"train.eval_samples_per_prompt must be >= 1, got {t.eval_samples_per_prompt}")
+        _require(d.kind == "toy" and not m.i2v, "train.eval_interval runs ShapesBench, which scores text-to-video "
+                 "toy runs; set train.eval_interval=0 for this run")
     _validate_checkpoint(cfg.checkpoint)
 
     _require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
@@ -632,6 +712,10 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> None:
     _require(d.text_encoder != "t5" or d.text_encoder_path != "",
              "data.text_encoder=t5 needs data.text_encoder_path (a local FLAN-T5 checkpoint)")
     _require(d.max_text_tokens > 0, f"data.max_text_tokens must be positive, got {d.max_text_tokens}")
+    if m.i2v:
+        ratios = [s.image_ratio for s in d.stages] if d.kind != "toy" else [d.image_ratio]
+        _require(all(r == 0 for r in ratios), "model.i2v conditions on the first frame, which is the whole of an image: "
+                 "set data.image_ratio (and data.stages[].image_ratio) to 0 for I2V training")
     if d.kind != "toy":
         _validate_stages(cfg)
         return

@@ -22,6 +22,7 @@ __all__ = [
     "TIMESTEP_KINDS",
     "caption_dropout_mask",
     "euler_sample",
+    "first_frame_condition",
     "flow_loss",
     "interpolate",
     "noise_sample",
@@ -135,6 +136,15 @@ def flow_loss(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tenso
     total = sq.flatten(1).sum(dim=1)
     count = weight.flatten(1).sum(dim=1)
     return torch.where(count > 0, total / count.clamp_min(torch.finfo(sq.dtype).tiny), 0.0)
+
+
+def first_frame_condition(x1: Tensor) -> Tensor:
+    """The image-to-video condition of a clip [..., T, H, W]: its first frame, broadcast over T.
+
+    GOKU's causal VAE encodes the first frame on its own, so the first latent frame is exactly the
+    latent of the conditioning image; at sampling time that image is encoded as a one-frame clip.
+    """
+    return x1[..., :1, :, :].expand_as(x1)
 
 
 def caption_dropout_mask(

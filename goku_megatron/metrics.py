@@ -19,6 +19,20 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+def memory_metrics(device: Any) -> dict[str, float]:
+    """Memory scalars: on GPU the peak allocated and the reserved memory since the last call (the
+    peak is reset), on CPU the process's peak resident set size."""
+    import torch
+
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+        return {"gpu_mem_peak_gib": peak, "gpu_mem_reserved_gib": torch.cuda.memory_reserved(device) / 2**30}
+    import resource
+
+    return {"max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
+
+
 def truncate_metrics(run_dir: Path, step: int) -> None:
     """Drop the records past ``step`` from ``run_dir/metrics.jsonl``: a run resumed from the
     checkpoint of ``step`` logs those steps again, so the file keeps one record per step."""
@@ -31,10 +45,28 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     tmp.replace(path)
 
 
+def gif_summary(tag: str, frames: Any, fps: int) -> Any:
+    """A TensorBoard image summary holding uint8 frames [T, H, W, 3] as an animated GIF, the form
+    TensorBoard plays (what SummaryWriter.add_video writes, without its moviepy dependency)."""
+    import io
+
+    from PIL import Image
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    images = [Image.fromarray(frame) for frame in frames]
+    buffer = io.BytesIO()
+    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:],
+                   duration=max(1, round(1000 / fps)), loop=0)
+    t, h, w, _ = frames.shape
+    image = Summary.Image(height=h, width=w, colorspace=3, encoded_image_string=buffer.getvalue())
+    return Summary(value=[Summary.Value(tag=tag, image=image)])
+
+
 class MetricsLogger:
     """Writes one JSON object per logged step and the same scalars to TensorBoard."""
 
     def __init__(self, run_dir: Path, total_steps: int, enabled: bool) -> None:
+        self.run_dir = run_dir
         self.total_steps = total_steps
         self.enabled = enabled
         self.start = time.perf_counter()
@@ -65,6 +97,20 @@ class MetricsLogger:
             step, self.total_steps, metrics["loss"], metrics["lr"], metrics["grad_norm"],
             metrics["samples_per_s"], metrics["step_time_s"], format_duration(eta),
         )
+
+    def media(self, step: int, prompts: list[str], pixels: Any, fps: int) -> None:
+        """Samples [N, 3, T, H, W] in [-1, 1]: MP4/PNG files under samples/step_N/ and, per prompt,
+        an animated GIF in TensorBoard's images tab (tag ``samples/<prompt>``)."""
+        if not self.enabled:
+            return
+        from goku_megatron.sample import slug, to_uint8, write_media
+
+        folder = self.run_dir / "samples" / f"step_{step:07d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, (prompt, sample) in enumerate(zip(prompts, pixels)):
+            write_media(sample, folder / slug(prompt, i), fps)
+            self._tb.file_writer.add_summary(gif_summary(f"samples/{slug(prompt, i)}", to_uint8(sample), fps), step)
+        self._tb.flush()
 
     def close(self) -> None:
         if self._jsonl:

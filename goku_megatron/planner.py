@@ -39,7 +39,7 @@ import math
 import sys
 from dataclasses import dataclass
 
-from goku_megatron.config import MODEL_PRESETS, ModelConfig
+from goku_megatron.config import MODEL_PRESETS, Config, ModelConfig, StageConfig
 from goku_megatron.flops import forward_flops
 
 GIB = 1024**3
@@ -183,9 +183,27 @@ def tokens_for(model: ModelConfig, frames: int, height: int, width: int,
     return math.ceil(t / pt) * (height // vae[1] // ph) * (width // vae[2] // pw)
 
 
+def stage_workload(cfg: Config, stage: StageConfig) -> Workload:
+    """A stage's packs: its token budget, filled with clips of its resolution and frames."""
+    clip = tokens_for(cfg.model, stage.frames, stage.height, stage.width)
+    return Workload(tokens=stage.token_budget, samples_per_pack=max(1, stage.token_budget // clip),
+                    caption_tokens=cfg.data.max_text_tokens, global_packs=cfg.train.global_batch_size)
+
+
+def recommend(cfg: Config, gpus: int) -> Layout | None:
+    """The fastest layout of ``gpus`` GPUs (``parallel.gpu_memory_gb`` each) that fits the run's
+    largest stage, or None; what ``parallel.auto`` trains with."""
+    stage = max(cfg.data.stages, key=lambda s: s.token_budget)
+    hw = Hardware(gpus=gpus, memory_bytes=cfg.parallel.gpu_memory_gb * GIB)
+    ranked = plan(cfg.model, stage_workload(cfg, stage), hw)
+    return ranked[0][0].layout if ranked and ranked[0][1] else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="goku-plan", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="plan a recipe (or YAML): its model, its largest stage's packs and "
+                                         "its global batch, as parallel.auto does; the shape options are ignored")
     parser.add_argument("--preset", default="goku-8b", choices=sorted(MODEL_PRESETS))
     parser.add_argument("--gpus", type=int, required=True)
     parser.add_argument("--gpu-memory-gb", type=float, default=80.0)
@@ -199,9 +217,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=10)
     args = parser.parse_args(argv)
 
-    model = ModelConfig(preset=args.preset, **MODEL_PRESETS[args.preset])
-    tokens = args.tokens or args.samples_per_pack * tokens_for(model, args.frames, args.height, args.width)
-    work = Workload(tokens=tokens, samples_per_pack=args.samples_per_pack, global_packs=args.global_packs)
+    if args.config:
+        from goku_megatron.config import ConfigError, load_config
+
+        try:
+            cfg = load_config(args.config)
+        except ConfigError as err:
+            print(f"goku-plan: error: {err}", file=sys.stderr)
+            return 2
+        if not cfg.data.stages:
+            print(f"goku-plan: error: {args.config} has no data.stages to plan for", file=sys.stderr)
+            return 2
+        model = cfg.model
+        work = stage_workload(cfg, max(cfg.data.stages, key=lambda s: s.token_budget))
+        args.preset, args.global_packs = model.preset, work.global_packs
+    else:
+        model = ModelConfig(preset=args.preset, **MODEL_PRESETS[args.preset])
+        tokens = args.tokens or args.samples_per_pack * tokens_for(model, args.frames, args.height, args.width)
+        work = Workload(tokens=tokens, samples_per_pack=args.samples_per_pack, global_packs=args.global_packs)
+    tokens = work.tokens
     hw = Hardware(gpus=args.gpus, memory_bytes=args.gpu_memory_gb * GIB, efficiency=args.efficiency)
     ranked = plan(model, work, hw)
     if not ranked:

@@ -45,23 +45,6 @@ class SampleSpec:
     fps: int = 8
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint directory, or a run directory whose ``latest`` pointer names one."""
-    from goku_megatron.checkpoint import latest_checkpoint
-
-    path = Path(path)
-    if (path / "checkpoints").is_dir():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise FileNotFoundError(f"{path}: no complete checkpoint (checkpoints/latest missing); "
-                                    "train longer or pass a checkpoints/iter_N directory")
-        return found
-    if not (path / "metadata.json").is_file():
-        raise FileNotFoundError(f"{path}: not a goku-train checkpoint (no metadata.json); pass a run "
-                                "directory or its checkpoints/iter_N")
-    return path
-
-
 def checkpoint_config(path: Path) -> Config:
     """The run's resolved config, stored with the checkpoint, set up for one process."""
     from megatron.core import dist_checkpointing
@@ -101,49 +84,67 @@ def unsharded_model(cfg: Config) -> tuple[torch.nn.Module, Backends]:
     return model.to("cuda" if backends.device == "cuda" else "cpu"), backends
 
 
-class Sampler:
-    """One unsharded Goku model with its text encoder (and VAE for latent runs), ready to sample."""
+class SamplerBase:
+    """Prompts (and an I2V first frame) -> pixels through the rectified-flow ODE: the noise, the
+    text encoder, classifier-free guidance and the VAE. Subclasses give the velocity network's
+    forward: one unsharded model (Sampler) or the model being trained in its layout (LiveSampler)."""
 
-    def __init__(self, checkpoint: Path) -> None:
-        from goku_megatron.checkpoint import load_model_weights
-        from goku_megatron.data.encoders import build_text_encoder
+    cfg: Config
+    device: torch.device
+    name: str  # what the model is, for messages
 
-        self.checkpoint = resolve_checkpoint(checkpoint)
-        self.cfg = cfg = checkpoint_config(self.checkpoint)
-        self.model, backends = unsharded_model(cfg)
-        self.device = torch.device("cuda" if backends.device == "cuda" else "cpu")
-        info = load_model_weights(self.checkpoint, [self.model])
-        self.step = info["step"]
-        self.model.eval()
-        d = cfg.data
-        self.text_encoder = build_text_encoder(d.text_encoder, d.text_encoder_path, cfg.model.text_dim,
+    def _set_up_encoders(self) -> None:
+        from goku_megatron.data.encoders import build_text_encoder, build_vae
+
+        d = self.cfg.data
+        self.text_encoder = build_text_encoder(d.text_encoder, d.text_encoder_path, self.cfg.model.text_dim,
                                                d.max_text_tokens, self.device)
-        self.vae = None
-        if d.kind != "toy":
-            from goku_megatron.data.encoders import build_vae
+        self.vae = None if d.kind == "toy" else build_vae(d.vae_path, self.device)
 
-            self.vae = build_vae(d.vae_path, self.device)
-        log.info("sampler: %s (step %d), %s on %s", self.checkpoint, self.step,
-                 "pixel space" if self.vae is None else f"VAE {d.vae_path}", self.device)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+                cond: torch.Tensor | None) -> torch.Tensor:
+        """The velocity of noisy latents x [N, C, T, H, W] at timesteps t [N]."""
+        raise NotImplementedError
 
     def latent_shape(self, spec: SampleSpec) -> tuple[int, int, int, int]:
         if self.vae is None:
             return (self.cfg.model.in_channels, spec.frames, spec.height, spec.width)
         return self.vae.latent_shape(spec.frames, spec.height, spec.width)
 
+    def check_condition(self, has_image: bool) -> None:
+        """An I2V model (model.i2v) samples from a first frame, any other without one."""
+        if self.cfg.model.i2v and not has_image:
+            raise ValueError(f"{self.name} is an image-to-video model (model.i2v): pass the first "
+                             "frame with --image FILE")
+        if has_image and not self.cfg.model.i2v:
+            raise ValueError(f"{self.name} is not an image-to-video model (model.i2v): drop --image")
+
+    def image_condition(self, image: torch.Tensor, spec: SampleSpec) -> torch.Tensor:
+        """I2V: a first frame [3, H, W] in [-1, 1] at the sample's size -> the model's condition
+        [C, T, H, W] (its latent, as a one-frame clip, broadcast over the latent frames)."""
+        shape = self.latent_shape(spec)
+        if tuple(image.shape) != (3, spec.height, spec.width):
+            raise ValueError(f"the first frame is {tuple(image.shape)[1:]}, the samples are "
+                             f"{spec.height}x{spec.width}; resize it (load_frame does)")
+        first = image[:, None] if self.vae is None else self.vae.encode(image[None, :, None])[0].float()
+        return first.to(self.device).expand(shape)
+
     @torch.no_grad()
-    def sample(self, prompts: list[str], spec: SampleSpec) -> torch.Tensor:
-        """Pixels [N, 3, T, H, W] in [-1, 1], one per prompt."""
+    def sample(self, prompts: list[str], spec: SampleSpec, image: torch.Tensor | None = None) -> torch.Tensor:
+        """Pixels [N, 3, T, H, W] in [-1, 1], one per prompt; with an I2V model, ``image`` [3, H, W]
+        in [-1, 1] is the first frame of every sample."""
         from goku_megatron import flow
 
+        self.check_condition(image is not None)
         shape = self.latent_shape(spec)
+        first = None if image is None else self.image_condition(image, spec).expand(len(prompts), *shape)
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(spec.seed * 100003 + i))
                              for i in range(len(prompts))]).to(self.device)
         text, mask = self.text_encoder(prompts)
         null_text, null_mask = self.text_encoder([""] * len(prompts))
 
         def velocity(x: torch.Tensor, t: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-            return self.model(x, t, cond[0].to(self.device), cond[1].to(self.device))
+            return self.forward(x, t, cond[0].to(self.device), cond[1].to(self.device), first)
 
         latents = flow.euler_sample(velocity, noise, steps=spec.steps, cond=(text, mask),
                                     uncond=(null_text, null_mask), cfg_scale=spec.cfg_scale,
@@ -151,6 +152,88 @@ class Sampler:
         if self.vae is None:
             return latents.clamp(-1, 1).float().cpu()
         return self.vae.decode(latents.to(self.vae.dtype)).float().cpu()
+
+
+class Sampler(SamplerBase):
+    """One unsharded Goku model loaded from a checkpoint of any layout (goku-sample)."""
+
+    def __init__(self, checkpoint: Path) -> None:
+        from goku_megatron.checkpoint import load_model_weights, resolve_checkpoint
+
+        self.checkpoint = resolve_checkpoint(checkpoint)
+        self.name = str(self.checkpoint)
+        self.cfg = cfg = checkpoint_config(self.checkpoint)
+        self.model, backends = unsharded_model(cfg)
+        self.device = torch.device("cuda" if backends.device == "cuda" else "cpu")
+        info = load_model_weights(self.checkpoint, [self.model])
+        self.step = info["step"]
+        self.model.eval()
+        self._set_up_encoders()
+        log.info("sampler: %s (step %d), %s on %s", self.checkpoint, self.step,
+                 "pixel space" if self.vae is None else f"VAE {cfg.data.vae_path}", self.device)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+                cond: torch.Tensor | None) -> torch.Tensor:
+        return self.model(x, t, text, text_mask, cond)
+
+
+class LiveSampler(SamplerBase):
+    """Samples from the model being trained, in its training layout (any TP/CP/PP/DP), for
+    in-training media and evaluation. Collective: every rank calls ``sample`` with the same
+    arguments and gets the same pixels. Each velocity is one forward-only pass of megatron's
+    pipeline schedule; the last stage returns it (gathered over the CP ranks) and broadcasts it
+    along the pipeline, since the first stage needs it for the next ODE step."""
+
+    def __init__(self, cfg: Config, model: list[torch.nn.Module], device: torch.device) -> None:
+        self.cfg, self.model, self.device, self.name = cfg, model, device, "this run's model"
+        self._set_up_encoders()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+                cond: torch.Tensor | None) -> torch.Tensor:
+        from megatron.core import parallel_state
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from goku_megatron.train import FlowBatch
+
+        pt, ph, pw = self.cfg.model.patch_size
+        batch = FlowBatch(noisy=x, timesteps=t, text=text, text_mask=text_mask, target=x, cond=cond)
+        for chunk in self.model:
+            chunk.eval()
+        try:
+            outputs = get_forward_backward_func()(
+                forward_step_func=_velocity_step, data_iterator=iter([batch]), model=self.model,
+                num_microbatches=1, seq_length=(x.shape[2] // pt) * (x.shape[3] // ph) * (x.shape[4] // pw),
+                micro_batch_size=x.shape[0], forward_only=True, collect_non_loss_data=True)
+        finally:
+            for chunk in self.model:
+                chunk.train()
+        velocity = outputs[0].float() if outputs else torch.empty(x.shape, device=x.device)
+        group = parallel_state.get_pipeline_model_parallel_group()
+        last = parallel_state.get_pipeline_model_parallel_last_rank()
+        torch.distributed.broadcast(velocity, src=last, group=group)
+        return velocity
+
+
+def _velocity_step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
+    """megatron forward_step_func for sampling: the last stage hands out the whole velocity."""
+    from goku_megatron.model.context_parallel import gather_sequence
+    from goku_megatron.model.goku import iter_stage_models, unpatchify
+
+    batch = next(data_iterator)
+    (stage,) = iter_stage_models([model])
+    output = model(batch.noisy, batch.timesteps, batch.text, batch.text_mask, batch.cond)
+
+    def velocity(output_tensor: torch.Tensor, non_loss_data: bool = True) -> torch.Tensor:
+        shard = stage.sequence_shard(batch.noisy)
+        if shard is None:
+            return output_tensor
+        b, c, t, h, w = batch.noisy.shape
+        pt, ph, pw = stage.patch
+        grid = (t // pt, h // ph, w // pw)
+        tokens = gather_sequence(output_tensor, shard, grid[0] * grid[1] * grid[2])
+        return unpatchify(tokens, stage.patch, c, grid)
+
+    return output, velocity
 
 
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:
@@ -186,6 +269,16 @@ def write_media(pixels: torch.Tensor, path: Path, fps: int = 8) -> Path:
     return out
 
 
+def load_frame(path: Path, height: int, width: int) -> torch.Tensor:
+    """An image file -> [3, height, width] in [-1, 1] (resized to cover, centre-cropped), the
+    same geometry training applies to clips."""
+    from goku_megatron.data.decode import decode_image, to_pixels
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such image; pass the first frame as a PNG or JPEG file")
+    return to_pixels(decode_image(path.read_bytes()), (height, width))[:, 0]
+
+
 def slug(prompt: str, index: int) -> str:
     return f"{index:03d}_" + (re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:60] or "empty")
 
@@ -202,24 +295,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="Euler steps (default flow.sample_steps)")
     parser.add_argument("--cfg-scale", type=float, default=None, help="guidance (default flow.cfg_scale)")
+    parser.add_argument("--image", type=Path, default=None,
+                        help="image-to-video: the first frame (PNG/JPEG) of every sample (model.i2v checkpoints)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--fps", type=int, default=8)
+    parser.add_argument("--fps", type=int, default=None, help="output fps (default: the run's)")
     return parser.parse_args(argv)
 
 
-def default_spec(cfg: Config, args: argparse.Namespace) -> SampleSpec:
-    """Unset sizes come from the run: the toy clip size, or its last stage's resolution."""
+def run_spec(cfg: Config, step: int | None = None) -> SampleSpec:
+    """What a run trains on: the toy clip size, or the resolution, frames and fps of the stage at
+    ``step`` (default: the last stage); the run's ODE steps and guidance, seed 0."""
+    from goku_megatron.data.toy import FPS
+
     d = cfg.data
     if d.kind == "toy":
-        frames, height, width = d.toy_frames, d.toy_size, d.toy_size
-    else:
-        stage = d.stages[-1]
-        frames, height, width = stage.frames, stage.height, stage.width
+        return SampleSpec(d.toy_frames, d.toy_size, d.toy_size, cfg.flow.sample_steps, cfg.flow.cfg_scale, fps=FPS)
+    stage = d.stages[-1] if step is None else d.stage_at(step)[1]
+    return SampleSpec(stage.frames, stage.height, stage.width, cfg.flow.sample_steps, cfg.flow.cfg_scale,
+                      fps=round(stage.fps))
+
+
+def default_spec(cfg: Config, args: argparse.Namespace) -> SampleSpec:
+    """The command line's sizes, steps and guidance; unset ones from the run (run_spec)."""
+    run = run_spec(cfg)
     return SampleSpec(
-        frames=args.frames or frames, height=args.height or height, width=args.width or width,
-        steps=args.steps or cfg.flow.sample_steps,
-        cfg_scale=args.cfg_scale if args.cfg_scale is not None else cfg.flow.cfg_scale,
-        seed=args.seed, fps=args.fps,
+        frames=args.frames or run.frames, height=args.height or run.height, width=args.width or run.width,
+        steps=args.steps or run.steps,
+        cfg_scale=args.cfg_scale if args.cfg_scale is not None else run.cfg_scale,
+        seed=args.seed, fps=args.fps or run.fps,
     )
 
 
@@ -240,11 +343,13 @@ def main(argv: list[str] | None = None) -> int:
         sampler = Sampler(args.checkpoint)
         spec = default_spec(sampler.cfg, args)
         sampler.latent_shape(spec)  # refuses sizes the VAE cannot encode, before any work
+        sampler.check_condition(args.image is not None)
+        image = None if args.image is None else load_frame(args.image, spec.height, spec.width)
     except (FileNotFoundError, ConfigError, ValueError) as err:
         print(f"goku-sample: error: {err}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    pixels = sampler.sample(prompts, spec)
+    pixels = sampler.sample(prompts, spec, image)
     for i, (prompt, sample) in enumerate(zip(prompts, pixels)):
         path = write_media(sample, args.out / slug(prompt, i), spec.fps)
         log.info("wrote %s  (%s)", path, prompt)

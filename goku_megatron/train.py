@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import gc
 import logging
+import math
 import os
 import sys
 import time
@@ -30,6 +31,7 @@ import yaml
 
 from goku_megatron import cpu_compat
 from goku_megatron.config import Config, ConfigError, load_config, validate
+from goku_megatron.flops import training_flops
 from goku_megatron.platform import Backends, choose_backends, has_cuda, world_size_from_env
 
 log = logging.getLogger("goku_megatron")
@@ -48,6 +50,7 @@ class FlowBatch:
     text: torch.Tensor  # [B, L, text_dim]
     text_mask: torch.Tensor  # [B, L]
     target: torch.Tensor  # velocity x1 - x0
+    cond: torch.Tensor | None = None  # model.i2v: the clip's first frame broadcast over time
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,11 +186,13 @@ def make_flow_batch(
         text=text.to(device),
         text_mask=text_mask.to(device),
         target=flow.velocity_target(x1, x0).to(device),
+        cond=flow.first_frame_condition(x1).to(device) if cfg.model.i2v else None,
     )
 
 
 def split_microbatches(batch: FlowBatch, micro_batch_size: int) -> list[FlowBatch]:
-    fields = {f.name: getattr(batch, f.name).split(micro_batch_size) for f in dataclasses.fields(batch)}
+    fields = {f.name: getattr(batch, f.name).split(micro_batch_size) for f in dataclasses.fields(batch)
+              if getattr(batch, f.name) is not None}
     return [FlowBatch(**{k: v[i] for k, v in fields.items()}) for i in range(len(fields["noisy"]))]
 
 
@@ -212,7 +217,7 @@ def forward_step(data_iterator: Iterator[FlowBatch | Any], model: torch.nn.Modul
     if isinstance(batch, Pack):
         output = model(batch)
     else:
-        output = model(batch.noisy, batch.timesteps, batch.text, batch.text_mask)
+        output = model(batch.noisy, batch.timesteps, batch.text, batch.text_mask, batch.cond)
 
     def loss_func(output_tensor: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if isinstance(batch, Pack):
@@ -422,9 +427,11 @@ def run(cfg: Config, batches: BatchSource | None = None) -> list[StepResult]:
     """
     from megatron.core import parallel_state
 
-    from goku_megatron.checkpoint import Checkpointer, TrainingState, choose_resume_checkpoint
+    from goku_megatron.checkpoint import Checkpointer, TrainingState, choose_resume_checkpoint, init_weights_from
     from goku_megatron.data.text_encoder import HashTextEncoder
-    from goku_megatron.metrics import MetricsLogger, truncate_metrics
+    from goku_megatron.flops import gpu_peak_flops, mfu
+    from goku_megatron.metrics import MetricsLogger, memory_metrics, truncate_metrics
+    from goku_megatron.sample import LiveSampler, run_spec
     from goku_megatron.resilience import Diverged, FaultTolerance, Preempted, StepGuard, StopSignals
 
     ck = cfg.checkpoint
@@ -450,6 +457,8 @@ def run(cfg: Config, batches: BatchSource | None = None) -> list[StepResult]:
                 batches = build_batch_source(cfg, dp_rank, cfg.parallel.dp)
             loader = packed if packed is not None else batches
             text_encoder = HashTextEncoder(dim=cfg.model.text_dim, max_tokens=cfg.data.max_text_tokens)
+            live = LiveSampler(cfg, model, device) if cfg.train.sample_interval else None
+            peak_flops = gpu_peak_flops(torch.cuda.get_device_name()) if backends.device == "cuda" else None
 
             state = TrainingState(model, optimizer, scheduler, training.ema)
             checkpointer = Checkpointer(run_dir, ck.keep_last, ck.async_save)
@@ -459,6 +468,10 @@ def run(cfg: Config, batches: BatchSource | None = None) -> list[StepResult]:
             resume = choose_resume_checkpoint(run_dir, cfg)
             if resume is not None:
                 start_step, consumed = restore(resume, state, guard, loader)
+            elif ck.init_from:
+                source = init_weights_from(Path(ck.init_from), state, cfg, ema=ck.init_from_ema)
+                log.info("finetuning: %s weights from %s; optimizer, schedule and data start anew",
+                         "EMA" if ck.init_from_ema else "trained", source)
             if rank == 0:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -482,18 +495,26 @@ def run(cfg: Config, batches: BatchSource | None = None) -> list[StepResult]:
                              spec.frames, spec.fps, spec.token_budget, spec.image_ratio)
                 microbatches = [p.to(device) for p in packed.next_step(step)]
                 bad = packed.bad.as_metrics()
-                counts = _dp_sum([sum(p.num_samples for p in microbatches), *bad.values()], device)
-                samples = counts[0]
-                extra = {"stage": stage, **dict(zip(bad, counts[1:]))}
+                extra = {"stage": stage, **bad}
             else:
                 flow_batch = make_flow_batch(next(batches), step, cfg, text_encoder, device)
                 microbatches = split_microbatches(flow_batch, t.micro_batch_size)
-                samples = t.global_batch_size
+                bad = {}
+            # Work of the step, over all data-parallel ranks: samples, video tokens, model FLOPs.
+            video_tokens, text_tokens = step_tokens(cfg, microbatches)
+            counts = _dp_sum([len(video_tokens), sum(video_tokens), training_flops(cfg.model, video_tokens, text_tokens),
+                              *bad.values()], device)
+            samples, tokens, step_flops = counts[:3]
+            extra.update(zip(bad, counts[3:]))
             with fault_tolerance.section("step"):
                 result = train_step(microbatches, model, optimizer, scheduler, cfg)
             if training.ema is not None and not result.skipped:
                 training.ema.update()
             step_time = time.perf_counter() - start
+            world = torch.distributed.get_world_size()
+            extra.update({"tokens_per_s": tokens / step_time, "tflops_per_gpu": step_flops / step_time / world / 1e12})
+            if (utilisation := mfu(step_flops, step_time, world, peak_flops)) is not None:
+                extra["mfu"] = utilisation
             results.append(result)
             consumed += samples
             try:
@@ -516,8 +537,11 @@ def run(cfg: Config, batches: BatchSource | None = None) -> list[StepResult]:
                 metrics.log(step, {
                     "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
                     "samples_per_s": samples / step_time, "step_time_s": step_time,
-                    "consumed_samples": consumed, **extra,
+                    "consumed_samples": consumed, **extra, **memory_metrics(device),
                 })
+            if t.sample_interval and (step % t.sample_interval == 0 or step == t.steps):
+                spec = run_spec(cfg, step)
+                metrics.media(step, t.sample_prompts, live.sample(t.sample_prompts, spec), spec.fps)
             fault_tolerance.heartbeat()
             if stop and step < t.steps:  # at the last step the run is simply done
                 raise Preempted(stop, step)
@@ -557,7 +581,23 @@ def restore(path: Path, state: Any, guard: Any, loader: Any) -> tuple[int, int]:
     return int(info["step"]), int(train_state.get("consumed_samples", 0))
 
 
-def _dp_sum(local: list[int], device: torch.device) -> list[int]:
+def step_tokens(cfg: Config, microbatches: list[FlowBatch] | list[Any]) -> tuple[list[int], list[int]]:
+    """Video tokens and caption tokens of each sample in this rank's micro-batches (padding and
+    dropped captions' null token excluded), for the step's model FLOPs (flops.training_flops)."""
+    video: list[int] = []
+    text: list[int] = []
+    pt, ph, pw = cfg.model.patch_size
+    for mb in microbatches:
+        if mb.noisy.dim() == 2:  # a Pack
+            video += [math.prod(grid) for grid in mb.grids]
+        else:
+            t, h, w = mb.noisy.shape[2:]
+            video += [(t // pt) * (h // ph) * (w // pw)] * mb.noisy.shape[0]
+        text += mb.text_mask.sum(dim=1).tolist()
+    return video, text
+
+
+def _dp_sum(local: list[float], device: torch.device) -> list[int]:
     """Per-DP-rank counts summed over the data-parallel group."""
     from megatron.core import parallel_state
 

@@ -40,6 +40,8 @@ def _error(excinfo: pytest.ExceptionInfo) -> str:
 
 # (overrides, world_size, has_cuda, field named in the message, regex of the rule's fix hint)
 INVALID = [
+    (["parallel.auto=true", "model.recompute_granularity=selective"], 8, True, "model.recompute_granularity",
+     r"parallel.auto plans memory for full activation recompute, not .*=selective; set it to full"),
     # model shape: positive sizes
     (["model.num_layers=0"], 1, False, "model.num_layers", r"must be positive, got 0"),
     (["model.hidden_size=-64"], 1, False, "model.hidden_size", r"must be positive, got -64"),
@@ -268,8 +270,10 @@ def test_gpu_backends_pass_with_cuda():
 
 @pytest.mark.parametrize("recipe", available_recipes())
 def test_packaged_recipes_validate(recipe):
+    """On their own layout (recipes with parallel.auto: 64 GPUs, test_recipes.py plans the rest)."""
     cfg = load_config(recipe, [])
-    validate(cfg, cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp, has_cuda=True)
+    p = cfg.parallel
+    validate(cfg, 64 if p.auto else p.tp * p.pp * p.cp, has_cuda=True)
 
 
 @pytest.mark.parametrize("preset", sorted(MODEL_PRESETS))

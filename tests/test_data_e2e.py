@@ -61,6 +61,9 @@ def test_raw_run_moves_through_stages_and_counts_bad_samples(data, tmp_path):
                      f"data.stages={stages}", "train.steps=6", "data.decoder=auto")
     rows = _metrics(run_dir)
     assert [r["stage"] for r in rows] == [0, 0, 0, 1, 1, 1]
+    # the toy recipe's in-training samples, decoded by the VAE at the last stage's 32x32, 9 frames
+    samples = sorted((run_dir / "samples" / "step_0000006").iterdir())
+    assert len(samples) == 4 and all(p.suffix == ".mp4" for p in samples)
     assert all(r["loss"] == r["loss"] and r["loss"] > 0 for r in rows)  # finite, not NaN
     assert rows[-1]["bad/not_a_video"] >= 1 and rows[-1]["bad/corrupt_video"] == 0
     assert all(rows[i]["bad/not_a_video"] <= rows[i + 1]["bad/not_a_video"] for i in range(5))  # cumulative
@@ -75,7 +78,7 @@ def test_latent_run_from_precomputed_shards(data, tmp_path):
                     "--output", str(latents), "--vae", str(vae), "--fps", "8", "--frames", "9",
                     "--height", "32", "--width", "32"], cwd=REPO, check=True, capture_output=True, timeout=600)
     run_dir = _train(tmp_path, "data.kind=latent", f"data.path={latents}", "train.steps=3",
-                     "data.stages=[{steps: 3, token_budget: 40}]")
+                     "data.stages=[{steps: 3, token_budget: 40}]", "train.sample_interval=0")
     rows = _metrics(run_dir)
     assert len(rows) == 3 and rows[0]["samples_per_s"] > 0
     assert sum(rows[-1][k] for k in rows[-1] if k.startswith("bad/")) == 0  # precompute dropped them
@@ -83,7 +86,7 @@ def test_latent_run_from_precomputed_shards(data, tmp_path):
 
 def test_missing_shards_fail_in_one_line(tmp_path):
     cmd = [sys.executable, "-m", "goku_megatron.train", "data.kind=latent", f"data.path={tmp_path}",
-           "train.micro_batch_size=1", "train.steps=2", "data.stages=[{steps: 2}]"]
+           "train.micro_batch_size=1", "train.steps=2", "data.stages=[{steps: 2}]", "train.sample_interval=0"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (

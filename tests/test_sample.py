@@ -75,3 +75,17 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert err.count("\n") == 0 and "not a goku-train checkpoint" in err
     assert main(["--checkpoint", str(tmp_path)]) == 2
     assert "no prompt" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_in_training_samples_equal_goku_sample_in_any_layout(tmp_path, megatron_world):
+    """LiveSampler under PP=2 x CP=2 (pipeline broadcast, CP gather) gives goku-sample's pixels."""
+    from conftest import REPO, run_torchrun
+    from live_sample_worker import PROMPTS, SPEC
+
+    run_torchrun(4, [str(REPO / "tests" / "live_sample_worker.py"), str(tmp_path), "parallel.pp=2",
+                     "parallel.cp=2"])
+    live = torch.load(tmp_path / "pixels.pt")
+    reference = Sampler(tmp_path).sample(PROMPTS, SampleSpec(**SPEC))
+    assert live.shape == (2, 3, 4, 8, 8) and live.std() > 0.05
+    torch.testing.assert_close(live, reference, rtol=1e-4, atol=1e-4)

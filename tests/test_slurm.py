@@ -23,8 +23,17 @@ def _dry_run(script: str, *args: str, **env: str) -> str:
     return proc.stdout
 
 
-@pytest.mark.parametrize("script, recipe, tp", [("goku8b.sh", "goku-8b", 8), ("goku2b.sh", "goku-2b", 2)])
-def test_srun_native_launch(script, recipe, tp):
+def _planned(recipe: str, gpus: int) -> str:
+    """What goku-plan recommends for the recipe (parallel.auto), as the dry run prints it."""
+    from goku_megatron.config import load_config
+    from goku_megatron.planner import recommend
+
+    lay = recommend(load_config(recipe), gpus)
+    return f"world_size={gpus} tp={lay.tp} pp={lay.pp} cp={lay.cp} dp={lay.dp} "
+
+
+@pytest.mark.parametrize("script, recipe", [("goku8b.sh", "goku-8b"), ("goku2b.sh", "goku-2b")])
+def test_srun_native_launch(script, recipe):
     out = _dry_run(script, "optim.lr=5e-5")
     lines = out.splitlines()
     assert lines[0] == "# job goku-test (4242): 8 nodes x 8 GPUs = 64 ranks, launcher srun"
@@ -34,7 +43,7 @@ def test_srun_native_launch(script, recipe, tp):
     assert "RANK=\\$SLURM_PROCID" in srun and "WORLD_SIZE=\\$SLURM_NTASKS" in srun
     assert f"--config\\ {recipe}\\ train.run_dir=runs/goku-test\\ optim.lr=5e-5" in srun
     layout = lines[lines.index("# parallel layout") + 1]
-    assert layout.startswith(f"world_size=64 tp={tp} pp=1 cp=1 dp={64 // tp} ")
+    assert layout.startswith(_planned(recipe, 64))
     assert any(line.startswith("parameters=") for line in lines)
 
 
@@ -51,7 +60,11 @@ def test_torchrun_launch_with_overridden_environment():
 def test_bad_layout_fails_the_dry_run():
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update({**FAKE_SLURM, "DRY_RUN": "1", "SLURM_NNODES": "1", "GPUS_PER_NODE": "4"})
-    proc = subprocess.run(["bash", "examples/slurm/goku8b.sh"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(["bash", "examples/slurm/goku8b.sh", "parallel.auto=false", "parallel.tp=8"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "world size 4 is not divisible by tp*pp*cp=8" in proc.stderr
+    planned = subprocess.run(["bash", "examples/slurm/goku8b.sh"], cwd=REPO, env={**env, "GPUS_PER_NODE": "1"},
+                             capture_output=True, text=True, timeout=120)
+    assert planned.returncode != 0
+    assert "parallel.auto: no layout of 1 GPUs x 80 GiB fits goku-8b at 65536 tokens per pack" in planned.stderr

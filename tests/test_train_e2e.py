@@ -24,7 +24,8 @@ def toy_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("toy")
     cmd = [sys.executable, "-m", "goku_megatron.train", f"train.steps={STEPS}", f"train.run_dir={tmp / 'run'}",
            f"data.path={tmp / 'data'}", "data.toy_clips=96", "train.global_batch_size=16",
-           "train.micro_batch_size=8", "train.log_interval=1", "optim.warmup_steps=4", "train.save_interval=12"]
+           "train.micro_batch_size=8", "train.log_interval=1", "optim.warmup_steps=4", "train.save_interval=12",
+           "train.sample_interval=12", "train.sample_prompts=[a red square moving right, a blue circle]"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -36,7 +37,12 @@ def test_toy_run_lowers_loss_and_writes_metrics(toy_run):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     for r in records:
-        assert {"step", "loss", "lr", "grad_norm", "samples_per_s", "elapsed_s"} <= r.keys()
+        assert {"step", "loss", "lr", "grad_norm", "samples_per_s", "elapsed_s", "tokens_per_s",
+                "tflops_per_gpu", "max_rss_gib"} <= r.keys()
+        assert "mfu" not in r  # no GPU peak to divide by on CPU
+        # 16 clips of 4 x 8 x 8 tokens per step
+        assert r["tokens_per_s"] == pytest.approx(16 * 256 * r["samples_per_s"] / 16)
+        assert r["tflops_per_gpu"] > 0 and r["max_rss_gib"] > 0.1
     losses = [r["loss"] for r in records]
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
     assert last < first - 0.1, losses
@@ -52,7 +58,27 @@ def test_toy_run_writes_tensorboard_events(toy_run):
     acc = EventAccumulator(str(run_dir / "tensorboard"))
     acc.Reload()
     assert len(acc.Scalars("train/loss")) == STEPS
-    assert {"train/lr", "train/grad_norm", "train/samples_per_s"} <= set(acc.Tags()["scalars"])
+    assert {"train/lr", "train/grad_norm", "train/samples_per_s", "train/tokens_per_s",
+            "train/tflops_per_gpu"} <= set(acc.Tags()["scalars"])
+
+
+def test_toy_run_writes_samples(toy_run):
+    """Samples at steps 12 and 24: MP4 files, and animated GIFs of all 8 frames in TensorBoard."""
+    import io
+
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = toy_run
+    for step in (12, 24):
+        names = sorted(p.name for p in (run_dir / "samples" / f"step_{step:07d}").iterdir())
+        assert names == ["000_a_red_square_moving_right.mp4", "001_a_blue_circle.mp4"]
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
+    acc.Reload()
+    events = acc.Images("samples/000_a_red_square_moving_right")
+    assert [e.step for e in events] == [12, 24]
+    gif = Image.open(io.BytesIO(events[-1].encoded_image_string))
+    assert gif.format == "GIF" and gif.n_frames == 8 and gif.size == (16, 16)
 
 
 def test_toy_run_checkpoint_loads(toy_run, megatron_world):

@@ -9,7 +9,7 @@ block parameter names (GOKU.md: norm1.linear.*, attn1.{q,k,v,o}_proj.weight, att
 norm2.weight, attn2.*, norm3.weight, mlp.fc1.*, mlp.fc2.*); the embedders and final layer keep
 their goku-megatron names. The run's config rides along as JSON in the file's metadata.
 Import writes a step-0 goku-train checkpoint (run directory with checkpoints/latest) from such a
-file, to sample from or to fine-tune (``goku-train train.run_dir=...`` loads it); any TP/PP
+file, to sample from or to fine-tune (``goku-train checkpoint.init_from=RUN_DIR``); any TP/PP
 layout can then read it.
 """
 

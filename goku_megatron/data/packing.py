@@ -92,6 +92,7 @@ class PackSample:
     text: Tensor  # [L, text_dim]
     text_mask: Tensor  # [L] bool, True = token; at least one
     key: str = ""
+    cond: Tensor | None = None  # I2V: the first-frame latent broadcast over T, [C, T, H, W]
 
 
 @dataclass
@@ -124,6 +125,7 @@ class Pack:
     # a step share the longest such length so that pipeline stages exchange one shape
     # (model.context_parallel.align_packs). 0: the budget.
     layout_length: int = 0
+    cond: Tensor | None = None  # [budget, patch_dim] I2V first-frame tokens (model.i2v); else None
 
     @property
     def budget(self) -> int:
@@ -169,6 +171,10 @@ def build_pack(samples: Sequence[PackSample], budget: int, patch: Patch) -> Pack
         flat = torch.cat([patchify(pad_frames(x, patch[0])[None], patch)[:, 0] for x in latents])
         return F.pad(flat, (0, 0, 0, pad))
 
+    conds = [s.cond for s in samples]
+    if any(c is None for c in conds) and any(c is not None for c in conds):
+        raise ValueError("some samples carry an I2V first-frame condition and some do not; give it to all "
+                         "(model.i2v) or none")
     n = len(samples)
     lengths_t = torch.tensor(lengths, device=device)
     text_width = max(s.text.shape[0] for s in samples)
@@ -194,6 +200,7 @@ def build_pack(samples: Sequence[PackSample], budget: int, patch: Patch) -> Pack
         frames=[s.noisy.shape[1] for s in samples],
         keys=[s.key for s in samples],
         patch=patch,
+        cond=None if conds[0] is None else tokens(conds),
     )
 
 

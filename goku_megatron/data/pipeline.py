@@ -149,13 +149,14 @@ class PackedBatches:
 
         from goku_megatron.data.encoders import pack_text, pad_text
 
-        noisy, targets, times, texts = [], [], [], []
+        noisy, targets, times, texts, conds = [], [], [], [], []
         to_encode: list[tuple[int, str]] = []  # (sample, caption) without usable stored tokens
         for i, b in enumerate(samples):
             x1 = b.sample.latent
             draw = flow.noise_sample(x1, self.cfg.train.seed, step, b.key, self.cfg.flow)
             noisy.append(flow.interpolate(x1[None], draw.x0[None], draw.t)[0])
             targets.append(flow.velocity_target(x1, draw.x0))
+            conds.append(flow.first_frame_condition(x1) if self.cfg.model.i2v else None)
             times.append(draw.t[0])
             texts.append(None if draw.drop_caption else b.sample.text)
             if texts[-1] is None:
@@ -166,8 +167,8 @@ class PackedBatches:
                 texts[i] = pack_text(e.float().cpu(), m.cpu())
         text, text_mask = pad_text(texts, self.cfg.data.max_text_tokens)
         return build_pack(
-            [PackSample(noisy=n, target=g, timestep=t, text=e, text_mask=m, key=b.key)
-             for n, g, t, e, m, b in zip(noisy, targets, times, text, text_mask, samples)],
+            [PackSample(noisy=n, target=g, timestep=t, text=e, text_mask=m, key=b.key, cond=c)
+             for n, g, t, e, m, b, c in zip(noisy, targets, times, text, text_mask, samples, conds)],
             stage.token_budget, self.patch,
         )
 

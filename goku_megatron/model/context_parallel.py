@@ -253,6 +253,20 @@ def shard_pack(pack: Pack, layout: Layout, cp: int, rank: int) -> PackShard:
     )
 
 
+def gather_sequence(local: Tensor, shard: Tensor, length: int) -> Tensor:
+    """Every CP rank's output tokens [S_local, ...] (its ``shard`` of an unpacked sequence) -> the
+    whole sequence [length, ...] on every rank; forward only (sampling), no gradient."""
+    group = parallel_state.get_context_parallel_group()
+    cp = torch.distributed.get_world_size(group)
+    parts = [torch.empty_like(local) for _ in range(cp)]
+    torch.distributed.all_gather(parts, local.contiguous(), group=group)
+    indices = [torch.empty_like(shard) for _ in range(cp)]
+    torch.distributed.all_gather(indices, shard.contiguous(), group=group)
+    whole = local.new_empty(length, *local.shape[1:])
+    whole[torch.cat(indices)] = torch.cat(parts)
+    return whole
+
+
 def sequence_shard_loss(pred: Tensor, target: Tensor, patch: Sequence[int], shard: Tensor) -> Tensor:
     """This CP rank's share of ``flow_loss(velocity, target).mean()`` for an unpacked batch.
 

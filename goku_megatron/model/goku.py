@@ -150,6 +150,8 @@ class GokuModel(MegatronModule):
                 # One replica per stage: megatron's grad norm (and so clipping) skips `shared` ones.
                 param.shared = pp_rank > 0
         if pre_process:
+            if model_cfg.i2v:  # starts as the identity on the noisy tokens (see _initial_value)
+                self.image_cond = torch.nn.Linear(2 * patch_dim, patch_dim)
             self.patch_embed = torch.nn.Linear(patch_dim, hidden)
         pp = parallel_state.get_pipeline_model_parallel_world_size()
         layers_per_stage = config.num_layers // pp
@@ -175,10 +177,13 @@ class GokuModel(MegatronModule):
         timesteps: torch.Tensor | None = None,
         text: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
+        cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict the velocity for noisy latents [B, C, T, H, W] at timesteps [B].
 
-        text [B, L, text_dim] with text_mask [B, L] (True = token). Every stage receives the same
+        text [B, L, text_dim] with text_mask [B, L] (True = token); with model.i2v, cond
+        [B, C, T, H, W] is the first-frame latent broadcast over time (flow.first_frame_condition).
+        Every stage receives the same
         batch (only its shape and conditioning are used past the first stage). Returns the velocity
         [B, C, T, H, W] on the last stage, the hidden states [S, B, D] on the others. With context
         parallelism S is this rank's tokens (``sequence_shard``) and the last stage returns their
@@ -196,6 +201,12 @@ class GokuModel(MegatronModule):
         if self.pre_process:
             tokens = patchify(latents, self.patch)
             tokens = tokens if shard is None else tokens[shard]
+            if self.model_cfg.i2v:
+                if cond is None:
+                    raise ValueError("model.i2v needs the first-frame condition: pass cond "
+                                     "(flow.first_frame_condition of the clip)")
+                cond_tokens = patchify(cond, self.patch)
+                tokens = self._condition(tokens, cond_tokens if shard is None else cond_tokens[shard])
             x = self.patch_embed(tokens.to(self.patch_embed.weight.dtype))
         else:
             x = self.input_tensor
@@ -241,7 +252,12 @@ class GokuModel(MegatronModule):
         """
         shard = self.pack_shard(pack)
         if self.pre_process:
-            x = self.patch_embed(shard.gather(pack.noisy).to(self.patch_embed.weight.dtype)).unsqueeze(1)
+            tokens = shard.gather(pack.noisy)
+            if self.model_cfg.i2v:
+                if pack.cond is None:
+                    raise ValueError("model.i2v needs packs built with each sample's first-frame condition")
+                tokens = self._condition(tokens, shard.gather(pack.cond))
+            x = self.patch_embed(tokens.to(self.patch_embed.weight.dtype)).unsqueeze(1)
         else:
             x = self.input_tensor
         silu_temb = F.silu(self.t_embedder(pack.timesteps))
@@ -249,6 +265,11 @@ class GokuModel(MegatronModule):
         if not self.post_process:
             return x
         return self.final_layer(x, silu_temb, shard.sample_index).float()
+
+    def _condition(self, tokens: torch.Tensor, cond_tokens: torch.Tensor) -> torch.Tensor:
+        """I2V: noisy and first-frame tokens concatenated on channels, mapped back to patch_dim."""
+        dtype = self.image_cond.weight.dtype
+        return self.image_cond(torch.cat([tokens.to(dtype), cond_tokens.to(dtype)], dim=-1))
 
     def _packed_inputs(self, pack: Pack, shard: context_parallel.PackShard) -> LayerInputs:
         """Per-token RoPE from each sample's own grid; varlen self- and cross-attention segments.
@@ -347,6 +368,8 @@ class GokuModel(MegatronModule):
         zero_init = cfg.zero_init and (name.startswith("final_layer.") or ".norm1.linear." in name)
         if name.endswith("bias") or zero_init:
             return torch.zeros(shape)
+        if name == "image_cond.weight":  # [I | 0]: an I2V model starts as the T2V model it finetunes
+            return torch.cat([torch.eye(shape[0]), torch.zeros(shape[0], shape[1] - shape[0])], dim=1)
         if name.endswith("norm.weight") or name.endswith(("norm2.weight", "norm3.weight")):
             return torch.ones(shape)
         gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
@@ -403,6 +426,6 @@ def count_parameters(cfg: ModelConfig) -> int:
     attn = 4 * d * d + 2 * d  # q, k, v, o (no bias) + full-width q/k norm weights
     layer = (d * 6 * d + 6 * d) + 2 * attn + 2 * d + (d * f + f + f * d + d)
     embed = (cfg.timestep_freq_dim * d + d + d * d + d) + (cfg.text_dim * d + d + d * d + d)
-    patch_in = c * d + d
+    patch_in = c * d + d + (2 * c * c + c if cfg.i2v else 0)
     final = (d * 2 * d + 2 * d) + (d * c + c)
     return cfg.num_layers * layer + embed + patch_in + final

@@ -1,0 +1,106 @@
+"""The packaged recipes: base: inheritance, the Goku training chain (T2I -> joint -> modality
+finetunes -> I2V, GOKU.md) and parallel.auto's layouts from goku-plan for 64 to 1024 GPUs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from goku_megatron.config import ConfigError, available_recipes, load_config, validate
+from goku_megatron.planner import main as plan_main
+from goku_megatron.planner import recommend
+
+REPO = Path(__file__).resolve().parents[1]
+CHAIN = ["t2i", "", "ft-t2v", "ft-t2i", "i2v"]
+GOKU = [f"goku-{size}{'-' + step if step else ''}" for size in ("2b", "8b") for step in CHAIN]
+
+
+def test_base_recipe_is_merged_key_by_key_and_lists_replaced(tmp_path):
+    (tmp_path / "parent.yaml").write_text("model: {num_layers: 6, hidden_size: 96}\ntrain: {steps: 7, name: p}\n"
+                                          "data: {stages: [{name: a, steps: 7}]}\n")
+    (tmp_path / "child.yaml").write_text("base: parent.yaml\nmodel: {num_layers: 2}\ntrain: {name: c}\n")
+    cfg = load_config(str(tmp_path / "child.yaml"))
+    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.train.steps, cfg.train.name) == (2, 96, 7, "c")
+    assert [s.name for s in cfg.data.stages] == ["a"]
+    (tmp_path / "grandchild.yaml").write_text("base: child.yaml\ndata: {stages: [{name: b, steps: 3}]}\n")
+    assert [s.name for s in load_config(str(tmp_path / "grandchild.yaml")).data.stages] == ["b"]
+
+
+def test_base_errors_are_one_line(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="leads back to itself"):
+        load_config(str(tmp_path / "a.yaml"))
+    (tmp_path / "c.yaml").write_text("base: no-such-recipe\n")
+    with pytest.raises(ConfigError, match="unknown recipe 'no-such-recipe'"):
+        load_config(str(tmp_path / "c.yaml"))
+    (tmp_path / "d.yaml").write_text("base: e.yaml\n")
+    (tmp_path / "e.yaml").write_text("train: {stepz: 3}\n")
+    with pytest.raises(ConfigError, match=r"e\.yaml: unknown key 'train.stepz'"):  # blames the base file
+        load_config(str(tmp_path / "d.yaml"))
+
+
+def test_goku_recipes_exist_and_chain():
+    """Each step starts from the run of the step before it (checkpoint.init_from -> its run dir)."""
+    assert set(GOKU) <= set(available_recipes())
+    names = {name: load_config(name).train.name for name in GOKU}
+    for name in GOKU:
+        cfg = load_config(name)
+        assert cfg.train.name == name
+        source = cfg.checkpoint.init_from
+        if name.endswith("-t2i") and "ft" not in name:
+            assert source == ""  # pretraining starts from random weights
+            continue
+        assert source.startswith("runs/") and source[len("runs/"):] in names.values(), (name, source)
+        predecessor = load_config(source[len("runs/"):])
+        assert predecessor.model.preset == cfg.model.preset
+    assert load_config("goku-8b-i2v").model.i2v and load_config("goku-8b-i2v").checkpoint.init_from == \
+        "runs/goku-8b-ft-t2v"
+    stages = load_config("goku-8b").data.stages
+    assert [(s.height, s.width) for s in stages] == [(288, 512), (480, 864), (720, 1280)]
+    assert load_config("goku-8b-i2v").train.steps == 10000  # GOKU.md: I2V finetuning, 10k steps
+    assert load_config("goku-2b").model.num_layers == 28 and load_config("goku-8b").model.num_layers == 40
+
+
+@pytest.mark.parametrize("name", GOKU)
+@pytest.mark.parametrize("gpus", [64, 128, 256, 512, 1024])
+def test_recipes_plan_a_layout_for_64_to_1024_gpus(name, gpus):
+    cfg = load_config(name)
+    layout = recommend(cfg, gpus)
+    validate(cfg, gpus)
+    assert layout is not None
+    p = cfg.parallel
+    assert (p.tp, p.cp, p.pp, p.dp, cfg.model.recompute) == (layout.tp, layout.cp, layout.pp, layout.dp,
+                                                             layout.recompute)
+    assert p.tp * p.cp * p.pp * p.dp == gpus and not p.auto  # resolved, and saved as such
+
+
+def test_auto_layout_rules():
+    with pytest.raises(ConfigError, match="parallel.auto picks tp, cp and pp itself"):
+        validate(load_config("goku-8b", ["parallel.tp=2"]), 64)
+    validate(load_config("goku-8b", ["parallel.auto=false", "parallel.tp=8"]), 64)
+    with pytest.raises(ConfigError, match="parallel.auto plans for data.stages"):
+        validate(load_config("toy", ["parallel.auto=true"]), 1)
+    with pytest.raises(ConfigError, match="no layout of 64 GPUs x 1 GiB"):
+        validate(load_config("goku-8b", ["parallel.gpu_memory_gb=1"]), 64)
+
+
+def test_docs_layout_table_is_what_goku_plan_recommends():
+    """docs/recipes.md's table of layouts is goku-plan's current output, row by row."""
+    rows = re.findall(r"^\| (goku-\S+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (yes|no) \|$",
+                      (REPO / "docs" / "recipes.md").read_text(), flags=re.M)
+    assert len(rows) == 4 * 5
+    for name, gpus, tp, cp, pp, dp, recompute in rows:
+        lay = recommend(load_config(name), int(gpus))
+        assert (lay.tp, lay.cp, lay.pp, lay.dp, lay.recompute) == (int(tp), int(cp), int(pp), int(dp),
+                                                                   recompute == "yes"), (name, gpus)
+
+
+def test_goku_plan_reads_a_recipe(capsys):
+    assert plan_main(["--config", "goku-2b", "--gpus", "256", "--top", "2"]) == 0
+    out = capsys.readouterr().out
+    lay = recommend(load_config("goku-2b"), 256)
+    assert "# goku-2b: 65536 tokens per pack, 256 packs per step, 256 GPUs" in out
+    assert f"recommendation: parallel.tp={lay.tp} parallel.cp={lay.cp} parallel.pp={lay.pp}" in out
