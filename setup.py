@@ -44,6 +44,7 @@ setup(
         "console_scripts": [
             "goku-train=goku_megatron.train:main",
             "goku-sample=goku_megatron.sample:main",
+            "goku-eval=goku_megatron.evaluation:main",
             "goku-plan=goku_megatron.planner:main",
         ]
     },

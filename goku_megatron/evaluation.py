@@ -11,15 +11,56 @@ prompt adherence is a number, not an impression:
   it (1.0), a circle does not (0.89 at the toy's 6 px, pi/4 for large ones), split at 0.94;
 - direction: the foreground centroid's displacement from the first to the last frame; the larger
   axis and its sign name the direction, and less than half a pixel reads as no motion.
+
+The benchmark samples all 32 colour x shape x direction prompts; the four ``toy.HELD_OUT`` ones were
+never seen in training, so their accuracy measures composition and the others' measures fit
+(``shapes_bench``, ``shapes_report``). ``validation_loss`` is the flow loss on the dataset's
+validation split at fixed timesteps and fixed noise, comparable across runs and parallel layouts.
+
+    goku-eval shapes --checkpoint runs/toy-20261122-0500 --out shapes.json --samples-per-prompt 4
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import sys
+import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 
-from goku_megatron.data.toy import BACKGROUND, COLORS, DIRECTIONS
+from goku_megatron import flow
+from goku_megatron.config import ConfigError
+from goku_megatron.data.toy import (
+    BACKGROUND,
+    COLORS,
+    DIRECTIONS,
+    HELD_OUT,
+    SHAPES,
+    TRIPLES,
+    ToyValidation,
+    caption_for,
+    read_validation,
+)
+from goku_megatron.sample import SampleSpec, Sampler, SamplerBase, to_uint8
+
+ATTRIBUTES = ("color", "shape", "direction")
+# Picking uniformly at random; "all" is every attribute right at once.
+CHANCE = {"color": 1 / len(COLORS), "shape": 1 / len(SHAPES), "direction": 1 / len(DIRECTIONS),
+          "all": 1 / len(TRIPLES)}
+VAL_TIMESTEPS = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+# (prompts, seed) -> pixels [N, 3, T, H, W] in [-1, 1], one clip per prompt; the same arguments
+# must give the same clips (Sampler.sample with SampleSpec.seed = seed does).
+SampleFn = Callable[[list[str], int], torch.Tensor]
 
 SQUARE_FILL = 0.94
 MIN_TRAVEL_PX = 0.5
@@ -70,13 +111,267 @@ def parse_prompt(prompt: str) -> Attributes:
     """The factors a toy prompt asks for ("a red square moving left" -> red, square, left)."""
     words = prompt.lower().split()
     color = next((w for w in words if w in COLORS), None)
-    shape = next((w for w in words if w in ("square", "circle")), None)
+    shape = next((w for w in words if w in SHAPES), None)
     direction = words[words.index("moving") + 1] if "moving" in words[:-1] else None
     return Attributes(color, shape, direction if direction in DIRECTIONS else None)
 
 
-def score(prompt: str, frames: np.ndarray) -> dict[str, bool]:
-    """Per attribute the prompt names: does the clip show it?"""
-    wanted, seen = parse_prompt(prompt), detect(frames)
+def _matches(wanted: Attributes, seen: Attributes) -> dict[str, bool]:
     return {name: getattr(seen, name) == value
             for name, value in vars(wanted).items() if value is not None}
+
+
+def score(prompt: str, frames: np.ndarray) -> dict[str, bool]:
+    """Per attribute the prompt names: does the clip show it?"""
+    return _matches(parse_prompt(prompt), detect(frames))
+
+
+# ------------------------------------------------------------------------------------ ShapesBench
+
+
+def shapes_prompts() -> list[tuple[str, bool]]:
+    """Every colour x shape x direction prompt (toy.TRIPLES order) and whether training held it out."""
+    return [(caption_for(*triple), triple in HELD_OUT) for triple in TRIPLES]
+
+
+def _summary(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Clip count, and per attribute how many clips were scored on it and the fraction right."""
+    scored = {name: [s["correct"][name] for s in samples if name in s["correct"]]
+              for name in ATTRIBUTES}
+    scored["all"] = [all(s["correct"].values()) for s in samples if s["correct"]]
+    return {
+        "clips": len(samples),
+        "scored": {name: len(hits) for name, hits in scored.items()},
+        # None rather than NaN where nothing was scored: NaN is not JSON.
+        "accuracy": {name: sum(hits) / len(hits) if hits else None for name, hits in scored.items()},
+    }
+
+
+def shapes_report(prompts: list[str], held_out: list[bool], clips: list[np.ndarray]) -> dict[str, Any]:
+    """ShapesBench numbers for sampled ``clips`` (uint8 [T, H, W, 3], one per prompt), as JSON.
+
+    ``seen`` and ``held_out`` summarise the clips whose prompt training showed or held out:
+    ``accuracy`` per attribute the prompts name (and ``all``: every named attribute right), with
+    ``scored`` clips behind each; ``chance`` is what guessing uniformly scores. ``samples`` has one
+    entry per clip, in order: prompt, held_out, what the detector saw, and per attribute whether
+    that is what the prompt asked for.
+    """
+    if not len(prompts) == len(held_out) == len(clips):
+        raise ValueError(f"need one held_out flag and one clip per prompt, got {len(prompts)} prompts, "
+                         f"{len(held_out)} flags and {len(clips)} clips")
+    samples = []
+    for prompt, held, clip in zip(prompts, held_out, clips):
+        seen = detect(clip)
+        samples.append({"prompt": prompt, "held_out": bool(held), "detected": dataclasses.asdict(seen),
+                        "correct": _matches(parse_prompt(prompt), seen)})
+    return {
+        "chance": dict(CHANCE),
+        "seen": _summary([s for s in samples if not s["held_out"]]),
+        "held_out": _summary([s for s in samples if s["held_out"]]),
+        "samples": samples,
+    }
+
+
+def shapes_bench(sample_fn: SampleFn, *, samples_per_prompt: int = 1, seed: int = 0) -> dict[str, Any]:
+    """Samples every ShapesBench prompt ``samples_per_prompt`` times and scores the clips
+    (``shapes_report``). Repeat r samples all prompts with seed ``seed + r``, so a larger count
+    extends a smaller one's clips instead of replacing them."""
+    if samples_per_prompt < 1:
+        raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
+    prompts, held = (list(column) for column in zip(*shapes_prompts()))
+    clips: list[np.ndarray] = []
+    for repeat in range(samples_per_prompt):
+        clips += [to_uint8(pixels) for pixels in sample_fn(prompts, seed + repeat)]
+    return shapes_report(prompts * samples_per_prompt, held * samples_per_prompt, clips)
+
+
+# -------------------------------------------------------------------------------- validation loss
+
+
+def _validation_noise(shape: torch.Size, seed: int, key: str, index: int) -> torch.Tensor:
+    """The noise of clip ``key`` at timestep ``index``: its own generator, so it does not depend on
+    the batch the clip is in, its place there, or the parallel layout."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(
+        zlib.crc32(f"val:{seed}:{key}:{index}".encode())))
+
+
+@torch.no_grad()
+def validation_loss(
+    velocity_fn: flow.VelocityFn,
+    pixels: torch.Tensor,
+    text: torch.Tensor,
+    text_mask: torch.Tensor,
+    keys: Sequence[str],
+    timesteps: Sequence[float] = VAL_TIMESTEPS,
+    seed: int = 0,
+    *,
+    held_out: Sequence[bool] | None = None,
+    batch_size: int | None = None,
+) -> dict[str, float]:
+    """Rectified-flow loss of ``velocity_fn`` on a fixed batch, at fixed timesteps with fixed noise.
+
+    Training losses move with the random timesteps and noise of each step; here clip ``key`` at
+    timestep i always gets the same noise (seeded by (seed, key, i)), so the numbers of two
+    checkpoints, runs or layouts differ only by their models. ``velocity_fn(x [B, C, T, H, W],
+    t [B], (text, text_mask))`` is flow.VelocityFn, called on ``batch_size`` clips at a time (all at
+    once by default); put the model in eval mode first. Returns ``val_loss`` (mean over clips and
+    timesteps) and ``val_loss_t0.10`` ... (mean over clips at each timestep); with ``held_out``
+    flags also ``val_loss_seen`` and ``val_loss_held_out`` where they have clips. Means are exactly
+    rounded sums (math.fsum) of the per-clip losses, so the clips' order does not change them; only
+    the velocity_fn's own batched arithmetic can, by float rounding.
+    """
+    n = pixels.shape[0]
+    if not len(keys) == text.shape[0] == text_mask.shape[0] == n or len(set(keys)) != n:
+        raise ValueError(f"need {n} unique keys and {n} captions for {n} clips, got {len(keys)} keys "
+                         f"({len(set(keys))} unique) and {text.shape[0]}/{text_mask.shape[0]} captions")
+    names = [f"val_loss_t{t:.2f}" for t in timesteps]
+    if not timesteps or not all(0.0 <= t <= 1.0 for t in timesteps) or len(set(names)) != len(names):
+        raise ValueError(f"timesteps must be distinct (to 2 decimals) and in [0, 1], got {tuple(timesteps)}")
+    if held_out is not None and len(held_out) != n:
+        raise ValueError(f"need one held_out flag per clip, got {len(held_out)} for {n} clips")
+    step = batch_size or n
+    losses = torch.empty(len(timesteps), n, dtype=torch.float64)  # [timestep, clip]
+    for i, t_value in enumerate(timesteps):
+        for lo in range(0, n, step):
+            x1 = pixels[lo : lo + step]
+            x0 = torch.stack([_validation_noise(x1.shape[1:], seed, key, i) for key in keys[lo : lo + step]])
+            x0 = x0.to(device=x1.device, dtype=x1.dtype)
+            t = torch.full((x1.shape[0],), float(t_value), device=x1.device)
+            pred = velocity_fn(flow.interpolate(x1, x0, t), t, (text[lo : lo + step], text_mask[lo : lo + step]))
+            losses[i, lo : lo + step] = flow.flow_loss(pred, flow.velocity_target(x1, x0)).double().cpu()
+
+    def mean(values: torch.Tensor) -> float:
+        return math.fsum(values.flatten().tolist()) / values.numel()
+
+    out = {"val_loss": mean(losses), **{name: mean(losses[i]) for i, name in enumerate(names)}}
+    if held_out is not None:
+        flags = torch.tensor([bool(h) for h in held_out], dtype=torch.bool)
+        for name, select in (("val_loss_seen", ~flags), ("val_loss_held_out", flags)):
+            if select.any():
+                out[name] = mean(losses[:, select])
+    return out
+
+
+# ----------------------------------------------------------------------------------------- the CLI
+
+
+def sampler_velocity(sampler: SamplerBase) -> flow.VelocityFn:
+    """The conditional velocity of a sampler's model (a checkpoint's, or the run's own during
+    training), as flow.VelocityFn."""
+    def velocity(x: torch.Tensor, t: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        device = sampler.device
+        return sampler.forward(x.to(device), t.to(device), cond[0].to(device), cond[1].to(device), None)
+
+    return velocity
+
+
+def evaluate(sampler: SamplerBase, spec: SampleSpec, val: ToyValidation, samples_per_prompt: int = 1
+             ) -> tuple[dict[str, Any], dict[str, float]]:
+    """ShapesBench (``shapes_bench``, seeds from spec.seed) and the validation loss of a sampler's
+    model: what goku-eval reports and what training logs every train.eval_interval steps."""
+    bench = shapes_bench(lambda prompts, seed: sampler.sample(prompts, dataclasses.replace(spec, seed=seed)),
+                         samples_per_prompt=samples_per_prompt, seed=spec.seed)
+    text, text_mask = sampler.text_encoder(val.captions)
+    losses = validation_loss(sampler_velocity(sampler), val.pixels.to(sampler.device), text, text_mask, val.keys,
+                             held_out=val.held_out, batch_size=sampler.cfg.train.micro_batch_size)
+    return bench, losses
+
+
+def eval_scalars(bench: dict[str, Any], losses: dict[str, float]) -> dict[str, float]:
+    """Flat ``eval/...`` scalars for metrics.jsonl and TensorBoard: accuracy per attribute (and all
+    three) on seen and held-out prompts, and the validation losses."""
+    out = {f"eval/{name}_{split}": accuracy for split in ("seen", "held_out")
+           for name, accuracy in bench[split]["accuracy"].items() if accuracy is not None}
+    return {**out, **{f"eval/{name}": value for name, value in losses.items()}}
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="goku-eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    shapes = commands.add_parser("shapes", help="ShapesBench prompt adherence and validation loss of a toy run")
+    shapes.add_argument("--checkpoint", required=True, type=Path, help="run directory or checkpoints/iter_N")
+    shapes.add_argument("--out", type=Path, default=Path("shapes_report.json"), help="JSON report to write")
+    shapes.add_argument("--samples-per-prompt", type=_positive_int, default=4)
+    shapes.add_argument("--steps", type=_positive_int, default=None, help="Euler steps (default flow.sample_steps)")
+    shapes.add_argument("--cfg-scale", type=float, default=None, help="guidance (default flow.cfg_scale)")
+    shapes.add_argument("--seed", type=int, default=0, help="sampling seed; repeat r uses seed + r")
+    shapes.add_argument("--data", type=Path, default=None,
+                        help="toy dataset whose val/ split gives the validation loss (default: the run's data.path)")
+    return parser.parse_args(argv)
+
+
+def _load(args: argparse.Namespace) -> tuple[Sampler, SampleSpec, Path]:
+    """The checkpoint's sampler, the sampling spec and the dataset, checked before any sampling."""
+    sampler = Sampler(args.checkpoint)
+    cfg = sampler.cfg
+    d = cfg.data
+    if d.kind != "toy" or cfg.model.i2v:
+        raise ValueError(f"{sampler.checkpoint}: a data.kind={d.kind}, model.i2v={cfg.model.i2v} run; ShapesBench "
+                         "scores text-to-video toy runs: pass the checkpoint of one")
+    return sampler, SampleSpec(
+        frames=d.toy_frames, height=d.toy_size, width=d.toy_size, steps=args.steps or cfg.flow.sample_steps,
+        cfg_scale=cfg.flow.cfg_scale if args.cfg_scale is None else args.cfg_scale, seed=args.seed,
+    ), args.data or Path(d.path)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report's headline numbers: accuracy per attribute, seen vs held out, and the val loss."""
+    def cell(value: float | None, digits: int = 3) -> str:
+        return f"{'-' if value is None else f'{value:.{digits}f}':>10}"
+
+    seen, held, val, how = report["seen"], report["held_out"], report["validation"], report["sampling"]
+    lines = [f"ShapesBench: {report['checkpoint']} (step {report['step']}), {how['samples_per_prompt']} "
+             f"samples x {len(TRIPLES)} prompts, {how['steps']} steps, cfg {how['cfg_scale']}",
+             f"{'':<10}{'seen':>10}{'held-out':>10}{'chance':>10}"]
+    lines += [f"{name:<10}{cell(seen['accuracy'][name])}{cell(held['accuracy'][name])}{cell(CHANCE[name])}"
+              for name in (*ATTRIBUTES, "all")]
+    lines.append(f"{'clips':<10}{seen['clips']:>10}{held['clips']:>10}")
+    lines.append(f"{'val_loss':<10}{cell(val.get('val_loss_seen'), 4)}{cell(val.get('val_loss_held_out'), 4)}"
+                 f"   (all {val['val_loss']:.4f})")
+    return "\n".join(lines)
+
+
+def shapes_main(args: argparse.Namespace) -> int:
+    try:
+        sampler, spec, data = _load(args)
+        val = read_validation(data)
+        if tuple(val.pixels.shape[2:]) != (spec.frames, spec.height, spec.width):
+            raise ValueError(f"{data}: validation clips are (T, H, W) = {tuple(val.pixels.shape[2:])}, the run's "
+                             f"{(spec.frames, spec.height, spec.width)}; pass --data with the run's toy dataset")
+    except (FileNotFoundError, ConfigError, ValueError) as err:
+        print(f"goku-eval: error: {err}", file=sys.stderr)
+        return 2
+    bench, losses = evaluate(sampler, spec, val, args.samples_per_prompt)
+    report = {
+        "checkpoint": str(sampler.checkpoint),
+        "step": sampler.step,
+        "sampling": {"samples_per_prompt": args.samples_per_prompt, "steps": spec.steps,
+                     "cfg_scale": spec.cfg_scale, "seed": spec.seed},
+        "validation": {"data": str(data), "clips": len(val.keys), "held_out_clips": sum(val.held_out),
+                       "timesteps": list(VAL_TIMESTEPS), **losses},
+        **bench,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(format_table(report))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stdout)
+    return shapes_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -90,13 +90,20 @@ class MetricsLogger:
         self._jsonl.write(json.dumps(record) + "\n")
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and math.isfinite(value):
-                self._tb.add_scalar(f"train/{key}", value, step)
+                self._tb.add_scalar(key if "/" in key else f"train/{key}", value, step)  # eval/* as named
         eta = metrics.get("step_time_s", 0.0) * (self.total_steps - step)
         log.info(
             "step %d/%d | loss %.4f | lr %.2e | grad_norm %.3f | %.1f samples/s | %.3f s/step | ETA %s",
             step, self.total_steps, metrics["loss"], metrics["lr"], metrics["grad_norm"],
             metrics["samples_per_s"], metrics["step_time_s"], format_duration(eta),
         )
+        if "eval/val_loss" in metrics:
+            accuracy = " | ".join(
+                f"{split} " + " ".join(f"{name} {metrics.get(f'eval/{name}_{split}', float('nan')):.2f}"
+                                       for name in ("color", "shape", "direction"))
+                for split in ("seen", "held_out"))
+            log.info("step %d eval | %s | val_loss %.4f | %.1f s", step, accuracy, metrics["eval/val_loss"],
+                     metrics.get("eval/time_s", 0.0))
 
     def media(self, step: int, prompts: list[str], pixels: Any, fps: int) -> None:
         """Samples [N, 3, T, H, W] in [-1, 1]: MP4/PNG files under samples/step_N/ and, per prompt,

@@ -431,6 +431,8 @@ def run(cfg: Config, batches: BatchSource | None = None) -> list[StepResult]:
     from goku_megatron.data.text_encoder import HashTextEncoder
     from goku_megatron.flops import gpu_peak_flops, mfu
     from goku_megatron.metrics import MetricsLogger, memory_metrics, truncate_metrics
+    from goku_megatron.data.toy import read_validation
+    from goku_megatron.evaluation import eval_scalars, evaluate
     from goku_megatron.sample import LiveSampler, run_spec
     from goku_megatron.resilience import Diverged, FaultTolerance, Preempted, StepGuard, StopSignals
 
@@ -457,7 +459,8 @@ def run(cfg: Config, batches: BatchSource | None = None) -> list[StepResult]:
                 batches = build_batch_source(cfg, dp_rank, cfg.parallel.dp)
             loader = packed if packed is not None else batches
             text_encoder = HashTextEncoder(dim=cfg.model.text_dim, max_tokens=cfg.data.max_text_tokens)
-            live = LiveSampler(cfg, model, device) if cfg.train.sample_interval else None
+            live = LiveSampler(cfg, model, device) if cfg.train.sample_interval or cfg.train.eval_interval else None
+            validation = read_validation(Path(cfg.data.path)) if cfg.train.eval_interval else None
             peak_flops = gpu_peak_flops(torch.cuda.get_device_name()) if backends.device == "cuda" else None
 
             state = TrainingState(model, optimizer, scheduler, training.ema)
@@ -533,7 +536,12 @@ def run(cfg: Config, batches: BatchSource | None = None) -> list[StepResult]:
                         loader_state=loader.state_dict() if hasattr(loader, "state_dict") else None)
                 log.info("step %d: checkpoint saved (training blocked %.3f s)", step, blocked)
                 extra["checkpoint_blocking_s"] = blocked
-            if step % t.log_interval == 0 or step in (1, t.steps) or saving:
+            evaluating = bool(t.eval_interval) and (step % t.eval_interval == 0 or step == t.steps)
+            if evaluating:
+                eval_start = time.perf_counter()
+                bench, losses = evaluate(live, run_spec(cfg, step), validation, t.eval_samples_per_prompt)
+                extra.update({**eval_scalars(bench, losses), "eval/time_s": time.perf_counter() - eval_start})
+            if step % t.log_interval == 0 or step in (1, t.steps) or saving or evaluating:
                 metrics.log(step, {
                     "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
                     "samples_per_s": samples / step_time, "step_time_s": step_time,

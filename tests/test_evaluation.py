@@ -1,14 +1,28 @@
-"""ShapesBench's detector must be right on ground truth: every toy factor combination, rendered."""
+"""ShapesBench: the detector is right on ground truth (every toy factor combination, rendered),
+the report's numbers on hand-built clips, and the fixed-noise validation loss."""
 
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pytest
+import torch
 
-from goku_megatron.data.toy import COLORS, DIRECTIONS, SHAPES, ToySample
-from goku_megatron.evaluation import Attributes, detect, parse_prompt, score
+from goku_megatron.data.toy import COLORS, DIRECTIONS, HELD_OUT, SHAPES, TRIPLES, ToySample, caption_for
+from goku_megatron.evaluation import (
+    CHANCE,
+    VAL_TIMESTEPS,
+    Attributes,
+    detect,
+    parse_prompt,
+    score,
+    shapes_bench,
+    shapes_prompts,
+    shapes_report,
+    validation_loss,
+)
 
 
 @pytest.mark.parametrize("size, frames", [(16, 8), (32, 9), (64, 17)])
@@ -45,3 +59,159 @@ def test_prompts_and_scores():
     assert score("a red square moving left", clip) == {"color": True, "shape": True, "direction": True}
     assert score("a red circle moving right", clip) == {"color": True, "shape": False, "direction": False}
     assert set(DIRECTIONS) == {"left", "right", "up", "down"}
+
+
+# ------------------------------------------------------------------------------------ ShapesBench
+
+
+def _truth(prompt: str, index: int = 0, size: int = 16, frames: int = 8) -> np.ndarray:
+    """A clip that shows exactly what the prompt asks for."""
+    wanted = parse_prompt(prompt)
+    return ToySample.placed(np.random.default_rng(index), index, wanted.color, wanted.shape, wanted.direction,
+                            size=size, frames=frames).render(size, frames)
+
+
+def _bench_inputs() -> tuple[list[str], list[bool], list[np.ndarray]]:
+    prompts, held = (list(column) for column in zip(*shapes_prompts()))
+    return prompts, held, [_truth(p, i) for i, p in enumerate(prompts)]
+
+
+def test_shapes_prompts_are_every_combination():
+    prompts = shapes_prompts()
+    assert [p for p, _ in prompts] == [caption_for(*t) for t in TRIPLES]
+    assert {p for p, held in prompts if held} == {caption_for(*t) for t in HELD_OUT}
+    assert [parse_prompt(p) for p, _ in prompts] == [Attributes(*t) for t in TRIPLES]
+
+
+def test_report_on_ground_truth_is_perfect():
+    report = shapes_report(*_bench_inputs())
+    json.dumps(report, allow_nan=False)
+    assert report["chance"] == CHANCE == {"color": 0.25, "shape": 0.5, "direction": 0.25, "all": 1 / 32}
+    for split, clips in (("seen", 28), ("held_out", 4)):
+        assert report[split]["clips"] == clips
+        assert report[split]["scored"] == {"color": clips, "shape": clips, "direction": clips, "all": clips}
+        assert report[split]["accuracy"] == {"color": 1.0, "shape": 1.0, "direction": 1.0, "all": 1.0}
+    assert len(report["samples"]) == 32
+    assert report["samples"][0] == {
+        "prompt": "a red square moving left", "held_out": False,
+        "detected": {"color": "red", "shape": "square", "direction": "left"},
+        "correct": {"color": True, "shape": True, "direction": True},
+    }
+
+
+@pytest.mark.parametrize("attribute, wrong", [("color", "yellow"), ("shape", "square"), ("direction", "down")])
+def test_a_wrong_clip_lowers_only_its_attribute(attribute, wrong):
+    prompts, held, clips = _bench_inputs()
+    index = prompts.index("a blue circle moving left")  # held out
+    asked = vars(parse_prompt(prompts[index]))
+    clips[index] = _truth(caption_for(**{**asked, attribute: wrong}))
+    report = shapes_report(prompts, held, clips)
+    assert report["held_out"]["accuracy"] == {name: 0.75 if name in (attribute, "all") else 1.0
+                                              for name in ("color", "shape", "direction", "all")}
+    assert set(report["seen"]["accuracy"].values()) == {1.0}
+    sample = report["samples"][index]
+    assert sample["held_out"] and sample["detected"][attribute] == wrong
+    assert sample["correct"] == {name: name != attribute for name in ("color", "shape", "direction")}
+
+
+def test_report_scores_only_what_a_prompt_names():
+    blank = np.full((8, 16, 16, 3), 48, dtype=np.uint8)  # nothing drawn: nothing detected
+    still = ToySample(0, "red", "circle", None, 3, 5).render(16, 1)
+    report = shapes_report(["a red circle", "a green square moving up"], [False, True], [still, blank])
+    assert report["seen"]["scored"] == {"color": 1, "shape": 1, "direction": 0, "all": 1}
+    assert report["seen"]["accuracy"] == {"color": 1.0, "shape": 1.0, "direction": None, "all": 1.0}
+    assert report["held_out"]["accuracy"] == {"color": 0.0, "shape": 0.0, "direction": 0.0, "all": 0.0}
+    assert report["samples"][1]["detected"] == {"color": None, "shape": None, "direction": None}
+    json.dumps(report, allow_nan=False)
+    with pytest.raises(ValueError, match="one clip per prompt"):
+        shapes_report(["a red circle"], [False], [])
+
+
+def test_shapes_bench_samples_every_prompt_once_per_seed():
+    seeds = []
+
+    def sample_fn(prompts: list[str], seed: int) -> torch.Tensor:
+        seeds.append(seed)
+        clips = [torch.from_numpy(_truth(p, seed)).permute(3, 0, 1, 2).float() / 127.5 - 1 for p in prompts]
+        return torch.stack(clips)
+
+    report = shapes_bench(sample_fn, samples_per_prompt=2, seed=5)
+    assert seeds == [5, 6]
+    assert [s["prompt"] for s in report["samples"]] == [p for p, _ in shapes_prompts()] * 2
+    assert (report["seen"]["clips"], report["held_out"]["clips"]) == (56, 8)
+    assert report["held_out"]["accuracy"]["all"] == report["seen"]["accuracy"]["all"] == 1.0
+
+
+# -------------------------------------------------------------------------------- validation loss
+
+
+def _val_batch(n: int = 6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.rand(n, 3, 4, 8, 8, generator=gen) * 2 - 1
+    text = torch.randn(n, 5, 8, generator=gen)
+    mask = torch.ones(n, 5, dtype=torch.bool)
+    return pixels, text, mask, [f"{i:08d}" for i in range(n)]
+
+
+def _text_dependent(x: torch.Tensor, t: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """A velocity that depends on each clip's own t and text, so misrouted conditioning shows."""
+    return 0.5 * x + t.view(-1, 1, 1, 1, 1) * cond[0].mean(dim=(1, 2)).view(-1, 1, 1, 1, 1)
+
+
+def test_validation_loss_of_zero_velocity_is_the_mean_squared_target():
+    pixels, text, mask, keys = _val_batch()
+    calls = []
+
+    def zero(x: torch.Tensor, t: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        calls.append((x, t, cond))
+        return torch.zeros_like(x)
+
+    out = validation_loss(zero, pixels, text, mask, keys)
+    names = [f"val_loss_t{t:.2f}" for t in VAL_TIMESTEPS]
+    assert list(out) == ["val_loss", *names] == ["val_loss", "val_loss_t0.10", "val_loss_t0.30", "val_loss_t0.50",
+                                                 "val_loss_t0.70", "val_loss_t0.90"]
+    assert len(calls) == len(VAL_TIMESTEPS)
+    for (x, t, cond), t_value, name in zip(calls, VAL_TIMESTEPS, names):
+        assert torch.equal(t, torch.full((6,), t_value)) and torch.equal(cond[0], text) and torch.equal(cond[1], mask)
+        noise = (x - t_value * pixels) / (1 - t_value)  # x_t = t x1 + (1 - t) x0
+        assert 0.9 < noise.std() < 1.1
+        target = pixels - noise
+        assert out[name] == pytest.approx(target.double().square().mean().item(), rel=1e-5)
+    assert out["val_loss"] == pytest.approx(sum(out[n] for n in names) / len(names), rel=1e-12)
+
+
+def test_validation_loss_is_fixed_and_independent_of_batch_order_and_size():
+    pixels, text, mask, keys = _val_batch()
+    reference = validation_loss(_text_dependent, pixels, text, mask, keys)
+    assert validation_loss(_text_dependent, pixels, text, mask, keys) == reference
+    order = torch.randperm(6, generator=torch.Generator().manual_seed(1))
+    shuffled = validation_loss(_text_dependent, pixels[order], text[order], mask[order], [keys[i] for i in order])
+    assert shuffled == pytest.approx(reference, rel=1e-6)
+    assert validation_loss(_text_dependent, pixels, text, mask, keys, batch_size=4) == pytest.approx(reference, rel=1e-6)
+    assert validation_loss(_text_dependent, pixels, text, mask, keys, seed=1) != reference
+    renamed = [f"clip-{k}" for k in keys]
+    assert validation_loss(_text_dependent, pixels, text, mask, renamed) != reference  # noise follows the key
+
+
+def test_validation_loss_splits_seen_and_held_out():
+    pixels, text, mask, keys = _val_batch()
+    held = [False, True, False, False, True, False]
+    out = validation_loss(_text_dependent, pixels, text, mask, keys, timesteps=(0.25, 0.75), held_out=held)
+    assert set(out) == {"val_loss", "val_loss_t0.25", "val_loss_t0.75", "val_loss_seen", "val_loss_held_out"}
+    for name, select in (("val_loss_seen", [0, 2, 3, 5]), ("val_loss_held_out", [1, 4])):
+        alone = validation_loss(_text_dependent, pixels[select], text[select], mask[select],
+                                [keys[i] for i in select], timesteps=(0.25, 0.75))
+        assert out[name] == pytest.approx(alone["val_loss"], rel=1e-6)
+    assert out["val_loss"] == pytest.approx((4 * out["val_loss_seen"] + 2 * out["val_loss_held_out"]) / 6)
+    only_seen = validation_loss(_text_dependent, pixels, text, mask, keys, held_out=[False] * 6)
+    assert "val_loss_held_out" not in only_seen and only_seen["val_loss_seen"] == only_seen["val_loss"]
+
+
+def test_validation_loss_refuses_bad_inputs():
+    pixels, text, mask, keys = _val_batch()
+    with pytest.raises(ValueError, match="unique keys"):
+        validation_loss(_text_dependent, pixels, text, mask, keys[:5] + keys[:1])
+    with pytest.raises(ValueError, match="timesteps"):
+        validation_loss(_text_dependent, pixels, text, mask, keys, timesteps=(0.5, 1.5))
+    with pytest.raises(ValueError, match="held_out flag"):
+        validation_loss(_text_dependent, pixels, text, mask, keys, held_out=[True])

@@ -1,7 +1,9 @@
-"""Toy dataset: writer, codec round trip, DP-aware resumable loader, hash text encoder."""
+"""Toy dataset: writer, codec round trip, held-out combinations, validation split, DP-aware
+resumable loader, hash text encoder."""
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import os
 import subprocess
@@ -19,16 +21,23 @@ from goku_megatron.data.text_encoder import NULL_TOKEN, HashTextEncoder
 from goku_megatron.data.toy import (
     BACKGROUND,
     COLORS,
+    HELD_OUT,
     MANIFEST,
+    TRIPLES,
+    VAL_DIR,
     ToyClipLoader,
+    ToySample,
+    caption_for,
     decode_sample,
     ensure_toy_dataset,
     iter_raw_samples,
     make_toy_dataset,
     read_manifest,
+    read_validation,
+    validation_samples,
 )
 
-CLIPS, IMAGES, SIZE, FRAMES = 24, 8, 16, 8
+CLIPS, IMAGES, SIZE, FRAMES, VAL_CLIPS = 24, 8, 16, 8, 64
 # (dy, dx) per frame, written out again rather than imported, so the test checks the writer.
 STEP = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
 PALETTE = {**COLORS, "background": BACKGROUND}
@@ -142,6 +151,78 @@ def test_dataset_is_deterministic_and_rebuilt_when_incomplete(tmp_path: Path) ->
     (tmp_path / "a" / MANIFEST).unlink()  # what an interrupted build leaves behind
     assert build("a", 0) == first
     assert build("a", 1) == build("c", 1)  # other parameters: rebuilt
+
+
+def test_held_out_combinations_leave_every_value_and_pair_in_training() -> None:
+    assert len(HELD_OUT) == 4 and set(HELD_OUT) < set(TRIPLES) and len(TRIPLES) == 32
+    trained = set(TRIPLES) - set(HELD_OUT)
+    singles_and_pairs = itertools.chain(itertools.combinations(range(3), 1), itertools.combinations(range(3), 2))
+    for factors in singles_and_pairs:
+        in_training = {tuple(t[i] for i in factors) for t in trained}
+        assert in_training == {tuple(t[i] for i in factors) for t in TRIPLES}, factors
+
+
+def test_training_clips_never_show_a_held_out_combination(decoded: dict[str, dict]) -> None:
+    drawn = [ToySample.draw(i, still=False, size=SIZE, frames=FRAMES, seed=5) for i in range(2000)]
+    assert {(s.color, s.shape, s.direction) for s in drawn} == set(TRIPLES) - set(HELD_OUT)
+    metas = [s["meta"] for k, s in decoded.items() if int(k) < CLIPS]
+    assert all((m["color"], m["shape"], m["direction"]) not in HELD_OUT for m in metas)
+
+
+def test_manifests_list_the_held_out_combinations(toy_dir: Path) -> None:
+    for split_dir in (toy_dir, toy_dir / VAL_DIR):
+        assert read_manifest(split_dir)["held_out"] == [list(t) for t in HELD_OUT]
+    val = read_manifest(toy_dir / VAL_DIR)
+    assert (val["split"], val["samples"], val["clips"], val["images"]) == ("val", VAL_CLIPS, VAL_CLIPS, 0)
+    assert read_manifest(toy_dir)["val_dir"] == VAL_DIR
+
+
+def test_validation_split_shows_every_combination(toy_dir: Path) -> None:
+    val = read_validation(toy_dir)
+    assert val.pixels.shape == (VAL_CLIPS, 3, FRAMES, SIZE, SIZE) and val.pixels.dtype == torch.float32
+    assert -1.0 <= val.pixels.min() and val.pixels.max() <= 1.0
+    assert val.keys == [f"{i:08d}" for i in range(VAL_CLIPS)]
+    triples = [TRIPLES[i % len(TRIPLES)] for i in range(VAL_CLIPS)]
+    assert val.captions == [caption_for(*t) for t in triples]
+    assert val.held_out == [t in HELD_OUT for t in triples] and sum(val.held_out) == 8
+    for pixels, sample in zip(val.pixels, validation_samples(VAL_CLIPS, size=SIZE, frames=FRAMES)):
+        assert np.abs(_to_rgb(pixels) - sample.render(SIZE, FRAMES)).max() <= 1.0, sample
+
+
+def test_validation_split_is_the_same_for_every_dataset_seed(toy_dir: Path, tmp_path: Path) -> None:
+    make_toy_dataset(tmp_path, clips=2, images=0, size=SIZE, frames=FRAMES, shard_size=10, seed=7)
+    ours, theirs = (sorted((d / VAL_DIR).glob("toy-*.tar")) for d in (toy_dir, tmp_path))
+    assert [p.read_bytes() for p in ours] == [p.read_bytes() for p in theirs]
+    first, again = read_validation(toy_dir), read_validation(toy_dir)
+    assert torch.equal(first.pixels, again.pixels) and first.captions == again.captions
+    # Its own RNG stream: the positions are not those of the training draws of the same index.
+    val = validation_samples(32, size=SIZE, frames=FRAMES)
+    train = [ToySample.draw(i, still=False, size=SIZE, frames=FRAMES, seed=0) for i in range(32)]
+    assert [(s.top, s.left) for s in val] != [(s.top, s.left) for s in train]
+
+
+def test_older_or_partial_datasets_are_rebuilt(tmp_path: Path) -> None:
+    def build() -> list[Path]:
+        return ensure_toy_dataset(tmp_path, clips=3, images=0, shard_size=2, val_clips=4)
+
+    build()
+    manifest_path = tmp_path / MANIFEST
+    for tamper in ({"format": "goku-toy-v1"}, {"held_out": [["red", "square", "left"]]}):
+        manifest_path.write_text(json.dumps({**json.loads(manifest_path.read_text()), **tamper}))
+        build()
+        assert read_manifest(tmp_path)["held_out"] == [list(t) for t in HELD_OUT]
+    (tmp_path / VAL_DIR / MANIFEST).unlink()  # a split that was never finished
+    build()
+    assert len(read_validation(tmp_path).keys) == 4
+
+
+def test_read_validation_errors_name_the_dataset_and_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="make_toy_dataset.py --out"):
+        read_validation(tmp_path)
+    make_toy_dataset(tmp_path, clips=2, images=0, val_clips=0)
+    assert not (tmp_path / VAL_DIR / MANIFEST).exists()
+    with pytest.raises(FileNotFoundError, match="val_clips=0.*make_toy_dataset.py --out"):
+        read_validation(tmp_path)
 
 
 def test_corrupt_clip_raises_with_key(toy_dir: Path) -> None:

@@ -25,7 +25,8 @@ def toy_run(tmp_path_factory):
     cmd = [sys.executable, "-m", "goku_megatron.train", f"train.steps={STEPS}", f"train.run_dir={tmp / 'run'}",
            f"data.path={tmp / 'data'}", "data.toy_clips=96", "train.global_batch_size=16",
            "train.micro_batch_size=8", "train.log_interval=1", "optim.warmup_steps=4", "train.save_interval=12",
-           "train.sample_interval=12", "train.sample_prompts=[a red square moving right, a blue circle]"]
+           "train.sample_interval=12", "train.sample_prompts=[a red square moving right, a blue circle]",
+           "train.eval_interval=12", "flow.sample_steps=4"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -110,3 +111,26 @@ def test_checkpoint_round_trip(tmp_path, megatron_world):
     for (name, a), (_, b) in zip(saved.state_dict().items(), other.state_dict().items()):
         if isinstance(a, torch.Tensor):
             assert torch.equal(a, b), name
+
+
+def test_toy_run_evaluates_periodically(toy_run):
+    """ShapesBench and the validation loss every train.eval_interval steps, in metrics.jsonl,
+    TensorBoard (eval/*) and the log."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, stdout = toy_run
+    records = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    evaluated = [step for step, r in records.items() if "eval/val_loss" in r]
+    assert evaluated == [12, 24]
+    for step in evaluated:
+        r = records[step]
+        for split in ("seen", "held_out"):
+            for name in ("color", "shape", "direction", "all"):
+                assert 0 <= r[f"eval/{name}_{split}"] <= 1
+        assert r["eval/val_loss"] > 0 and {"eval/val_loss_t0.10", "eval/val_loss_held_out"} <= r.keys()
+    assert records[24]["eval/val_loss"] < records[12]["eval/val_loss"]  # it learns
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    assert {"eval/color_held_out", "eval/val_loss"} <= set(acc.Tags()["scalars"])
+    assert "step 24 eval | seen color" in stdout
+

@@ -5,13 +5,18 @@ path: WebDataset tar shards holding VP9 clips (.webm) and PNG stills with .txt c
 metadata, exactly the layout the production reader consumes. Colour, shape and motion direction
 are independent factors named in the caption, so a sampled clip can be checked against its prompt.
 
+ShapesBench (goku_megatron/evaluation.py) tests composition with ``HELD_OUT``: four of the 32
+(colour, shape, direction) combinations that training clips never show. A validation split in
+``val/`` next to the training shards shows every combination, held-out ones included.
+
 Writing: ``make_toy_dataset`` (or ``ensure_toy_dataset``, which reuses a complete dataset).
 Reading: ``iter_raw_samples`` and ``decode_sample`` for single samples, ``ToyClipLoader`` for
-resumable DP-aware batches.
+resumable DP-aware batches, ``read_validation`` for the validation split as one batch.
 """
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -27,9 +32,11 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from goku_megatron.data.decode import decode_image, decode_video_pyav, to_pixels
 
-FORMAT = "goku-toy-v1"
+# v2: training clips leave out HELD_OUT, and the validation split in VAL_DIR.
+FORMAT = "goku-toy-v2"
 MANIFEST = "manifest.json"
 SHARD_PATTERN = "toy-{:05d}.tar"
+VAL_DIR = "val"
 FPS = 8
 SPEED = 1  # pixels per frame
 BACKGROUND = (48, 48, 48)
@@ -48,6 +55,23 @@ DIRECTIONS: dict[str, tuple[int, int]] = {  # (dy, dx) per frame
     "up": (-1, 0),
     "down": (1, 0),
 }
+# Every (colour, shape, direction) combination, colour-major: the order of ShapesBench's prompts and
+# of the validation split.
+TRIPLES: tuple[tuple[str, str, str], ...] = tuple(itertools.product(COLORS, SHAPES, DIRECTIONS))
+# Combinations no training clip shows, so that sampling them tests composition rather than recall.
+# A Latin square: each colour and each direction once, each shape twice. Every single factor value
+# and every pair of factors (colour+shape, colour+direction, shape+direction) still occurs in
+# training, so a model that composes factors can draw these; one that memorised triples cannot.
+# Stills have no direction, so every still is a seen combination.
+HELD_OUT: tuple[tuple[str, str, str], ...] = (
+    ("red", "circle", "up"),
+    ("green", "square", "down"),
+    ("blue", "circle", "left"),
+    ("yellow", "square", "right"),
+)
+# Validation positions come from np.random.default_rng([index, 0, VAL_STREAM]): numpy pads seed
+# words with zeros, so no training stream [seed, index] can equal one with this nonzero third word.
+VAL_STREAM = 0x76616C  # "val"
 VIDEO_CODEC = "libvpx-vp9"
 # Lossless VP9 is lossless in YUV, not in RGB. In 4:2:0 (profile 0, which every VP9 decoder takes;
 # NVDEC takes no other) chroma is stored per 2x2 block, so colour bleeds about a pixel across the
@@ -75,6 +99,12 @@ def shape_mask(shape: str, side: int) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
+def caption_for(color: str, shape: str, direction: str | None) -> str:
+    """A sample's caption: "a red square moving left", or "a blue circle" for a still."""
+    words = f"a {color} {shape}"
+    return words if direction is None else f"{words} moving {direction}"
+
+
 @dataclass(frozen=True)
 class ToySample:
     """The factors of one sample; everything else (pixels, caption) is derived from them."""
@@ -92,21 +122,35 @@ class ToySample:
 
     @property
     def caption(self) -> str:
-        words = f"a {self.color} {self.shape}"
-        return words if self.direction is None else f"{words} moving {self.direction}"
+        return caption_for(self.color, self.shape, self.direction)
 
     @classmethod
     def draw(cls, index: int, *, still: bool, size: int, frames: int, seed: int) -> ToySample:
         """Draws the factors from an RNG keyed by (seed, index), so a sample never depends on
-        how many others are made or how they are sharded."""
+        how many others are made or how they are sharded.
+
+        A clip whose factors are a HELD_OUT combination draws them again from the same RNG: the
+        sample stays a function of (seed, index), and one whose first draw was not held out is
+        the sample earlier dataset versions made."""
         rng = np.random.default_rng([seed, index])
-        color = list(COLORS)[rng.integers(len(COLORS))]
-        shape = SHAPES[rng.integers(len(SHAPES))]
+        while True:
+            color = list(COLORS)[rng.integers(len(COLORS))]
+            shape = SHAPES[rng.integers(len(SHAPES))]
+            if still:
+                return cls.placed(rng, index, color, shape, None, size=size, frames=frames)
+            direction = list(DIRECTIONS)[rng.integers(len(DIRECTIONS))]
+            if (color, shape, direction) not in HELD_OUT:
+                return cls.placed(rng, index, color, shape, direction, size=size, frames=frames)
+
+    @classmethod
+    def placed(cls, rng: np.random.Generator, index: int, color: str, shape: str,
+               direction: str | None, *, size: int, frames: int) -> ToySample:
+        """A sample of the given factors, its first-frame position drawn from ``rng`` so that the
+        shape stays inside the frame for the whole clip."""
         free = size - shape_size(size)  # largest top-left coordinate that keeps the shape inside
-        if still:
+        if direction is None:
             top, left = (int(v) for v in rng.integers(0, free + 1, size=2))
             return cls(index, color, shape, None, top, left)
-        direction = list(DIRECTIONS)[rng.integers(len(DIRECTIONS))]
         dy, dx = DIRECTIONS[direction]
         travel = SPEED * (frames - 1)
 
@@ -187,24 +231,84 @@ class ToyDatasetSpec:
     # 4:4:4 keeps the shapes' colour edges exact (4:2:0 bleeds up to 170/255 into the outline);
     # the toy recipe decodes on CPU, where VP9 profile 1 costs nothing.
     pix_fmt: str = "yuv444p"
+    # Validation clips in VAL_DIR; a multiple of len(TRIPLES) shows every combination equally often.
+    val_clips: int = 64
 
     def __post_init__(self) -> None:
         if self.clips < 0 or self.images < 0 or self.clips + self.images == 0:
             raise ValueError(
                 f"need at least one sample, got clips={self.clips} images={self.images}"
             )
-        if self.shard_size < 1 or self.seed < 0:
+        if self.shard_size < 1 or self.seed < 0 or self.val_clips < 0:
             raise ValueError(
-                f"need shard_size >= 1 and seed >= 0, got {self.shard_size}, {self.seed}"
+                f"need shard_size >= 1, seed >= 0 and val_clips >= 0, got {self.shard_size}, "
+                f"{self.seed}, {self.val_clips}"
             )
         if self.pix_fmt not in PIX_FMTS:
             raise ValueError(f"pix_fmt must be one of {PIX_FMTS}, got {self.pix_fmt!r}")
         side = shape_size(self.size)
-        if self.size < side or (self.clips and SPEED * (self.frames - 1) > self.size - side):
+        moving = self.clips or self.val_clips
+        if self.size < side or (moving and SPEED * (self.frames - 1) > self.size - side):
             raise ValueError(
                 f"a {side} px shape moving {SPEED} px/frame for {self.frames} frames does not fit "
                 f"in {self.size} px; use fewer frames or a larger size"
             )
+
+
+def validation_samples(count: int, *, size: int, frames: int) -> list[ToySample]:
+    """The validation clips: clip i shows TRIPLES[i % 32], held-out combinations included, so any
+    multiple of 32 clips shows each combination equally often.
+
+    Positions come from a stream of their own (VAL_STREAM) keyed by the index alone: independent of
+    every training draw, and independent of the dataset seed, so runs with different seeds are
+    scored on the same clips. At 16 px a seen combination has only ~44 start positions, so a
+    validation clip of one usually has a pixel-identical twin in training: the seen clips measure
+    fit, the held-out ones generalisation.
+    """
+    return [ToySample.placed(np.random.default_rng([index, 0, VAL_STREAM]), index,
+                             *TRIPLES[index % len(TRIPLES)], size=size, frames=frames)
+            for index in range(count)]
+
+
+def _clear(split_dir: Path) -> None:
+    """Removes a split's manifest first (marking it incomplete), then its shards."""
+    (split_dir / MANIFEST).unlink(missing_ok=True)
+    for stale in split_dir.glob(SHARD_PATTERN.replace("{:05d}", "*")):
+        stale.unlink()
+
+
+def _write_split(split_dir: Path, samples: list[ToySample], spec: ToyDatasetSpec,
+                 **extra: Any) -> list[Path]:
+    """Writes ``samples`` as shards of ``spec.shard_size`` and then, atomically, the manifest."""
+    split_dir.mkdir(parents=True, exist_ok=True)
+    _clear(split_dir)
+    shards: list[dict[str, Any]] = []
+    for first in range(0, len(samples), spec.shard_size):
+        chunk = samples[first : first + spec.shard_size]
+        path = split_dir / SHARD_PATTERN.format(len(shards))
+        with wds.TarWriter(str(path), mtime=0.0) as writer:
+            for sample in chunk:
+                writer.write(_tar_entry(sample, size=spec.size, frames=spec.frames,
+                                        pix_fmt=spec.pix_fmt))
+        shards.append({"name": path.name, "samples": len(chunk),
+                       "clips": sum(s.direction is not None for s in chunk)})
+    clips = sum(s["clips"] for s in shards)
+    manifest = {
+        "format": FORMAT,
+        "params": asdict(spec),
+        **extra,
+        "samples": len(samples),
+        "clips": clips,
+        "images": len(samples) - clips,
+        "shards": shards,
+        "held_out": [list(t) for t in HELD_OUT],
+        "vocabulary": {"colors": list(COLORS), "shapes": list(SHAPES),
+                       "directions": list(DIRECTIONS)},
+    }
+    tmp = split_dir / f".{MANIFEST}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, split_dir / MANIFEST)
+    return [split_dir / s["name"] for s in shards]
 
 
 def make_toy_dataset(
@@ -217,77 +321,67 @@ def make_toy_dataset(
     shard_size: int = ToyDatasetSpec.shard_size,
     seed: int = ToyDatasetSpec.seed,
     pix_fmt: str = ToyDatasetSpec.pix_fmt,
+    val_clips: int = ToyDatasetSpec.val_clips,
 ) -> list[Path]:
-    """Writes the toy dataset to ``out`` and returns its shard paths.
+    """Writes the toy dataset to ``out`` and returns its (training) shard paths.
 
-    Samples 0..clips-1 are clips, the rest stills. The manifest is removed first and written last
-    (atomically), so a dataset without one is known to be incomplete. Shards are byte-identical for
-    the same parameters. Call from one process only (rank 0) and barrier.
+    Samples 0..clips-1 are clips, the rest stills; the validation split (``validation_samples``)
+    goes to ``out/val`` with a manifest of its own. The training manifest is removed first and
+    written last (atomically), after the validation split, so a dataset without one is known to be
+    incomplete. Shards are byte-identical for the same parameters. Call from one process only
+    (rank 0) and barrier.
     """
-    spec = ToyDatasetSpec(clips, images, size, frames, shard_size, seed, pix_fmt)
+    spec = ToyDatasetSpec(clips=clips, images=images, size=size, frames=frames,
+                          shard_size=shard_size, seed=seed, pix_fmt=pix_fmt, val_clips=val_clips)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
-    for stale in out.glob(SHARD_PATTERN.replace("{:05d}", "*")):
-        stale.unlink()
-
-    total = spec.clips + spec.images
-    shards: list[dict[str, Any]] = []
-    for first in range(0, total, spec.shard_size):
-        indices = range(first, min(first + spec.shard_size, total))
-        path = out / SHARD_PATTERN.format(len(shards))
-        with wds.TarWriter(str(path), mtime=0.0) as writer:
-            for index in indices:
-                sample = ToySample.draw(index, still=index >= spec.clips, size=spec.size,
-                                        frames=spec.frames, seed=spec.seed)
-                writer.write(_tar_entry(sample, size=spec.size, frames=spec.frames,
-                                        pix_fmt=spec.pix_fmt))
-        shards.append({"name": path.name, "samples": len(indices),
-                       "clips": sum(i < spec.clips for i in indices)})
-
-    manifest = {
-        "format": FORMAT,
-        "params": asdict(spec),
-        "samples": total,
-        "clips": spec.clips,
-        "images": spec.images,
-        "shards": shards,
-        "vocabulary": {"colors": list(COLORS), "shapes": list(SHAPES),
-                       "directions": list(DIRECTIONS)},
-    }
-    tmp = out / f".{MANIFEST}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out / MANIFEST)
-    return [out / s["name"] for s in shards]
+    _clear(out / VAL_DIR)
+    if spec.val_clips:
+        _write_split(out / VAL_DIR, validation_samples(spec.val_clips, size=spec.size,
+                                                       frames=spec.frames), spec, split="val")
+    train = [ToySample.draw(index, still=index >= spec.clips, size=spec.size, frames=spec.frames,
+                            seed=spec.seed) for index in range(spec.clips + spec.images)]
+    return _write_split(out, train, spec, split="train",
+                        val_dir=VAL_DIR if spec.val_clips else None)
 
 
 def read_manifest(shard_dir: Path) -> dict[str, Any]:
-    """The manifest of a complete toy dataset; FileNotFoundError if it was never finished."""
+    """The manifest of a complete toy dataset (or of its validation split); FileNotFoundError if it
+    was never finished, ValueError if an older version of this module made it."""
     path = Path(shard_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path} missing: no toy dataset in {shard_dir}, or an incomplete one"
+            f"{path} missing: no toy dataset in {shard_dir}, or an incomplete one; make it with "
+            f"'python tools/make_toy_dataset.py --out {shard_dir}'"
         )
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}; rebuild "
+                         f"it with 'python tools/make_toy_dataset.py --out {shard_dir}'")
     return manifest
+
+
+def _is_complete(split_dir: Path, params: dict[str, Any]) -> bool:
+    """Whether ``split_dir`` holds a finished split of this version, made with ``params``."""
+    try:
+        manifest = read_manifest(split_dir)
+    except (FileNotFoundError, ValueError):  # json.JSONDecodeError is a ValueError
+        return False
+    return (manifest.get("params") == params
+            and manifest.get("held_out") == [list(t) for t in HELD_OUT]
+            and all((split_dir / s["name"]).is_file() for s in manifest["shards"]))
 
 
 def ensure_toy_dataset(out: Path, **params: Any) -> list[Path]:
     """Returns the shards of the dataset in ``out``, (re)building it when it is missing,
-    incomplete or was made with parameters other than ``params`` (keyword arguments of
+    incomplete (validation split included), was made by an older version of this module or with
+    other held-out combinations, or with parameters other than ``params`` (keyword arguments of
     ``make_toy_dataset``)."""
     out = Path(out)
     wanted = asdict(ToyDatasetSpec(**params))
-    try:
-        manifest = read_manifest(out)
-    except (FileNotFoundError, ValueError):  # json.JSONDecodeError is a ValueError
-        manifest = None
-    if manifest is not None and manifest.get("params") == wanted:
-        paths = [out / s["name"] for s in manifest["shards"]]
-        if all(p.is_file() for p in paths):
-            return paths
+    if _is_complete(out, wanted) and (not wanted["val_clips"] or _is_complete(out / VAL_DIR, wanted)):
+        return [out / s["name"] for s in read_manifest(out)["shards"]]
     return make_toy_dataset(out, **wanted)
 
 
@@ -333,6 +427,36 @@ def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
     if (t, h, w) != expected:
         raise ValueError(f"sample {key}: decoded (T, H, W) = {(t, h, w)}, metadata says {expected}")
     return {"key": key, "pixels": to_pixels(array), "caption": caption, "meta": meta}
+
+
+@dataclass
+class ToyValidation:
+    """The validation split as one fixed batch, in key order."""
+
+    pixels: torch.Tensor  # [N, 3, T, H, W] float32 in [-1, 1]
+    captions: list[str]
+    keys: list[str]
+    held_out: list[bool]  # True where the clip shows a combination no training clip shows
+
+
+def read_validation(shard_dir: Path) -> ToyValidation:
+    """The validation split of the toy dataset in ``shard_dir`` (read from ``shard_dir/val``)."""
+    read_manifest(shard_dir)  # the dataset itself: complete, and made by this version
+    val_dir = Path(shard_dir) / VAL_DIR
+    if not (val_dir / MANIFEST).is_file():
+        raise FileNotFoundError(
+            f"{val_dir / MANIFEST} missing: the toy dataset in {shard_dir} was made with "
+            f"val_clips=0; rebuild it with 'python tools/make_toy_dataset.py --out {shard_dir}'"
+        )
+    held = {tuple(t) for t in read_manifest(val_dir)["held_out"]}
+    samples = [decode_sample(raw) for raw in iter_raw_samples(val_dir)]
+    return ToyValidation(
+        pixels=torch.stack([s["pixels"] for s in samples]),
+        captions=[s["caption"] for s in samples],
+        keys=[s["key"] for s in samples],
+        held_out=[(s["meta"]["color"], s["meta"]["shape"], s["meta"]["direction"]) in held
+                  for s in samples],
+    )
 
 
 @dataclass

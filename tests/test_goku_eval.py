@@ -1,0 +1,100 @@
+"""goku-eval shapes: from a checkpoint to a ShapesBench report (accuracy seen vs held out, and the
+fixed-noise validation loss), with one-line errors for what it cannot evaluate."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from conftest import build_stage
+
+from goku_megatron.checkpoint import save_checkpoint
+from goku_megatron.config import load_config, validate
+from goku_megatron.data.toy import make_toy_dataset, read_validation
+from goku_megatron.evaluation import VAL_TIMESTEPS, main, sampler_velocity, validation_loss
+from goku_megatron.sample import Sampler
+
+SIZE, FRAMES = 8, 4
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, megatron_world):
+    """A toy checkpoint of 8x8x4 clips whose config names its dataset (val/ holds 32 clips)."""
+    tmp = tmp_path_factory.mktemp("eval")
+    make_toy_dataset(tmp / "data", clips=1, images=0, size=SIZE, frames=FRAMES, val_clips=32)
+    cfg = load_config("toy", ["model.zero_init=false", f"data.toy_size={SIZE}", f"data.toy_frames={FRAMES}",
+                              f"data.path={tmp / 'data'}"])
+    validate(cfg, 1)
+    save_checkpoint(tmp / "run", 3, [build_stage(cfg)], cfg.to_dict())
+    return tmp / "run"
+
+
+def test_shapes_writes_the_report(run_dir, tmp_path, capsys):
+    out = tmp_path / "reports" / "shapes.json"
+    assert main(["shapes", "--checkpoint", str(run_dir), "--out", str(out), "--samples-per-prompt", "2",
+                 "--steps", "2", "--cfg-scale", "3", "--seed", "4"]) == 0
+    report = json.loads(out.read_text())
+    assert list(report) == ["checkpoint", "step", "sampling", "validation", "chance", "seen", "held_out", "samples"]
+    assert report["step"] == 3
+    assert report["sampling"] == {"samples_per_prompt": 2, "steps": 2, "cfg_scale": 3.0, "seed": 4}
+    assert (report["seen"]["clips"], report["held_out"]["clips"], len(report["samples"])) == (56, 8, 64)
+    for split in ("seen", "held_out"):
+        assert set(report[split]["accuracy"]) == {"color", "shape", "direction", "all"}
+    assert set(report["samples"][0]) == {"prompt", "held_out", "detected", "correct"}
+
+    val = report["validation"]
+    assert (val["clips"], val["held_out_clips"], val["timesteps"]) == (32, 4, list(VAL_TIMESTEPS))
+    losses = {k: v for k, v in val.items() if k.startswith("val_loss")}
+    assert len(losses) == 3 + len(VAL_TIMESTEPS) and all(math.isfinite(v) and v > 0 for v in losses.values())
+    # The same numbers as the library function on the run's dataset (the default --data).
+    sampler = Sampler(run_dir)
+    data = read_validation(sampler.cfg.data.path)
+    text, mask = sampler.text_encoder(data.captions)
+    direct = validation_loss(sampler_velocity(sampler), data.pixels, text, mask, data.keys, held_out=data.held_out)
+    assert losses == pytest.approx(direct, rel=1e-5)
+
+    printed = capsys.readouterr().out
+    assert "held-out" in printed and "val_loss" in printed and f"wrote {out}" in printed
+
+
+def test_shapes_errors_are_one_line(run_dir, tmp_path, capsys):
+    def error(*args: str) -> str:
+        assert main(["shapes", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and err.startswith("goku-eval: error: ")
+        return err
+
+    missing = tmp_path / "no-such-run"
+    assert f"{missing}: not a goku-train checkpoint" in error("--checkpoint", str(missing))
+    assert "make_toy_dataset.py --out" in error("--checkpoint", str(run_dir), "--data", str(tmp_path))
+    make_toy_dataset(tmp_path / "16px", clips=1, images=0, val_clips=1)  # 16x16x8: not the run's clips
+    assert "pass --data with the run's toy dataset" in error("--checkpoint", str(run_dir), "--data",
+                                                              str(tmp_path / "16px"))
+
+
+@pytest.mark.slow
+def test_a_short_toy_run_is_above_chance_on_seen_prompts(tmp_path):
+    """End to end: goku-train for 150 steps, then goku-eval: the report's structure, and colour
+    (the factor learnt first) well above chance on the seen prompts."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    from goku_megatron.evaluation import CHANCE
+
+    cmd = [sys.executable, "-m", "goku_megatron.train", "train.steps=150", f"train.run_dir={tmp_path / 'run'}",
+           f"data.path={tmp_path / 'data'}", "data.toy_clips=512", "train.sample_interval=0",
+           "train.log_interval=50"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "report.json"
+    assert main(["shapes", "--checkpoint", str(tmp_path / "run"), "--out", str(out), "--samples-per-prompt", "1",
+                 "--steps", "10"]) == 0
+    report = json.loads(out.read_text())
+    assert report["step"] == 150 and len(report["samples"]) == 32
+    assert report["seen"]["clips"] == 28 and report["held_out"]["clips"] == 4
+    assert report["seen"]["accuracy"]["color"] >= CHANCE["color"] + 0.25, report["seen"]["accuracy"]
