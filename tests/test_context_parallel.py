@@ -125,6 +125,17 @@ def test_zigzag_shard_pads_each_sample_to_2cp():
         assert not s.positions[~keep].any() and not s.gather(pack.noisy)[~keep].any()
 
 
+def test_zigzag_without_cp_is_the_pack_itself(megatron_world):
+    """TE attention at cp=1 asks for the zigzag layout; one rank needs no 2*cp padding, so its
+    sequence is the pack in order and has the budget's length, the shape align_packs gives the
+    pipeline (odd-sized samples once made it longer)."""
+    pack = _pack(budget=25)  # samples of 12, 6 and 1 tokens: odd sizes, padded to 2 they would be 26
+    zigzag, contiguous = shard_pack(pack, "zigzag", 1, 0), shard_pack(pack, "contiguous", 1, 0)
+    assert zigzag.source.tolist() == list(range(25)) and align_packs([pack], "zigzag")[1] == 25
+    assert zigzag.packed_self.cu_seqlens_q.tolist() == contiguous.packed_self.cu_seqlens_q.tolist()
+    assert zigzag.packed_self.cu_seqlens_q_padded is None
+
+
 def test_zigzag_length_grows_when_sample_padding_exceeds_the_pack_padding():
     pack = _pack(budget=20)  # 19 real tokens; padded to 12 + 8 + 4 = 24 > 20
     assert zigzag_length(pack, 2) == 24

@@ -197,6 +197,8 @@ def shard_pack(pack: Pack, layout: Layout, cp: int, rank: int) -> PackShard:
     run of segments in order (contiguous: one slice of the sequence; zigzag: two chunks of every
     segment), which is what makes its cross-attention segments a slice of the caption tokens.
     """
+    if cp == 1:  # one rank holds the pack in order; padding samples to 2*cp only serves the split
+        layout = "contiguous"
     device = pack.cu_seqlens.device
     n = pack.num_samples
     cu = pack.cu_seqlens.tolist()
