@@ -7,8 +7,11 @@ prompt adherence is a number, not an impression:
 - foreground: pixels farther than ``threshold`` (sum of absolute RGB differences) from the plain
   background; frames without foreground are ignored;
 - colour: the palette colour nearest (RGB distance) to the mean foreground colour;
-- shape: fill ratio of the foreground inside its bounding box, median over frames: a square fills
-  it (1.0), a circle does not (0.89 at the toy's 6 px, pi/4 for large ones), split at 0.94;
+- shape: per frame, how strongly each pixel shows the detected colour (0 background .. 1 full
+  colour); the shape-sized window that holds the most of it under the diamond template is the
+  shape's place, and the mean weight on the square's corners (the pixels a diamond lacks) over the
+  mean on the diamond's pixels says square (about 1) or diamond (about 0), split at 0.5, median
+  over frames. Soft edges and stray pixels elsewhere barely move it, unlike a bounding box;
 - direction: the foreground centroid's displacement from the first to the last frame; the larger
   axis and its sign name the direction, and less than half a pixel reads as no motion.
 
@@ -49,6 +52,8 @@ from goku_megatron.data.toy import (
     ToyValidation,
     caption_for,
     read_validation,
+    shape_mask,
+    shape_size,
 )
 from goku_megatron.sample import SampleSpec, Sampler, SamplerBase, to_uint8
 
@@ -62,7 +67,7 @@ VAL_TIMESTEPS = (0.1, 0.3, 0.5, 0.7, 0.9)
 # must give the same clips (Sampler.sample with SampleSpec.seed = seed does).
 SampleFn = Callable[[list[str], int], torch.Tensor]
 
-SQUARE_FILL = 0.94
+SQUARE_CORNERS = 0.5
 MIN_TRAVEL_PX = 0.5
 
 
@@ -90,13 +95,21 @@ def detect(frames: np.ndarray, threshold: int = 96) -> Attributes:
     mean = frames[mask].astype(np.float64).mean(0)
     color = min(COLORS, key=lambda name: float(np.sum((np.array(COLORS[name]) - mean) ** 2)))
 
-    fills, centroids = [], []
+    background = np.array(BACKGROUND, dtype=np.float64)
+    span = float(np.abs(np.array(COLORS[color], dtype=np.float64) - background).sum())
+    weight = np.clip(np.abs(frames.astype(np.float64) - background).sum(-1) / span, 0.0, 1.0)
+    side = shape_size(frames.shape[2])
+    diamond = shape_mask("diamond", side)
+    corners = shape_mask("square", side) & ~diamond
+    ratios, centroids = [], []
     for t in visible:
+        windows = np.lib.stride_tricks.sliding_window_view(weight[t], (side, side))
+        y, x = np.unravel_index(np.argmax((windows * diamond).sum(axis=(-2, -1))), windows.shape[:2])
+        window = windows[y, x]
+        ratios.append(window[corners].mean() / max(window[diamond].mean(), 1e-6))
         ys, xs = np.nonzero(mask[t])
-        box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
-        fills.append(len(ys) / box)
         centroids.append((ys.mean(), xs.mean()))
-    shape = "square" if float(np.median(fills)) >= SQUARE_FILL else "circle"
+    shape = "square" if float(np.median(ratios)) >= SQUARE_CORNERS else "diamond"
 
     direction = None
     if len(centroids) > 1:
