@@ -527,7 +527,7 @@ def test_dry_run_report(capsys):
     validate(expected, 1)
     assert yaml.safe_load(_section(out, "resolved config")) == expected.to_dict()
     assert re.search(r"^world_size=1 tp=1 pp=1 cp=1 dp=1 layers_per_stage=4 micro_batches_per_step=1 "
-                     r"micro_batch_size=32 global_batch_size=32$", out, re.MULTILINE), out
+                     r"micro_batch_size=16 global_batch_size=16$", out, re.MULTILINE), out
     backends = _section(out, "backends")
     assert "attention=sdpa linear=local" in backends
     assert "device=cpu" in backends and "distributed=gloo" in backends and "precision=fp32" in backends
@@ -546,7 +546,7 @@ def test_dry_run_layout(capsys):
 
 def test_dry_run_world_size_from_env(capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
-    rc, out, err = _dry_run(capsys, ["--dry-run", "train.micro_batch_size=8"])
+    rc, out, err = _dry_run(capsys, ["--dry-run", "train.micro_batch_size=4"])
     assert rc == 0, err
     assert re.search(r"^world_size=4 tp=1 pp=1 cp=1 dp=4 layers_per_stage=4 micro_batches_per_step=1 ",
                      out, re.MULTILINE), out
