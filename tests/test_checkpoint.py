@@ -302,21 +302,10 @@ def test_too_many_bad_steps_in_a_row_stop_the_run(reference, tmp_path):
 
 @pytest.fixture(scope="module")
 def latent_shards(tmp_path_factory):
-    import io
-    import json
+    from tiny_models import write_latent_shards
 
-    from goku_megatron.data.shards import ShardWriter
-
-    out = tmp_path_factory.mktemp("latents")
-    gen = torch.Generator().manual_seed(0)
-    with ShardWriter(out, samples_per_shard=8) as writer:
-        for i in range(24):
-            t, h, w = [(1, 4, 4), (3, 4, 4), (2, 6, 4)][i % 3]
-            buf = io.BytesIO()
-            torch.save(torch.randn(4, t, h, w, generator=gen), buf)
-            writer.write(f"k{i:03d}", {"latent.pth": buf.getvalue(), "txt": f"sample {i}".encode(),
-                                       "json": json.dumps({"frames": t}).encode()})
-    return out
+    return write_latent_shards(tmp_path_factory.mktemp("latents"), [(1, 4, 4), (3, 4, 4), (2, 6, 4)], count=24,
+                               samples_per_shard=8)
 
 
 def test_packed_loader_resume_is_exact(latent_shards, tmp_path, megatron_world):

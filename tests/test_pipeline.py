@@ -3,41 +3,26 @@ DP split, and a resume from the saved loader state that continues with the same 
 
 from __future__ import annotations
 
-import io
 import json
 import math
 
 import pytest
 import torch
+from tiny_models import tensor_bytes, write_latent_shards
 
 from goku_megatron.config import load_config, validate
 from goku_megatron.data.loader import SampleStream
 from goku_megatron.data.pipeline import PackedBatches, Prepared, load_latent_sample
-from goku_megatron.data.shards import BadSamples, ShardWriter, find_shards
+from goku_megatron.data.shards import BadSamples, find_shards
 from goku_megatron.data.text_encoder import HashTextEncoder
 
 SIZES = [(1, 4, 4), (3, 4, 4), (3, 6, 4), (1, 8, 8), (5, 4, 6)]  # latent (T, H, W)
 
 
-def _tensor_bytes(x: torch.Tensor) -> bytes:
-    buf = io.BytesIO()
-    torch.save(x, buf)
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def latent_shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("latents")
-    gen = torch.Generator().manual_seed(0)
-    with ShardWriter(out, samples_per_shard=10) as writer:
-        for i in range(40):
-            t, h, w = SIZES[i % len(SIZES)]
-            members = {"latent.pth": _tensor_bytes(torch.randn(4, t, h, w, generator=gen)),
-                       "txt": f"sample {i}".encode(), "json": json.dumps({"frames": t}).encode()}
-            if i % 4 == 0:  # some samples carry precomputed text tokens
-                members["t5.pth"] = _tensor_bytes(torch.randn(3, 32, generator=gen))
-            writer.write(f"k{i:03d}", members)
-    return out
+    return write_latent_shards(tmp_path_factory.mktemp("latents"), SIZES, count=40, samples_per_shard=10,
+                               t5_every=4)  # some samples carry precomputed text tokens
 
 
 def _cfg(path, *extra):
@@ -176,4 +161,4 @@ def test_bad_samples_are_skipped(latent_shards):
     used = {k for p in packs for k in p.keys}
     skipped = {k for i, k in enumerate(calls, 1) if i % 3 == 0}
     assert used and not used & skipped
-    assert isinstance(load_latent_sample({"latent.pth": _tensor_bytes(torch.zeros(1)), "txt": b"a"}, None), Prepared)
+    assert isinstance(load_latent_sample({"latent.pth": tensor_bytes(torch.zeros(1)), "txt": b"a"}, None), Prepared)

@@ -1,8 +1,10 @@
-"""Tiny randomly initialised models of the real encoder classes, saved offline for tests (no hub)."""
+"""Tiny randomly initialised models of the real encoder classes, saved offline for tests (no hub),
+and the shards of random latents that tests train on."""
 
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import torch
@@ -43,3 +45,29 @@ def make_tiny_t5(path: Path) -> Path:
     T5EncoderModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def tensor_bytes(x: torch.Tensor) -> bytes:
+    """A tensor as the bytes of a ``.pth`` shard member."""
+    buf = io.BytesIO()
+    torch.save(x, buf)
+    return buf.getvalue()
+
+
+def write_latent_shards(out: Path, sizes: list[tuple[int, int, int]], count: int, samples_per_shard: int,
+                        t5_every: int = 0) -> Path:
+    """``count`` precomputed samples (4-channel latents of ``sizes[i % len(sizes)]`` = (T, H, W),
+    caption "sample i", every ``t5_every``-th with stored text tokens) as tools/precompute_latents.py
+    writes them, keys k000, k001, ...; seeded, so the same arguments write the same shards."""
+    from goku_megatron.data.shards import ShardWriter
+
+    gen = torch.Generator().manual_seed(0)
+    with ShardWriter(out, samples_per_shard=samples_per_shard) as writer:
+        for i in range(count):
+            t, h, w = sizes[i % len(sizes)]
+            members = {"latent.pth": tensor_bytes(torch.randn(4, t, h, w, generator=gen)),
+                       "txt": f"sample {i}".encode(), "json": json.dumps({"frames": t}).encode()}
+            if t5_every and i % t5_every == 0:
+                members["t5.pth"] = tensor_bytes(torch.randn(3, 32, generator=gen))
+            writer.write(f"k{i:03d}", members)
+    return out
