@@ -38,7 +38,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -59,6 +59,8 @@ _ITER_NAME = re.compile(r"iter_(\d{7,})")
 # model.* fields that fix the weights' shapes: a checkpoint loads only into a model with the same.
 SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_heads", "in_channels", "patch_size",
                 "text_dim", "timestep_freq_dim", "i2v")
+# Shape fields added after checkpoints began, with the value a checkpoint that predates them had.
+NEWER_SHAPE_FIELDS = {"i2v": False}
 # Layers a finetune (checkpoint.init_from) may add to the model it starts from: they keep their
 # initialisation. model.i2v's image_cond starts as the identity on the noisy tokens.
 NEW_LAYERS = ("image_cond.",)
@@ -412,11 +414,12 @@ def validate_checkpoint(path: Path) -> str | None:
     return None
 
 
-def check_compatible(manifest: dict[str, Any], cfg: Config, path: Path) -> None:
-    """Refuse, in one line, a checkpoint saved for a model of another shape."""
-    saved = manifest.get("config", {}).get("model", {})
+def check_compatible(manifest: dict[str, Any], cfg: Config, path: Path,
+                     fields: Sequence[str] = SHAPE_FIELDS) -> None:
+    """Refuse, in one line, a checkpoint saved for a model of another shape (``fields`` differ)."""
+    saved = {**NEWER_SHAPE_FIELDS, **manifest.get("config", {}).get("model", {})}
     current = dataclasses.asdict(cfg.model)
-    diffs = [f"{k} {saved.get(k)} (checkpoint) vs {current[k]} (this run)" for k in SHAPE_FIELDS
+    diffs = [f"{k} {saved.get(k)} (checkpoint) vs {current[k]} (this run)" for k in fields
              if saved.get(k) != current[k]]
     if diffs:
         raise ConfigError(f"{path}: saved for another model: model.{'; model.'.join(diffs)}; resume it with "
@@ -615,9 +618,8 @@ def init_weights_from(path: Path, state: TrainingState, cfg: Config, ema: bool =
     reason = validate_checkpoint(checkpoint)
     if reason is not None:
         raise ConfigError(f"checkpoint.init_from={path}: {reason}; pass a complete checkpoint")
-    saved = dict(read_manifest(checkpoint).get("config", {}).get("model", {}))
-    saved.setdefault("i2v", False)  # the I2V layer may be new: every other shape must match
-    check_compatible({"config": {"model": {**saved, "i2v": cfg.model.i2v}}}, cfg, checkpoint)
+    # The I2V layer may be new (NEW_LAYERS): every other shape must match.
+    check_compatible(read_manifest(checkpoint), cfg, checkpoint, fields=[f for f in SHAPE_FIELDS if f != "i2v"])
     load_model_weights(checkpoint, state.model, ema=ema, new_layers=NEW_LAYERS)
     _unwrapped(state.optimizer).reload_model_params()
     if state.ema is not None:

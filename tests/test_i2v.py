@@ -184,3 +184,15 @@ def test_sample_from_a_first_frame(finetune, tmp_path, capsys):
     assert sample_main(["--checkpoint", str(tmp / "t2v"), "--prompt", "x",
                         "--image", str(tmp_path / "first.png")]) == 2
     assert "not an image-to-video model" in capsys.readouterr().err
+
+
+def test_checkpoints_from_before_i2v_resume_as_text_to_video(tmp_path):
+    """A checkpoint whose config predates model.i2v is a T2V model: it resumes a T2V run and is
+    refused by an I2V one (which starts from it with checkpoint.init_from instead)."""
+    from goku_megatron.checkpoint import check_compatible
+
+    cfg = load_config("toy", [])
+    saved = {k: v for k, v in cfg.to_dict()["model"].items() if k != "i2v"}
+    check_compatible({"config": {"model": saved}}, cfg, tmp_path)
+    with pytest.raises(ConfigError, match=r"saved for another model: model.i2v False \(checkpoint\) vs True"):
+        check_compatible({"config": {"model": saved}}, load_config("toy", ["model.i2v=true"]), tmp_path)
