@@ -493,7 +493,7 @@ def _validate_stages(cfg: Config) -> None:
 
 def _plan_layout(cfg: Config, world_size: int) -> None:
     """parallel.auto: goku-plan's recommended layout in parallel.tp/cp/pp and model.recompute."""
-    from goku_megatron.planner import recommend  # the planner reads this module's presets
+    from goku_megatron.planner import planned_stage, recommend  # the planner reads this module's presets
 
     p = cfg.parallel
     _require(p.tp == p.cp == p.pp == 1, f"parallel.auto picks tp, cp and pp itself (given tp={p.tp} cp={p.cp} "
@@ -502,7 +502,7 @@ def _plan_layout(cfg: Config, world_size: int) -> None:
              "parallel.auto plans for data.stages' token budgets; a toy run sets parallel.tp/cp/pp itself")
     _require(p.gpu_memory_gb > 0, f"parallel.gpu_memory_gb must be positive, got {p.gpu_memory_gb}")
     layout = recommend(cfg, world_size)
-    budget = max(s.token_budget for s in cfg.data.stages)
+    budget = planned_stage(cfg).token_budget
     _require(layout is not None, f"parallel.auto: no layout of {world_size} GPUs x {p.gpu_memory_gb:g} GiB fits "
              f"{cfg.model.preset} at {budget} tokens per pack (goku-plan --config ... lists the candidates); "
              "use more GPUs or a smaller data.stages[].token_budget")

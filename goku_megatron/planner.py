@@ -190,12 +190,16 @@ def stage_workload(cfg: Config, stage: StageConfig) -> Workload:
                     caption_tokens=cfg.data.max_text_tokens, global_packs=cfg.train.global_batch_size)
 
 
+def planned_stage(cfg: Config) -> StageConfig:
+    """The stage a run's one layout must fit: the one with the largest token budget."""
+    return max(cfg.data.stages, key=lambda s: s.token_budget)
+
+
 def recommend(cfg: Config, gpus: int) -> Layout | None:
     """The fastest layout of ``gpus`` GPUs (``parallel.gpu_memory_gb`` each) that fits the run's
     largest stage, or None; what ``parallel.auto`` trains with."""
-    stage = max(cfg.data.stages, key=lambda s: s.token_budget)
     hw = Hardware(gpus=gpus, memory_bytes=cfg.parallel.gpu_memory_gb * GIB)
-    ranked = plan(cfg.model, stage_workload(cfg, stage), hw)
+    ranked = plan(cfg.model, stage_workload(cfg, planned_stage(cfg)), hw)
     return ranked[0][0].layout if ranked and ranked[0][1] else None
 
 
@@ -229,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"goku-plan: error: {args.config} has no data.stages to plan for", file=sys.stderr)
             return 2
         model = cfg.model
-        work = stage_workload(cfg, max(cfg.data.stages, key=lambda s: s.token_budget))
+        work = stage_workload(cfg, planned_stage(cfg))
         args.preset, args.global_packs = model.preset, work.global_packs
     else:
         model = ModelConfig(preset=args.preset, **MODEL_PRESETS[args.preset])
