@@ -46,6 +46,13 @@ __all__ = [
 ]
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """x in the block's compute precision: float32 for bf16/fp16/fp32 inputs, as the Goku block
+    computes norms, modulation, RoPE and softmax; float64 stays float64, so the whole block can run
+    in float64 as the exact reference that fp32 implementations are measured against."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 # --------------------------------------------------------------------------------------------
 # 3D RoPE
 # --------------------------------------------------------------------------------------------
@@ -63,12 +70,13 @@ def rope_pair_split(head_dim: int) -> Tuple[int, int, int]:
     return n_t, n_h, n_w
 
 
-def rope_angles(pos: torch.Tensor, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+def rope_angles(pos: torch.Tensor, head_dim: int, theta: float = 10000.0,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Rotation angle of every rotary pair: pos [..., 3] (t, h, w) -> angles [..., head_dim // 2].
 
     Pairs 0..n_t-1 use the t coordinate, the next n_h pairs h, the last n_w pairs w. For an axis
     with n pairs, freq_j = 1 / theta ** (j / n), j = 0..n-1, and angle = pos_axis * freq_j.
-    Computed in float64 and returned as float32.
+    Computed in float64 and returned as ``dtype`` (float32 unless a float64 run asks for more).
     """
     if pos.shape[-1] != 3:
         raise ValueError(f"pos must end in 3 (t, h, w) coordinates, got shape {tuple(pos.shape)}")
@@ -79,19 +87,19 @@ def rope_angles(pos: torch.Tensor, head_dim: int, theta: float = 10000.0) -> tor
         j = torch.arange(n, dtype=torch.float64, device=pos.device)
         freqs = 1.0 / (theta ** (j / n))  # [n]
         pieces.append(pos[..., axis : axis + 1].to(torch.float64) * freqs)  # [..., n]
-    return torch.cat(pieces, dim=-1).to(torch.float32)
+    return torch.cat(pieces, dim=-1).to(dtype)
 
 
 def apply_rope_3d(x: torch.Tensor, pos: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
     """Rotate interleaved pairs of x [B, S, H, head_dim] by the 3D RoPE angles of pos [B, S, 3].
 
     Pair j is (x[..., 2j], x[..., 2j+1]) and rotates as (a, b) -> (a cos - b sin, a sin + b cos).
-    Math in float32, result cast back to x.dtype.
+    Math in float32 (float64 for float64 x), result cast back to x.dtype.
     """
     head_dim = x.shape[-1]
-    angles = rope_angles(pos, head_dim, theta)[:, :, None, :]  # [B, S, 1, P]
+    xf = _wide(x)
+    angles = rope_angles(pos, head_dim, theta, xf.dtype)[:, :, None, :]  # [B, S, 1, P]
     cos, sin = angles.cos(), angles.sin()
-    xf = x.float()
     a = xf[..., 0::2]
     b = xf[..., 1::2]
     out = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1)  # [B, S, H, P, 2]
@@ -118,9 +126,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = _wide(x)
         y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return (y * _wide(self.weight)).to(x.dtype)
 
 
 class AdaLNZero(nn.Module):
@@ -135,7 +143,7 @@ class AdaLNZero(nn.Module):
         self.linear = nn.Linear(hidden_size, 6 * hidden_size, bias=True)
 
     def forward(self, temb: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        mod = F.linear(F.silu(temb.float()), self.linear.weight.float(), self.linear.bias.float())
+        mod = F.linear(F.silu(_wide(temb)), _wide(self.linear.weight), _wide(self.linear.bias))
         return tuple(mod.chunk(6, dim=-1))
 
 
@@ -191,7 +199,7 @@ class Attention(nn.Module):
             k = apply_rope_3d(k, pos, self.rope_theta)
 
         # [B, H, S, hd] / [B, H, L, hd]; explicit softmax attention in float32.
-        qh, kh, vh = (t.transpose(1, 2).float() for t in (q, k, v))
+        qh, kh, vh = (_wide(t.transpose(1, 2)) for t in (q, k, v))
         scores = torch.matmul(qh, kh.transpose(-1, -2)) / math.sqrt(self.head_dim)  # [B,H,S,L]
         if context_mask is not None:
             valid = context_mask.to(torch.bool)[:, None, None, :]  # [B, 1, 1, L]
@@ -305,10 +313,10 @@ class ReferenceGokuBlock(nn.Module):
         )
 
         # 1-2. modulated LayerNorm -> self-attention -> gated residual (modulation in fp32).
-        h = F.layer_norm(x.float(), (self.hidden_size,), eps=self.eps)
+        h = F.layer_norm(_wide(x), (self.hidden_size,), eps=self.eps)
         h = (h * (1 + scale_msa) + shift_msa).to(dtype)
         attn = self.attn1(h, pos, rope_q=True, rope_k=True)
-        x = (x.float() + gate_msa * attn.float()).to(dtype)
+        x = (_wide(x) + gate_msa * _wide(attn)).to(dtype)
 
         # 3. cross-attention to the text tokens: plain residual, no gate.
         h = self.norm2(x)
@@ -319,9 +327,9 @@ class ReferenceGokuBlock(nn.Module):
         x = x + attn
 
         # 4. modulated RMSNorm -> MLP -> gated residual.
-        h = self.norm3(x).float()
+        h = _wide(self.norm3(x))
         h = (h * (1 + scale_mlp) + shift_mlp).to(dtype)
-        x = (x.float() + gate_mlp * self.mlp(h).float()).to(dtype)
+        x = (_wide(x) + gate_mlp * _wide(self.mlp(h))).to(dtype)
         return x
 
     def forward_packed(

@@ -13,6 +13,7 @@ import torch
 from goku_megatron.data.encoders import (MissingWeightsError, T5TextEncoder, VideoVAE, build_text_encoder,
                                          build_vae, pack_text, pad_text)
 from goku_megatron.data.text_encoder import HashTextEncoder
+from numerics import assert_close_to_scale
 from tiny_models import TINY_T5_DIM, make_tiny_t5, make_tiny_vae
 
 CAPTIONS = ["a red square moving left", "", "a blue circle", "the quick brown fox jumps over the lazy dog "
@@ -62,9 +63,9 @@ def test_vae_is_frozen_deterministic_and_scaled(vae: VideoVAE) -> None:
     assert torch.equal(latents, vae.encode(pixels))
     # the posterior mean times the config's scaling factor, as the CogVideoX pipelines scale it
     expected = vae.vae.encode(pixels).latent_dist.mean * 0.7
-    torch.testing.assert_close(latents, expected)
-    # one clip encodes the same alone as in a batch
-    torch.testing.assert_close(vae.encode(pixels[1:]), latents[1:])
+    assert_close_to_scale(latents, expected, ulps=16)
+    # one clip encodes the same alone as in a batch (convolutions over another batch size)
+    assert_close_to_scale(vae.encode(pixels[1:]), latents[1:], ulps=64)
 
 
 @pytest.mark.parametrize("latent_frames,frames", [(1, 1), (3, 9)])
@@ -137,7 +138,7 @@ def test_t5_is_frozen_deterministic_and_matches_the_model(t5: T5TextEncoder, t5_
     ids = t5.tokenizer(CAPTIONS[0], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         expected = reference(input_ids=ids).last_hidden_state[0]
-    torch.testing.assert_close(emb[0, : ids.shape[1]], expected)  # padding does not leak in
+    assert_close_to_scale(emb[0, : ids.shape[1]], expected, ulps=64)  # padding does not leak in
 
 
 def test_build_text_encoder_kinds(t5_dir: Path) -> None:

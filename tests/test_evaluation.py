@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from numerics import EPS32
 
 from goku_megatron.data.toy import (
     COLORS,
@@ -199,7 +200,7 @@ def test_validation_loss_of_zero_velocity_is_the_mean_squared_target():
         noise = (x - t_value * pixels) / (1 - t_value)  # x_t = t x1 + (1 - t) x0
         assert 0.9 < noise.std() < 1.1
         target = pixels - noise
-        assert out[name] == pytest.approx(target.double().square().mean().item(), rel=1e-5)
+        assert out[name] == pytest.approx(target.double().square().mean().item(), rel=64 * EPS32)
     assert out["val_loss"] == pytest.approx(sum(out[n] for n in names) / len(names), rel=1e-12)
 
 
@@ -209,8 +210,10 @@ def test_validation_loss_is_fixed_and_independent_of_batch_order_and_size():
     assert validation_loss(_text_dependent, pixels, text, mask, keys) == reference
     order = torch.randperm(6, generator=torch.Generator().manual_seed(1))
     shuffled = validation_loss(_text_dependent, pixels[order], text[order], mask[order], [keys[i] for i in order])
-    assert shuffled == pytest.approx(reference, rel=1e-6)
-    assert validation_loss(_text_dependent, pixels, text, mask, keys, batch_size=4) == pytest.approx(reference, rel=1e-6)
+    # means of squares summed in another order: bounded relative to themselves
+    assert shuffled == pytest.approx(reference, rel=16 * EPS32)
+    assert (validation_loss(_text_dependent, pixels, text, mask, keys, batch_size=4)
+            == pytest.approx(reference, rel=16 * EPS32))
     assert validation_loss(_text_dependent, pixels, text, mask, keys, seed=1) != reference
     renamed = [f"clip-{k}" for k in keys]
     assert validation_loss(_text_dependent, pixels, text, mask, renamed) != reference  # noise follows the key
@@ -224,7 +227,7 @@ def test_validation_loss_splits_seen_and_held_out():
     for name, select in (("val_loss_seen", [0, 2, 3, 5]), ("val_loss_held_out", [1, 4])):
         alone = validation_loss(_text_dependent, pixels[select], text[select], mask[select],
                                 [keys[i] for i in select], timesteps=(0.25, 0.75))
-        assert out[name] == pytest.approx(alone["val_loss"], rel=1e-6)
+        assert out[name] == pytest.approx(alone["val_loss"], rel=16 * EPS32)
     assert out["val_loss"] == pytest.approx((4 * out["val_loss_seen"] + 2 * out["val_loss_held_out"]) / 6)
     only_seen = validation_loss(_text_dependent, pixels, text, mask, keys, held_out=[False] * 6)
     assert "val_loss_held_out" not in only_seen and only_seen["val_loss_seen"] == only_seen["val_loss"]

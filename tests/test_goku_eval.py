@@ -8,6 +8,7 @@ import math
 
 import pytest
 from conftest import build_stage
+from numerics import EPS32
 
 from goku_megatron.checkpoint import save_checkpoint
 from goku_megatron.config import load_config, validate
@@ -52,7 +53,7 @@ def test_shapes_writes_the_report(run_dir, tmp_path, capsys):
     data = read_validation(sampler.cfg.data.path)
     text, mask = sampler.text_encoder(data.captions)
     direct = validation_loss(sampler_velocity(sampler), data.pixels, text, mask, data.keys, held_out=data.held_out)
-    assert losses == pytest.approx(direct, rel=1e-5)
+    assert losses == pytest.approx(direct, rel=64 * EPS32)  # means of squares: relative to themselves
 
     printed = capsys.readouterr().out
     assert "held-out" in printed and "val_loss" in printed and f"wrote {out}" in printed

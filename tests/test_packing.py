@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_stage, run_torchrun
+from numerics import assert_close_to_scale
 
 from goku_megatron.config import load_config
 from goku_megatron.data.packing import (
@@ -167,10 +168,9 @@ def test_packed_forward_matches_each_sample_alone(megatron_world, pt):
     cu = pack.cu_seqlens.tolist()
     for i, (ref, s) in enumerate(zip(alone, samples)):
         assert ref.abs().mean() > 0.1  # not the trivial zero output of zero_init
-        torch.testing.assert_close(out[cu[i]:cu[i + 1], 0], patchify(ref[None], (pt, 2, 2))[:, 0],
-                                   rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(unpack(pack, out)[i], ref[:, ref.shape[1] - s.noisy.shape[1]:],
-                                   rtol=1e-5, atol=1e-5)
+        # the same layers over another token count: other BLAS blocking, the same math
+        assert_close_to_scale(out[cu[i]:cu[i + 1], 0], patchify(ref[None], (pt, 2, 2))[:, 0], ulps=64)
+        assert_close_to_scale(unpack(pack, out)[i], ref[:, ref.shape[1] - s.noisy.shape[1]:], ulps=64)
 
 
 def test_padding_changes_neither_loss_nor_gradients(megatron_world):
@@ -213,10 +213,10 @@ def test_packed_loss_and_gradient_equal_weighted_unpacked_losses(megatron_world,
         weight = n / sum(tokens) if weighting == "token" else 1 / len(samples)
         (weight * mse).backward()
         expected += weight * mse.detach()
-    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
+    assert_close_to_scale(loss.detach(), expected, ulps=64)
     for name, grad in _grads(model).items():
         assert packed_grads[name].abs().sum() > 0, name
-        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        assert_close_to_scale(packed_grads[name], grad, ulps=256, msg=name)
 
 
 def test_packed_recompute_matches(megatron_world):
@@ -227,7 +227,9 @@ def test_packed_recompute_matches(megatron_world):
         packed_flow_loss(model(pack), pack).backward()
         results.append(_grads(model))
     for name, grad in results[0].items():
-        torch.testing.assert_close(results[1][name], grad, rtol=1e-6, atol=1e-7, msg=name)
+        # the same kernels on the same shapes; a shared parameter's gradient contributions may be
+        # summed in another order when layers run again in the backward pass
+        assert_close_to_scale(results[1][name], grad, ulps=16, msg=name)
 
 
 def test_packed_pipeline_stages_chain(megatron_world):
@@ -255,7 +257,7 @@ def test_packed_pipeline_stages_chain(megatron_world):
         hidden = first(pack)
         assert hidden.shape == (pack.budget, 1, half.model.hidden_size)
         last.set_input_tensor([hidden])
-        torch.testing.assert_close(last(pack), whole(pack), rtol=1e-6, atol=1e-6)
+        assert_close_to_scale(last(pack), whole(pack), ulps=64)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -298,10 +300,11 @@ def test_packed_tensor_parallel_matches_single_process(megatron_world, tmp_path)
     pack = build_pack(_samples(), _budget(2), (2, 2, 2))
     out = model(pack)
     packed_flow_loss(out, pack).backward()
-    torch.testing.assert_close(got["out"], out.detach(), rtol=1e-5, atol=1e-6)
+    # TP=2 splits each matmul's reduction over two ranks: the same sums in another order
+    assert_close_to_scale(got["out"], out.detach(), ulps=64)
     assert got["grads"].keys() == _grads(model).keys()
     for name, grad in _grads(model).items():
-        torch.testing.assert_close(got["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        assert_close_to_scale(got["grads"][name], grad, ulps=256, msg=name)
 
 
 if __name__ == "__main__":

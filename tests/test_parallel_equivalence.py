@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_stage, run_torchrun
+from numerics import assert_close_to_scale
 
 from goku_megatron.checkpoint import latest_checkpoint, load_model_weights
 from goku_megatron.config import load_config
@@ -71,6 +72,26 @@ LAYOUTS = {  # name: (processes, overrides); "--packed" trains on packs
 }
 
 
+# Another layout computes the same sums in another order (split over TP/CP ranks, reduced over DP,
+# handed between PP stages), so results agree to rounding relative to each tensor's scale: the loss
+# and grad norm to a few tens of ulps; gradients, summed over more terms, and weights after two
+# Adam steps (which divide by the square root of the squared gradients) to a few hundred.
+LOSS_ULPS, GRAD_ULPS, WEIGHT_ULPS = 64, 512, 512
+
+
+def assert_close(rec: dict, ref_rec: dict, got: dict, ref: dict) -> None:
+    """Losses, grad norms, both steps' gradients and the final weights of a layout equal the reference's."""
+    assert len(rec["loss"]) == len(ref_rec["loss"]) == 2
+    for key in ("loss", "grad_norm"):
+        for value, expected in zip(rec[key], ref_rec[key]):
+            assert_close_to_scale(torch.tensor(value), torch.tensor(expected), ulps=LOSS_ULPS, msg=key)
+    for kind in ("grads1", "grads2", "weights"):
+        assert got[kind].keys() == ref[kind].keys(), kind
+        for name, value in ref[kind].items():
+            assert_close_to_scale(got[kind][name], value, ulps=WEIGHT_ULPS if kind == "weights" else GRAD_ULPS,
+                                  msg=f"{kind} {name}")
+
+
 @pytest.fixture(scope="module")
 def layout_run(tmp_path_factory):
     """Runs each layout once for all the tests that inspect it."""
@@ -92,14 +113,8 @@ def test_layout_matches_single_process(layout_run, single_process, layout):
     baseline = single_process("--packed" in LAYOUTS[layout][1])
     ref_rec, rec = baseline["record"], got["record"]
     assert len(rec["loss"]) == 2
-    torch.testing.assert_close(torch.tensor(rec["loss"]), torch.tensor(ref_rec["loss"]), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(torch.tensor(rec["grad_norm"]), torch.tensor(ref_rec["grad_norm"]),
-                               rtol=1e-5, atol=1e-6)
+    assert_close(rec, ref_rec, got, baseline)
     assert ref_rec["loss"][1] != ref_rec["loss"][0]  # the first step changed the weights
-    for kind in ("grads1", "grads2", "weights"):
-        assert got[kind].keys() == baseline[kind].keys(), kind
-        for name, ref in baseline[kind].items():
-            torch.testing.assert_close(got[kind][name], ref, rtol=1e-4, atol=1e-6, msg=f"{kind} {name}")
 
 
 @pytest.mark.slow
@@ -114,7 +129,7 @@ def test_layout_checkpoint_loads_unsharded(layout_run, baseline, layout, megatro
     loaded = {name: param.detach() for name, param in stage.named_parameters()}
     assert loaded.keys() == baseline["weights"].keys()
     for name, ref in baseline["weights"].items():
-        torch.testing.assert_close(loaded[name], ref, rtol=1e-4, atol=1e-6, msg=name)
+        assert_close_to_scale(loaded[name], ref, ulps=WEIGHT_ULPS, msg=name)
 
 
 @pytest.mark.slow
@@ -124,10 +139,5 @@ def test_i2v_under_context_parallelism_matches_single_process(tmp_path_factory):
     i2v = ["model.i2v=true", "data.image_ratio=0"]
     ref = _run(tmp_path_factory, "single_i2v", 1, i2v)
     got = _run(tmp_path_factory, "cp2_i2v", 2, ["parallel.cp=2", *i2v])
-    torch.testing.assert_close(torch.tensor(got["record"]["loss"]), torch.tensor(ref["record"]["loss"]),
-                               rtol=1e-5, atol=1e-6)
     assert any(name.startswith("image_cond.") for name in ref["grads2"])
-    for kind in ("grads1", "grads2", "weights"):
-        assert got[kind].keys() == ref[kind].keys(), kind
-        for name, value in ref[kind].items():
-            torch.testing.assert_close(got[kind][name], value, rtol=1e-4, atol=1e-6, msg=f"{kind} {name}")
+    assert_close(got["record"], ref["record"], got, ref)

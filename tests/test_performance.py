@@ -18,6 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import REPO, build_stage
+from numerics import assert_as_accurate, assert_close_to_scale
+from reference_goku import ReferenceGokuBlock
 
 from goku_megatron.config import FP8_ALIGN, FP8_ALIGN_DEFAULT, FP8_RECIPES, Config, load_config, validate
 from goku_megatron.data.packing import PackSample, build_pack
@@ -87,7 +89,9 @@ def test_recompute_matches_no_recompute(megatron_world, granularity, packed):
     torch.testing.assert_close(loss_r, loss, rtol=0, atol=0)
     assert grads_r.keys() == grads.keys()
     for name, grad in grads.items():
-        torch.testing.assert_close(grads_r[name], grad, rtol=1e-6, atol=1e-7, msg=name)
+        # the same kernels on the same shapes; a shared parameter's gradient contributions may be
+        # summed in another order when layers run again in the backward pass
+        assert_close_to_scale(grads_r[name], grad, ulps=16, msg=name)
     layers = len(recomputed.layers)
     # Each attention core ran again in the backward pass; the MLPs only under full recompute.
     assert calls == {"core": 2 * 2 * layers, "mlp": (2 if granularity == "full" else 1) * layers}
@@ -198,7 +202,7 @@ def test_fp8_pads_caption_tokens_for_kv_projections(megatron_world, recipe, rows
         stage.config.fp8, stage.config.fp8_recipe = "e4m3", recipe  # no FP8 context on CPU: numerics as bf16
         got = stage(*batch)
     assert seen == [5, rows]
-    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)  # BLAS blocks other row counts differently
+    assert_close_to_scale(got, expected, ulps=16)  # BLAS blocks other row counts differently
 
 
 def test_fp8_alignment_matches_megatron():
@@ -269,9 +273,17 @@ def test_plain_block_is_the_goku_layer(megatron_world):
     context = torch.randn(b, length, d, generator=gen)
     angles = rope_angles(grid_positions(*grid), d // heads)
     inputs = LayerInputs(context=context.transpose(0, 1), rope=angles.unsqueeze(1))
-    expected = ours(x.transpose(0, 1), inputs, F.silu(temb)).transpose(0, 1)
+    layer = ours(x.transpose(0, 1), inputs, F.silu(temb)).transpose(0, 1)
     got = plain(x, F.silu(temb), context, angles.unsqueeze(0))
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # Both are fp32 implementations of the block whose activations reach ~60 here: each is measured
+    # against the independent reference block run in float64, with the same weights.
+    reference = ReferenceGokuBlock(d, heads, ffn, context_dim=d)
+    reference.load_state_dict(plain.state_dict())
+    pos = grid_positions(*grid).unsqueeze(0).expand(b, -1, -1)
+    expected = reference(x, temb, context, pos)
+    exact = reference.double()(x.double(), temb.double(), context.double(), pos)
+    assert_as_accurate(got, expected, exact, msg="plain block")
+    assert_as_accurate(layer, expected, exact, msg="goku layer")
 
 
 def test_throughput_benchmark_prints_table():

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO, run_torchrun
+from numerics import assert_close_to_scale
 from goku_megatron.data.decode import FrameSpec, decode_sample
 from goku_megatron.data.encoders import build_text_encoder, build_vae, pack_text
 from goku_megatron.data.shards import BadSamples, ShardWriter, list_samples, read_sample
@@ -100,9 +101,9 @@ def test_latent_shards_hold_the_encodings_of_the_decoded_samples(
             expected = vae.encode(decoded.pixels[None])[0]
             assert latent.dtype == torch.float32 and latent.shape == expected.shape
             assert latent.shape == ((4, 1, 2, 2) if "png" in raw[ref.key] else (4, 3, 2, 2))
-            torch.testing.assert_close(latent, expected, rtol=1e-5, atol=1e-5)
+            assert_close_to_scale(latent, expected, ulps=128)  # encoded in batches there, alone here
             emb, mask = t5([decoded.caption])
-            torch.testing.assert_close(load(sample["t5.pth"]), pack_text(emb[0], mask[0]))
+            assert_close_to_scale(load(sample["t5.pth"]), pack_text(emb[0], mask[0]), ulps=64)
             assert sample["txt"].decode() == decoded.caption
             meta = json.loads(sample["json"])
             assert meta["color"] == decoded.meta["color"] and meta["index"] == int(ref.key)
@@ -177,5 +178,5 @@ def test_two_ranks_write_the_same_samples_as_one(
         for a, b in zip(ours, theirs):
             assert a["txt"] == b["txt"] and a["json"] == b["json"]
             # other processes may use other CPU kernels (thread counts): equal up to rounding
-            torch.testing.assert_close(load(a["latent.pth"]), load(b["latent.pth"]), rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(load(a["t5.pth"]), load(b["t5.pth"]), rtol=1e-5, atol=1e-5)
+            assert_close_to_scale(load(a["latent.pth"]), load(b["latent.pth"]), ulps=64)
+            assert_close_to_scale(load(a["t5.pth"]), load(b["t5.pth"]), ulps=64)

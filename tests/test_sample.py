@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import build_stage
+from numerics import assert_close_to_scale
 
 from goku_megatron.checkpoint import save_checkpoint
 from goku_megatron.config import load_config, validate
@@ -37,7 +38,7 @@ def test_samples_are_deterministic_and_independent_of_other_prompts(run_dir):
     both = sampler.sample(["a red square moving left", "a blue circle moving up"], spec)
     alone = sampler.sample(["a red square moving left"], spec)
     assert both.shape == (2, 3, 4, 8, 8) and both.abs().max() <= 1
-    torch.testing.assert_close(both[:1], alone)
+    assert_close_to_scale(both[:1], alone, ulps=256)  # batch of 2 vs 1: other kernels, 3 steps, CFG 3
     other_seed = sampler.sample(["a red square moving left"], SampleSpec(4, 8, 8, steps=3, seed=8))
     assert not torch.equal(other_seed, alone)
 
@@ -88,4 +89,4 @@ def test_in_training_samples_equal_goku_sample_in_any_layout(tmp_path, megatron_
     live = torch.load(tmp_path / "pixels.pt")
     reference = Sampler(tmp_path).sample(PROMPTS, SampleSpec(**SPEC))
     assert live.shape == (2, 3, 4, 8, 8) and live.std() > 0.05
-    torch.testing.assert_close(live, reference, rtol=1e-4, atol=1e-4)
+    assert_close_to_scale(live, reference, ulps=1024)  # split sums over CP/PP ranks, 3 Euler steps with CFG
