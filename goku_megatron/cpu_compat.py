@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.abc
+import importlib.machinery
 import logging
+import sys
 import types
 from typing import Any, Callable, Iterable
 
@@ -297,6 +300,68 @@ def check_version() -> None:
             f"{package_info.__version__} is installed: install megatron-core=={MEGATRON_CORE_VERSION} "
             f"or update the patches and run tests/test_cpu_compat.py"
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# Before megatron-core is imported: its JIT fuser
+
+
+JIT_MODULE = "megatron.core.jit"
+
+
+class _JitFuserOffLoader(importlib.abc.Loader):
+    """Runs megatron.core.jit as usual, then its own ``disable_jit_fuser()``."""
+
+    def __init__(self, loader: importlib.abc.Loader) -> None:
+        self.loader = loader
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        self.loader.exec_module(module)
+        module.disable_jit_fuser()
+
+
+class _JitFuserOffFinder(importlib.abc.MetaPathFinder):
+    """Finds megatron.core.jit with the other finders and hands it to ``_JitFuserOffLoader``."""
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if name != JIT_MODULE:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                spec.loader = _JitFuserOffLoader(spec.loader)
+                return spec
+        return None
+
+
+def disable_jit_fuser_on_cpu() -> bool:
+    """Without CUDA, have megatron.core.jit turn its fuser off the moment it is imported.
+
+    megatron-core decorates its fused kernels (bias-GELU, GEGLU, SwiGLU, bias-dropout-add, ...)
+    with ``jit_fuser = torch.compile`` while ``import megatron.core`` runs, which imports
+    torch._dynamo and inductor: about 4 s of every process start on a 2-core machine, paid again by
+    each torchrun rank. goku's CPU path calls none of those kernels, and on CPU inductor would only
+    compile them into C++; megatron's own ``disable_jit_fuser()`` makes them plain eager functions
+    (``noop_decorator``). It has to run before ``megatron.core`` is imported, so goku_megatron's
+    package __init__ calls this; it returns whether the fuser will be off (False with CUDA, or when
+    megatron-core was imported already and it is too late).
+    """
+    if torch.cuda.is_available():
+        return False
+    if JIT_MODULE in sys.modules:
+        return sys.modules[JIT_MODULE].jit_fuser is sys.modules[JIT_MODULE].noop_decorator
+    if not any(isinstance(finder, _JitFuserOffFinder) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _JitFuserOffFinder())
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# After megatron-core is imported: the patches
 
 
 def apply(force: bool = False) -> bool:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+import goku_megatron  # noqa: F401  before megatron-core: cpu_compat.disable_jit_fuser_on_cpu
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))  # tests/reference_goku.py
 

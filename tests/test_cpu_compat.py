@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -152,6 +155,37 @@ def test_apply_refuses_other_megatron_core_before_patching(monkeypatch):
         cpu_compat.apply(force=True)
     assert mappings.torch is torch  # nothing was patched
     assert cpu_compat._applied is False
+
+
+# ----------------------------------------------------------------------------------------------
+# (a') megatron's JIT fuser, off on CPU before megatron-core is imported
+
+
+def test_jit_fuser_is_off_in_a_fresh_process_that_imports_goku_first():
+    """What every torchrun rank and CLI process does: import goku_megatron, then megatron-core.
+    Its fused kernels stay plain functions, and torch.compile's machinery is never imported."""
+    code = ("import sys, goku_megatron, megatron.core.models\n"
+            "from megatron.core import jit\n"
+            "from megatron.core.fusions import fused_bias_geglu\n"
+            "y = __import__('torch').randn(3, 4)\n"
+            "assert fused_bias_geglu.geglu(y).shape == (3, 2)\n"  # runs eagerly
+            "print(jit.jit_fuser is jit.noop_decorator, 'torch._dynamo' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["True", "False"]
+
+
+def test_jit_fuser_hook_leaves_cuda_machines_and_late_imports_alone(monkeypatch):
+    from megatron.core import jit
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cpu_compat.disable_jit_fuser_on_cpu() is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    # megatron.core.jit is imported in this process already: it reports, and installs nothing more
+    finders = list(sys.meta_path)
+    assert cpu_compat.disable_jit_fuser_on_cpu() is (jit.jit_fuser is jit.noop_decorator)
+    assert sys.meta_path == finders
 
 
 # ----------------------------------------------------------------------------------------------
