@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -14,8 +13,6 @@ import goku_megatron  # noqa: F401  before megatron-core: cpu_compat.disable_jit
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))  # tests/reference_goku.py
-
-warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 
 
 @pytest.fixture(scope="session")
