@@ -1,5 +1,6 @@
-"""The toy run, shortened: the loss falls, and metrics.jsonl, TensorBoard events and a loadable
-checkpoint are written. Also a checkpoint save/load round trip."""
+"""The toy run, shortened: the loss falls, and metrics.jsonl, TensorBoard events, samples, periodic
+evaluations and a loadable checkpoint are written; goku-eval on its checkpoint reports colour above
+chance. Also a checkpoint save/load round trip."""
 
 from __future__ import annotations
 
@@ -15,8 +16,12 @@ from conftest import REPO, build_stage
 
 from goku_megatron.checkpoint import latest_checkpoint, load_model_weights, save_checkpoint
 from goku_megatron.config import load_config, validate
+from goku_megatron.evaluation import CHANCE
+from goku_megatron.evaluation import main as eval_main
 
-STEPS = 24
+# One run serves every test here: long enough to learn colour (goku-eval below), with a checkpoint,
+# samples and an evaluation half way and at the end.
+STEPS, HALF = 120, 60
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +29,9 @@ def toy_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("toy")
     cmd = [sys.executable, "-m", "goku_megatron.train", f"train.steps={STEPS}", f"train.run_dir={tmp / 'run'}",
            f"data.path={tmp / 'data'}", "data.toy_clips=96", "train.global_batch_size=16",
-           "train.micro_batch_size=8", "train.log_interval=1", "optim.warmup_steps=4", "train.save_interval=12",
-           "train.sample_interval=12", "train.sample_prompts=[a red square moving right, a blue circle]",
-           "train.eval_interval=12", "flow.sample_steps=4"]
+           "train.micro_batch_size=8", "train.log_interval=1", "optim.warmup_steps=4", f"train.save_interval={HALF}",
+           f"train.sample_interval={HALF}", "train.sample_prompts=[a red square moving right, a blue circle]",
+           f"train.eval_interval={HALF}", "flow.sample_steps=4"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -48,7 +53,7 @@ def test_toy_run_lowers_loss_and_writes_metrics(toy_run):
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
     assert last < first - 0.1, losses
     assert records[0]["lr"] < records[5]["lr"]  # warmup
-    assert "step 24/24 | loss" in stdout and "ETA" in stdout
+    assert f"step {STEPS}/{STEPS} | loss" in stdout and "ETA" in stdout
     assert "attention=sdpa" in stdout and "linear=local" in stdout
 
 
@@ -64,20 +69,20 @@ def test_toy_run_writes_tensorboard_events(toy_run):
 
 
 def test_toy_run_writes_samples(toy_run):
-    """Samples at steps 12 and 24: MP4 files, and animated GIFs of all 8 frames in TensorBoard."""
+    """Samples half way and at the end: MP4 files, and animated GIFs of all 8 frames in TensorBoard."""
     import io
 
     from PIL import Image
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir, _ = toy_run
-    for step in (12, 24):
+    for step in (HALF, STEPS):
         names = sorted(p.name for p in (run_dir / "samples" / f"step_{step:07d}").iterdir())
         assert names == ["000_a_red_square_moving_right.mp4", "001_a_blue_circle.mp4"]
     acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
     acc.Reload()
     events = acc.Images("samples/000_a_red_square_moving_right")
-    assert [e.step for e in events] == [12, 24]
+    assert [e.step for e in events] == [HALF, STEPS]
     gif = Image.open(io.BytesIO(events[-1].encoded_image_string))
     assert gif.format == "GIF" and gif.n_frames == 8 and gif.size == (16, 16)
 
@@ -86,7 +91,7 @@ def test_toy_run_checkpoint_loads(toy_run, megatron_world):
     run_dir, _ = toy_run
     latest = latest_checkpoint(run_dir)
     assert latest is not None and latest.name == f"iter_{STEPS:07d}"
-    assert (run_dir / "checkpoints" / "iter_0000012").is_dir()
+    assert (run_dir / "checkpoints" / f"iter_{HALF:07d}").is_dir()
     cfg = load_config(str(run_dir / "config.yaml"))
     validate(cfg, 1)
     model = build_stage(cfg)
@@ -121,16 +126,29 @@ def test_toy_run_evaluates_periodically(toy_run):
     run_dir, stdout = toy_run
     records = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
     evaluated = [step for step, r in records.items() if "eval/val_loss" in r]
-    assert evaluated == [12, 24]
+    assert evaluated == [HALF, STEPS]
     for step in evaluated:
         r = records[step]
         for split in ("seen", "held_out"):
             for name in ("color", "shape", "direction", "all"):
                 assert 0 <= r[f"eval/{name}_{split}"] <= 1
         assert r["eval/val_loss"] > 0 and {"eval/val_loss_t0.10", "eval/val_loss_held_out"} <= r.keys()
-    assert records[24]["eval/val_loss"] < records[12]["eval/val_loss"]  # it learns
+    assert records[STEPS]["eval/val_loss"] < records[HALF]["eval/val_loss"]  # it learns
     acc = EventAccumulator(str(run_dir / "tensorboard"))
     acc.Reload()
     assert {"eval/color_held_out", "eval/val_loss"} <= set(acc.Tags()["scalars"])
-    assert "step 24 eval | seen color" in stdout
+    assert f"step {STEPS} eval | seen color" in stdout
+
+
+def test_goku_eval_on_the_run_is_above_chance_on_seen_prompts(toy_run, tmp_path):
+    """goku-eval on the run's checkpoint: the report's structure, and colour (the factor learnt
+    first) well above chance on the seen prompts."""
+    run_dir, _ = toy_run
+    out = tmp_path / "report.json"
+    assert eval_main(["shapes", "--checkpoint", str(run_dir), "--out", str(out), "--samples-per-prompt", "1",
+                      "--steps", "10"]) == 0
+    report = json.loads(out.read_text())
+    assert report["step"] == STEPS and len(report["samples"]) == 32
+    assert report["seen"]["clips"] == 28 and report["held_out"]["clips"] == 4
+    assert report["seen"]["accuracy"]["color"] >= CHANCE["color"] + 0.25, report["seen"]["accuracy"]
 
