@@ -35,7 +35,7 @@ setup(
     ],
     extras_require={
         "data": DATA,
-        "test": ["pytest>=8", "pytest-timeout", *DATA],
+        "test": ["pytest>=8", "pytest-timeout", "pytest-xdist", *DATA],
         # Installed from NVIDIA's channels / NGC containers, never by CI: transformer-engine[pytorch],
         # flash-attn, apex (NVIDIA's, not the PyPI package of that name).
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
