@@ -1,7 +1,7 @@
 """Independent plain-PyTorch reference of ONE Goku transformer block (test fixture).
 
-This module uses torch / torch.nn only (no megatron) and follows /work/shared/GOKU.md,
-section "The block (reference block, in order)". It is meant to be compared against the
+This module uses torch / torch.nn only (no megatron) and follows the Goku paper's block
+(arXiv 2502.04896), written out in order below. It is meant to be compared against the
 Megatron-Core implementation with copied weights, so it favours clarity over speed.
 
 Conventions (batch-first):
