@@ -79,7 +79,7 @@ LAYOUTS = {  # name: (processes, overrides); "--packed" trains on packs
 LOSS_ULPS, GRAD_ULPS, WEIGHT_ULPS = 64, 512, 512
 
 
-def assert_close(rec: dict, ref_rec: dict, got: dict, ref: dict) -> None:
+def assert_same_run(rec: dict, ref_rec: dict, got: dict, ref: dict) -> None:
     """Losses, grad norms, both steps' gradients and the final weights of a layout equal the reference's."""
     assert len(rec["loss"]) == len(ref_rec["loss"]) == 2
     for key in ("loss", "grad_norm"):
@@ -113,7 +113,7 @@ def test_layout_matches_single_process(layout_run, single_process, layout):
     baseline = single_process("--packed" in LAYOUTS[layout][1])
     ref_rec, rec = baseline["record"], got["record"]
     assert len(rec["loss"]) == 2
-    assert_close(rec, ref_rec, got, baseline)
+    assert_same_run(rec, ref_rec, got, baseline)
     assert ref_rec["loss"][1] != ref_rec["loss"][0]  # the first step changed the weights
 
 
@@ -140,4 +140,4 @@ def test_i2v_under_context_parallelism_matches_single_process(tmp_path_factory):
     ref = _run(tmp_path_factory, "single_i2v", 1, i2v)
     got = _run(tmp_path_factory, "cp2_i2v", 2, ["parallel.cp=2", *i2v])
     assert any(name.startswith("image_cond.") for name in ref["grads2"])
-    assert_close(got["record"], ref["record"], got, ref)
+    assert_same_run(got["record"], ref["record"], got, ref)
