@@ -3,8 +3,11 @@
     python benchmarks/step_time.py                       # tiny preset, CPU
     python benchmarks/step_time.py model.preset=goku-1b train.micro_batch_size=1 --grid 4 16 16
 
-Runs the real path (megatron schedules, DDP, optimizer) in one process on synthetic data and prints
-the median over the timed steps. Not a test: figures depend on the machine.
+Runs the path real training takes in one process on synthetic latents: each step's samples become
+packs of micro_batch_size samples through the data pipeline's noised_pack (noise, timesteps,
+caption dropout, Patch n' Pack), then train_step (megatron schedules, DDP, optimizer) runs them. It
+prints the median over the timed steps, packing included. Not a test: figures depend on the
+machine.
 """
 
 from __future__ import annotations
@@ -26,35 +29,36 @@ def main() -> None:
     args = parser.parse_args()
 
     from goku_megatron import cpu_compat
+    from goku_megatron.batch import num_tokens
     from goku_megatron.config import load_config, validate
-    from goku_megatron.data.text_encoder import HashTextEncoder
+    from goku_megatron.data.encoders import run_text_encoder
+    from goku_megatron.data.pipeline import Prepared, noised_pack
     from goku_megatron.platform import has_cuda
-    from goku_megatron.train import make_flow_batch, setup, split_microbatches, train_step
+    from goku_megatron.train import setup, train_step
 
     cfg = load_config(None, ["train.global_batch_size=4", "train.micro_batch_size=4", *args.overrides])
     validate(cfg, 1, has_cuda=has_cuda())
     cpu_compat.apply()
     training = setup(cfg)
     backends, model = training.backends, training.model
-    encoder = HashTextEncoder(dim=cfg.model.text_dim, max_tokens=cfg.data.max_text_tokens)
+    encoder = run_text_encoder(cfg)
     device = torch.device("cuda" if backends.device == "cuda" else "cpu")
-    b = cfg.train.global_batch_size
+    b, mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size
     shape = (cfg.model.in_channels, *args.grid)
-    batch = {"pixels": torch.randn(b, *shape), "captions": ["a red square moving left"] * b,
-             "keys": [str(i) for i in range(b)]}
+    tokens = num_tokens(shape, cfg.model.patch_size)
+    samples = [(str(i), Prepared(torch.randn(shape), "a red square moving left")) for i in range(b)]
     times = []
     for step in range(1, args.warmup + args.steps + 1):
         start = time.perf_counter()
-        mbs = split_microbatches(make_flow_batch(batch, step, cfg, encoder, device), cfg.train.micro_batch_size)
-        train_step(mbs, model, training.optimizer, training.scheduler, cfg)
+        packs = [noised_pack(samples[i : i + mbs], step, mbs * tokens, cfg, encoder).to(device)
+                 for i in range(0, b, mbs)]
+        train_step(packs, model, training.optimizer, training.scheduler)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if step > args.warmup:
             times.append(time.perf_counter() - start)
-    pt, ph, pw = cfg.model.patch_size
-    tokens = (args.grid[0] // pt) * (args.grid[1] // ph) * (args.grid[2] // pw)
     print(f"preset={cfg.model.preset} device={backends.device} threads={torch.get_num_threads()} "
-          f"batch={b} tokens/sample={tokens} params={sum(p.numel() for p in model[0].parameters()):,}")
+          f"batch={b} packs={b // mbs} tokens/sample={tokens} params={sum(p.numel() for p in model[0].parameters()):,}")
     print(f"step_ms median={statistics.median(times) * 1e3:.1f} min={min(times) * 1e3:.1f} "
           f"max={max(times) * 1e3:.1f} over {len(times)} steps")
 

@@ -172,7 +172,7 @@ def fp8_align(recipe: str) -> int:
 def run_ours(cfg: Config, base_precision: str, grid: tuple[int, int, int], budget: int, text_tokens: int,
              args: argparse.Namespace, device: torch.device) -> tuple[str, str, float, float | None]:
     """Our layers on one clip packed into ``budget`` tokens: (linear, attention, seconds, GiB)."""
-    from goku_megatron.data.packing import PackSample, build_pack
+    from goku_megatron.batch import PackSample, build_pack
     from goku_megatron.model.goku import GokuModel
     from goku_megatron.model.layer import LayerInputs
     from goku_megatron.model.rope import rope_angles

@@ -153,10 +153,11 @@ class StageConfig:
 
 @dataclass
 class DataConfig:
-    """Training data. ``toy``: pixel-space clips from tools/make_toy_dataset.py; ``raw``: clip and
-    image shards (tools/prepare_shards.py) decoded and VAE-encoded online; ``latent``: shards of
-    precomputed latents and text embeddings (tools/precompute_latents.py). raw and latent runs
-    follow ``stages`` and train on packed sequences."""
+    """Training data. ``toy``: pixel-space clips from tools/make_toy_dataset.py, decoded like raw
+    shards, with the identity as their "VAE"; ``raw``: clip and image shards
+    (tools/prepare_shards.py) decoded and VAE-encoded online; ``latent``: shards of precomputed
+    latents and text embeddings (tools/precompute_latents.py). Every kind follows ``stages`` and
+    trains on packed sequences; a toy run's one stage is derived from the toy fields (toy_stage)."""
 
     kind: str = "toy"
     path: str = "data/toy"
@@ -185,6 +186,20 @@ class DataConfig:
 
     def stage_path(self, stage: StageConfig) -> str:
         return stage.path or self.path
+
+
+# The toy dataset's frame rate (goku_megatron/data/toy.py FPS): toy clips decode at their own rate.
+TOY_FPS = 8.0
+
+
+def toy_stage(d: DataConfig, steps: int, micro_batch_size: int, patch: Sequence[int]) -> StageConfig:
+    """The one stage of a toy run: its clips at their own size and rate, packed ``micro_batch_size``
+    clips to a pack (token budget = micro_batch_size x tokens per clip), so a toy micro-batch is a
+    pack of equal segments on the same path as every other run."""
+    pt, ph, pw = patch
+    tokens = -(-d.toy_frames // pt) * (d.toy_size // ph) * (d.toy_size // pw)
+    return StageConfig(name="toy", steps=steps, height=d.toy_size, width=d.toy_size, frames=d.toy_frames,
+                       fps=TOY_FPS, token_budget=micro_batch_size * tokens, image_ratio=d.image_ratio)
 
 
 @dataclass
@@ -471,6 +486,29 @@ def _one_of(value: str, allowed: Sequence[str], where: str) -> None:
     _require(value in allowed, f"{where}='{value}' is not one of {', '.join(allowed)}")
 
 
+def _derive_toy_stage(cfg: Config) -> None:
+    """A toy run's data.stages is its one toy_stage, derived from the toy fields (and replaced
+    when a saved config already holds it)."""
+    d, m, t = cfg.data, cfg.model, cfg.train
+    _require(d.toy_size > 0 and d.toy_frames > 0,
+             f"data.toy_size={d.toy_size} and data.toy_frames={d.toy_frames} must be positive")
+    pt, ph, pw = m.patch_size
+    _require(d.toy_size % ph == 0 and d.toy_size % pw == 0,
+             f"data.toy_size={d.toy_size} is not divisible by model.patch_size h/w={ph}/{pw}")
+    _require(d.toy_frames % pt == 0,
+             f"data.toy_frames={d.toy_frames} is not divisible by model.patch_size t={pt}")
+    _require(0 <= d.image_ratio <= 1, f"data.image_ratio must be in [0, 1], got {d.image_ratio}")
+    d.stages = [toy_stage(d, t.steps, t.micro_batch_size, m.patch_size)]
+
+
+def _budget_name(d: DataConfig, stage: int) -> str:
+    """How an error names a stage's token budget: the toy's is derived from fields the user sets."""
+    if d.kind == "toy":
+        return ("the toy pack (train.micro_batch_size x tokens per clip of data.toy_frames x "
+                "data.toy_size^2 / model.patch_size)")
+    return f"data.stages[{stage}].token_budget"
+
+
 def _validate_stages(cfg: Config) -> None:
     d, t = cfg.data, cfg.train
     _require(bool(d.stages), f"data.kind={d.kind} trains in stages: list data.stages in the recipe "
@@ -478,8 +516,8 @@ def _validate_stages(cfg: Config) -> None:
     total = sum(s.steps for s in d.stages)
     _require(total == t.steps, f"data.stages steps add up to {total} but train.steps={t.steps}; "
              "make them equal")
-    _require(t.micro_batch_size == 1, f"train.micro_batch_size={t.micro_batch_size}: with packing a "
-             "micro-batch is one pack of data.stages[].token_budget tokens; set it to 1")
+    _require(d.kind == "toy" or t.micro_batch_size == 1, f"train.micro_batch_size={t.micro_batch_size}: "
+             "with packing a micro-batch is one pack of data.stages[].token_budget tokens; set it to 1")
     _require(d.kind != "raw" or d.vae_path != "",
              "data.kind=raw encodes clips online and needs data.vae_path (a local CogVideoX VAE)")
     for i, s in enumerate(d.stages):
@@ -546,16 +584,9 @@ def _validate_performance(cfg: Config, has_cuda: bool) -> None:
                  f"model.fp8={m.fp8} runs in Transformer Engine's linears; set model.linear_backend=te "
                  f"(or auto), or model.fp8=''")
         align = FP8_ALIGN.get(m.fp8_recipe, FP8_ALIGN_DEFAULT)
-        pt, ph, pw = m.patch_size
-        if d.kind == "toy" and p.cp == 1 and min(d.toy_size, d.toy_frames) > 0:
-            frames = 1 if d.image_ratio > 0 else max(d.toy_frames // pt, 1)  # stills have one frame
-            tokens = frames * (d.toy_size // ph) * (d.toy_size // pw) * cfg.train.micro_batch_size
-            _require(tokens % align == 0,
-                     f"data.toy_size={d.toy_size}: a micro-batch of {tokens} tokens, but FP8 GEMMs "
-                     f"({m.fp8_recipe}) need a multiple of {align}; change data.toy_size or train.micro_batch_size")
-        for i, stage in enumerate(d.stages if d.kind != "toy" else []):
+        for i, stage in enumerate(d.stages):
             _require(stage.token_budget % (align * p.cp) == 0,
-                     f"data.stages[{i}].token_budget={stage.token_budget}: FP8 GEMMs ({m.fp8_recipe}) need a "
+                     f"{_budget_name(d, i)}={stage.token_budget}: FP8 GEMMs ({m.fp8_recipe}) need a "
                      f"multiple of {align} tokens per context-parallel rank; make it a multiple of {align * p.cp}")
     if m.fp8_bf16_layers:
         n, layers = m.fp8_bf16_layers, m.num_layers
@@ -603,6 +634,8 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> None:
              f"change model.num_heads")
     _one_of(m.attention_backend, ATTENTION_BACKENDS, "model.attention_backend")
     _one_of(m.linear_backend, LINEAR_BACKENDS, "model.linear_backend")
+    if d.kind == "toy":  # before the checks below, which read every run's data.stages
+        _derive_toy_stage(cfg)
     if not has_cuda:
         _require(m.attention_backend in ("auto", "sdpa"),
                  f"model.attention_backend='{m.attention_backend}' needs a GPU; use auto or sdpa on CPU")
@@ -630,18 +663,9 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> None:
                  f"parallel.cp={p.cp}: Ulysses all-to-all splits the {heads} heads per tensor-parallel rank "
                  f"(model.num_heads={m.num_heads} / parallel.tp={p.tp}) over cp ranks; choose a parallel.cp "
                  f"that divides {heads}, or model.attention_backend=te on GPU")
-        pt, ph, pw = m.patch_size
-        if d.kind == "toy" and min(d.toy_size, d.toy_frames) > 0 and not (
-                d.toy_size % ph or d.toy_size % pw or d.toy_frames % pt):
-            frames = 1 if d.image_ratio > 0 else d.toy_frames // pt  # stills have one frame
-            tokens = frames * (d.toy_size // ph) * (d.toy_size // pw)
-            _require(tokens % split == 0,
-                     f"data.toy_size={d.toy_size}: an unpacked sample of {tokens} tokens does not split into "
-                     f"{why} (parallel.cp={p.cp}); choose data.toy_size/toy_frames so that tokens per "
-                     f"{'still' if d.image_ratio > 0 else 'clip'} are a multiple of {split}")
-        for i, stage in enumerate(d.stages if d.kind != "toy" else []):
+        for i, stage in enumerate(d.stages):
             _require(stage.token_budget % split == 0,
-                     f"data.stages[{i}].token_budget={stage.token_budget} does not split into {why} "
+                     f"{_budget_name(d, i)}={stage.token_budget} does not split into {why} "
                      f"(parallel.cp={p.cp}); make it a multiple of {split}")
     _one_of(p.distributed_backend, DIST_BACKENDS, "parallel.distributed_backend")
     _require(has_cuda or p.distributed_backend != "nccl",
@@ -713,19 +737,6 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> None:
              "data.text_encoder=t5 needs data.text_encoder_path (a local FLAN-T5 checkpoint)")
     _require(d.max_text_tokens > 0, f"data.max_text_tokens must be positive, got {d.max_text_tokens}")
     if m.i2v:
-        ratios = [s.image_ratio for s in d.stages] if d.kind != "toy" else [d.image_ratio]
-        _require(all(r == 0 for r in ratios), "model.i2v conditions on the first frame, which is the whole of an image: "
+        _require(all(s.image_ratio == 0 for s in d.stages), "model.i2v conditions on the first frame, which is the whole of an image: "
                  "set data.image_ratio (and data.stages[].image_ratio) to 0 for I2V training")
-    if d.kind != "toy":
-        _validate_stages(cfg)
-        return
-    _require(d.toy_size > 0 and d.toy_frames > 0,
-             f"data.toy_size={d.toy_size} and data.toy_frames={d.toy_frames} must be positive")
-    pt, ph, pw = m.patch_size
-    _require(d.toy_size % ph == 0 and d.toy_size % pw == 0,
-             f"data.toy_size={d.toy_size} is not divisible by model.patch_size h/w={ph}/{pw}")
-    _require(d.toy_frames % pt == 0,
-             f"data.toy_frames={d.toy_frames} is not divisible by model.patch_size t={pt}")
-    _require(pt == 1 or d.image_ratio == 0,
-             f"model.patch_size t={pt} cannot patch images (T=1); set data.image_ratio=0 or patch t=1")
-    _require(0 <= d.image_ratio <= 1, f"data.image_ratio must be in [0, 1], got {d.image_ratio}")
+    _validate_stages(cfg)

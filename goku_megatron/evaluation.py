@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from goku_megatron import flow
+from goku_megatron.batch import Pack, pack_batch
 from goku_megatron.config import ConfigError
 from goku_megatron.data.toy import (
     BACKGROUND,
@@ -210,28 +211,31 @@ def _validation_noise(shape: torch.Size, seed: int, key: str, index: int) -> tor
 
 @torch.no_grad()
 def validation_loss(
-    velocity_fn: flow.VelocityFn,
+    velocity: Callable[[Pack], torch.Tensor],
     pixels: torch.Tensor,
     text: torch.Tensor,
     text_mask: torch.Tensor,
     keys: Sequence[str],
+    patch: Sequence[int],
     timesteps: Sequence[float] = VAL_TIMESTEPS,
     seed: int = 0,
     *,
     held_out: Sequence[bool] | None = None,
     batch_size: int | None = None,
 ) -> dict[str, float]:
-    """Rectified-flow loss of ``velocity_fn`` on a fixed batch, at fixed timesteps with fixed noise.
+    """Rectified-flow loss (flow.flow_loss, each clip's own) of a model on a fixed batch, at fixed
+    timesteps with fixed noise.
 
     Training losses move with the random timesteps and noise of each step; here clip ``key`` at
     timestep i always gets the same noise (seeded by (seed, key, i)), so the numbers of two
-    checkpoints, runs or layouts differ only by their models. ``velocity_fn(x [B, C, T, H, W],
-    t [B], (text, text_mask))`` is flow.VelocityFn, called on ``batch_size`` clips at a time (all at
-    once by default); put the model in eval mode first. Returns ``val_loss`` (mean over clips and
-    timesteps) and ``val_loss_t0.10`` ... (mean over clips at each timestep); with ``held_out``
-    flags also ``val_loss_seen`` and ``val_loss_held_out`` where they have clips. Means are exactly
-    rounded sums (math.fsum) of the per-clip losses, so the clips' order does not change them; only
-    the velocity_fn's own batched arithmetic can, by float rounding.
+    checkpoints, runs or layouts differ only by their models. ``batch_size`` clips at a time (all
+    at once by default) go to ``velocity`` as one pack (batch.pack_batch with ``patch``), which
+    returns the velocity tokens [budget, (1,) patch_dim]; put the model in eval mode first. Returns
+    ``val_loss`` (mean over clips and timesteps) and ``val_loss_t0.10`` ... (mean over clips at
+    each timestep); with ``held_out`` flags also ``val_loss_seen`` and ``val_loss_held_out`` where
+    they have clips. Means are exactly rounded sums (math.fsum) of the per-clip losses, so the
+    clips' order does not change them; only the model's own batched arithmetic can, by float
+    rounding.
     """
     n = pixels.shape[0]
     if not len(keys) == text.shape[0] == text_mask.shape[0] == n or len(set(keys)) != n:
@@ -250,8 +254,9 @@ def validation_loss(
             x0 = torch.stack([_validation_noise(x1.shape[1:], seed, key, i) for key in keys[lo : lo + step]])
             x0 = x0.to(device=x1.device, dtype=x1.dtype)
             t = torch.full((x1.shape[0],), float(t_value), device=x1.device)
-            pred = velocity_fn(flow.interpolate(x1, x0, t), t, (text[lo : lo + step], text_mask[lo : lo + step]))
-            losses[i, lo : lo + step] = flow.flow_loss(pred, flow.velocity_target(x1, x0)).double().cpu()
+            pack = pack_batch(flow.interpolate(x1, x0, t), t, text[lo : lo + step], text_mask[lo : lo + step],
+                              patch, target=flow.velocity_target(x1, x0), keys=keys[lo : lo + step])
+            losses[i, lo : lo + step] = flow.flow_loss(velocity(pack), pack, per_sample=True).double().cpu()
 
     def mean(values: torch.Tensor) -> float:
         return math.fsum(values.flatten().tolist()) / values.numel()
@@ -268,16 +273,6 @@ def validation_loss(
 # ----------------------------------------------------------------------------------------- the CLI
 
 
-def sampler_velocity(sampler: SamplerBase) -> flow.VelocityFn:
-    """The conditional velocity of a sampler's model (a checkpoint's, or the run's own during
-    training), as flow.VelocityFn."""
-    def velocity(x: torch.Tensor, t: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        device = sampler.device
-        return sampler.forward(x.to(device), t.to(device), cond[0].to(device), cond[1].to(device), None)
-
-    return velocity
-
-
 def evaluate(sampler: SamplerBase, spec: SampleSpec, val: ToyValidation, samples_per_prompt: int = 1
              ) -> tuple[dict[str, Any], dict[str, float]]:
     """ShapesBench (``shapes_bench``, seeds from spec.seed) and the validation loss of a sampler's
@@ -285,7 +280,8 @@ def evaluate(sampler: SamplerBase, spec: SampleSpec, val: ToyValidation, samples
     bench = shapes_bench(lambda prompts, seed: sampler.sample(prompts, dataclasses.replace(spec, seed=seed)),
                          samples_per_prompt=samples_per_prompt, seed=spec.seed)
     text, text_mask = sampler.text_encoder(val.captions)
-    losses = validation_loss(sampler_velocity(sampler), val.pixels.to(sampler.device), text, text_mask, val.keys,
+    losses = validation_loss(sampler.velocity, val.pixels.to(sampler.device), text.to(sampler.device),
+                             text_mask.to(sampler.device), val.keys, sampler.cfg.model.patch_size,
                              held_out=val.held_out, batch_size=sampler.cfg.train.micro_batch_size)
     return bench, losses
 

@@ -13,10 +13,12 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
+
+from goku_megatron.batch import Pack
 
 __all__ = [
     "TIMESTEP_KINDS",
@@ -25,6 +27,7 @@ __all__ = [
     "first_frame_condition",
     "flow_loss",
     "interpolate",
+    "loss_weights",
     "noise_sample",
     "resolution_shift",
     "sample_timesteps",
@@ -118,24 +121,55 @@ def velocity_target(x1: Tensor, x0: Tensor) -> Tensor:
     return x1 - x0
 
 
-def flow_loss(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Per-sample MSE over all non-batch dims, shape ``[B]``, in float32.
+def loss_weights(pack: Pack, weighting: Literal["token", "sample"] = "token") -> Tensor:
+    """Weight of each token's MSE in the pack's loss: [budget] float32, zero on padding, sum 1.
 
-    The reduction runs in float32 because bf16 sums over a video's millions of elements lose
-    precision. With ``mask`` (broadcastable to ``pred``; nonzero counts, 0 is padding) the mean
-    covers the counted elements only; padded elements are dropped with ``where`` so that
-    non-finite padding cannot leak in, and a sample with nothing counted gives 0 rather than NaN.
+    - "token" (default): every real token counts the same, 1 / (real tokens). A sample's share
+      of the gradient grows with its token count, so a 720p clip outweighs a 256px image, as in
+      training on the concatenated sequence; the loss is the mean over real token elements.
+    - "sample": every sample counts the same, 1 / (n * its tokens): the pack's loss is the mean of
+      the per-sample MSEs.
     """
-    if pred.shape != target.shape:
-        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
-    sq = (pred.float() - target.float()).square()
-    if mask is None:
-        return sq.flatten(1).mean(dim=1)
-    weight = torch.broadcast_to(mask.to(device=sq.device, dtype=sq.dtype), sq.shape)
-    sq = torch.where(weight != 0, sq * weight, torch.zeros((), dtype=sq.dtype, device=sq.device))
-    total = sq.flatten(1).sum(dim=1)
-    count = weight.flatten(1).sum(dim=1)
-    return torch.where(count > 0, total / count.clamp_min(torch.finfo(sq.dtype).tiny), 0.0)
+    lengths = pack.cu_seqlens.diff()[: pack.num_samples].float()
+    if weighting == "token":
+        per_sample = 1.0 / lengths.sum().expand(pack.num_samples)
+    elif weighting == "sample":
+        per_sample = 1.0 / (pack.num_samples * lengths)
+    else:
+        raise ValueError(f"unknown loss weighting {weighting!r}; expected 'token' or 'sample'")
+    return torch.where(pack.loss_mask, per_sample[pack.sample_index], 0.0)
+
+
+def flow_loss(pred: Tensor, pack: Pack, weighting: Literal["token", "sample"] = "token",
+              tokens: Tensor | None = None, per_sample: bool = False) -> Tensor:
+    """The rectified-flow loss: velocity MSE of a pack's prediction [budget, (1,) patch_dim], a
+    float32 scalar. Training, context parallelism and the validation loss all use this function.
+
+    Each token's squared error is averaged over its patch elements in float32 (bf16 sums over a
+    video's millions of elements lose precision) and weighted by ``loss_weights``; padding has
+    weight zero and its error is dropped with ``where`` before squaring, so whatever the model
+    outputs there (even non-finite values) reaches neither the loss nor the gradients.
+
+    ``tokens`` ([S_local] long) says which pack tokens ``pred`` holds when it is one
+    context-parallel rank's share (-1: a filler token of the layout, no loss). The weights stay
+    those of the whole pack, so the ranks' losses add up to the loss of the whole pack.
+
+    ``per_sample``: instead of the scalar, each sample's own MSE [n] (float32), for losses reported
+    per clip (goku_megatron/evaluation.py).
+    """
+    if pack.target is None:
+        raise ValueError("this pack carries no velocity target (a sampling pack); build it with targets")
+    weights = loss_weights(pack, "sample" if per_sample else weighting)
+    target, mask, index = pack.target, pack.loss_mask, pack.sample_index
+    if tokens is not None:
+        keep = tokens.clamp_min(0)
+        target, weights, index = target[keep], weights[keep], index[keep]
+        mask = mask[keep] & (tokens >= 0)
+    error = torch.where(mask[:, None], pred.reshape(target.shape).float() - target.float(), 0.0)
+    weighted = error.square().mean(dim=-1) * weights
+    if per_sample:
+        return weighted.new_zeros(pack.num_samples).index_add(0, index, weighted) * pack.num_samples
+    return weighted.sum()
 
 
 def first_frame_condition(x1: Tensor) -> Tensor:

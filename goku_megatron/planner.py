@@ -13,12 +13,12 @@ Memory per GPU (bytes), for a pipeline stage holding L / PP layers:
     activations                   (L / PP) x min(PP, m) x (S / CP) x a x e
         S = tokens per micro-batch (one pack), m = micro-batches per step and DP rank (1F1B keeps
         up to PP of them in flight on the first stage), e = bytes per element,
-        a = R + (15 D + 2 F) / TP elements per token and layer without recompute, R = 22 D for
-            packed sequences (the per-token adaLN modulation is saved too), 12 D unpacked;
-            2 D with full recompute (the layer input), plus one layer's a for the recomputed layer.
+        a = 22 D + (15 D + 2 F) / TP elements per token and layer without recompute (the
+            per-token adaLN modulation of a pack is saved too); 2 D with full recompute (the layer
+            input), plus one layer's a for the recomputed layer.
 
-``a`` was measured on this code (torch.distributed._tools.MemTracker, tiny CPU runs, fp32: 27 D +
-2 F unpacked and 37 D + 2 F packed, per token and layer at TP=1, within 5% for D = 64..256,
+``a`` was measured on this code (torch.distributed._tools.MemTracker, tiny CPU runs, fp32: 37 D +
+2 F per token and layer at TP=1, within 5% for D = 64..256,
 F = 2D..8D; about 2 D with recompute; tests/test_planner.py keeps them honest). The TP split
 (what stays replicated: the residual stream, norms and modulation) is read from the code, not
 measured; docs/parallelism.md derives it.
@@ -109,12 +109,12 @@ def embedder_params(model: ModelConfig) -> int:
     return t_embed + caption + (patch * d + d) + (d * 2 * d + 2 * d + d * patch + patch)
 
 
-def activation_elements(model: ModelConfig, tp: int, recompute: bool, packed: bool = True) -> float:
+def activation_elements(model: ModelConfig, tp: int, recompute: bool) -> float:
     """Saved activation elements per token and layer (module doc)."""
     d, f = model.hidden_size, model.ffn_hidden_size
     if recompute:
         return 2 * d
-    return (22 if packed else 12) * d + (15 * d + 2 * f) / tp
+    return 22 * d + (15 * d + 2 * f) / tp
 
 
 def estimate(model: ModelConfig, work: Workload, hw: Hardware, layout: Layout) -> Estimate:

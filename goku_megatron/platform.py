@@ -143,8 +143,6 @@ def choose_backends(cfg: Config) -> Backends:
 def data_backend(cfg: Config, cuda: bool) -> str:
     """What reads and decodes the data, for the log and --dry-run (decode.py routes per codec)."""
     d = cfg.data
-    if d.kind == "toy":
-        return "toy: tar shards, PyAV decode, in memory"
     if d.kind == "latent":
         return f"latent: tar shards of VAE latents, text {d.text_encoder} (stored tokens when present)"
     if d.decoder == "pyav":
@@ -153,7 +151,8 @@ def data_backend(cfg: Config, cuda: bool) -> str:
         video = "PyAV (nvidia-dali not installed)"
     else:
         video = "DALI mixed (GPU)" if cuda else "DALI CPU for VP8/VP9/MJPEG, PyAV for H.264/HEVC/AV1"
-    return f"raw: tar shards, video {video}, images PIL, VAE online, text {d.text_encoder}"
+    vae = "pixels (identity VAE)" if d.kind == "toy" else "VAE online"
+    return f"{d.kind}: tar shards, video {video}, images PIL, {vae}, text {d.text_encoder}"
 
 
 def world_size_from_env() -> int:

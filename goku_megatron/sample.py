@@ -5,8 +5,9 @@
 
 The checkpoint may come from any TP/PP layout: the weights are loaded into one unsharded model
 (dist_checkpointing reshards). Sampling integrates the rectified-flow ODE from noise with Euler
-steps and classifier-free guidance (flow.euler_sample); latent runs decode with their VAE, toy
-runs sample pixels directly. Each prompt's noise comes from (seed, prompt index), so a prompt's
+steps and classifier-free guidance (flow.euler_sample); each velocity is one pass of the model over
+a pack of the batch's samples (batch.pack_batch), and the run's VAE decodes the result (toy runs:
+PixelSpace, the identity on pixels). Each prompt's noise comes from (seed, prompt index), so a prompt's
 output does not depend on the other prompts.
 """
 
@@ -24,7 +25,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from goku_megatron.config import Config, ConfigError, StageConfig, load_config
+from goku_megatron import flow
+from goku_megatron.batch import Pack, pack_batch, unpack
+from goku_megatron.config import Config, ConfigError, StageConfig, load_config, toy_stage
+from goku_megatron.data.encoders import run_text_encoder, run_vae
 
 if TYPE_CHECKING:
     from goku_megatron.platform import Backends
@@ -61,6 +65,8 @@ def config_for_one_process(saved: dict[str, Any]) -> Config:
             if target is not None and hasattr(target, key):
                 setattr(target, key, value)
     cfg.data.stages = [StageConfig(**s) for s in saved["data"].get("stages", [])]
+    if cfg.data.kind == "toy":  # runs saved before toy runs recorded their stage
+        cfg.data.stages = [toy_stage(cfg.data, cfg.train.steps, cfg.train.micro_batch_size, cfg.model.patch_size)]
     cfg.parallel.tp = cfg.parallel.pp = cfg.parallel.cp = cfg.parallel.dp = 1
     cfg.parallel.distributed_backend = "auto"
     cfg.train.precision = "auto"
@@ -94,21 +100,21 @@ class SamplerBase:
     name: str  # what the model is, for messages
 
     def _set_up_encoders(self) -> None:
-        from goku_megatron.data.encoders import build_text_encoder, build_vae
+        self.text_encoder = run_text_encoder(self.cfg, self.device)
+        self.vae = run_vae(self.cfg, self.device)
 
-        d = self.cfg.data
-        self.text_encoder = build_text_encoder(d.text_encoder, d.text_encoder_path, self.cfg.model.text_dim,
-                                               d.max_text_tokens, self.device)
-        self.vae = None if d.kind == "toy" else build_vae(d.vae_path, self.device)
+    def velocity(self, pack: Pack) -> torch.Tensor:
+        """The model's velocity tokens [budget, 1, patch_dim] for every token of ``pack``."""
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
                 cond: torch.Tensor | None) -> torch.Tensor:
-        """The velocity of noisy latents x [N, C, T, H, W] at timesteps t [N]."""
-        raise NotImplementedError
+        """The velocity of noisy latents x [N, C, T, H, W] at timesteps t [N]: the batch goes to the
+        model as one pack of N equal segments."""
+        pack = pack_batch(x, t, text, text_mask, self.cfg.model.patch_size, cond=cond)
+        return torch.stack(unpack(pack, self.velocity(pack)))
 
     def latent_shape(self, spec: SampleSpec) -> tuple[int, int, int, int]:
-        if self.vae is None:
-            return (self.cfg.model.in_channels, spec.frames, spec.height, spec.width)
         return self.vae.latent_shape(spec.frames, spec.height, spec.width)
 
     def check_condition(self, has_image: bool) -> None:
@@ -126,15 +132,13 @@ class SamplerBase:
         if tuple(image.shape) != (3, spec.height, spec.width):
             raise ValueError(f"the first frame is {tuple(image.shape)[1:]}, the samples are "
                              f"{spec.height}x{spec.width}; resize it (load_frame does)")
-        first = image[:, None] if self.vae is None else self.vae.encode(image[None, :, None])[0].float()
+        first = self.vae.encode(image[None, :, None])[0].float()
         return first.to(self.device).expand(shape)
 
     @torch.no_grad()
     def sample(self, prompts: list[str], spec: SampleSpec, image: torch.Tensor | None = None) -> torch.Tensor:
         """Pixels [N, 3, T, H, W] in [-1, 1], one per prompt; with an I2V model, ``image`` [3, H, W]
         in [-1, 1] is the first frame of every sample."""
-        from goku_megatron import flow
-
         self.check_condition(image is not None)
         shape = self.latent_shape(spec)
         first = None if image is None else self.image_condition(image, spec).expand(len(prompts), *shape)
@@ -149,8 +153,6 @@ class SamplerBase:
         latents = flow.euler_sample(velocity, noise, steps=spec.steps, cond=(text, mask),
                                     uncond=(null_text, null_mask), cfg_scale=spec.cfg_scale,
                                     shift=self.cfg.flow.shift)
-        if self.vae is None:
-            return latents.clamp(-1, 1).float().cpu()
         return self.vae.decode(latents.to(self.vae.dtype)).float().cpu()
 
 
@@ -170,11 +172,10 @@ class Sampler(SamplerBase):
         self.model.eval()
         self._set_up_encoders()
         log.info("sampler: %s (step %d), %s on %s", self.checkpoint, self.step,
-                 "pixel space" if self.vae is None else f"VAE {cfg.data.vae_path}", self.device)
+                 "pixel space" if cfg.data.kind == "toy" else f"VAE {cfg.data.vae_path}", self.device)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
-                cond: torch.Tensor | None) -> torch.Tensor:
-        return self.model(x, t, text, text_mask, cond)
+    def velocity(self, pack: Pack) -> torch.Tensor:
+        return self.model(pack)
 
 
 class LiveSampler(SamplerBase):
@@ -188,26 +189,26 @@ class LiveSampler(SamplerBase):
         self.cfg, self.model, self.device, self.name = cfg, model, device, "this run's model"
         self._set_up_encoders()
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
-                cond: torch.Tensor | None) -> torch.Tensor:
+    def velocity(self, pack: Pack) -> torch.Tensor:
         from megatron.core import parallel_state
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        from goku_megatron.train import FlowBatch
+        from goku_megatron.model.context_parallel import align_packs
+        from goku_megatron.model.goku import iter_stage_models
 
-        pt, ph, pw = self.cfg.model.patch_size
-        batch = FlowBatch(noisy=x, timesteps=t, text=text, text_mask=text_mask, target=x, cond=cond)
+        packs, seq_length = align_packs([pack], next(iter_stage_models(self.model)).cp_layout)
         for chunk in self.model:
             chunk.eval()
         try:
             outputs = get_forward_backward_func()(
-                forward_step_func=_velocity_step, data_iterator=iter([batch]), model=self.model,
-                num_microbatches=1, seq_length=(x.shape[2] // pt) * (x.shape[3] // ph) * (x.shape[4] // pw),
-                micro_batch_size=x.shape[0], forward_only=True, collect_non_loss_data=True)
+                forward_step_func=_velocity_step, data_iterator=iter(packs), model=self.model,
+                num_microbatches=1, seq_length=seq_length, micro_batch_size=1, forward_only=True,
+                collect_non_loss_data=True)
         finally:
             for chunk in self.model:
                 chunk.train()
-        velocity = outputs[0].float() if outputs else torch.empty(x.shape, device=x.device)
+        patch_dim = pack.noisy.shape[-1]
+        velocity = outputs[0].float() if outputs else torch.empty(pack.budget, 1, patch_dim, device=pack.noisy.device)
         group = parallel_state.get_pipeline_model_parallel_group()
         last = parallel_state.get_pipeline_model_parallel_last_rank()
         torch.distributed.broadcast(velocity, src=last, group=group)
@@ -215,23 +216,18 @@ class LiveSampler(SamplerBase):
 
 
 def _velocity_step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
-    """megatron forward_step_func for sampling: the last stage hands out the whole velocity."""
-    from goku_megatron.model.context_parallel import gather_sequence
-    from goku_megatron.model.goku import iter_stage_models, unpatchify
+    """megatron forward_step_func for sampling: the last stage hands out the whole pack's velocity
+    (gathered over the context-parallel ranks)."""
+    from goku_megatron.model.context_parallel import gather_pack
+    from goku_megatron.model.goku import iter_stage_models
 
-    batch = next(data_iterator)
+    pack = next(data_iterator)
     (stage,) = iter_stage_models([model])
-    output = model(batch.noisy, batch.timesteps, batch.text, batch.text_mask, batch.cond)
+    output = model(pack)
 
     def velocity(output_tensor: torch.Tensor, non_loss_data: bool = True) -> torch.Tensor:
-        shard = stage.sequence_shard(batch.noisy)
-        if shard is None:
-            return output_tensor
-        b, c, t, h, w = batch.noisy.shape
-        pt, ph, pw = stage.patch
-        grid = (t // pt, h // ph, w // pw)
-        tokens = gather_sequence(output_tensor, shard, grid[0] * grid[1] * grid[2])
-        return unpatchify(tokens, stage.patch, c, grid)
+        shard = stage.pack_shard(pack)
+        return gather_pack(output_tensor, shard, pack.budget)
 
     return output, velocity
 
@@ -303,13 +299,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run_spec(cfg: Config, step: int | None = None) -> SampleSpec:
-    """What a run trains on: the toy clip size, or the resolution, frames and fps of the stage at
-    ``step`` (default: the last stage); the run's ODE steps and guidance, seed 0."""
-    from goku_megatron.data.toy import FPS
-
+    """What a run trains on: the resolution, frames and fps of the stage at ``step`` (default: the
+    last stage; a toy run's one stage is its clips); the run's ODE steps and guidance, seed 0."""
     d = cfg.data
-    if d.kind == "toy":
-        return SampleSpec(d.toy_frames, d.toy_size, d.toy_size, cfg.flow.sample_steps, cfg.flow.cfg_scale, fps=FPS)
     stage = d.stages[-1] if step is None else d.stage_at(step)[1]
     return SampleSpec(stage.frames, stage.height, stage.width, cfg.flow.sample_steps, cfg.flow.cfg_scale,
                       fps=round(stage.fps))

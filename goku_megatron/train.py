@@ -5,17 +5,17 @@
     goku-train --dry-run --world-size 64 ...     # resolved config, layout, backends, size
     torchrun --nproc-per-node 4 -m goku_megatron.train parallel.tp=2 parallel.pp=2
 
-Every step: the data-parallel rank's batch -> rectified-flow inputs (noise, timesteps, caption
-dropout; seeded per sample so any parallel layout sees the same numbers) -> megatron's
-forward_backward_func (1F1B across pipeline stages) -> megatron DDP gradient reduction ->
-megatron optimizer (AdamW, clipping) and the warmup + cosine schedule.
+Every step, for every run (toy included): the data-parallel rank's packs from the one data path
+(goku_megatron/data/pipeline.py: samples -> latents -> rectified-flow inputs seeded per sample ->
+Patch n' Pack) -> megatron's forward_backward_func (1F1B across pipeline stages) with the one
+rectified-flow loss (flow.flow_loss) -> megatron DDP gradient reduction -> megatron optimizer
+(AdamW, clipping) and the warmup + cosine schedule.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import gc
 import logging
 import math
@@ -29,29 +29,14 @@ from typing import Any, Callable, Iterator
 import torch
 import yaml
 
-from goku_megatron import cpu_compat
+from goku_megatron import cpu_compat, flow
+from goku_megatron.batch import Pack
 from goku_megatron.config import Config, ConfigError, load_config, validate
+from goku_megatron.data.pipeline import PackedBatches, build_data_source
 from goku_megatron.flops import training_flops
 from goku_megatron.platform import Backends, choose_backends, has_cuda, world_size_from_env
 
 log = logging.getLogger("goku_megatron")
-
-# A batch source yields, per step, this data-parallel rank's samples:
-# {"pixels": [B, C, T, H, W] in [-1, 1], "captions": list[str], "keys": list[str]}.
-BatchSource = Iterator[dict[str, Any]]
-
-
-@dataclass
-class FlowBatch:
-    """One micro-batch of rectified-flow training inputs."""
-
-    noisy: torch.Tensor  # x_t = t * x1 + (1 - t) * x0, [B, C, T, H, W]
-    timesteps: torch.Tensor  # [B]
-    text: torch.Tensor  # [B, L, text_dim]
-    text_mask: torch.Tensor  # [B, L]
-    target: torch.Tensor  # velocity x1 - x0
-    cond: torch.Tensor | None = None  # model.i2v: the clip's first frame broadcast over time
-
 
 # ----------------------------------------------------------------------------------------------
 # Building blocks
@@ -169,63 +154,23 @@ def build_optimizer(cfg: Config, model: list[torch.nn.Module], tc: Any) -> tuple
     return optimizer, scheduler
 
 
-def make_flow_batch(
-    batch: dict[str, Any], step: int, cfg: Config, text_encoder: Callable, device: torch.device
-) -> FlowBatch:
-    """Noise, timesteps and caption dropout for each sample, then the interpolated inputs."""
-    from goku_megatron import flow
-
-    x1 = batch["pixels"].float()
-    draws = [flow.noise_sample(x1[i], cfg.train.seed, step, key, cfg.flow) for i, key in enumerate(batch["keys"])]
-    x0 = torch.stack([d.x0 for d in draws])
-    t = torch.cat([d.t for d in draws])
-    text, text_mask = text_encoder(["" if d.drop_caption else c for d, c in zip(draws, batch["captions"])])
-    return FlowBatch(
-        noisy=flow.interpolate(x1, x0, t).to(device),
-        timesteps=t.to(device),
-        text=text.to(device),
-        text_mask=text_mask.to(device),
-        target=flow.velocity_target(x1, x0).to(device),
-        cond=flow.first_frame_condition(x1).to(device) if cfg.model.i2v else None,
-    )
-
-
-def split_microbatches(batch: FlowBatch, micro_batch_size: int) -> list[FlowBatch]:
-    fields = {f.name: getattr(batch, f.name).split(micro_batch_size) for f in dataclasses.fields(batch)
-              if getattr(batch, f.name) is not None}
-    return [FlowBatch(**{k: v[i] for k, v in fields.items()}) for i in range(len(fields["noisy"]))]
-
-
-def forward_step(data_iterator: Iterator[FlowBatch | Any], model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
-    """megatron's forward_step_func: run the stage, and on the last stage return the loss.
-
-    A micro-batch is a FlowBatch of same-shape samples (toy) or one Patch n' Pack sequence.
+def forward_step(data_iterator: Iterator[Pack], model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
+    """megatron's forward_step_func: run the stage on one pack, and on the last stage return the loss.
 
     With context parallelism the stage outputs this CP rank's tokens and the loss is this rank's
-    share of the micro-batch loss (the shares add up to it). megatron's schedule multiplies the
+    share of the pack's loss (the shares add up to it). megatron's schedule multiplies the
     returned loss by cp and DDP averages gradients over dp x cp ranks, which leaves the CP=1
     gradients; the reported loss sums the shares over CP and averages over DP."""
     from megatron.core import parallel_state
 
-    from goku_megatron import flow
-    from goku_megatron.data.packing import Pack, packed_flow_loss
-    from goku_megatron.model.context_parallel import sequence_shard_loss
     from goku_megatron.model.goku import iter_stage_models
 
-    batch = next(data_iterator)
+    pack = next(data_iterator)
     (stage,) = iter_stage_models([model])
-    if isinstance(batch, Pack):
-        output = model(batch)
-    else:
-        output = model(batch.noisy, batch.timesteps, batch.text, batch.text_mask, batch.cond)
+    output = model(pack)
 
     def loss_func(output_tensor: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if isinstance(batch, Pack):
-            loss = packed_flow_loss(output_tensor, batch, tokens=stage.pack_shard(batch).source)
-        elif (shard := stage.sequence_shard(batch.target)) is not None:
-            loss = sequence_shard_loss(output_tensor, batch.target, stage.patch, shard)
-        else:
-            loss = flow.flow_loss(output_tensor, batch.target).mean()
+        loss = flow.flow_loss(output_tensor, pack, tokens=stage.pack_shard(pack).source)
         reported = loss.detach().clone()
         torch.distributed.all_reduce(reported, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
         reported /= parallel_state.get_data_parallel_world_size()
@@ -242,14 +187,8 @@ class StepResult:
     skipped: bool
 
 
-def train_step(
-    microbatches: list[FlowBatch] | list[Any],
-    model: list[torch.nn.Module],
-    optimizer: Any,
-    scheduler: Any,
-    cfg: Config,
-) -> StepResult:
-    """One optimizer step over this rank's micro-batches."""
+def train_step(packs: list[Pack], model: list[torch.nn.Module], optimizer: Any, scheduler: Any) -> StepResult:
+    """One optimizer step over this rank's micro-batches, one pack each."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -259,22 +198,15 @@ def train_step(
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    first = microbatches[0].noisy
-    if first.dim() == 2:  # packs: [budget, patch_dim], one sequence per micro-batch
-        # megatron divides seq_length by cp for the p2p shape: the CP-local sequence.
-        microbatches, seq_length = align_packs(microbatches, next(iter_stage_models(model)).cp_layout)
-        micro_batch_size = 1
-    else:
-        c, t, h, w = first.shape[1:]
-        pt, ph, pw = cfg.model.patch_size
-        seq_length, micro_batch_size = (t // pt) * (h // ph) * (w // pw), first.shape[0]
+    # megatron divides seq_length by cp for the p2p shape: the CP-local sequence.
+    packs, seq_length = align_packs(packs, next(iter_stage_models(model)).cp_layout)
     losses = get_forward_backward_func()(
         forward_step_func=forward_step,
-        data_iterator=iter(microbatches),
+        data_iterator=iter(packs),
         model=model,
-        num_microbatches=len(microbatches),
+        num_microbatches=len(packs),
         seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
+        micro_batch_size=1,
         forward_only=False,
     )
     update_ok, grad_norm, _ = optimizer.step()
@@ -284,7 +216,7 @@ def train_step(
     loss = torch.zeros(())
     if losses:
         loss = torch.stack([d["loss"].float().cpu() for d in losses]).mean()
-    loss = loss.to(first.device)
+    loss = loss.to(packs[0].noisy.device)
     torch.distributed.all_reduce(loss, group=parallel_state.get_pipeline_model_parallel_group())
     return StepResult(loss=float(loss), grad_norm=float(grad_norm or 0.0),
                       lr=optimizer.param_groups[0]["lr"], skipped=not update_ok)
@@ -343,82 +275,10 @@ def resolve_run_dir(cfg: Config) -> Path:
     return Path(chosen[0])
 
 
-def build_batch_source(cfg: Config, dp_rank: int, dp_size: int) -> BatchSource:
-    """The toy recipe's loader; the toy dataset is created (by global rank 0) when missing."""
-    from goku_megatron.data.toy import ToyClipLoader, ensure_toy_dataset
-
-    d = cfg.data
-    path = Path(d.path)
-    if torch.distributed.get_rank() == 0:
-        if d.create_if_missing:
-            ensure_toy_dataset(path, clips=d.toy_clips, images=d.toy_images, size=d.toy_size,
-                               frames=d.toy_frames, seed=cfg.train.seed)
-    torch.distributed.barrier()
-    if not (path / "manifest.json").is_file():
-        raise ConfigError(f"{path}: no toy dataset (manifest.json missing); run "
-                          f"'python tools/make_toy_dataset.py --out {path}' or set data.create_if_missing=true")
-    local_batch = cfg.train.global_batch_size // cfg.parallel.dp
-    return iter(ToyClipLoader(path, batch_size=local_batch, dp_rank=dp_rank, dp_size=dp_size,
-                              seed=cfg.train.seed, image_ratio=d.image_ratio))
-
-
-def check_vae_fits(cfg: Config, vae: Any) -> None:
-    """Fail before training when a stage's clips or the model's input width do not fit the VAE."""
-    if vae.latent_channels != cfg.model.in_channels:
-        raise ConfigError(f"model.in_channels={cfg.model.in_channels} but the VAE at {cfg.data.vae_path} "
-                          f"makes {vae.latent_channels}-channel latents; set model.in_channels="
-                          f"{vae.latent_channels}")
-    _, ph, pw = cfg.model.patch_size
-    for i, stage in enumerate(cfg.data.stages):
-        try:
-            _, _, h, w = vae.latent_shape(stage.frames, stage.height, stage.width)
-        except ValueError as err:
-            raise ConfigError(f"data.stages[{i}]: {err}") from None
-        if h % ph or w % pw:
-            raise ConfigError(f"data.stages[{i}]: {stage.height}x{stage.width} gives {h}x{w} latents, "
-                              f"not divisible by model.patch_size h/w={ph}/{pw}; use a multiple of "
-                              f"{vae.spatial_factor * ph}x{vae.spatial_factor * pw}")
-
-
-def build_packed_source(cfg: Config, dp_rank: int, dp_size: int, device: torch.device) -> Any:
-    """raw / latent runs: DP-sharded sample streams -> latents -> per-step packed micro-batches."""
-    from goku_megatron.data.encoders import build_text_encoder, build_vae
-    from goku_megatron.data.loader import SampleStream
-    from goku_megatron.data.pipeline import PackedBatches, encode_raw_sample, load_latent_sample
-    from goku_megatron.data.shards import BadSamples, find_shards
-
-    d = cfg.data
-    bad = BadSamples()
-    if d.kind == "raw":
-        vae = build_vae(d.vae_path, device)
-        check_vae_fits(cfg, vae)
-        prepare = encode_raw_sample(d.decoder, vae, bad)
-    else:
-        prepare = load_latent_sample
-    streams: dict[str, dict[str, SampleStream]] = {}
-    for i, stage in enumerate(d.stages):
-        path = d.stage_path(stage)
-        try:
-            shards = find_shards(path)
-        except FileNotFoundError as err:
-            raise ConfigError(f"data.stages[{i}]: {err}") from None
-        if d.kind == "raw":
-            ratios = [s.image_ratio for s in d.stages if d.stage_path(s) == path]
-            kinds = ["video"] * any(r < 1 for r in ratios) + ["image"] * any(r > 0 for r in ratios)
-        else:  # latent shards do not show from their members whether a sample is a still
-            kinds = ["any"]
-        streams[path] = {kind: SampleStream(shards, dp_rank=dp_rank, dp_size=dp_size,
-                                            seed=cfg.train.seed, bad=bad, kind=kind) for kind in kinds}
-        log.info("data: stage %d reads %d %s shards from %s (streams: %s)", i, len(shards), d.kind,
-                 path, ", ".join(kinds))
-    text_encoder = build_text_encoder(d.text_encoder, d.text_encoder_path, cfg.model.text_dim,
-                                      d.max_text_tokens, device)
-    return PackedBatches(cfg, streams, prepare, text_encoder, bad)
-
-
-def run(cfg: Config, batches: BatchSource | None = None) -> list[StepResult]:
+def run(cfg: Config, source: PackedBatches | None = None) -> list[StepResult]:
     """Train up to step ``cfg.train.steps``, continuing from a checkpoint when there is one
     (``checkpoint.resume``); returns the results of the steps this call ran (on every rank).
+    ``source`` replaces the run's own data source (data.pipeline.build_data_source), for tests.
 
     Checkpoints every ``train.save_interval`` steps (async when ``checkpoint.async_save``) and at
     the end. Raises resilience.Preempted after the checkpoint of the step at which any rank got
@@ -428,7 +288,6 @@ def run(cfg: Config, batches: BatchSource | None = None) -> list[StepResult]:
     from megatron.core import parallel_state
 
     from goku_megatron.checkpoint import Checkpointer, TrainingState, choose_resume_checkpoint, init_weights_from
-    from goku_megatron.data.text_encoder import HashTextEncoder
     from goku_megatron.flops import gpu_peak_flops, mfu
     from goku_megatron.metrics import MetricsLogger, memory_metrics, truncate_metrics
     from goku_megatron.data.toy import read_validation
@@ -452,13 +311,8 @@ def run(cfg: Config, batches: BatchSource | None = None) -> list[StepResult]:
 
             dp_rank = parallel_state.get_data_parallel_rank()
             device = torch.device("cuda", torch.cuda.current_device()) if backends.device == "cuda" else torch.device("cpu")
-            packed = None
-            if cfg.data.kind != "toy":
-                packed = build_packed_source(cfg, dp_rank, cfg.parallel.dp, device)
-            elif batches is None:
-                batches = build_batch_source(cfg, dp_rank, cfg.parallel.dp)
-            loader = packed if packed is not None else batches
-            text_encoder = HashTextEncoder(dim=cfg.model.text_dim, max_tokens=cfg.data.max_text_tokens)
+            if source is None:
+                source = build_data_source(cfg, dp_rank, cfg.parallel.dp, device)
             live = LiveSampler(cfg, model, device) if cfg.train.sample_interval or cfg.train.eval_interval else None
             validation = read_validation(Path(cfg.data.path)) if cfg.train.eval_interval else None
             peak_flops = gpu_peak_flops(torch.cuda.get_device_name()) if backends.device == "cuda" else None
@@ -470,11 +324,11 @@ def run(cfg: Config, batches: BatchSource | None = None) -> list[StepResult]:
             start_step, consumed = 0, 0
             resume = choose_resume_checkpoint(run_dir, cfg)
             if resume is not None:
-                start_step, consumed = restore(resume, state, guard, loader)
+                start_step, consumed = restore(resume, state, guard, source)
             elif ck.init_from:
-                source = init_weights_from(Path(ck.init_from), state, cfg, ema=ck.init_from_ema)
+                origin = init_weights_from(Path(ck.init_from), state, cfg, ema=ck.init_from_ema)
                 log.info("finetuning: %s weights from %s; optimizer, schedule and data start anew",
-                         "EMA" if ck.init_from_ema else "trained", source)
+                         "EMA" if ck.init_from_ema else "trained", origin)
             if rank == 0:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -489,28 +343,22 @@ def run(cfg: Config, batches: BatchSource | None = None) -> list[StepResult]:
         stage = -1
         for step in range(start_step + 1, t.steps + 1):
             start = time.perf_counter()
-            extra: dict[str, float] = {}
-            if packed is not None:
-                if cfg.data.stage_at(step)[0] != stage:
-                    stage, spec = cfg.data.stage_at(step)
-                    log.info("step %d: stage %d %s (%dx%d, %d frames at %g fps, %d-token packs, "
-                             "image ratio %g)", step, stage, spec.name, spec.height, spec.width,
-                             spec.frames, spec.fps, spec.token_budget, spec.image_ratio)
-                microbatches = [p.to(device) for p in packed.next_step(step)]
-                bad = packed.bad.as_metrics()
-                extra = {"stage": stage, **bad}
-            else:
-                flow_batch = make_flow_batch(next(batches), step, cfg, text_encoder, device)
-                microbatches = split_microbatches(flow_batch, t.micro_batch_size)
-                bad = {}
+            if cfg.data.stage_at(step)[0] != stage:
+                stage, spec = cfg.data.stage_at(step)
+                log.info("step %d: stage %d %s (%dx%d, %d frames at %g fps, %d-token packs, "
+                         "image ratio %g)", step, stage, spec.name, spec.height, spec.width,
+                         spec.frames, spec.fps, spec.token_budget, spec.image_ratio)
+            packs = [p.to(device) for p in source.next_step(step)]
+            bad = source.bad.as_metrics()
+            extra: dict[str, float] = {"stage": stage, **bad}
             # Work of the step, over all data-parallel ranks: samples, video tokens, model FLOPs.
-            video_tokens, text_tokens = step_tokens(cfg, microbatches)
+            video_tokens, text_tokens = step_tokens(packs)
             counts = _dp_sum([len(video_tokens), sum(video_tokens), training_flops(cfg.model, video_tokens, text_tokens),
                               *bad.values()], device)
             samples, tokens, step_flops = counts[:3]
             extra.update(zip(bad, counts[3:]))
             with fault_tolerance.section("step"):
-                result = train_step(microbatches, model, optimizer, scheduler, cfg)
+                result = train_step(packs, model, optimizer, scheduler)
             if training.ema is not None and not result.skipped:
                 training.ema.update()
             step_time = time.perf_counter() - start
@@ -533,7 +381,7 @@ def run(cfg: Config, batches: BatchSource | None = None) -> list[StepResult]:
                     blocked = checkpointer.save(
                         step, state, cfg.to_dict(), blocking=bool(stop) or step == t.steps,
                         train_state={"consumed_samples": consumed, "guard": guard.state_dict()},
-                        loader_state=loader.state_dict() if hasattr(loader, "state_dict") else None)
+                        loader_state=source.state_dict())
                 log.info("step %d: checkpoint saved (training blocked %.3f s)", step, blocked)
                 extra["checkpoint_blocking_s"] = blocked
             evaluating = bool(t.eval_interval) and (step % t.eval_interval == 0 or step == t.steps)
@@ -562,7 +410,7 @@ def run(cfg: Config, batches: BatchSource | None = None) -> list[StepResult]:
     return results
 
 
-def restore(path: Path, state: Any, guard: Any, loader: Any) -> tuple[int, int]:
+def restore(path: Path, state: Any, guard: Any, loader: PackedBatches) -> tuple[int, int]:
     """Load checkpoint ``path`` into the training state, the step guard and the data loader;
     returns (step, consumed samples). The loader continues exactly when the data-parallel size is
     the one it was saved with; otherwise it starts over (one line says so)."""
@@ -574,34 +422,25 @@ def restore(path: Path, state: Any, guard: Any, loader: Any) -> tuple[int, int]:
     train_state = info["train_state"]
     if "guard" in train_state:
         guard.load_state_dict(train_state["guard"])
-    if hasattr(loader, "load_state_dict"):
-        saved_dp = read_manifest(path)["layout"]["dp"]
-        loader_state = load_loader_state(path, parallel_state.get_data_parallel_rank())
-        if saved_dp != parallel_state.get_data_parallel_world_size():
-            log.warning("%s was saved with dp=%d, this run has dp=%d: the data order starts over",
-                        path.name, saved_dp, parallel_state.get_data_parallel_world_size())
-        elif loader_state is None:
-            log.warning("%s holds no data loader state: the data order starts over", path.name)
-        else:
-            loader.load_state_dict(loader_state)
+    saved_dp = read_manifest(path)["layout"]["dp"]
+    loader_state = load_loader_state(path, parallel_state.get_data_parallel_rank())
+    if saved_dp != parallel_state.get_data_parallel_world_size():
+        log.warning("%s was saved with dp=%d, this run has dp=%d: the data order starts over",
+                    path.name, saved_dp, parallel_state.get_data_parallel_world_size())
+    elif loader_state is None:
+        log.warning("%s holds no data loader state: the data order starts over", path.name)
+    else:
+        loader.load_state_dict(loader_state)
     log.info("resumed from %s: step %d, %d samples consumed", path, info["step"],
              train_state.get("consumed_samples", 0))
     return int(info["step"]), int(train_state.get("consumed_samples", 0))
 
 
-def step_tokens(cfg: Config, microbatches: list[FlowBatch] | list[Any]) -> tuple[list[int], list[int]]:
-    """Video tokens and caption tokens of each sample in this rank's micro-batches (padding and
-    dropped captions' null token excluded), for the step's model FLOPs (flops.training_flops)."""
-    video: list[int] = []
-    text: list[int] = []
-    pt, ph, pw = cfg.model.patch_size
-    for mb in microbatches:
-        if mb.noisy.dim() == 2:  # a Pack
-            video += [math.prod(grid) for grid in mb.grids]
-        else:
-            t, h, w = mb.noisy.shape[2:]
-            video += [(t // pt) * (h // ph) * (w // pw)] * mb.noisy.shape[0]
-        text += mb.text_mask.sum(dim=1).tolist()
+def step_tokens(packs: list[Pack]) -> tuple[list[int], list[int]]:
+    """Video tokens and caption tokens of each sample in this rank's packs (padding and dropped
+    captions' null token excluded), for the step's model FLOPs (flops.training_flops)."""
+    video = [math.prod(grid) for pack in packs for grid in pack.grids]
+    text = [n for pack in packs for n in pack.text_mask.sum(dim=1).tolist()]
     return video, text
 
 

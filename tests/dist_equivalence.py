@@ -4,8 +4,9 @@ Usage: torchrun --nproc-per-node N tests/dist_equivalence.py OUT_DIR [--packed] 
 Every layout trains on the same synthetic global batches (each DP rank takes its slice; CP peers
 take the same one), and dumps the loss, grad norm, full (TP-gathered) gradients and final weights
 under global parameter names, then saves a distributed checkpoint (OUT_DIR/checkpoints) and the
-resolved config (OUT_DIR/config.yaml). Unpacked batches are [B, 3, 2, 8, 8] clips; ``--packed``
-trains on Patch n' Pack sequences of differently sized samples instead (one pack per micro-batch),
+resolved config (OUT_DIR/config.yaml). By default the batches are [3, 2, 8, 8] clips, packed
+micro_batch_size equal clips to a pack by the data pipeline's own noised_pack, as a toy run packs
+them; ``--packed`` trains on packs of differently sized samples instead (one pack per micro-batch),
 whose sample boundaries fall inside and on the edges of context-parallel shards.
 """
 
@@ -18,14 +19,17 @@ import torch
 import yaml
 
 
-def global_batch(step: int, size: int, shape: tuple[int, ...]) -> dict:
+CLIP_SHAPE = (3, 2, 8, 8)
+
+
+def global_clips(step: int, size: int) -> list:
+    """``size`` (key, Prepared) clips of CLIP_SHAPE, the same for every layout."""
+    from goku_megatron.data.pipeline import Prepared
+
     gen = torch.Generator().manual_seed(1000 + step)
     words = ["red square moving left", "blue circle moving up", "a green square", "yellow circle moving down"]
-    return {
-        "pixels": torch.rand((size, *shape), generator=gen) * 2 - 1,
-        "captions": [words[(step + i) % len(words)] for i in range(size)],
-        "keys": [f"{step}-{i}" for i in range(size)],
-    }
+    pixels = torch.rand((size, *CLIP_SHAPE), generator=gen) * 2 - 1
+    return [(f"{step}-{i}", Prepared(pixels[i], words[(step + i) % len(words)])) for i in range(size)]
 
 
 # (T, H, W) of the samples of a pack with patch 1x2x2: 12, 6 and 3 tokens (21 of a 24-token budget).
@@ -35,7 +39,7 @@ PACK_BUDGET = 24
 
 def global_packs(step: int, size: int, encoder) -> list:
     """``size`` packs; pack p rotates PACK_SHAPES by p, so sample boundaries move from pack to pack."""
-    from goku_megatron.data.packing import PackSample, build_pack
+    from goku_megatron.batch import PackSample, build_pack
 
     words = ["red square moving left", "a blue circle", "green square moving up and down"]
     packs = []
@@ -73,8 +77,10 @@ def main() -> None:
     from goku_megatron.config import load_config, validate
     from goku_megatron.model.goku import iter_stage_models
     from goku_megatron.platform import world_size_from_env
-    from goku_megatron.train import make_flow_batch, setup, split_microbatches, train_step
+    from goku_megatron.batch import num_tokens
+    from goku_megatron.data.pipeline import noised_pack
     from goku_megatron.data.text_encoder import HashTextEncoder
+    from goku_megatron.train import setup, train_step
     from megatron.core import parallel_state
     from megatron.core.distributed import finalize_model_grads
 
@@ -115,13 +121,13 @@ def main() -> None:
     record: dict = {"loss": [], "grad_norm": []}
     for step in (1, 2):
         if packed:
-            microbatches = global_packs(step, g, encoder)[dp_rank * local:(dp_rank + 1) * local]
+            packs = global_packs(step, g, encoder)[dp_rank * local:(dp_rank + 1) * local]
         else:
-            full = global_batch(step, g, (3, 2, 8, 8))
-            mine = {k: v[dp_rank * local:(dp_rank + 1) * local] for k, v in full.items()}
-            batch = make_flow_batch(mine, step, cfg, encoder, torch.device("cpu"))
-            microbatches = split_microbatches(batch, cfg.train.micro_batch_size)
-        result = train_step(microbatches, model, optimizer, scheduler, cfg)
+            mine = global_clips(step, g)[dp_rank * local:(dp_rank + 1) * local]
+            mbs = cfg.train.micro_batch_size
+            budget = mbs * num_tokens(CLIP_SHAPE, cfg.model.patch_size)
+            packs = [noised_pack(mine[i:i + mbs], step, budget, cfg, encoder) for i in range(0, local, mbs)]
+        result = train_step(packs, model, optimizer, scheduler)
         record["loss"].append(result.loss)
         record["grad_norm"].append(result.grad_norm)
         if dump_rank:

@@ -6,6 +6,8 @@ tests/test_checkpoint_dist.py does the same across processes (DP=2, TP=2, PP=2, 
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import os
 import shutil
@@ -40,44 +42,42 @@ def _cfg(toy_data: Path, run_dir: Path, *extra: str):
     return cfg
 
 
-def _run(cfg, batches=None):
+def _run(cfg, source=None):
     from goku_megatron.train import run
 
-    return run(cfg, batches)
+    return run(cfg, source)
 
 
 class _Interfere:
-    """The run's own toy loader, with a hook that runs when a given step's batch is drawn (the
+    """The run's own data source, with a hook that runs when a given step's packs are drawn (the
     loader state passes through, so checkpoints hold it)."""
 
     def __init__(self, cfg, at: dict[int, callable]):
-        from goku_megatron.train import build_batch_source
+        from goku_megatron.data.pipeline import build_data_source
+        from goku_megatron.platform import choose_backends, init_distributed
 
-        self.loader = build_batch_source(cfg, 0, 1)
+        init_distributed(cfg, choose_backends(cfg))  # the source's toy-data barrier needs the group
+        self.source = build_data_source(cfg, 0, 1, torch.device("cpu"))
+        self.bad = self.source.bad
         self.at = at
-        self.step = 0
 
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        self.step += 1
-        batch = next(self.loader)
-        if self.step in self.at:
-            batch = self.at[self.step](batch) or batch
-        return batch
+    def next_step(self, step):
+        packs = self.source.next_step(step)
+        if step in self.at:
+            packs = self.at[step](packs) or packs
+        return packs
 
     def state_dict(self):
-        return self.loader.state_dict()
+        return self.source.state_dict()
 
     def load_state_dict(self, state):
-        self.loader.load_state_dict(state)
+        self.source.load_state_dict(state)
 
 
-def _nan(batch):
-    pixels = batch["pixels"].clone()
-    pixels[0, 0, 0, 0, 0] = float("nan")
-    return {**batch, "pixels": pixels}
+def _nan(packs):
+    noisy = packs[0].noisy.clone()
+    noisy[0, 0] = float("nan")
+    return [dataclasses.replace(packs[0], noisy=noisy), *packs[1:]]
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +191,7 @@ def test_async_save_snapshots_the_weights_when_it_returns(tmp_path, megatron_wor
 
 
 @pytest.mark.parametrize("damage", ["truncate", "delete"])
-def test_damaged_latest_falls_back_to_the_previous_checkpoint(reference, tmp_path, caplog, damage):
+def test_damaged_latest_falls_back_to_the_previous_checkpoint(reference, toy_data, tmp_path, caplog, damage):
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir)
     latest = run_dir / "checkpoints" / "iter_0000006"
@@ -202,7 +202,7 @@ def test_damaged_latest_falls_back_to_the_previous_checkpoint(reference, tmp_pat
     else:
         shard.unlink()
     assert validate_checkpoint(latest) is not None
-    cfg = _cfg(reference.parent, run_dir)
+    cfg = _cfg(toy_data, run_dir)
     with caplog.at_level(logging.WARNING, logger="goku_megatron"):
         chosen = choose_resume_checkpoint(run_dir, cfg)
     assert chosen == run_dir / "checkpoints" / "iter_0000003"
@@ -213,8 +213,8 @@ def test_damaged_latest_falls_back_to_the_previous_checkpoint(reference, tmp_pat
     assert not latest.exists()  # moved aside, so keep_last never counts it
 
 
-def test_resume_refuses_a_checkpoint_of_another_model(reference, tmp_path):
-    cfg = _cfg(reference.parent, tmp_path / "new", "model.hidden_size=96",
+def test_resume_refuses_a_checkpoint_of_another_model(reference, toy_data, tmp_path):
+    cfg = _cfg(toy_data, tmp_path / "new", "model.hidden_size=96",
                f"checkpoint.resume={reference / 'checkpoints' / 'iter_0000003'}")
     with pytest.raises(ConfigError) as err:
         choose_resume_checkpoint(tmp_path / "new", cfg)
@@ -223,11 +223,11 @@ def test_resume_refuses_a_checkpoint_of_another_model(reference, tmp_path):
     assert "saved for another model: model.hidden_size 64 (checkpoint) vs 96 (this run)" in message
 
 
-def test_resume_from_an_incomplete_checkpoint_fails_in_one_line(reference, tmp_path):
+def test_resume_from_an_incomplete_checkpoint_fails_in_one_line(reference, toy_data, tmp_path):
     broken = tmp_path / "iter_0000003"
     shutil.copytree(reference / "checkpoints" / "iter_0000003", broken)
     (broken / "common.pt").unlink()
-    cfg = _cfg(reference.parent, tmp_path / "new", f"checkpoint.resume={broken}")
+    cfg = _cfg(toy_data, tmp_path / "new", f"checkpoint.resume={broken}")
     with pytest.raises(ConfigError, match=r"^checkpoint.resume=.*iter_0000003: common.pt is missing; "):
         choose_resume_checkpoint(tmp_path / "new", cfg)
 
@@ -243,19 +243,19 @@ def _same_run(run_dir: Path, reference: Path, steps=range(4, 7)) -> None:
                         checkpoint_tensors(latest_checkpoint(reference)))
 
 
-def test_resume_from_step_3_equals_the_uninterrupted_run(reference, tmp_path):
+def test_resume_from_step_3_equals_the_uninterrupted_run(reference, toy_data, tmp_path):
     run_dir = tmp_path / "run"
-    cfg = _cfg(reference.parent, run_dir, f"checkpoint.resume={reference / 'checkpoints' / 'iter_0000003'}")
+    cfg = _cfg(toy_data, run_dir, f"checkpoint.resume={reference / 'checkpoints' / 'iter_0000003'}")
     results = _run(cfg)
     assert len(results) == 3
     assert [r["step"] for r in metrics(run_dir)] == [4, 5, 6]
     _same_run(run_dir, reference)
 
 
-def test_sigterm_saves_the_step_and_the_resume_is_exact(reference, tmp_path):
+def test_sigterm_saves_the_step_and_the_resume_is_exact(reference, toy_data, tmp_path):
     run_dir = tmp_path / "run"
-    cfg = _cfg(reference.parent, run_dir, "train.save_interval=0")
-    terminate = _Interfere(cfg, {4: lambda batch: os.kill(os.getpid(), signal.SIGTERM)})
+    cfg = _cfg(toy_data, run_dir, "train.save_interval=0")
+    terminate = _Interfere(cfg, {4: lambda packs: os.kill(os.getpid(), signal.SIGTERM)})
     with pytest.raises(Preempted) as stop:
         _run(cfg, terminate)
     assert stop.value.step == 4 and stop.value.signum == signal.SIGTERM
@@ -270,9 +270,9 @@ def test_sigterm_saves_the_step_and_the_resume_is_exact(reference, tmp_path):
 # Non-finite steps
 
 
-def test_a_nan_step_is_skipped_and_counted(reference, tmp_path):
+def test_a_nan_step_is_skipped_and_counted(reference, toy_data, tmp_path):
     run_dir = tmp_path / "run"
-    cfg = _cfg(reference.parent, run_dir, "train.save_interval=0")
+    cfg = _cfg(toy_data, run_dir, "train.save_interval=0")
     results = _run(cfg, _Interfere(cfg, {2: _nan}))
     assert [r.skipped for r in results] == [False, True, False, False, False, False]
     rows = metrics(run_dir)
@@ -285,9 +285,9 @@ def test_a_nan_step_is_skipped_and_counted(reference, tmp_path):
     assert all(torch.isfinite(v).all() for v in weights.values())
 
 
-def test_too_many_bad_steps_in_a_row_stop_the_run(reference, tmp_path):
+def test_too_many_bad_steps_in_a_row_stop_the_run(reference, toy_data, tmp_path):
     run_dir = tmp_path / "run"
-    cfg = _cfg(reference.parent, run_dir, "checkpoint.max_bad_steps=2", "train.save_interval=1")
+    cfg = _cfg(toy_data, run_dir, "checkpoint.max_bad_steps=2", "train.save_interval=1")
     with pytest.raises(Diverged) as err:
         _run(cfg, _Interfere(cfg, {3: _nan, 4: _nan}))
     assert str(err.value).startswith("steps 3..4: 2 steps in a row had a non-finite loss or gradient norm")

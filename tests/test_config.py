@@ -78,12 +78,12 @@ INVALID = [
      r"model.attention_backend=te on GPU"),
     (["model.hidden_size=96", "model.num_heads=6", "parallel.cp=4"], 4, False, "parallel.cp",
      r"splits the 6 heads per tensor-parallel rank \(model.num_heads=6 / parallel.tp=1\)"),
-    (["data.toy_size=6", "parallel.cp=2"], 2, False, "data.toy_size",
-     r"unpacked sample of 9 tokens does not split into cp=2 ranks .*tokens per still are a multiple of 2"),
-    (["data.toy_size=6", "data.toy_frames=3", "data.image_ratio=0", "parallel.cp=2"], 2, False, "data.toy_size",
-     r"unpacked sample of 27 tokens .*tokens per clip are a multiple of 2"),
-    (["data.toy_size=4", "parallel.cp=4"], 4, True, "data.toy_size",
-     r"4 tokens does not split into 2\*cp=8 chunks for Transformer Engine's CP attention"),
+    (["data.toy_size=6", "data.toy_frames=1", "train.micro_batch_size=1", "train.global_batch_size=1",
+      "parallel.cp=2"], 2, False, "data.toy_size", r"the toy pack \(train.micro_batch_size x tokens per clip .*\)=9 "
+     r"does not split into cp=2 ranks"),
+    (["data.toy_size=4", "data.toy_frames=1", "train.micro_batch_size=1", "train.global_batch_size=1",
+      "parallel.cp=4"], 4, True, "data.toy_size",
+     r"=4 does not split into 2\*cp=8 chunks for Transformer Engine's CP attention"),
     (["data.kind=latent", "train.micro_batch_size=1", "data.stages=[{steps: 100, token_budget: 1001}]",
       "parallel.cp=2"], 2, False, "data.stages[0].token_budget", r"=1001 does not split into cp=2 ranks .*"
      r"make it a multiple of 2"),
@@ -154,8 +154,6 @@ INVALID = [
      r"not divisible by model.patch_size h/w=2/4"),
     (["model.patch_size=[2,2,2]", "data.toy_frames=7", "data.image_ratio=0"], 1, False, "data.toy_frames",
      r"toy_frames=7 is not divisible by model.patch_size t=2"),
-    (["model.patch_size=[2,2,2]", "data.image_ratio=0.25"], 1, False, "data.image_ratio",
-     r"t=2 cannot patch images \(T=1\); set data.image_ratio=0 or patch t=1"),
     (["data.image_ratio=1.5"], 1, False, "data.image_ratio", r"must be in \[0, 1\], got 1.5"),
     (["data.image_ratio=-0.5"], 1, False, "data.image_ratio", r"must be in \[0, 1\]"),
     # recompute, FP8, communication overlap (docs/performance.md)
@@ -178,8 +176,8 @@ INVALID = [
     (["model.fp8=e4m3", "parallel.cp=2", "data.kind=latent", "train.micro_batch_size=1",
       "data.stages=[{steps: 100, token_budget: 1008}]"], 2, True, "data.stages[0].token_budget",
      r"make it a multiple of 32"),
-    (["model.fp8=e4m3", "data.toy_size=6"], 1, True, "data.toy_size",
-     r"a micro-batch of 36 tokens, but FP8 GEMMs \(delayed\) need a multiple of 16"),
+    (["model.fp8=e4m3", "data.toy_size=6", "data.toy_frames=1", "train.micro_batch_size=1"], 1, True, "data.toy_size",
+     r"the toy pack .*=9: FP8 GEMMs \(delayed\) need a multiple of 16"),
     (["model.fp8_bf16_layers=1"], 1, True, "model.fp8_bf16_layers", r"keeps layers out of FP8 training; set model.fp8"),
     (["model.fp8=e4m3", "model.fp8_bf16_layers=1"], 1, True, "model.fp8_bf16_layers",
      r"needs an FP8 context per layer, which the delayed recipe's amax reduction does not allow; "

@@ -18,19 +18,17 @@ from conftest import run_torchrun
 from numerics import assert_close_to_scale
 from megatron.core.packed_seq_params import PackedSeqParams
 
-from goku_megatron.data.packing import PackSample, build_pack, packed_flow_loss
+from goku_megatron.batch import PackSample, build_pack
 from goku_megatron.flow import flow_loss
 from goku_megatron.model import context_parallel
 from goku_megatron.model.attention import SDPAAttention
 from goku_megatron.model.context_parallel import (
     align_packs,
     contiguous_index,
-    sequence_shard_loss,
     shard_pack,
     zigzag_index,
     zigzag_length,
 )
-from goku_megatron.model.goku import patchify
 
 C, TEXT_DIM, L = 4, 8, 5
 # (T, H, W) with patch 1x2x2 -> 12, 6 and 1 tokens; caption tokens 3, 5, 2.
@@ -230,10 +228,10 @@ def test_shard_losses_add_up_to_the_pack_loss(layout, cp, budget, weighting):
     pack = _pack(budget)
     g = torch.Generator().manual_seed(5)
     pred = torch.randn(pack.budget, 1, pack.noisy.shape[1], generator=g, requires_grad=True)
-    whole = packed_flow_loss(pred, pack, weighting)
+    whole = flow_loss(pred, pack, weighting)
     (grad_whole,) = torch.autograd.grad(whole, pred)
     shards = _shards(pack, layout, cp)
-    parts = [packed_flow_loss(s.gather(pred), pack, weighting, tokens=s.source) for s in shards]
+    parts = [flow_loss(s.gather(pred), pack, weighting, tokens=s.source) for s in shards]
     (grad_parts,) = torch.autograd.grad(sum(parts), pred)
     # the same terms summed per rank, then over ranks
     assert_close_to_scale(sum(parts), whole, ulps=16)
@@ -241,17 +239,6 @@ def test_shard_losses_add_up_to_the_pack_loss(layout, cp, budget, weighting):
     assert all(p > 0 for p in parts)
     pad = ~pack.loss_mask
     assert not grad_parts[pad].any()
-
-
-@pytest.mark.parametrize("index", [lambda r: contiguous_index(16, 2, r), lambda r: zigzag_index([16], 2, r)],
-                         ids=["contiguous", "zigzag"])
-def test_sequence_shard_losses_add_up_to_the_batch_loss(index):
-    g = torch.Generator().manual_seed(6)
-    target = torch.randn(3, C, 2, 4, 8, generator=g)
-    pred = torch.randn(3, C, 2, 4, 8, generator=g)
-    tokens = patchify(pred, (1, 2, 2))
-    parts = [sequence_shard_loss(tokens[index(r)], target, (1, 2, 2), index(r)) for r in range(2)]
-    assert_close_to_scale(sum(parts), flow_loss(pred, target).mean(), ulps=16)
 
 
 # ------------------------------------------------------------------------------------------------

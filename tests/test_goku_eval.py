@@ -13,7 +13,7 @@ from numerics import EPS32
 from goku_megatron.checkpoint import save_checkpoint
 from goku_megatron.config import load_config, validate
 from goku_megatron.data.toy import make_toy_dataset, read_validation
-from goku_megatron.evaluation import VAL_TIMESTEPS, main, sampler_velocity, validation_loss
+from goku_megatron.evaluation import VAL_TIMESTEPS, main, validation_loss
 from goku_megatron.sample import Sampler
 
 SIZE, FRAMES = 8, 4
@@ -52,7 +52,8 @@ def test_shapes_writes_the_report(run_dir, tmp_path, capsys):
     sampler = Sampler(run_dir)
     data = read_validation(sampler.cfg.data.path)
     text, mask = sampler.text_encoder(data.captions)
-    direct = validation_loss(sampler_velocity(sampler), data.pixels, text, mask, data.keys, held_out=data.held_out)
+    direct = validation_loss(sampler.velocity, data.pixels, text, mask, data.keys, sampler.cfg.model.patch_size,
+                             held_out=data.held_out)
     assert losses == pytest.approx(direct, rel=64 * EPS32)  # means of squares: relative to themselves
 
     printed = capsys.readouterr().out

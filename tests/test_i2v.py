@@ -1,4 +1,4 @@
-"""Image-to-video (model.i2v): the first-frame condition in the model, packed and unpacked, the
+"""Image-to-video (model.i2v): the first-frame condition in the model, one clip and packed, the
 finetune from a text-to-video checkpoint (checkpoint.init_from) and goku-sample --image."""
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from PIL import Image
 from goku_megatron import flow
 from goku_megatron.checkpoint import latest_checkpoint, load_model_weights
 from goku_megatron.config import ConfigError, load_config, validate
-from goku_megatron.data.packing import PackSample, build_pack
-from goku_megatron.model.goku import patchify
+from goku_megatron.batch import PackSample, build_pack, pack_batch
 from goku_megatron.sample import main as sample_main
 
 C, L, TEXT_DIM = 4, 5, 32
@@ -36,6 +35,11 @@ def _clip(seed: int, t: int = 3, h: int = 4, w: int = 6) -> tuple[torch.Tensor, 
     x1 = torch.randn(1, C, t, h, w, generator=g)
     text = torch.randn(1, L, TEXT_DIM, generator=g)
     return x1, torch.randn(1, C, t, h, w, generator=g), text, torch.ones(1, L, dtype=torch.bool)
+
+
+def _one(noisy, t, text, mask, cond=None, target=None):
+    """A batch as the model takes it: one pack."""
+    return pack_batch(noisy, t, text, mask, (1, 2, 2), cond=cond, target=target)
 
 
 def _perturbed_i2v_model():
@@ -60,9 +64,9 @@ def test_i2v_model_starts_as_the_text_to_video_model(megatron_world):
     x1, noisy, text, mask = _clip(0)
     t = torch.tensor([0.4])
     with torch.no_grad():
-        reference = t2v(noisy, t, text, mask)
-        conditioned = i2v(noisy, t, text, mask, flow.first_frame_condition(x1))
-        other_frame = i2v(noisy, t, text, mask, torch.randn_like(x1))
+        reference = t2v(_one(noisy, t, text, mask))
+        conditioned = i2v(_one(noisy, t, text, mask, flow.first_frame_condition(x1)))
+        other_frame = i2v(_one(noisy, t, text, mask, torch.randn_like(x1)))
     # [I | 0] adds exact zeros to exact copies: bitwise on any kernel
     torch.testing.assert_close(conditioned, reference, rtol=0, atol=0)
     torch.testing.assert_close(other_frame, reference, rtol=0, atol=0)
@@ -72,11 +76,12 @@ def test_i2v_condition_is_used_and_trained(megatron_world):
     model = _perturbed_i2v_model()
     x1, noisy, text, mask = _clip(1)
     t = torch.tensor([0.4])
-    out = model(noisy, t, text, mask, flow.first_frame_condition(x1))
+    pack = _one(noisy, t, text, mask, flow.first_frame_condition(x1), target=x1 - noisy)
+    out = model(pack)
     with torch.no_grad():
-        other = model(noisy, t, text, mask, flow.first_frame_condition(torch.randn_like(x1)))
+        other = model(_one(noisy, t, text, mask, flow.first_frame_condition(torch.randn_like(x1))))
     assert (out - other).abs().mean() > 1e-3
-    flow.flow_loss(out, x1 - noisy).mean().backward()
+    flow.flow_loss(out, pack).backward()
     patch_dim = C * 4
     cond_grad = model.image_cond.weight.grad[:, patch_dim:]
     assert cond_grad.abs().sum() > 0  # the first-frame half of the mapping learns
@@ -86,7 +91,7 @@ def test_i2v_without_condition_is_refused(megatron_world):
     model = build_stage(_cfg("model.i2v=true"))
     _, noisy, text, mask = _clip(2)
     with pytest.raises(ValueError, match="first-frame condition"):
-        model(noisy, torch.tensor([0.5]), text, mask)
+        model(_one(noisy, torch.tensor([0.5]), text, mask))
 
 
 def test_packed_i2v_matches_each_sample_alone(megatron_world):
@@ -101,8 +106,8 @@ def test_packed_i2v_matches_each_sample_alone(megatron_world):
         out = model(pack)
         cu = pack.cu_seqlens.tolist()
         for i, (x1, n, e, m) in enumerate(clips):
-            alone = model(n, torch.tensor([0.3 + 0.2 * i]), e, m, flow.first_frame_condition(x1))
-            assert_close_to_scale(out[cu[i]:cu[i + 1], 0], patchify(alone, (1, 2, 2))[:, 0], ulps=64)
+            alone = model(_one(n, torch.tensor([0.3 + 0.2 * i]), e, m, flow.first_frame_condition(x1)))
+            assert_close_to_scale(out[cu[i]:cu[i + 1]], alone, ulps=64)
 
 
 def test_pack_refuses_mixed_conditions():

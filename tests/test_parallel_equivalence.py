@@ -1,7 +1,7 @@
 """TP=2, PP=2, DP=2, CP=2 (gloo, 2 processes each), TP=2 x PP=2 and CP=2 with each of TP, PP and DP
 (4 processes) and TP=2 x CP=2 x PP=2 (8 processes) reproduce the single-process run for two steps:
 loss, gradient norm, every gradient and the final weights (fp32 tolerance). Context-parallel layouts
-run on Patch n' Pack sequences (and DP=2 x CP=2 on unpacked batches), each against the
+run on packs of differently sized samples (and DP=2 x CP=2 on packs of equal clips), each against the
 single-process run of the same data. DP=2 with optim.overlap_grad_reduce and overlap_param_gather
 (gloo runs megatron's asynchronous bucket reductions and all-gathers) matches too. The distributed
 checkpoint each layout saves loads into one unsharded model and holds the single-process run's weights, so checkpoints do not depend on the parallel layout."""

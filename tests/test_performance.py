@@ -22,7 +22,7 @@ from numerics import assert_as_accurate, assert_close_to_scale
 from reference_goku import ReferenceGokuBlock
 
 from goku_megatron.config import FP8_ALIGN, FP8_ALIGN_DEFAULT, FP8_RECIPES, Config, load_config, validate
-from goku_megatron.data.packing import PackSample, build_pack
+from goku_megatron.batch import PackSample, build_pack, pack_batch
 from goku_megatron.platform import check_fp8_recipe, choose_backends
 
 BENCHMARK = REPO / "benchmarks" / "throughput.py"
@@ -43,11 +43,13 @@ def _benchmark_module():
 
 
 def _batches(cfg):
-    """An unpacked batch and a pack of three samples (with a padding segment), and their targets."""
+    """A pack of two equal clips (the toy's fast paths) and a pack of three samples (with a
+    padding segment)."""
     gen = torch.Generator().manual_seed(5)
     c, text_dim = cfg.model.in_channels, cfg.model.text_dim
-    unpacked = (torch.randn(2, c, 2, 4, 6, generator=gen), torch.rand(2, generator=gen),
-                torch.randn(2, 5, text_dim, generator=gen), torch.ones(2, 5, dtype=torch.bool))
+    unpacked = pack_batch(torch.randn(2, c, 2, 4, 6, generator=gen), torch.rand(2, generator=gen),
+                          torch.randn(2, 5, text_dim, generator=gen), torch.ones(2, 5, dtype=torch.bool),
+                          cfg.model.patch_size)
     samples = [PackSample(noisy=torch.randn(c, *shape, generator=gen), target=torch.zeros(c, *shape),
                           timestep=0.3 * (i + 1), text=torch.randn(n, text_dim, generator=gen),
                           text_mask=torch.ones(n, dtype=torch.bool))
@@ -57,7 +59,7 @@ def _batches(cfg):
 
 def _loss_and_grads(stage, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     stage.zero_grad(set_to_none=True)
-    out = stage(*batch) if isinstance(batch, tuple) else stage(batch)
+    out = stage(batch)
     loss = out.pow(2).mean()
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in stage.named_parameters()}
@@ -102,7 +104,7 @@ def test_no_recompute_in_eval(megatron_world):
     stage = build_stage(cfg).eval()
     calls = _count_calls(stage)
     with torch.no_grad():
-        stage(*_batches(cfg)[0])
+        stage(_batches(cfg)[0])
     assert calls == {"core": 2 * len(stage.layers), "mlp": len(stage.layers)}
 
 
@@ -170,7 +172,7 @@ def test_fp8_context_around_layers(megatron_world, monkeypatch, recipe, expected
     stage.config.fp8, stage.config.fp8_recipe = "e4m3", recipe  # the layers share this config
     entered = _recording_fp8_context(monkeypatch)
     with torch.no_grad():
-        stage(*_batches(cfg)[0])
+        stage(_batches(cfg)[0])
     assert entered == expected
 
 
@@ -184,24 +186,24 @@ def test_no_fp8_context(megatron_world, monkeypatch, fp8):
         stage.eval()
     entered = _recording_fp8_context(monkeypatch)
     with torch.no_grad():
-        stage(*_batches(cfg)[0])
+        stage(_batches(cfg)[0])
     assert entered == []
 
 
 @pytest.mark.parametrize("recipe, rows", [("tensorwise", 16), ("mxfp8", 32)])
 def test_fp8_pads_caption_tokens_for_kv_projections(megatron_world, recipe, rows):
-    """TE's FP8 GEMMs need a multiple of 16 (MXFP8: 32) rows; a caption of 5 tokens is padded
-    for the K/V projections only, which leaves the layer's output as it was."""
+    """TE's FP8 GEMMs need a multiple of 16 (MXFP8: 32) rows; a pack's two captions of 5 tokens
+    (10 rows) are padded for the K/V projections only, which leaves the layer's output as it was."""
     cfg = load_config(None, ["model.in_channels=4", "model.zero_init=false"])
     stage = build_stage(cfg)
     seen: list[int] = []
     stage.layers[0].attn2.k_proj.register_forward_hook(lambda _, args, __: seen.append(args[0].shape[0]))
     batch = _batches(cfg)[0]
     with torch.no_grad():
-        expected = stage(*batch)
+        expected = stage(batch)
         stage.config.fp8, stage.config.fp8_recipe = "e4m3", recipe  # no FP8 context on CPU: numerics as bf16
-        got = stage(*batch)
-    assert seen == [5, rows]
+        got = stage(batch)
+    assert seen == [10, rows]
     assert_close_to_scale(got, expected, ulps=16)  # BLAS blocks other row counts differently
 
 
@@ -253,7 +255,8 @@ def test_plain_block_is_the_goku_layer(megatron_world):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from goku_megatron.model.layer import LayerInputs
-    from goku_megatron.model.rope import grid_positions, rope_angles
+    from goku_megatron.batch import grid_positions
+    from goku_megatron.model.rope import rope_angles
     from goku_megatron.model.specs import local_layer_spec
 
     d, heads, ffn = 64, 4, 160

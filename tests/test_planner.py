@@ -8,7 +8,7 @@ from conftest import build_stage
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from goku_megatron.config import MODEL_PRESETS, ModelConfig, load_config
-from goku_megatron.data.packing import PackSample, build_pack
+from goku_megatron.batch import PackSample, build_pack, pack_batch
 from goku_megatron.model.goku import count_parameters
 from goku_megatron.planner import (Hardware, Layout, Workload, activation_elements, embedder_params, estimate,
                                    layer_params, main, plan, tokens_for)
@@ -25,11 +25,12 @@ def _measured_activation_bytes(overrides: list[str], shape: tuple[int, int, int]
     cfg = load_config(None, ["model.in_channels=4", "model.patch_size=[1,2,2]", "model.zero_init=false", *overrides])
     model = build_stage(cfg)
     t, h, w = shape
-    x, text = torch.randn(1, 4, t, h, w), torch.randn(1, 16, cfg.model.text_dim)
+    pack = pack_batch(torch.randn(1, 4, t, h, w), torch.rand(1), torch.randn(1, 16, cfg.model.text_dim),
+                      torch.ones(1, 16, dtype=torch.bool), cfg.model.patch_size)
     tracker = MemTracker()
     tracker.track_external(model)
     with tracker:
-        out = model(x, torch.rand(1), text, torch.ones(1, 16, dtype=torch.bool))
+        out = model(pack)
         snap = tracker.get_tracker_snapshot("current")[torch.device("cpu")]
         measured = sum(v for k, v in snap.items() if "ACT" in str(k) or "TEMP" in str(k))
         out.sum().backward()
@@ -41,16 +42,19 @@ def _measured_activation_bytes(overrides: list[str], shape: tuple[int, int, int]
     (["model.hidden_size=128", "model.ffn_hidden_size=1024", "model.num_layers=3"], (2, 16, 24)),
     (["model.hidden_size=96", "model.ffn_hidden_size=192", "model.num_layers=2", "model.num_heads=3"], (5, 8, 16)),
 ])
-def test_activation_estimate_matches_measured_peak(megatron_world, overrides, shape):
+def test_activation_estimate_bounds_a_one_clip_pack(megatron_world, overrides, shape):
+    """A pack of one clip (or of equal clips) broadcasts its modulation instead of gathering it per
+    token (LayerInputs.segment_length), so it saves less than the estimate, which is the mixed
+    packs' figure (measured below): the estimate bounds it, within a quarter."""
     measured, model, tokens = _measured_activation_bytes(overrides, shape)
-    estimated = model.num_layers * tokens * activation_elements(model, tp=1, recompute=False, packed=False) * 4
-    assert estimated == pytest.approx(measured, rel=0.05)  # fp32: 4 bytes per element
+    estimated = model.num_layers * tokens * activation_elements(model, tp=1, recompute=False) * 4
+    assert 0.75 * estimated < measured <= estimated  # fp32: 4 bytes per element
 
 
 @pytest.mark.parametrize("hidden, ffn, shapes, budget", [
     (128, 512, [(3, 8, 8), (1, 16, 16), (4, 8, 12)], 256),
     (64, 128, [(5, 8, 8), (2, 12, 8)], 128),
-    (192, 768, [(1, 16, 24)], 96),
+    (192, 768, [(1, 16, 24)], 100),  # padding: the per-token gather path
 ])
 def test_packed_activation_estimate_matches_measured_peak(megatron_world, hidden, ffn, shapes, budget):
     cfg = load_config(None, ["model.in_channels=4", "model.patch_size=[1,2,2]", "model.zero_init=false",

@@ -17,18 +17,24 @@ import pytest
 import torch
 import webdataset as wds
 
+from goku_megatron.batch import unpack
+from goku_megatron.config import load_config, validate
+from goku_megatron.data.decode import FrameSpec, decode_sample
+from goku_megatron.data.encoders import PixelSpace
+from goku_megatron.data.loader import SampleStream
+from goku_megatron.data.pipeline import PackedBatches, Prepared, build_data_source, noised_pack
+from goku_megatron.data.shards import BadSamples, find_shards
 from goku_megatron.data.text_encoder import NULL_TOKEN, HashTextEncoder
 from goku_megatron.data.toy import (
     BACKGROUND,
     COLORS,
+    FPS,
     HELD_OUT,
     MANIFEST,
     TRIPLES,
     VAL_DIR,
-    ToyClipLoader,
     ToySample,
     caption_for,
-    decode_sample,
     ensure_toy_dataset,
     iter_raw_samples,
     make_toy_dataset,
@@ -51,9 +57,18 @@ def toy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+SPEC = FrameSpec(fps=FPS, frames=FRAMES, height=SIZE, width=SIZE)
+
+
+def _decode(raw: dict) -> dict:
+    """One raw toy sample through the training path's decoder."""
+    sample = decode_sample(raw, SPEC, BadSamples(), backend="pyav")
+    return {"key": sample.key, "pixels": sample.pixels, "caption": sample.caption, "meta": sample.meta}
+
+
 @pytest.fixture(scope="module")
 def decoded(toy_dir: Path) -> dict[str, dict]:
-    return {s["key"]: s for s in map(decode_sample, _raw_samples(toy_dir))}
+    return {s["key"]: s for s in map(_decode, _raw_samples(toy_dir))}
 
 
 def _raw_samples(shard_dir: Path) -> list[dict]:
@@ -73,9 +88,20 @@ def _to_rgb(pixels: torch.Tensor) -> np.ndarray:
     return ((pixels.permute(1, 2, 3, 0).numpy() + 1.0) * 127.5).astype(np.float32)
 
 
-def _loader(shard_dir: Path, **overrides) -> ToyClipLoader:
-    kwargs = dict(batch_size=4, dp_rank=0, dp_size=1, seed=0, image_ratio=0.3) | overrides
-    return ToyClipLoader(shard_dir, **kwargs)
+def _cfg(shard_dir: Path, *overrides: str):
+    cfg = load_config("toy", [f"data.path={shard_dir}", "data.create_if_missing=false", "data.image_ratio=0.3",
+                              "train.global_batch_size=4", "train.micro_batch_size=4", "train.seed=0", *overrides])
+    validate(cfg, 1)
+    return cfg
+
+
+def _source(shard_dir: Path, *overrides: str) -> PackedBatches:
+    """The toy run's own data source (training's one data path), for one process."""
+    return build_data_source(_cfg(shard_dir, *overrides), 0, 1, torch.device("cpu"))
+
+
+def _keys(source: PackedBatches, steps: range) -> list[list[str]]:
+    return [[key for pack in source.next_step(step) for key in pack.keys] for step in steps]
 
 
 def test_shards_and_manifest(toy_dir: Path) -> None:
@@ -225,65 +251,84 @@ def test_read_validation_errors_name_the_dataset_and_the_fix(tmp_path: Path) -> 
         read_validation(tmp_path)
 
 
-def test_corrupt_clip_raises_with_key(toy_dir: Path) -> None:
+def test_corrupt_clip_is_counted_and_skipped(toy_dir: Path) -> None:
     raw = _raw_samples(toy_dir)[0]
-    for bad in (b"\x1a\x45\xdf\xa3 not a webm", raw["webm"][: len(raw["webm"]) // 2]):
-        with pytest.raises(ValueError, match=raw["__key__"]):
-            decode_sample({**raw, "webm": bad})
-    with pytest.raises(ValueError, match="no media"):
-        decode_sample({k: v for k, v in raw.items() if k != "webm"})
+    bad = BadSamples()
+    for broken in (b"\x1a\x45\xdf\xa3 not a webm", raw["webm"][: len(raw["webm"]) // 2]):
+        assert decode_sample({**raw, "webm": broken}, SPEC, bad, backend="pyav") is None
+    assert decode_sample({k: v for k, v in raw.items() if k != "webm"}, SPEC, bad, backend="pyav") is None
+    assert sum(bad.counts.values()) == 3 and bad.counts["missing_media"] == 1
 
 
 def test_dp_split_is_disjoint_and_complete(toy_dir: Path) -> None:
-    ranks = [_loader(toy_dir, dp_rank=r, dp_size=3).keys for r in range(3)]
+    """The toy's shards split over DP ranks like any shards: every sample on exactly one rank."""
+    shards = find_shards(toy_dir)
+    ranks = [{ref.key for ref in SampleStream(shards, dp_rank=r, dp_size=3, seed=0, bad=BadSamples()).epoch_order(0)}
+             for r in range(3)]
     assert sum(len(k) for k in ranks) == CLIPS + IMAGES
     assert set().union(*ranks) == {f"{i:08d}" for i in range(CLIPS + IMAGES)}
-    for r, keys in enumerate(ranks):
-        assert all(int(k) % 3 == r for k in keys)
 
 
-def test_batches_are_homogeneous_and_epochs_cover_the_pool(toy_dir: Path) -> None:
-    loader = _loader(toy_dir, image_ratio=0.5)
-    clip_keys: list[str] = []
-    modalities = set()
-    for batch in islice(loader, 40):
-        is_image = [int(k) >= CLIPS for k in batch["keys"]]
-        assert len(set(is_image)) == 1
-        t = 1 if is_image[0] else FRAMES
-        assert batch["pixels"].shape == (4, 3, t, SIZE, SIZE) and len(batch["captions"]) == 4
-        modalities.add(t)
-        if not is_image[0]:
-            clip_keys += batch["keys"]
-    assert modalities == {1, FRAMES}
-    assert sorted(clip_keys[:CLIPS]) == [f"{i:08d}" for i in range(CLIPS)]  # one epoch, each once
-    assert clip_keys[:CLIPS] != clip_keys[CLIPS : 2 * CLIPS]  # reshuffled per epoch
-    no_images = _loader(toy_dir, image_ratio=0.0)
-    assert all(b["pixels"].shape[2] == FRAMES for b in islice(no_images, 10))
+@pytest.mark.usefixtures("megatron_world")
+def test_toy_packs_are_the_decoded_clips_noised(toy_dir: Path, decoded: dict[str, dict]) -> None:
+    """A toy step is packs of micro_batch_size samples; the "VAE" is the identity, so a pack is the
+    pipeline's noised_pack of the decoded pixels, exactly."""
+    cfg = _cfg(toy_dir, "data.image_ratio=0")
+    source = build_data_source(cfg, 0, 1, torch.device("cpu"))
+    (pack,) = source.next_step(1)
+    assert pack.num_samples == 4 and pack.padding == 0 and pack.budget == cfg.data.stages[0].token_budget
+    samples = [(k, Prepared(decoded[k]["pixels"], decoded[k]["caption"])) for k in pack.keys]
+    expected = noised_pack(samples, 1, pack.budget, cfg, HashTextEncoder(dim=cfg.model.text_dim))
+    for field in ("noisy", "target", "timesteps", "text", "text_mask", "positions", "cu_seqlens"):
+        assert torch.equal(getattr(pack, field), getattr(expected, field)), field
+    assert isinstance(PixelSpace().encode(decoded[pack.keys[0]]["pixels"]), torch.Tensor)
 
 
-def test_clips_only_dataset_never_yields_images(tmp_path: Path) -> None:
-    make_toy_dataset(tmp_path, clips=4, images=0, shard_size=4)
-    loader = _loader(tmp_path, batch_size=3, image_ratio=1.0)
-    assert all(b["pixels"].shape[2] == FRAMES for b in islice(loader, 5))
+@pytest.mark.usefixtures("megatron_world")
+def test_toy_packs_mix_clips_and_stills_at_the_image_ratio(toy_dir: Path) -> None:
+    source = _source(toy_dir, "data.image_ratio=0.5")
+    packs = [pack for step in range(1, 21) for pack in source.next_step(step)]
+    frames = {f for pack in packs for f in pack.frames}
+    assert frames == {1, FRAMES}  # stills are time-padded to the temporal patch inside the pack
+    still = next(pack for pack in packs if 1 in pack.frames)
+    index = still.frames.index(1)
+    assert unpack(still, still.noisy)[index].shape == (3, 1, SIZE, SIZE)
+    only_clips = _source(toy_dir, "data.image_ratio=0")
+    assert all(set(p.frames) == {FRAMES} for step in range(1, 11) for p in only_clips.next_step(step))
 
 
-def test_resume_reproduces_the_uninterrupted_sequence(toy_dir: Path) -> None:
-    uninterrupted = [b["keys"] for b in islice(_loader(toy_dir, dp_rank=1, dp_size=2), 30)]
-    first = _loader(toy_dir, dp_rank=1, dp_size=2)
-    head = [b["keys"] for b in islice(first, 11)]
-    state = json.loads(json.dumps(first.state_dict()))  # checkpoints may store it as JSON
-    resumed = _loader(toy_dir, dp_rank=1, dp_size=2)
+@pytest.mark.usefixtures("megatron_world")
+def test_resume_mid_epoch_replays_the_same_keys(toy_dir: Path) -> None:
+    """CLIPS + IMAGES = 32 samples, 4 per step: step 11 is mid-epoch; the loader state (plain JSON,
+    as checkpoints store it) continues with the keys the uninterrupted run draws."""
+    uninterrupted = _keys(_source(toy_dir), range(1, 31))
+    first = _source(toy_dir)
+    head = _keys(first, range(1, 12))
+    state = json.loads(json.dumps(first.state_dict()))
+    resumed = _source(toy_dir)
     resumed.load_state_dict(state)
-    tail = [b["keys"] for b in islice(resumed, 19)]
-    assert head + tail == uninterrupted
+    assert head + _keys(resumed, range(12, 31)) == uninterrupted
+    clips = [k for step in uninterrupted for k in step if int(k) < CLIPS]
+    assert len(set(clips)) == CLIPS  # every clip drawn within 30 steps
 
 
+@pytest.mark.usefixtures("megatron_world")
+def test_a_loader_state_of_other_data_starts_over(toy_dir: Path, tmp_path: Path, caplog) -> None:
+    other = tmp_path / "other"
+    make_toy_dataset(other, clips=CLIPS, images=IMAGES, size=SIZE, frames=FRAMES, shard_size=10, seed=0)
+    elsewhere = _source(other)
+    _keys(elsewhere, range(1, 6))
+    source = _source(toy_dir)
+    with caplog.at_level("WARNING", logger="goku_megatron"):
+        source.load_state_dict(json.loads(json.dumps(elsewhere.state_dict())))
+    assert "the data order starts over" in caplog.text and str(other) in caplog.text
+    assert _keys(source, range(1, 6)) == _keys(_source(toy_dir), range(1, 6))
+
+
+@pytest.mark.usefixtures("megatron_world")
 def test_sequence_depends_on_seed(toy_dir: Path) -> None:
-    def keys(seed: int) -> list[list[str]]:
-        return [b["keys"] for b in islice(_loader(toy_dir, seed=seed), 10)]
-
-    assert keys(0) == keys(0)
-    assert keys(0) != keys(1)
+    assert _keys(_source(toy_dir), range(1, 6)) == _keys(_source(toy_dir), range(1, 6))
+    assert _keys(_source(toy_dir), range(1, 6)) != _keys(_source(toy_dir, "train.seed=1"), range(1, 6))
 
 
 def test_hash_text_encoder() -> None:

@@ -6,9 +6,10 @@ or silently depend on a model hub, so a missing folder fails at once with a one-
 frozen (eval mode, ``requires_grad=False``, called under ``torch.no_grad``) and run in bf16 on GPU
 and fp32 on CPU (see ``encoder_dtype``).
 
-``build_text_encoder`` and ``build_vae`` are the seams the training loop and
-tools/precompute_latents.py choose through (``data.text_encoder``, ``data.text_encoder_path``,
-``data.vae_path``). ``pack_text``/``pad_text`` convert between the padded text interface and the
+``run_text_encoder`` and ``run_vae`` choose a run's encoders from its config, in this one place
+for training, sampling and evaluation (``data.text_encoder``, ``data.text_encoder_path``,
+``data.vae_path``; a toy run's "VAE" is ``PixelSpace``, the identity on pixels);
+``build_text_encoder`` and ``build_vae`` load them, for tools/precompute_latents.py too. ``pack_text``/``pad_text`` convert between the padded text interface and the
 real-tokens-only form that latent shards store.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from goku_megatron.config import Config
 from goku_megatron.data.text_encoder import HashTextEncoder
 
 if TYPE_CHECKING:
@@ -232,6 +234,38 @@ def build_text_encoder(kind: str, path: str | Path = "", dim: int = 64, max_toke
 def build_vae(path: str | Path, device: torch.device | str = "cpu") -> VideoVAE:
     """The CogVideoX VAE at ``data.vae_path``."""
     return VideoVAE.from_pretrained(path, device)
+
+
+class PixelSpace:
+    """The toy run's "VAE": the identity on pixels [B, 3, T, H, W] in [-1, 1], so a toy model is a
+    pixel-space Goku (model.in_channels=3) on the same decode -> encode -> pack path as a latent
+    one. It has VideoVAE's interface; decode clamps to the pixel range as VideoVAE's does."""
+
+    latent_channels = 3
+    spatial_factor = 1
+    temporal_factor = 1
+    device = torch.device("cpu")
+    dtype = torch.float32
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        return (self.latent_channels, frames, height, width)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents.clamp(-1, 1)
+
+
+def run_vae(cfg: Config, device: torch.device | str = "cpu") -> VideoVAE | PixelSpace:
+    """The run's VAE: PixelSpace for toy data, else the CogVideoX VAE at data.vae_path."""
+    return PixelSpace() if cfg.data.kind == "toy" else build_vae(cfg.data.vae_path, device)
+
+
+def run_text_encoder(cfg: Config, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The run's text encoder (data.text_encoder) at the model's text width."""
+    d = cfg.data
+    return build_text_encoder(d.text_encoder, d.text_encoder_path, cfg.model.text_dim, d.max_text_tokens, device)
 
 
 def pack_text(emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

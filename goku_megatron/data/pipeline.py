@@ -1,11 +1,12 @@
-"""From shards to packed micro-batches, stage by stage: the data path of ``raw`` and ``latent`` runs.
+"""From shards to packed micro-batches, stage by stage: the one data path of every run.
 
 Per optimizer step and DP rank: draw samples (an image instead of a clip with the stage's
-``image_ratio``, from an RNG keyed by (seed, step, draw)), turn each into a latent (raw: decode at
-the stage's fps/frames/size, then the frozen VAE; latent: load the precomputed tensor), keep them
-in a small buffer, and cut packs of the stage's token budget from it first-fit-decreasing. The
-rectified-flow noise, timestep and caption dropout of each sample come from (seed, step, key),
-exactly as in the toy path, so every parallel layout sees the same numbers.
+``image_ratio``, from an RNG keyed by (seed, step, draw)), turn each into a latent (raw and toy:
+decode at the stage's fps/frames/size, then the frozen VAE, which for toy data is the identity on
+pixels; latent: load the precomputed tensor), keep them in a small buffer, and cut packs of the
+stage's token budget from it first-fit-decreasing. This is the one place the rectified-flow noise,
+timestep and caption dropout are drawn (``flow.noise_sample``, keyed by (seed, step, key)), so
+every parallel layout sees the same numbers.
 
 The state (both streams, the buffered samples' shard references, draws so far) is plain JSON, so
 a resumed run rebuilds the buffer from the shards and continues with the same keys.
@@ -14,17 +15,24 @@ a resumed run rebuilds the buffer from the shards and continues with the same ke
 from __future__ import annotations
 
 import io
-import math
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-from goku_megatron.config import Config, StageConfig
+from goku_megatron import flow
+from goku_megatron.batch import Pack, PackSample, build_pack, num_tokens, plan_packs
+from goku_megatron.config import Config, ConfigError, StageConfig
+from goku_megatron.data.decode import FrameSpec, decode_sample
+from goku_megatron.data.encoders import PixelSpace, VideoVAE, pack_text, pad_text, run_text_encoder, run_vae
 from goku_megatron.data.loader import SampleStream
-from goku_megatron.data.packing import Pack, PackSample, build_pack, plan_packs, token_grid
-from goku_megatron.data.shards import BadSamples, SampleRef, read_sample
+from goku_megatron.data.shards import BadSamples, SampleRef, find_shards, read_sample
+from goku_megatron.data.toy import ensure_toy_dataset, read_manifest
+
+log = logging.getLogger("goku_megatron")
 
 @dataclass
 class Prepared:
@@ -60,9 +68,8 @@ def load_latent_sample(raw: dict[str, Any], stage: StageConfig) -> Prepared:
     return Prepared(_tensor(raw["latent.pth"]).float(), raw["txt"].decode("utf-8").strip(), text)
 
 
-def encode_raw_sample(decoder: str, vae: Any, bad: BadSamples) -> Prepare:
-    """Online path for raw shards: decode to the stage's FrameSpec, then the frozen VAE."""
-    from goku_megatron.data.decode import FrameSpec, decode_sample
+def encode_raw_sample(decoder: str, vae: VideoVAE | PixelSpace, bad: BadSamples) -> Prepare:
+    """Online path for raw and toy shards: decode to the stage's FrameSpec, then the frozen VAE."""
 
     def prepare(raw: dict[str, Any], stage: StageConfig) -> Prepared | None:
         spec = FrameSpec(fps=stage.fps, frames=stage.frames, height=stage.height, width=stage.width)
@@ -75,8 +82,40 @@ def encode_raw_sample(decoder: str, vae: Any, bad: BadSamples) -> Prepare:
     return prepare
 
 
+def noised_pack(samples: Sequence[tuple[str, Prepared]], step: int, budget: int, cfg: Config,
+                text_encoder: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]) -> Pack:
+    """The pack of ``samples`` (key, prepared sample) at optimizer step ``step``: each sample's
+    noise, timestep and caption dropout (flow.noise_sample, keyed by (seed, step, key): the one
+    place training draws them), its interpolated input, velocity target and I2V condition, and its
+    caption tokens (stored ones, else encoded here; a dropped caption is the empty one)."""
+    noisy, targets, times, texts, conds = [], [], [], [], []
+    to_encode: list[tuple[int, str]] = []  # (sample, caption) without usable stored tokens
+    for i, (key, sample) in enumerate(samples):
+        x1 = sample.latent
+        draw = flow.noise_sample(x1, cfg.train.seed, step, key, cfg.flow)
+        noisy.append(flow.interpolate(x1[None], draw.x0[None], draw.t)[0])
+        targets.append(flow.velocity_target(x1, draw.x0))
+        conds.append(flow.first_frame_condition(x1) if cfg.model.i2v else None)
+        times.append(draw.t[0])
+        texts.append(None if draw.drop_caption else sample.text)
+        if texts[-1] is None:
+            to_encode.append((i, "" if draw.drop_caption else sample.caption))
+    if to_encode:
+        emb, mask = text_encoder([caption for _, caption in to_encode])
+        for (i, _), e, m in zip(to_encode, emb, mask):
+            texts[i] = pack_text(e.float().cpu(), m.cpu())
+    text, text_mask = pad_text(texts, cfg.data.max_text_tokens)
+    return build_pack(
+        [PackSample(noisy=n, target=g, timestep=t, text=e, text_mask=m, key=key, cond=c)
+         for n, g, t, e, m, (key, _), c in zip(noisy, targets, times, text, text_mask, samples, conds)],
+        budget, cfg.model.patch_size,
+    )
+
+
 class PackedBatches:
-    """Endless per-step lists of ``Pack`` micro-batches for one DP rank (see the module doc)."""
+    """Endless per-step lists of ``Pack`` micro-batches for one DP rank (see the module doc):
+    global_batch_size / (micro_batch_size x dp) packs per step (a stage run has micro-batch size 1,
+    one pack per micro-batch; a toy pack holds micro_batch_size clips)."""
 
     def __init__(
         self,
@@ -117,7 +156,7 @@ class PackedBatches:
             if channels != self.cfg.model.in_channels:
                 raise ValueError(f"sample {ref.key} in {ref.shard} has {channels}-channel latents but "
                                  f"model.in_channels={self.cfg.model.in_channels}; set it to {channels}")
-            tokens = math.prod(token_grid(prepared.latent.shape, self.patch))
+            tokens = num_tokens(prepared.latent.shape, self.patch)
             if tokens > stage.token_budget:
                 raise ValueError(
                     f"sample {ref.key} in {ref.shard} has {tokens} tokens, over data.stages"
@@ -134,43 +173,16 @@ class PackedBatches:
             self._stage_index = index
         t = self.cfg.train
         packs = []
-        for _ in range(t.global_batch_size // self.cfg.parallel.dp):
+        for _ in range(t.global_batch_size // (t.micro_batch_size * self.cfg.parallel.dp)):
             self._fill(step, stage)
-            counts = [math.prod(token_grid(b.sample.latent.shape, self.patch)) for b in self.buffer]
+            counts = [num_tokens(b.sample.latent.shape, self.patch) for b in self.buffer]
             chosen = plan_packs(counts, stage.token_budget)[0]
             samples = [self.buffer[i] for i in chosen]
             taken = set(chosen)
             self.buffer = [b for i, b in enumerate(self.buffer) if i not in taken]
-            packs.append(self._pack(samples, step, stage))
+            packs.append(noised_pack([(b.key, b.sample) for b in samples], step, stage.token_budget,
+                                     self.cfg, self.text_encoder))
         return packs
-
-    def _pack(self, samples: Sequence[Buffered], step: int, stage: StageConfig) -> Pack:
-        from goku_megatron import flow
-
-        from goku_megatron.data.encoders import pack_text, pad_text
-
-        noisy, targets, times, texts, conds = [], [], [], [], []
-        to_encode: list[tuple[int, str]] = []  # (sample, caption) without usable stored tokens
-        for i, b in enumerate(samples):
-            x1 = b.sample.latent
-            draw = flow.noise_sample(x1, self.cfg.train.seed, step, b.key, self.cfg.flow)
-            noisy.append(flow.interpolate(x1[None], draw.x0[None], draw.t)[0])
-            targets.append(flow.velocity_target(x1, draw.x0))
-            conds.append(flow.first_frame_condition(x1) if self.cfg.model.i2v else None)
-            times.append(draw.t[0])
-            texts.append(None if draw.drop_caption else b.sample.text)
-            if texts[-1] is None:
-                to_encode.append((i, "" if draw.drop_caption else b.sample.caption))
-        if to_encode:
-            emb, mask = self.text_encoder([caption for _, caption in to_encode])
-            for (i, _), e, m in zip(to_encode, emb, mask):
-                texts[i] = pack_text(e.float().cpu(), m.cpu())
-        text, text_mask = pad_text(texts, self.cfg.data.max_text_tokens)
-        return build_pack(
-            [PackSample(noisy=n, target=g, timestep=t, text=e, text_mask=m, key=b.key, cond=c)
-             for n, g, t, e, m, b, c in zip(noisy, targets, times, text, text_mask, samples, conds)],
-            stage.token_budget, self.patch,
-        )
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -184,6 +196,14 @@ class PackedBatches:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue where ``state`` left off. A state saved for other data (its streams' paths or
+        kinds differ from this run's) is not applied: the data order starts over, one line says so."""
+        saved = {path: sorted(kinds) for path, kinds in state["streams"].items()}
+        mine = {path: sorted(kinds) for path, kinds in self.streams.items()}
+        if saved != mine:
+            log.warning("the checkpoint's data loader state reads %s, this run reads %s: the data order "
+                        "starts over", ", ".join(saved) or "-", ", ".join(mine))
+            return
         for path, kinds in state["streams"].items():
             for kind, s in kinds.items():
                 self.streams[path][kind].load_state_dict(s)
@@ -198,3 +218,68 @@ class PackedBatches:
             if prepared is not None:
                 self.buffer.append(Buffered(ref, prepared))
 
+
+def check_vae_fits(cfg: Config, vae: VideoVAE | PixelSpace) -> None:
+    """Fail before training when a stage's clips or the model's input width do not fit the VAE."""
+    if vae.latent_channels != cfg.model.in_channels:
+        where = "pixel-space toy data" if isinstance(vae, PixelSpace) else f"the VAE at {cfg.data.vae_path}"
+        raise ConfigError(f"model.in_channels={cfg.model.in_channels} but {where} makes "
+                          f"{vae.latent_channels}-channel latents; set model.in_channels={vae.latent_channels}")
+    _, ph, pw = cfg.model.patch_size
+    for i, stage in enumerate(cfg.data.stages):
+        try:
+            _, _, h, w = vae.latent_shape(stage.frames, stage.height, stage.width)
+        except ValueError as err:
+            raise ConfigError(f"data.stages[{i}]: {err}") from None
+        if h % ph or w % pw:
+            raise ConfigError(f"data.stages[{i}]: {stage.height}x{stage.width} gives {h}x{w} latents, "
+                              f"not divisible by model.patch_size h/w={ph}/{pw}; use a multiple of "
+                              f"{vae.spatial_factor * ph}x{vae.spatial_factor * pw}")
+
+
+def ensure_toy_data(cfg: Config) -> None:
+    """Toy runs: global rank 0 writes the toy dataset when it is missing (data.create_if_missing);
+    every rank waits for it, then finds it complete or fails with one line."""
+    d = cfg.data
+    if torch.distributed.get_rank() == 0 and d.create_if_missing:
+        ensure_toy_dataset(Path(d.path), clips=d.toy_clips, images=d.toy_images, size=d.toy_size,
+                           frames=d.toy_frames, seed=cfg.train.seed)
+    torch.distributed.barrier()
+    try:
+        read_manifest(Path(d.path))
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"{err}; or set data.create_if_missing=true") from None
+
+
+def build_data_source(cfg: Config, dp_rank: int, dp_size: int, device: torch.device) -> PackedBatches:
+    """Every run's data: DP-sharded sample streams -> latents (decode + VAE, or stored) -> per-step
+    packed micro-batches. Toy data is raw data whose VAE is the identity."""
+    d = cfg.data
+    bad = BadSamples()
+    if d.kind == "toy":
+        ensure_toy_data(cfg)
+    if d.kind == "latent":
+        prepare = load_latent_sample
+    else:
+        vae = run_vae(cfg, device)
+        check_vae_fits(cfg, vae)
+        prepare = encode_raw_sample(d.decoder, vae, bad)
+    streams: dict[str, dict[str, SampleStream]] = {}
+    for i, stage in enumerate(d.stages):
+        path = d.stage_path(stage)
+        try:
+            shards = find_shards(path)
+        except FileNotFoundError as err:
+            raise ConfigError(f"data.stages[{i}]: {err}") from None
+        if d.kind != "latent":
+            ratios = [s.image_ratio for s in d.stages if d.stage_path(s) == path]
+            kinds = ["video"] * any(r < 1 for r in ratios) + ["image"] * any(r > 0 for r in ratios)
+        else:  # latent shards do not show from their members whether a sample is a still
+            kinds = ["any"]
+        streams[path] = {kind: SampleStream(shards, dp_rank=dp_rank, dp_size=dp_size,
+                                            seed=cfg.train.seed, bad=bad, kind=kind) for kind in kinds}
+        log.info("data: stage %d reads %d %s shards from %s (streams: %s)", i, len(shards), d.kind,
+                 path, ", ".join(kinds))
+    # A toy pack holds micro_batch_size clips: the buffer must hold that many to fill one.
+    return PackedBatches(cfg, streams, prepare, run_text_encoder(cfg, device), bad,
+                         buffer_size=max(16, cfg.train.micro_batch_size))

@@ -10,8 +10,9 @@ ShapesBench (goku_megatron/evaluation.py) tests composition with ``HELD_OUT``: f
 ``val/`` next to the training shards shows every combination, held-out ones included.
 
 Writing: ``make_toy_dataset`` (or ``ensure_toy_dataset``, which reuses a complete dataset).
-Reading: ``iter_raw_samples`` and ``decode_sample`` for single samples, ``ToyClipLoader`` for
-resumable DP-aware batches, ``read_validation`` for the validation split as one batch.
+Reading: training reads the shards like any raw shards (goku_megatron/data/pipeline.py: SampleStream,
+decode, and the identity as the VAE); ``iter_raw_samples`` lists a split's raw samples in key order
+and ``read_validation`` decodes the validation split as one batch.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import io
 import itertools
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,7 +31,8 @@ import webdataset as wds
 from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from goku_megatron.data.decode import decode_image, decode_video_pyav, to_pixels
+from goku_megatron.data.decode import FrameSpec, decode_sample
+from goku_megatron.data.shards import BadSamples
 
 # v2: training clips leave out HELD_OUT, and the validation split in VAL_DIR; v3: diamonds, not
 # circles.
@@ -82,8 +84,6 @@ VIDEO_CODEC = "libvpx-vp9"
 # trips within 1/255 but needs a software decoder.
 VIDEO_OPTIONS = {"lossless": "1"}
 PIX_FMTS = ("yuv420p", "yuv444p")
-VIDEO_EXTS = ("webm", "mp4")
-IMAGE_EXTS = ("png", "jpg", "jpeg")
 
 
 def shape_size(size: int) -> int:
@@ -404,34 +404,6 @@ def iter_raw_samples(shard_dir: Path) -> Iterator[dict[str, Any]]:
             yield from group_by_keys(files)
 
 
-def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
-    """Turns one raw WebDataset sample (bytes per extension) into
-    {"key", "pixels" float32 (3, T, H, W) in [-1, 1], "caption", "meta"}; stills have T=1.
-
-    Raises ValueError naming the key when the media is missing, undecodable, or disagrees with
-    the .json metadata (a truncated clip decodes to fewer frames instead of failing)."""
-    key = str(sample.get("__key__", "?"))
-    meta = json.loads(sample["json"]) if "json" in sample else {}
-    caption = sample["txt"].decode("utf-8").strip() if "txt" in sample else ""
-    video_ext = next((e for e in VIDEO_EXTS if e in sample), None)
-    image_ext = next((e for e in IMAGE_EXTS if e in sample), None)
-    if video_ext is None and image_ext is None:
-        media = VIDEO_EXTS + IMAGE_EXTS
-        raise ValueError(f"sample {key}: no media (one of {media}) in {sorted(sample)}")
-    try:
-        if video_ext is not None:
-            array = decode_video_pyav(sample[video_ext])
-        else:
-            array = decode_image(sample[image_ext])
-    except (ValueError, OSError) as e:  # av.FFmpegError and PIL's errors derive from these
-        raise ValueError(f"sample {key}: cannot decode .{video_ext or image_ext}: {e}") from e
-    t, h, w, _ = array.shape
-    expected = (meta.get("frames", t), meta.get("height", h), meta.get("width", w))
-    if (t, h, w) != expected:
-        raise ValueError(f"sample {key}: decoded (T, H, W) = {(t, h, w)}, metadata says {expected}")
-    return {"key": key, "pixels": to_pixels(array), "caption": caption, "meta": meta}
-
-
 @dataclass
 class ToyValidation:
     """The validation split as one fixed batch, in key order."""
@@ -451,118 +423,20 @@ def read_validation(shard_dir: Path) -> ToyValidation:
             f"{val_dir / MANIFEST} missing: the toy dataset in {shard_dir} was made with "
             f"val_clips=0; rebuild it with 'python tools/make_toy_dataset.py --out {shard_dir}'"
         )
-    held = {tuple(t) for t in read_manifest(val_dir)["held_out"]}
-    samples = [decode_sample(raw) for raw in iter_raw_samples(val_dir)]
+    manifest = read_manifest(val_dir)
+    held = {tuple(t) for t in manifest["held_out"]}
+    params = manifest["params"]
+    # The training path's decoder (PyAV: the validation split is read once, where DALI's per-call
+    # set-up would dominate), at the clips' own rate and size.
+    spec = FrameSpec(fps=FPS, frames=params["frames"], height=params["size"], width=params["size"])
+    bad = BadSamples()
+    samples = [decode_sample(raw, spec, bad, backend="pyav") for raw in iter_raw_samples(val_dir)]
+    if None in samples:
+        raise ValueError(f"{val_dir}: {sum(bad.counts.values())} validation clip(s) do not decode ({dict(bad.counts)}); "
+                         f"rebuild it with 'python tools/make_toy_dataset.py --out {shard_dir}'")
     return ToyValidation(
-        pixels=torch.stack([s["pixels"] for s in samples]),
-        captions=[s["caption"] for s in samples],
-        keys=[s["key"] for s in samples],
-        held_out=[(s["meta"]["color"], s["meta"]["shape"], s["meta"]["direction"]) in held
-                  for s in samples],
+        pixels=torch.stack([s.pixels for s in samples]),
+        captions=[s.caption for s in samples],
+        keys=[s.key for s in samples],
+        held_out=[(s.meta["color"], s.meta["shape"], s.meta["direction"]) in held for s in samples],
     )
-
-
-@dataclass
-class _Pool:
-    """One modality's samples on this rank, consumed as a stream of per-epoch permutations."""
-
-    stream_id: int  # separates the shuffle streams of the pools
-    samples: list[dict[str, Any]]
-    consumed: int = 0
-    _perm_epoch: int = field(default=-1, init=False, repr=False)
-    _perm: np.ndarray | None = field(default=None, init=False, repr=False)
-
-    def take(self, count: int, seed: int) -> list[dict[str, Any]]:
-        n = len(self.samples)
-        out = []
-        for i in range(self.consumed, self.consumed + count):
-            epoch = i // n
-            if epoch != self._perm_epoch:
-                self._perm = np.random.default_rng([seed + epoch, self.stream_id]).permutation(n)
-                self._perm_epoch = epoch
-            out.append(self.samples[self._perm[i % n]])
-        self.consumed += count
-        return out
-
-
-class ToyClipLoader:
-    """Endless, resumable batches of one DP rank's share of a (small) toy dataset, held decoded
-    in memory.
-
-    Sample ``index`` belongs to DP rank ``index % dp_size``. Each batch holds one modality (clips
-    or stills, whose shapes differ); the modality of step ``s`` comes from an RNG keyed by
-    (seed, s), so all DP ranks draw the same modality at the same step and do equal work. Each pool
-    is reshuffled per epoch by an RNG seeded with seed + epoch. Batches depend only on
-    (seed, dp_rank, dp_size, batch_size, image_ratio) and the state, so TP/PP/CP peers that share a
-    dp_rank see identical batches.
-    """
-
-    def __init__(
-        self,
-        shard_dir: Path,
-        *,
-        batch_size: int,
-        dp_rank: int,
-        dp_size: int,
-        seed: int,
-        image_ratio: float,
-    ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"need 0 <= dp_rank < dp_size, got {dp_rank} and {dp_size}")
-        if not 0.0 <= image_ratio <= 1.0:
-            raise ValueError(f"image_ratio must be in [0, 1], got {image_ratio}")
-        self.batch_size = batch_size
-        self.seed = seed
-        self.image_ratio = image_ratio
-        self.step = 0
-
-        clips: list[dict[str, Any]] = []
-        images: list[dict[str, Any]] = []
-        for raw in iter_raw_samples(shard_dir):
-            if int(raw["__key__"]) % dp_size != dp_rank:
-                continue
-            sample = decode_sample(raw)
-            (images if sample["pixels"].shape[1] == 1 else clips).append(sample)
-        if not clips and not images:
-            raise ValueError(f"no samples for dp_rank {dp_rank} of {dp_size} in {shard_dir}")
-        self._clips = _Pool(0, clips)
-        self._images = _Pool(1, images)
-
-    @property
-    def keys(self) -> list[str]:
-        """Keys of all samples this rank holds."""
-        return [s["key"] for s in self._clips.samples + self._images.samples]
-
-    def _pool_for_step(self, step: int) -> _Pool:
-        if not self._images.samples:
-            return self._clips
-        if not self._clips.samples:
-            return self._images
-        draw = np.random.default_rng([self.seed, step, 2]).random()
-        return self._images if draw < self.image_ratio else self._clips
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        pool = self._pool_for_step(self.step)
-        samples = pool.take(self.batch_size, self.seed)
-        self.step += 1
-        return {
-            "pixels": torch.stack([s["pixels"] for s in samples]),
-            "captions": [s["caption"] for s in samples],
-            "keys": [s["key"] for s in samples],
-        }
-
-    def state_dict(self) -> dict[str, Any]:
-        """Plain ints, the same on every DP rank (unless a rank lacks a modality), so saving it once
-        per DP group is enough."""
-        return {"step": self.step, "consumed": {"clip": self._clips.consumed,
-                                                "image": self._images.consumed}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
-        self._clips.consumed = int(state["consumed"]["clip"])
-        self._images.consumed = int(state["consumed"]["image"])

@@ -4,7 +4,8 @@ Inputs follow megatron's [s, b, heads, head_dim] layout. Packing is described by
 ``PackedSeqParams`` (cu_seqlens of queries and keys): attention never crosses sample boundaries.
 
 - ``SDPAAttention``: torch's scaled_dot_product_attention; runs everywhere (CPU included). Packed
-  sequences are attended sample by sample, so memory stays O(sum of squared sample lengths).
+  sequences are attended segment by segment, segments of equal lengths in one batched call, so
+  memory stays O(sum of squared sample lengths) and a pack of equal clips is one call.
 - ``FlashAttention``: flash-attn's varlen kernel on GPU, imported lazily.
 
 Self-attention under context parallelism (goku_megatron.model.context_parallel) goes through one of:
@@ -51,15 +52,46 @@ class SDPAAttention(torch.nn.Module):
         return out.permute(2, 0, 1, 3)
 
     def _packed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedSeqParams) -> torch.Tensor:
+        """Segment by segment; segments of equal query length are attended as one batch (their keys
+        padded to the longest and masked when their lengths differ), so a toy pack of B same-size
+        clips costs one SDPA call per attention, as a dense batch of B did."""
         cu_q = packed.cu_seqlens_q.tolist()
         cu_kv = packed.cu_seqlens_kv.tolist()
-        outs = []
+        groups: dict[int, list[int]] = {}
         for i in range(len(cu_q) - 1):
-            qs = q[cu_q[i] : cu_q[i + 1]]
-            ks = k[cu_kv[i] : cu_kv[i + 1]]
-            vs = v[cu_kv[i] : cu_kv[i + 1]]
-            outs.append(self.forward(qs, ks, vs))
-        return torch.cat(outs, dim=0)
+            groups.setdefault(cu_q[i + 1] - cu_q[i], []).append(i)
+        if len(groups) == 1:  # equal query segments back to back: a reshape, no copy
+            ((lq, members),) = groups.items()
+            qs = q[:, 0].reshape(len(members), lq, *q.shape[2:])
+            return self._batched(qs, k, v, cu_kv, members).reshape(q.shape)
+        pieces: list[torch.Tensor] = [q.new_empty(0)] * (len(cu_q) - 1)
+        for lq, members in groups.items():
+            out = self._batched(torch.stack([q[cu_q[i] : cu_q[i] + lq, 0] for i in members]), k, v, cu_kv, members)
+            for i, o in zip(members, out.unbind(0)):
+                pieces[i] = o
+        return torch.cat(pieces).unsqueeze(1)
+
+    @staticmethod
+    def _batched(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_kv: list[int], members: list[int]) -> torch.Tensor:
+        """Queries q [n, sq, h, d] of segments ``members`` against their keys and values in k/v
+        [skv, 1, h, d] (segment offsets ``cu_kv``) -> [n, sq, h, d]."""
+        lengths = [cu_kv[i + 1] - cu_kv[i] for i in members]
+        longest = max(lengths)
+        contiguous = members == list(range(members[0], members[0] + len(members)))
+        if contiguous and min(lengths) == longest:  # a reshape of the keys, no mask
+            lo, hi = cu_kv[members[0]], cu_kv[members[-1] + 1]
+            ks, vs = (t[lo:hi, 0].reshape(len(members), longest, *t.shape[2:]) for t in (k, v))
+            mask = None
+        else:
+            offsets = torch.arange(longest, device=q.device)
+            starts = torch.tensor([cu_kv[i] for i in members], device=q.device)
+            valid = offsets[None] < torch.tensor(lengths, device=q.device)[:, None]  # [n, skv]
+            index = torch.where(valid, starts[:, None] + offsets[None], starts[:, None])
+            ks, vs = k[index, 0], v[index, 0]
+            mask = valid[:, None, None, :]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2),
+                                             attn_mask=mask)
+        return out.transpose(1, 2)
 
 
 class FlashAttention(torch.nn.Module):

@@ -3,13 +3,13 @@
 Conditioning is never split: every CP rank embeds all captions and all per-sample timesteps. What
 is split is the video tokens and everything attached to a token: its input, its RoPE position, its
 sample index (which picks its adaLN modulation) and its loss target and weight. The data path is
-unchanged: all CP peers of a DP rank receive the same whole micro-batch, and ``shard_pack`` /
-``sequence_shard`` pick this rank's tokens inside the model and the loss.
+unchanged: all CP peers of a DP rank receive the same whole pack, and ``shard_pack`` picks this
+rank's tokens inside the model and the loss.
 
 Where the tokens go depends on the self-attention backend (its ``cp_layout``):
 
 - ``"contiguous"`` (Ulysses, around any local attention backend): rank r holds tokens
-  [r*S/cp, (r+1)*S/cp) of the sequence (a pack's budget, or an unpacked grid's tokens). Before core
+  [r*S/cp, (r+1)*S/cp) of the pack's budget. Before core
   attention an all-to-all turns [S/cp, heads] into [S, heads/cp]; the whole sequence is attended
   with the pack's own cu_seqlens; a second all-to-all turns the output back.
 - ``"zigzag"`` (Transformer Engine's CP attention: p2p, a2a, a2a+p2p): TE splits every sequence
@@ -31,17 +31,14 @@ the gradients are the CP=1 gradients; train.forward_step reports the sum over CP
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import Literal, Sequence
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 from torch import Tensor
 
-from goku_megatron.flow import flow_loss
-
-if TYPE_CHECKING:
-    from goku_megatron.data.packing import Pack
+from goku_megatron.batch import Pack
 
 Layout = Literal["contiguous", "zigzag"]
 
@@ -127,16 +124,6 @@ def zigzag_index(segments: Sequence[int], cp: int, rank: int, device: torch.devi
     return torch.cat(parts)
 
 
-def sequence_shard(length: int, layout: Layout, device: torch.device | None = None) -> Tensor | None:
-    """This CP rank's tokens of an unpacked sequence of ``length`` tokens; None without CP."""
-    cp, rank = cp_world()
-    if cp == 1:
-        return None
-    if layout == "zigzag":
-        return zigzag_index([length], cp, rank, device)
-    return contiguous_index(length, cp, rank, device)
-
-
 def zigzag_length(pack: Pack, cp: int) -> int:
     """Tokens of a pack laid out for TE's CP attention: each sample padded to a multiple of 2*cp,
     then at least the budget (the rest is one padding segment), a multiple of 2*cp."""
@@ -176,6 +163,8 @@ class PackShard:
     packed_self: PackedSeqParams
     packed_cross: PackedSeqParams
     text_range: tuple[int, int]
+    segment_length: int = 0  # > 0: the shard is the whole pack, samples of this many tokens each
+
 
     def gather(self, tokens: Tensor) -> Tensor:
         """Pack tokens [budget, ...] -> this rank's tokens [S_local, ...], zero on fillers."""
@@ -249,37 +238,26 @@ def shard_pack(pack: Pack, layout: Layout, cp: int, rank: int) -> PackShard:
     if layout == "zigzag":
         cu_padded = _offsets(padded, device)
         packed_self = replace(packed_self, cu_seqlens_q_padded=cu_padded, cu_seqlens_kv_padded=cu_padded)
+    whole_equal = cp == 1 and pack.padding == 0 and len(set(real)) == 1
     return PackShard(
         source=source, sample_index=segment.clamp_max(n - 1), positions=positions,
         packed_self=packed_self, packed_cross=packed_cross, text_range=(cu_text[first], cu_text[last + 1]),
+        segment_length=real[0] if whole_equal else 0,
     )
 
 
-def gather_sequence(local: Tensor, shard: Tensor, length: int) -> Tensor:
-    """Every CP rank's output tokens [S_local, ...] (its ``shard`` of an unpacked sequence) -> the
-    whole sequence [length, ...] on every rank; forward only (sampling), no gradient."""
+def gather_pack(local: Tensor, shard: PackShard, budget: int) -> Tensor:
+    """Every CP rank's output tokens [S_local, ...] (its ``shard`` of a pack) -> the pack's
+    [budget, ...] tokens on every rank, fillers dropped; forward only (sampling), no gradient."""
     group = parallel_state.get_context_parallel_group()
     cp = torch.distributed.get_world_size(group)
+    if cp == 1:  # the shard is the whole pack, in pack order
+        return local
     parts = [torch.empty_like(local) for _ in range(cp)]
     torch.distributed.all_gather(parts, local.contiguous(), group=group)
-    indices = [torch.empty_like(shard) for _ in range(cp)]
-    torch.distributed.all_gather(indices, shard.contiguous(), group=group)
-    whole = local.new_empty(length, *local.shape[1:])
-    whole[torch.cat(indices)] = torch.cat(parts)
+    sources = [torch.empty_like(shard.source) for _ in range(cp)]
+    torch.distributed.all_gather(sources, shard.source.contiguous(), group=group)
+    source, tokens = torch.cat(sources), torch.cat(parts)
+    whole = local.new_zeros(budget, *local.shape[1:])
+    whole[source[source >= 0]] = tokens[source >= 0]
     return whole
-
-
-def sequence_shard_loss(pred: Tensor, target: Tensor, patch: Sequence[int], shard: Tensor) -> Tensor:
-    """This CP rank's share of ``flow_loss(velocity, target).mean()`` for an unpacked batch.
-
-    pred: the rank's velocity tokens [S_local, B, patch_dim]; target: the whole batch's velocity
-    [B, C, T, H, W]. Every sample has S tokens of the same size, so the batch loss is the mean over
-    all elements and the rank's share is its tokens' mean times S_local / S.
-    """
-    from goku_megatron.model.goku import patchify  # goku imports this module
-
-    tokens = patchify(target, (patch[0], patch[1], patch[2]))
-    local = tokens[shard]
-    share = local.shape[0] / tokens.shape[0]
-    return flow_loss(pred.transpose(0, 1), local.transpose(0, 1)).mean() * share
-

@@ -9,13 +9,13 @@ the way megatron-core's diffusion models keep such embedders in sync.
 Weights are initialised per parameter from a generator seeded by (seed, global parameter name), then
 sliced for this rank: the model starts from the same weights under any TP/PP/DP layout.
 
-Two input forms share the layers: a batch of same-shape latents [B, C, T, H, W], or a Patch n' Pack
-sequence (goku_megatron.data.packing.Pack) of samples with their own grids, timesteps and captions,
-where attention stays inside each sample through cu_seqlens and adaLN modulation is per token.
+The input is always a Patch n' Pack sequence (goku_megatron/batch.py): samples with their own grids,
+timesteps and captions, where attention stays inside each sample through cu_seqlens and adaLN
+modulation is per token. A batch of same-shape clips is a pack of equal segments.
 
-Context parallelism: every CP rank receives the whole micro-batch and runs the layers on its share
-of the tokens (goku_megatron.model.context_parallel); the last stage returns that share's velocity
-tokens, which train.forward_step scores against the same share of the targets.
+Context parallelism: every CP rank receives the whole pack and runs the layers on its share of the
+tokens (goku_megatron.model.context_parallel); the last stage returns that share's velocity
+tokens, which train.forward_step scores against the same share of the targets (flow.flow_loss).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -35,34 +35,12 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core import tensor_parallel
 
+from goku_megatron.batch import Pack
 from goku_megatron.config import ModelConfig
 from goku_megatron.model import context_parallel
 from goku_megatron.model.layer import LayerInputs, modulate
-from goku_megatron.model.rope import grid_positions, rope_angles
+from goku_megatron.model.rope import rope_angles
 from goku_megatron.model.specs import cp_layout
-
-if TYPE_CHECKING:  # packing imports patchify from here
-    from goku_megatron.data.packing import Pack
-
-
-def patchify(x: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
-    """[B, C, T, H, W] -> tokens [T'*H'*W', B, C*pt*ph*pw] in row-major (t, h, w) order."""
-    b, c, t, h, w = x.shape
-    pt, ph, pw = patch
-    x = x.reshape(b, c, t // pt, pt, h // ph, ph, w // pw, pw)
-    x = x.permute(2, 4, 6, 0, 1, 3, 5, 7)  # t' h' w' b c pt ph pw
-    return x.reshape((t // pt) * (h // ph) * (w // pw), b, c * pt * ph * pw)
-
-
-def unpatchify(tokens: torch.Tensor, patch: tuple[int, int, int], channels: int,
-               grid: tuple[int, int, int]) -> torch.Tensor:
-    """Inverse of patchify: [S, B, C*pt*ph*pw] -> [B, C, T, H, W]."""
-    gt, gh, gw = grid
-    pt, ph, pw = patch
-    b = tokens.shape[1]
-    x = tokens.reshape(gt, gh, gw, b, channels, pt, ph, pw)
-    x = x.permute(3, 4, 0, 5, 1, 6, 2, 7)  # b c t' pt h' ph w' pw
-    return x.reshape(b, channels, gt * pt, gh * ph, gw * pw)
 
 
 def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -108,11 +86,9 @@ class FinalLayer(torch.nn.Module):
         self.adaln = torch.nn.Linear(hidden, 2 * hidden)
         self.linear = torch.nn.Linear(hidden, out_dim)
 
-    def forward(self, x: torch.Tensor, silu_temb: torch.Tensor,
-                sample_index: torch.Tensor | None = None) -> torch.Tensor:
-        """x [S, B, D]; silu_temb [N, D] per sample; sample_index [S] maps packed tokens to samples."""
-        mod = self.adaln(silu_temb).float()
-        mod = mod[sample_index].unsqueeze(1) if sample_index is not None else mod.unsqueeze(0)
+    def forward(self, x: torch.Tensor, silu_temb: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
+        """x [S, 1, D]; silu_temb [N, D] per sample; ``inputs`` maps packed tokens to samples."""
+        mod = inputs.per_token(self.adaln(silu_temb).float())
         shift, scale = mod.chunk(2, dim=-1)
         h = F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
         return self.linear(modulate(h, shift, scale))
@@ -171,84 +147,20 @@ class GokuModel(MegatronModule):
             input_tensor = input_tensor[0]
         self.input_tensor = input_tensor
 
-    def forward(
-        self,
-        latents: torch.Tensor | Pack,
-        timesteps: torch.Tensor | None = None,
-        text: torch.Tensor | None = None,
-        text_mask: torch.Tensor | None = None,
-        cond: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Predict the velocity for noisy latents [B, C, T, H, W] at timesteps [B].
-
-        text [B, L, text_dim] with text_mask [B, L] (True = token); with model.i2v, cond
-        [B, C, T, H, W] is the first-frame latent broadcast over time (flow.first_frame_condition).
-        Every stage receives the same
-        batch (only its shape and conditioning are used past the first stage). Returns the velocity
-        [B, C, T, H, W] on the last stage, the hidden states [S, B, D] on the others. With context
-        parallelism S is this rank's tokens (``sequence_shard``) and the last stage returns their
-        velocity tokens [S, B, patch_dim] (float32).
-
-        Given a Pack instead of latents (the other arguments unused), runs ``forward_packed``: the
-        DDP / Float16Module wrappers only forward ``__call__``.
-        """
-        if not isinstance(latents, torch.Tensor):
-            return self.forward_packed(latents)
-        b, c, t, h, w = latents.shape
-        pt, ph, pw = self.patch
-        grid = (t // pt, h // ph, w // pw)
-        shard = self.sequence_shard(latents)
-        if self.pre_process:
-            tokens = patchify(latents, self.patch)
-            tokens = tokens if shard is None else tokens[shard]
-            if self.model_cfg.i2v:
-                if cond is None:
-                    raise ValueError("model.i2v needs the first-frame condition: pass cond "
-                                     "(flow.first_frame_condition of the clip)")
-                cond_tokens = patchify(cond, self.patch)
-                tokens = self._condition(tokens, cond_tokens if shard is None else cond_tokens[shard])
-            x = self.patch_embed(tokens.to(self.patch_embed.weight.dtype))
-        else:
-            x = self.input_tensor
-        temb = self.t_embedder(timesteps)
-        silu_temb = F.silu(temb)
-        positions = grid_positions(*grid, device=latents.device)
-        positions = positions if shard is None else positions[shard]
-        rope = rope_angles(positions, self.config.hidden_size // self.config.num_attention_heads,
-                           self.model_cfg.rope_theta).unsqueeze(1)
-        inputs = LayerInputs(
-            context=self.caption_embedder(text).transpose(0, 1),
-            rope=rope,
-            context_mask=text_mask,
-        )
-        x = self._run_layers(x, inputs, silu_temb)
-        if not self.post_process:
-            return x
-        out = self.final_layer(x, silu_temb)
-        if shard is not None:
-            return out.float()
-        return unpatchify(out, self.patch, self.model_cfg.in_channels, grid).float()
-
-    def sequence_shard(self, latents: torch.Tensor) -> torch.Tensor | None:
-        """This CP rank's tokens of an unpacked batch of latents [B, C, T, H, W]; None without CP."""
-        t, h, w = latents.shape[-3:]
-        pt, ph, pw = self.patch
-        return context_parallel.sequence_shard((t // pt) * (h // ph) * (w // pw), self.cp_layout,
-                                               latents.device)
-
     def pack_shard(self, pack: Pack) -> context_parallel.PackShard:
         """This CP rank's share of a pack (the whole pack without CP)."""
         cp, rank = context_parallel.cp_world()
         return context_parallel.shard_pack(pack, self.cp_layout, cp, rank)
 
-    def forward_packed(self, pack: Pack) -> torch.Tensor:
+    def forward(self, pack: Pack) -> torch.Tensor:
         """Predict the velocity of every token of a packed sequence of ``pack.budget`` tokens.
 
         Returns velocity tokens [S, 1, patch_dim] (float32) on the last stage, hidden states
         [S, 1, D] on the others; S is always the pack's budget, so pipeline p2p shapes are fixed
-        (seq_length=budget, micro_batch_size=1). ``data.packing.unpack`` turns the tokens back into
-        per-sample latents; ``data.packing.packed_flow_loss`` scores them. With context parallelism
-        S is this rank's share of the pack's laid-out sequence (``pack_shard``).
+        (seq_length=budget, micro_batch_size=1). Every stage receives the same pack (past the
+        first only its layout and conditioning are used). ``batch.unpack`` turns the tokens back
+        into per-sample latents; ``flow.flow_loss`` scores them. With context parallelism S is this
+        rank's share of the pack's laid-out sequence (``pack_shard``).
         """
         shard = self.pack_shard(pack)
         if self.pre_process:
@@ -261,10 +173,11 @@ class GokuModel(MegatronModule):
         else:
             x = self.input_tensor
         silu_temb = F.silu(self.t_embedder(pack.timesteps))
-        x = self._run_layers(x, self._packed_inputs(pack, shard), silu_temb)
+        inputs = self._packed_inputs(pack, shard)
+        x = self._run_layers(x, inputs, silu_temb)
         if not self.post_process:
             return x
-        return self.final_layer(x, silu_temb, shard.sample_index).float()
+        return self.final_layer(x, silu_temb, inputs).float()
 
     def _condition(self, tokens: torch.Tensor, cond_tokens: torch.Tensor) -> torch.Tensor:
         """I2V: noisy and first-frame tokens concatenated on channels, mapped back to patch_dim."""
@@ -287,7 +200,8 @@ class GokuModel(MegatronModule):
         rope = rope_angles(shard.positions, self.config.hidden_size // self.config.num_attention_heads,
                            self.model_cfg.rope_theta).unsqueeze(1)
         return LayerInputs(context=context[start:end].unsqueeze(1), rope=rope, sample_index=shard.sample_index,
-                           packed_self=shard.packed_self, packed_cross=shard.packed_cross)
+                           packed_self=shard.packed_self, packed_cross=shard.packed_cross,
+                           segment_length=shard.segment_length)
 
     def _run_layers(self, x: torch.Tensor, inputs: LayerInputs, silu_temb: torch.Tensor) -> torch.Tensor:
         """The stage's layers in megatron's FP8 context (model.fp8), each one recomputed in the

@@ -50,6 +50,17 @@ class LayerInputs:
     sample_index: torch.Tensor | None = None
     packed_self: PackedSeqParams | None = None
     packed_cross: PackedSeqParams | None = None
+    # > 0 when the tokens are that many tokens of each sample in turn, with nothing else (a toy pack
+    # of equal clips without CP): per-sample rows then broadcast instead of being gathered, which
+    # saves the gather's scatter-add in the backward pass.
+    segment_length: int = 0
+
+    def per_token(self, rows: torch.Tensor) -> torch.Tensor:
+        """Per-sample rows [N, F] -> each token's row of its sample, [S, 1, F]."""
+        if self.segment_length:
+            n, f = rows.shape
+            return rows[:, None].expand(n, self.segment_length, f).reshape(n * self.segment_length, 1, f)
+        return rows[self.sample_index].unsqueeze(1)
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -144,11 +155,11 @@ class AdaLNModulation(MegatronModule):
             init_method=config.init_method, bias=True, gather_output=True,
         )
 
-    def forward(self, silu_temb: torch.Tensor, sample_index: torch.Tensor | None) -> list[torch.Tensor]:
+    def forward(self, silu_temb: torch.Tensor, inputs: LayerInputs) -> list[torch.Tensor]:
         """silu_temb [N, D] -> chunks of [1, N, D] (unpacked) or [S, 1, D] (packed), float32."""
         mod, _ = self.linear(silu_temb)
         mod = mod.float()
-        mod = mod[sample_index].unsqueeze(1) if sample_index is not None else mod.unsqueeze(0)
+        mod = inputs.per_token(mod) if inputs.sample_index is not None else mod.unsqueeze(0)
         return list(mod.chunk(self.chunks, dim=-1))
 
 
@@ -277,9 +288,7 @@ class GokuLayer(MegatronModule):
 
     def forward(self, x: torch.Tensor, inputs: LayerInputs, silu_temb: torch.Tensor) -> torch.Tensor:
         """x [S, B, D]; silu_temb = SiLU(timestep embedding), [N, D] per sample."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(
-            silu_temb, inputs.sample_index
-        )
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(silu_temb, inputs)
         h = F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
         h = modulate(h, shift_msa, scale_msa)
         h = self.attn1(h, h, inputs.rope, packed=inputs.packed_self)

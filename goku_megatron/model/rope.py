@@ -3,7 +3,7 @@
 The head dimension's rotary pairs are split across the three axes: a quarter for time, the rest
 shared between height and width (GOKU.md: assumed split). Pairs are interleaved, i.e. pair j is
 (x[..., 2j], x[..., 2j+1]), as in the Goku reference block. Positions are given per token, so a
-packed sequence simply carries each sample's own grid coordinates.
+packed sequence simply carries each sample's own grid coordinates (batch.grid_positions).
 """
 
 from __future__ import annotations
@@ -17,15 +17,6 @@ def rope_pair_split(head_dim: int) -> tuple[int, int, int]:
     n_t = pairs // 4
     n_h = (pairs - n_t) // 2
     return n_t, n_h, pairs - n_t - n_h
-
-
-def grid_positions(t: int, h: int, w: int, device: torch.device | None = None) -> torch.Tensor:
-    """Row-major (t, h, w) coordinates of a patch grid: LongTensor [t*h*w, 3]."""
-    grid = torch.meshgrid(
-        torch.arange(t, device=device), torch.arange(h, device=device), torch.arange(w, device=device),
-        indexing="ij",
-    )
-    return torch.stack(grid, dim=-1).reshape(-1, 3)
 
 
 def rope_angles(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> torch.Tensor:

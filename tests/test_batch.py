@@ -1,8 +1,9 @@
-"""Patch n' Pack: planning, pack layout, and a packed sample behaving exactly as the sample alone.
+"""Patch n' Pack, the one batch type: planning, pack layout, a packed sample behaving as the sample
+alone, and the equal-segment fast paths behaving as the general ones.
 
-The reference for every packed result is the existing unpacked forward on one sample at a time
-(batch of 1, caption padding masked), so packing is proven against the path the rest of the suite
-already checks against the plain-PyTorch reference block.
+The reference for a packed result is each sample alone: a pack of that one sample, with no other
+sample and no padding, through the same layers that tests/test_layer.py checks against the
+plain-PyTorch reference block.
 """
 
 from __future__ import annotations
@@ -17,17 +18,22 @@ import torch
 from conftest import build_stage, run_torchrun
 from numerics import assert_close_to_scale
 
-from goku_megatron.config import load_config
-from goku_megatron.data.packing import (
+from goku_megatron.batch import (
+    Pack,
     PackSample,
     build_pack,
+    grid_positions,
+    num_tokens,
+    pack_batch,
     pack_samples,
-    packed_flow_loss,
     plan_packs,
     unpack,
 )
-from goku_megatron.model.goku import GokuModel, patchify
-from goku_megatron.model.rope import grid_positions
+from goku_megatron.config import load_config
+from goku_megatron.flow import flow_loss
+from goku_megatron.model.attention import SDPAAttention
+from goku_megatron.model.goku import GokuModel
+from goku_megatron.model.layer import LayerInputs
 
 C, L, TEXT_DIM = 4, 6, 32
 # A clip with an odd frame count, an image (T=1) and a tiny clip: (T, H, W), caption tokens, t.
@@ -61,10 +67,10 @@ def repeat_first_frame(x: torch.Tensor, pt: int) -> torch.Tensor:
     return torch.cat([x[:, :1]] * (frames - x.shape[1]) + [x], dim=1)
 
 
-def _alone(model: GokuModel, s: PackSample, pt: int) -> torch.Tensor:
-    """The sample through the existing unpacked forward: velocity [C, T', H, W] (time-padded)."""
-    return model(repeat_first_frame(s.noisy, pt)[None], torch.tensor([s.timestep]), s.text[None],
-                 s.text_mask[None])[0]
+def _alone(model: GokuModel, s: PackSample, pt: int) -> tuple[Pack, torch.Tensor]:
+    """The sample alone: a pack of it and nothing else, and the model's velocity tokens for it."""
+    pack = build_pack([s], num_tokens(s.noisy.shape, (pt, 2, 2)), (pt, 2, 2))
+    return pack, model(pack)
 
 
 def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -166,11 +172,13 @@ def test_packed_forward_matches_each_sample_alone(megatron_world, pt):
         alone = [_alone(model, s, pt) for s in samples]
     assert out.shape == (pack.budget, 1, C * pt * 4) and torch.isfinite(out).all()
     cu = pack.cu_seqlens.tolist()
-    for i, (ref, s) in enumerate(zip(alone, samples)):
+    for i, ((one, ref), s) in enumerate(zip(alone, samples)):
         assert ref.abs().mean() > 0.1  # not the trivial zero output of zero_init
         # the same layers over another token count: other BLAS blocking, the same math
-        assert_close_to_scale(out[cu[i]:cu[i + 1], 0], patchify(ref[None], (pt, 2, 2))[:, 0], ulps=64)
-        assert_close_to_scale(unpack(pack, out)[i], ref[:, ref.shape[1] - s.noisy.shape[1]:], ulps=64)
+        assert_close_to_scale(out[cu[i]:cu[i + 1]], ref, ulps=64)
+        velocity = unpack(one, ref)[0]
+        assert velocity.shape == s.noisy.shape  # time padding dropped again
+        assert_close_to_scale(unpack(pack, out)[i], velocity, ulps=64)
 
 
 def test_padding_changes_neither_loss_nor_gradients(megatron_world):
@@ -184,7 +192,7 @@ def test_padding_changes_neither_loss_nor_gradients(megatron_world):
     results = []
     for p in (pack, dataclasses.replace(pack, noisy=noisy, target=target)):
         model.zero_grad()
-        loss = packed_flow_loss(model(p), p)
+        loss = flow_loss(model(p), p)
         loss.backward()
         results.append((loss.detach(), _grads(model)))
     (loss_a, grads_a), (loss_b, grads_b) = results
@@ -201,7 +209,7 @@ def test_packed_loss_and_gradient_equal_weighted_unpacked_losses(megatron_world,
     samples = _samples()
     pack = build_pack(samples, _budget(pt), (pt, 2, 2))
     model.zero_grad()
-    loss = packed_flow_loss(model(pack), pack, weighting)
+    loss = flow_loss(model(pack), pack, weighting)
     loss.backward()
     packed_grads = _grads(model)
 
@@ -209,7 +217,8 @@ def test_packed_loss_and_gradient_equal_weighted_unpacked_losses(megatron_world,
     tokens = [pack.cu_seqlens[i + 1] - pack.cu_seqlens[i] for i in range(len(samples))]
     expected = torch.zeros(())
     for s, n in zip(samples, tokens):
-        mse = (_alone(model, s, pt) - repeat_first_frame(s.target, pt)).square().mean()
+        one, out = _alone(model, s, pt)
+        mse = flow_loss(out, one)  # one sample: its MSE over its (time-padded) tokens
         weight = n / sum(tokens) if weighting == "token" else 1 / len(samples)
         (weight * mse).backward()
         expected += weight * mse.detach()
@@ -224,7 +233,7 @@ def test_packed_recompute_matches(megatron_world):
     results = []
     for recompute in ("false", "true"):
         model = build_stage(_cfg(1, f"model.recompute={recompute}"))
-        packed_flow_loss(model(pack), pack).backward()
+        flow_loss(model(pack), pack).backward()
         results.append(_grads(model))
     for name, grad in results[0].items():
         # the same kernels on the same shapes; a shared parameter's gradient contributions may be
@@ -260,6 +269,86 @@ def test_packed_pipeline_stages_chain(megatron_world):
         assert_close_to_scale(last(pack), whole(pack), ulps=64)
 
 
+def test_time_padding_repeats_the_first_frame():
+    s = _samples()[0]  # 3 frames, patch t=2: one repeated frame in front
+    pack = build_pack([s], num_tokens(s.noisy.shape, (2, 2, 2)), (2, 2, 2))
+    padded = build_pack([dataclasses.replace(s, noisy=repeat_first_frame(s.noisy, 2),
+                                             target=repeat_first_frame(s.target, 2))], pack.budget, (2, 2, 2))
+    assert torch.equal(pack.noisy, padded.noisy) and torch.equal(pack.target, padded.target)
+
+
+# ------------------------------------------------------------------------------------------------
+# Equal segments: the fast paths equal the general ones
+
+
+def _segments(lengths: list[int], device: str = "cpu") -> torch.Tensor:
+    return torch.tensor([0, *lengths]).cumsum(0).int()
+
+
+@pytest.mark.parametrize("q_lengths, kv_lengths", [
+    ([6, 6, 6], [6, 6, 6]),  # a toy pack's self-attention: one reshape, one call
+    ([6, 6, 6], [3, 1, 5]),  # its cross-attention: captions of other lengths, keys masked
+    ([6, 2, 6, 1], [3, 2, 3, 1]),  # samples of other sizes: grouped by length
+])
+def test_sdpa_equal_segments_match_the_segment_loop(q_lengths, kv_lengths):
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    g = torch.Generator().manual_seed(3)
+    heads, dim = 2, 8
+    q = torch.randn(sum(q_lengths), 1, heads, dim, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(sum(kv_lengths), 1, heads, dim, generator=g, dtype=torch.float64) for _ in range(2))
+    cu_q, cu_kv = _segments(q_lengths), _segments(kv_lengths)
+    packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_q, cu_seqlens_kv=cu_kv,
+                             max_seqlen_q=max(q_lengths), max_seqlen_kv=max(kv_lengths))
+    attention = SDPAAttention()
+    loop = torch.cat([attention(q[cu_q[i]:cu_q[i + 1]], k[cu_kv[i]:cu_kv[i + 1]], v[cu_kv[i]:cu_kv[i + 1]])
+                      for i in range(len(q_lengths))])
+    # float64 on both sides: batched and masked kernels against one call per segment
+    torch.testing.assert_close(attention(q, k, v, packed=packed), loop, rtol=0, atol=1e-12)
+    fp32 = attention(q.float(), k.float(), v.float(), packed=packed)
+    assert_close_to_scale(fp32, loop, ulps=16)
+
+
+def test_per_token_rows_broadcast_equals_the_gather():
+    rows = torch.randn(3, 5, requires_grad=True)
+    index = torch.arange(3).repeat_interleave(4)
+    gathered = LayerInputs(context=torch.zeros(1), rope=torch.zeros(1), sample_index=index).per_token(rows)
+    broadcast = LayerInputs(context=torch.zeros(1), rope=torch.zeros(1), sample_index=index,
+                            segment_length=4).per_token(rows)
+    assert torch.equal(broadcast, gathered)
+    weights = torch.randn(12, 1, 5)
+    (grad_g,) = torch.autograd.grad((gathered * weights).sum(), rows)
+    (grad_b,) = torch.autograd.grad((broadcast * weights).sum(), rows)
+    assert_close_to_scale(grad_b, grad_g, ulps=4)  # four-term sums, maybe in another order
+
+
+def test_a_pack_of_equal_clips_takes_the_fast_path_and_equals_the_general_one(megatron_world):
+    """The same four clips as one full pack (equal segments: broadcast modulation, one SDPA call)
+    and with padding after them (segment loop and gathers): the same velocities, loss and grads."""
+    model = build_stage(_cfg(1))
+    g = torch.Generator().manual_seed(4)
+    n, shape = 4, (C, 2, 4, 4)
+    x = torch.randn(n, *shape, generator=g)
+    text = torch.randn(n, L, TEXT_DIM, generator=g)
+    mask = torch.arange(L)[None] < torch.tensor([[2], [6], [1], [4]])
+    full = pack_batch(x, torch.rand(n, generator=g), text, mask, (1, 2, 2), target=torch.randn(n, *shape, generator=g))
+    assert model.pack_shard(full).segment_length == 8
+    padded = build_pack([PackSample(full_x, t, float(ts), e, m, str(i)) for i, (full_x, t, ts, e, m) in
+                         enumerate(zip(x, unpack(full, full.target), full.timesteps, text, mask))], full.budget + 3,
+                        (1, 2, 2))
+    assert model.pack_shard(padded).segment_length == 0
+    results = []
+    for pack in (full, padded):
+        model.zero_grad()
+        out = model(pack)
+        flow_loss(out, pack).backward()
+        results.append((out[: full.budget].detach(), _grads(model)))
+    (out_a, grads_a), (out_b, grads_b) = results
+    assert_close_to_scale(out_a, out_b, ulps=64)
+    for name, grad in grads_a.items():
+        assert_close_to_scale(grad, grads_b[name], ulps=256, msg=name)
+
+
 # ------------------------------------------------------------------------------------------------
 # Tensor parallelism: this file doubles as the torchrun worker
 
@@ -278,7 +367,7 @@ def _tp_worker(out_dir: Path) -> None:
     stage = build_stage(cfg)
     pack = build_pack(_samples(), _budget(2), (2, 2, 2))
     out = stage(pack)
-    packed_flow_loss(out, pack).backward()
+    flow_loss(out, pack).backward()
     grads = {}
     for name, param in stage.named_parameters():
         grad = param.grad
@@ -299,7 +388,7 @@ def test_packed_tensor_parallel_matches_single_process(megatron_world, tmp_path)
     model = build_stage(_cfg(2))
     pack = build_pack(_samples(), _budget(2), (2, 2, 2))
     out = model(pack)
-    packed_flow_loss(out, pack).backward()
+    flow_loss(out, pack).backward()
     # TP=2 splits each matmul's reduction over two ranks: the same sums in another order
     assert_close_to_scale(got["out"], out.detach(), ulps=64)
     assert got["grads"].keys() == _grads(model).keys()

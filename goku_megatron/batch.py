@@ -1,10 +1,15 @@
-"""Patch n' Pack (NaViT): images and videos of any resolution and duration in one token sequence.
+"""The one batch type: a Patch n' Pack sequence (NaViT) of images and videos of any size.
 
-A training micro-batch becomes one ``Pack``: the samples' patch tokens back to back, zero-padded to
-exactly ``budget`` tokens. The length is fixed so pipeline-parallel stages exchange activations of
-one shape ([budget, 1, D]) and nothing is recompiled or reallocated per step. Attention never crosses
-samples (varlen segments given by ``cu_seqlens``); the padding is a segment of its own, so it attends
-only to padding and no real token attends to it, and the loss ignores it.
+Every micro-batch the model sees is a ``Pack``, in training (toy, raw and latent data alike),
+sampling and evaluation: the samples' patch tokens back to back, zero-padded to exactly ``budget``
+tokens. The length is fixed so pipeline-parallel stages exchange activations of one shape
+([budget, 1, D]) and nothing is recompiled or reallocated per step. Attention never crosses
+samples (varlen segments given by ``cu_seqlens``); the padding is a segment of its own, so it
+attends only to padding and no real token attends to it, and the loss ignores it. A toy step of B
+same-size clips is a pack of B equal segments, which the SDPA backend attends as one batch.
+
+This is a leaf module (torch only): data/ builds packs, model/ consumes them, and neither imports
+the other.
 
 Time padding (images with a temporal patch pt > 1, or T not divisible by pt): the first latent frame
 is repeated in front until T is a multiple of pt (the CogVideoX 1.5 convention). GOKU's causal VAE
@@ -12,12 +17,12 @@ encodes the first frame on its own, like an image, so an image (T = 1) becomes e
 token frame of a video of that picture. The repeated frames are trained like any other (their target
 is the first frame's target), and ``unpack`` drops them again, so latents round-trip unchanged.
 
-Typical use, per data-parallel rank and step::
+Typical use, per data-parallel rank and step (goku_megatron/data/pipeline.py does this)::
 
     samples = [PackSample(noisy, target, t, text, text_mask, key) for ...]   # [C, T, H, W] each
     packs = pack_samples(samples, budget=stage.token_budget, patch=cfg.model.patch_size)
     velocity = model(pack)                                                   # [budget, 1, patch_dim]
-    loss = packed_flow_loss(velocity, pack)
+    loss = flow.flow_loss(velocity, pack)
 """
 
 from __future__ import annotations
@@ -25,17 +30,41 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from goku_megatron.flow import flow_loss
-from goku_megatron.model.goku import patchify, unpatchify
-from goku_megatron.model.rope import grid_positions
-
 Patch = Sequence[int]  # (pt, ph, pw)
+
+
+def patchify(x: Tensor, patch: Patch) -> Tensor:
+    """[B, C, T, H, W] -> tokens [T'*H'*W', B, C*pt*ph*pw] in row-major (t, h, w) order."""
+    b, c, t, h, w = x.shape
+    pt, ph, pw = patch
+    x = x.reshape(b, c, t // pt, pt, h // ph, ph, w // pw, pw)
+    x = x.permute(2, 4, 6, 0, 1, 3, 5, 7)  # t' h' w' b c pt ph pw
+    return x.reshape((t // pt) * (h // ph) * (w // pw), b, c * pt * ph * pw)
+
+
+def unpatchify(tokens: Tensor, patch: Patch, channels: int, grid: Sequence[int]) -> Tensor:
+    """Inverse of patchify: [S, B, C*pt*ph*pw] -> [B, C, T, H, W]."""
+    gt, gh, gw = grid
+    pt, ph, pw = patch
+    b = tokens.shape[1]
+    x = tokens.reshape(gt, gh, gw, b, channels, pt, ph, pw)
+    x = x.permute(3, 4, 0, 5, 1, 6, 2, 7)  # b c t' pt h' ph w' pw
+    return x.reshape(b, channels, gt * pt, gh * ph, gw * pw)
+
+
+def grid_positions(t: int, h: int, w: int, device: torch.device | None = None) -> Tensor:
+    """Row-major (t, h, w) coordinates of a patch grid: LongTensor [t*h*w, 3] (RoPE positions)."""
+    grid = torch.meshgrid(
+        torch.arange(t, device=device), torch.arange(h, device=device), torch.arange(w, device=device),
+        indexing="ij",
+    )
+    return torch.stack(grid, dim=-1).reshape(-1, 3)
 
 
 def plan_packs(token_counts: Sequence[int], budget: int) -> list[list[int]]:
@@ -76,6 +105,11 @@ def token_grid(shape: Sequence[int], patch: Patch) -> tuple[int, int, int]:
     return -(-t // pt), h // ph, w // pw
 
 
+def num_tokens(shape: Sequence[int], patch: Patch) -> int:
+    """Tokens of a latent of shape [C, T, H, W]: the product of its ``token_grid``."""
+    return math.prod(token_grid(shape, patch))
+
+
 def pad_frames(x: Tensor, pt: int) -> Tensor:
     """[C, T, H, W] -> [C, ceil(T / pt) * pt, H, W], repeating the first frame in front."""
     missing = -x.shape[1] % pt
@@ -87,7 +121,7 @@ class PackSample:
     """One sample's rectified-flow inputs, before packing."""
 
     noisy: Tensor  # x_t, [C, T, H, W]
-    target: Tensor  # velocity x1 - x0, [C, T, H, W]
+    target: Tensor | None  # velocity x1 - x0, [C, T, H, W]; None when sampling (no loss)
     timestep: float | Tensor
     text: Tensor  # [L, text_dim]
     text_mask: Tensor  # [L] bool, True = token; at least one
@@ -105,7 +139,7 @@ class Pack:
     """
 
     noisy: Tensor  # [budget, patch_dim] patchified x_t
-    target: Tensor  # [budget, patch_dim] velocity
+    target: Tensor | None  # [budget, patch_dim] velocity; None in a sampling pack
     loss_mask: Tensor  # [budget] bool, False on padding
     sample_index: Tensor  # [budget] long, the sample each token belongs to
     positions: Tensor  # [budget, 3] long, (t, h, w) inside the token's own sample grid
@@ -182,7 +216,7 @@ def build_pack(samples: Sequence[PackSample], budget: int, patch: Patch) -> Pack
     text_segments = text_lens + [1] * (pad > 0)
     return Pack(
         noisy=tokens([s.noisy for s in samples]),
-        target=tokens([s.target for s in samples]),
+        target=None if samples[0].target is None else tokens([s.target for s in samples]),
         loss_mask=torch.arange(budget, device=device) < sum(lengths),
         sample_index=F.pad(torch.repeat_interleave(torch.arange(n, device=device), lengths_t), (0, pad),
                            value=n - 1),
@@ -206,7 +240,7 @@ def build_pack(samples: Sequence[PackSample], budget: int, patch: Patch) -> Pack
 
 def pack_samples(samples: Sequence[PackSample], budget: int, patch: Patch) -> list[Pack]:
     """Plan (first-fit decreasing) and build the packs of a list of samples."""
-    counts = [math.prod(token_grid(s.noisy.shape, patch)) for s in samples]
+    counts = [num_tokens(s.noisy.shape, patch) for s in samples]
     return [build_pack([samples[i] for i in plan], budget, patch) for plan in plan_packs(counts, budget)]
 
 
@@ -226,41 +260,17 @@ def unpack(pack: Pack, tokens: Tensor) -> list[Tensor]:
     return latents
 
 
-def loss_weights(pack: Pack, weighting: Literal["token", "sample"] = "token") -> Tensor:
-    """Weight of each token's MSE in the pack's loss: [budget] float32, zero on padding, sum 1.
-
-    - "token" (default): every real token counts the same, 1 / (real tokens). A sample's share
-      of the gradient grows with its token count, so a 720p clip outweighs a 256px image, as in
-      training on the concatenated sequence; the loss is the mean over real token elements.
-    - "sample": every sample counts the same, 1 / (n * its tokens): the pack's loss is the mean of
-      the per-sample MSEs, as an unpacked batch's ``flow_loss(...).mean()`` weights them.
-    """
-    lengths = pack.cu_seqlens.diff()[: pack.num_samples].float()
-    if weighting == "token":
-        per_sample = 1.0 / lengths.sum().expand(pack.num_samples)
-    elif weighting == "sample":
-        per_sample = 1.0 / (pack.num_samples * lengths)
-    else:
-        raise ValueError(f"unknown loss weighting {weighting!r}; expected 'token' or 'sample'")
-    return torch.where(pack.loss_mask, per_sample[pack.sample_index], 0.0)
-
-
-def packed_flow_loss(pred: Tensor, pack: Pack, weighting: Literal["token", "sample"] = "token",
-                     tokens: Tensor | None = None) -> Tensor:
-    """Velocity MSE of a pack's prediction [budget, (1,) patch_dim]: a float32 scalar.
-
-    Each token's MSE over its patch elements (``flow.flow_loss``, tokens as the batch) is weighted
-    by ``loss_weights``; padding has weight zero and is dropped with ``where``, so whatever the
-    model outputs there cannot reach the loss or the gradients.
-
-    ``tokens`` ([S_local] long) says which pack tokens ``pred`` holds when it is one context-parallel
-    rank's share (-1: a filler token of the layout, no loss). The weights stay those of the whole
-    pack, so the ranks' losses add up to the loss of the whole pack.
-    """
-    weights = loss_weights(pack, weighting)
-    target, mask = pack.target, pack.loss_mask
-    if tokens is not None:
-        index = tokens.clamp_min(0)
-        target, weights, mask = target[index], weights[index], mask[index] & (tokens >= 0)
-    per_token = flow_loss(pred.reshape(target.shape), target)
-    return torch.where(mask, per_token * weights, 0.0).sum()
+def pack_batch(noisy: Tensor, timesteps: Tensor, text: Tensor, text_mask: Tensor, patch: Patch, *,
+               target: Tensor | None = None, cond: Tensor | None = None,
+               keys: Sequence[str] | None = None) -> Pack:
+    """A batch of same-shape latents [N, C, T, H, W] (timesteps [N], captions [N, L, d] with mask
+    [N, L]) as one pack of N equal segments, budget N x tokens per sample: how the sampler and the
+    validation loss hand a batch to the model. ``unpack`` and ``torch.stack`` give [N, C, T, H, W]
+    back."""
+    n = noisy.shape[0]
+    budget = n * num_tokens(noisy.shape[1:], patch)
+    return build_pack([
+        PackSample(noisy=noisy[i], target=None if target is None else target[i], timestep=timesteps[i],
+                   text=text[i], text_mask=text_mask[i], key=keys[i] if keys else str(i),
+                   cond=None if cond is None else cond[i])
+        for i in range(n)], budget, patch)
