@@ -326,6 +326,35 @@ def test_a_loader_state_of_other_data_starts_over(toy_dir: Path, tmp_path: Path,
 
 
 @pytest.mark.usefixtures("megatron_world")
+def test_the_prepared_sample_cache_changes_nothing_but_the_work(toy_dir: Path) -> None:
+    """32 samples, 4 per step: 20 steps are 2.5 epochs. With data.cache_mb each sample is decoded
+    once; the packs are those of the run without a cache, bit for bit."""
+    plain, cached = _source(toy_dir, "data.cache_mb=0"), _source(toy_dir, "data.cache_mb=16")
+    calls = []
+    prepare = cached.prepare
+    cached.prepare = lambda raw, stage: calls.append(raw["__key__"]) or prepare(raw, stage)
+    for step in range(1, 21):
+        for a, b in zip(plain.next_step(step), cached.next_step(step), strict=True):
+            assert a.keys == b.keys and torch.equal(a.noisy, b.noisy) and torch.equal(a.target, b.target)
+    assert len(calls) == len(set(calls)) == CLIPS + IMAGES
+
+
+def test_prepared_cache_keeps_the_most_recent_within_its_limit() -> None:
+    from goku_megatron.data.pipeline import PreparedCache
+
+    cache = PreparedCache(limit_bytes=3 * 400)
+    samples = {i: Prepared(torch.zeros(100), f"c{i}") for i in range(4)}  # 400 bytes each
+    for i in range(3):
+        cache.put(("s", str(i), 0), samples[i])
+    assert cache.get(("s", "0", 0)) is samples[0]  # now the most recent
+    cache.put(("s", "3", 0), samples[3])  # evicts 1, the least recently used
+    assert cache.get(("s", "1", 0)) is None and cache.bytes == 1200
+    assert all(cache.get(("s", str(i), 0)) is samples[i] for i in (0, 2, 3))
+    cache.put(("s", "big", 0), Prepared(torch.zeros(400), "too big"))  # over the limit alone: not kept
+    assert cache.get(("s", "big", 0)) is None and cache.bytes == 1200
+
+
+@pytest.mark.usefixtures("megatron_world")
 def test_sequence_depends_on_seed(toy_dir: Path) -> None:
     assert _keys(_source(toy_dir), range(1, 6)) == _keys(_source(toy_dir), range(1, 6))
     assert _keys(_source(toy_dir), range(1, 6)) != _keys(_source(toy_dir, "train.seed=1"), range(1, 6))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -82,6 +83,32 @@ def encode_raw_sample(decoder: str, vae: VideoVAE | PixelSpace, bad: BadSamples)
     return prepare
 
 
+class PreparedCache:
+    """Prepared samples in memory up to ``limit_bytes`` (data.cache_mb), least recently used out
+    first. Preparing is deterministic, so a hit is the sample that preparing again would give."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit = limit_bytes
+        self.items: OrderedDict[tuple[str, str, int], tuple[Prepared, int]] = OrderedDict()
+        self.bytes = 0
+
+    def get(self, key: tuple[str, str, int]) -> Prepared | None:
+        if key not in self.items:
+            return None
+        self.items.move_to_end(key)
+        return self.items[key][0]
+
+    def put(self, key: tuple[str, str, int], sample: Prepared) -> None:
+        size = sample.latent.nbytes + (0 if sample.text is None else sample.text.nbytes)
+        if size > self.limit or key in self.items:
+            return
+        self.items[key] = (sample, size)
+        self.bytes += size
+        while self.bytes > self.limit:
+            _, (_, evicted) = self.items.popitem(last=False)
+            self.bytes -= evicted
+
+
 def noised_pack(samples: Sequence[tuple[str, Prepared]], step: int, budget: int, cfg: Config,
                 text_encoder: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]) -> Pack:
     """The pack of ``samples`` (key, prepared sample) at optimizer step ``step``: each sample's
@@ -136,6 +163,7 @@ class PackedBatches:
         self.buffer: list[Buffered] = []
         self.draws = 0
         self._stage_index = -1
+        self.cache = PreparedCache(cfg.data.cache_mb * 2**20)
 
     def _stream_for(self, step: int, stage: StageConfig) -> SampleStream:
         streams = self.streams[self.cfg.data.stage_path(stage)]
@@ -149,9 +177,13 @@ class PackedBatches:
             stream = self._stream_for(step, stage)
             self.draws += 1
             ref = stream.next_ref()
-            prepared = self.prepare(read_sample(ref), stage)
+            cache_key = (str(ref.shard), ref.key, self._stage_index)
+            prepared = self.cache.get(cache_key)
             if prepared is None:
-                continue
+                prepared = self.prepare(read_sample(ref), stage)
+                if prepared is None:
+                    continue
+                self.cache.put(cache_key, prepared)
             channels = prepared.latent.shape[0]
             if channels != self.cfg.model.in_channels:
                 raise ValueError(f"sample {ref.key} in {ref.shard} has {channels}-channel latents but "
