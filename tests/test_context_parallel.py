@@ -1,7 +1,7 @@
 """Context parallelism: token layouts, a pack's per-rank share, cross-attention and loss per share,
 and (torchrun, 4 processes) the Ulysses all-to-all and attention.
 
-Whole-model equivalence of CP layouts with one process (packed and unpacked, with TP, PP and DP)
+Whole-model equivalence of CP layouts with one process (mixed packs and equal-clip packs, with TP, PP and DP)
 is in test_parallel_equivalence.py.
 """
 

@@ -34,7 +34,7 @@ def _run(tmp_path_factory, name: str, nproc: int, overrides: list[str]) -> dict:
 
 @pytest.fixture(scope="module")
 def single_process(tmp_path_factory):
-    """The single-process run of unpacked (False) or packed (True) batches, run once each."""
+    """The single-process run of equal-clip packs (False) or mixed packs (True), run once each."""
     done: dict[bool, dict] = {}
 
     def get(packed: bool) -> dict:

@@ -47,14 +47,14 @@ def _batches(cfg):
     padding segment)."""
     gen = torch.Generator().manual_seed(5)
     c, text_dim = cfg.model.in_channels, cfg.model.text_dim
-    unpacked = pack_batch(torch.randn(2, c, 2, 4, 6, generator=gen), torch.rand(2, generator=gen),
-                          torch.randn(2, 5, text_dim, generator=gen), torch.ones(2, 5, dtype=torch.bool),
-                          cfg.model.patch_size)
+    equal = pack_batch(torch.randn(2, c, 2, 4, 6, generator=gen), torch.rand(2, generator=gen),
+                       torch.randn(2, 5, text_dim, generator=gen), torch.ones(2, 5, dtype=torch.bool),
+                       cfg.model.patch_size)
     samples = [PackSample(noisy=torch.randn(c, *shape, generator=gen), target=torch.zeros(c, *shape),
                           timestep=0.3 * (i + 1), text=torch.randn(n, text_dim, generator=gen),
                           text_mask=torch.ones(n, dtype=torch.bool))
                for i, (shape, n) in enumerate([((2, 4, 4), 3), ((1, 6, 4), 6), ((1, 2, 2), 2)])]
-    return unpacked, build_pack(samples, 24, (1, 2, 2))
+    return equal, build_pack(samples, 24, (1, 2, 2))
 
 
 def _loss_and_grads(stage, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -74,15 +74,15 @@ def _count_calls(stage) -> dict[str, int]:
     return calls
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
+@pytest.mark.parametrize("mixed", [False, True], ids=["equal_clips", "mixed"])
 @pytest.mark.parametrize("granularity", ["full", "selective"])
-def test_recompute_matches_no_recompute(megatron_world, granularity, packed):
+def test_recompute_matches_no_recompute(megatron_world, granularity, mixed):
     base = ["model.zero_init=false", "model.in_channels=4"]
     cfg = load_config(None, base)
     recompute_cfg = load_config(None, [*base, "model.recompute=true", f"model.recompute_granularity={granularity}"])
     validate(cfg, 1)
     validate(recompute_cfg, 1)
-    batch = _batches(cfg)[packed]
+    batch = _batches(cfg)[mixed]
     plain, recomputed = build_stage(cfg), build_stage(recompute_cfg)
     assert recomputed.config.recompute_granularity == granularity
     calls = _count_calls(recomputed)
