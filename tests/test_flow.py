@@ -17,7 +17,6 @@ from goku_megatron.flow import (
     resolution_shift,
     sample_timesteps,
     shift_timesteps,
-    velocity_target,
 )
 
 N_DRAWS = 100_000

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import warnings
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
