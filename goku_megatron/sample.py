@@ -65,7 +65,7 @@ def config_for_one_process(saved: dict[str, Any]) -> Config:
             if target is not None and hasattr(target, key):
                 setattr(target, key, value)
     cfg.data.stages = [StageConfig(**s) for s in saved["data"].get("stages", [])]
-    if cfg.data.kind == "toy":  # runs saved before toy runs recorded their stage
+    if cfg.data.kind == "toy":  # derived from the toy fields, as validate does (older runs saved none)
         cfg.data.stages = [toy_stage(cfg.data, cfg.train.steps, cfg.train.micro_batch_size, cfg.model.patch_size)]
     cfg.parallel.tp = cfg.parallel.pp = cfg.parallel.cp = cfg.parallel.dp = 1
     cfg.parallel.distributed_backend = "auto"

@@ -9,7 +9,8 @@ and fp32 on CPU (see ``encoder_dtype``).
 ``run_text_encoder`` and ``run_vae`` choose a run's encoders from its config, in this one place
 for training, sampling and evaluation (``data.text_encoder``, ``data.text_encoder_path``,
 ``data.vae_path``; a toy run's "VAE" is ``PixelSpace``, the identity on pixels);
-``build_text_encoder`` and ``build_vae`` load them, for tools/precompute_latents.py too. ``pack_text``/``pad_text`` convert between the padded text interface and the
+``build_text_encoder`` and ``build_vae`` load them, for tools/precompute_latents.py too.
+``pack_text``/``pad_text`` convert between the padded text interface and the
 real-tokens-only form that latent shards store.
 """
 from __future__ import annotations

@@ -140,6 +140,7 @@ class GokuModel(MegatronModule):
         if post_process:
             self.final_layer = FinalLayer(hidden, patch_dim, config.layernorm_epsilon)
         self.input_tensor: torch.Tensor | None = None
+        self._last_shard: tuple[Pack, context_parallel.PackShard] | None = None
 
     def set_input_tensor(self, input_tensor: torch.Tensor | list[torch.Tensor]) -> None:
         """Called by megatron's schedules with the activation received from the previous stage."""
@@ -148,9 +149,13 @@ class GokuModel(MegatronModule):
         self.input_tensor = input_tensor
 
     def pack_shard(self, pack: Pack) -> context_parallel.PackShard:
-        """This CP rank's share of a pack (the whole pack without CP)."""
-        cp, rank = context_parallel.cp_world()
-        return context_parallel.shard_pack(pack, self.cp_layout, cp, rank)
+        """This CP rank's share of a pack (the whole pack without CP). The forward pass and the
+        loss (or the sampler's gather) of one micro-batch ask for the same pack's share: the last
+        one is kept, so it is worked out once."""
+        if self._last_shard is None or self._last_shard[0] is not pack:
+            cp, rank = context_parallel.cp_world()
+            self._last_shard = (pack, context_parallel.shard_pack(pack, self.cp_layout, cp, rank))
+        return self._last_shard[1]
 
     def forward(self, pack: Pack) -> torch.Tensor:
         """Predict the velocity of every token of a packed sequence of ``pack.budget`` tokens.
