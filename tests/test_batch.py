@@ -309,12 +309,17 @@ def test_sdpa_equal_segments_match_the_segment_loop(q_lengths, kv_lengths):
     assert_close_to_scale(fp32, loop, ulps=16)
 
 
-def test_per_token_rows_broadcast_equals_the_gather():
+def test_per_token_rows_broadcast_over_the_segment_view_equals_the_gather():
+    """Equal segments: rows [N, 1, F] broadcast over the tokens viewed as [N, L, F] give what the
+    general path's per-token gather gives, in value and in the rows' gradient."""
     rows = torch.randn(3, 5, requires_grad=True)
+    tokens = torch.randn(12, 1, 5)
     index = torch.arange(3).repeat_interleave(4)
-    gathered = LayerInputs(context=torch.zeros(1), rope=torch.zeros(1), sample_index=index).per_token(rows)
-    broadcast = LayerInputs(context=torch.zeros(1), rope=torch.zeros(1), sample_index=index,
-                            segment_length=4).per_token(rows)
+    general = LayerInputs(context=torch.zeros(1), rope=torch.zeros(1), sample_index=index)
+    equal = LayerInputs(context=torch.zeros(1), rope=torch.zeros(1), sample_index=index, segment_length=4)
+    assert equal.segments(tokens).shape == (3, 4, 5) and general.segments(tokens) is tokens
+    gathered = general.segments(tokens) * general.per_token(rows)
+    broadcast = (equal.segments(tokens) * equal.per_token(rows)).view_as(tokens)
     assert torch.equal(broadcast, gathered)
     weights = torch.randn(12, 1, 5)
     (grad_g,) = torch.autograd.grad((gathered * weights).sum(), rows)

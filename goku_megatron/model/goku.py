@@ -91,7 +91,7 @@ class FinalLayer(torch.nn.Module):
         mod = inputs.per_token(self.adaln(silu_temb).float())
         shift, scale = mod.chunk(2, dim=-1)
         h = F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-        return self.linear(modulate(h, shift, scale))
+        return self.linear(modulate(inputs.segments(h), shift, scale).view_as(x))
 
 
 class GokuModel(MegatronModule):

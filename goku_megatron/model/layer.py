@@ -51,16 +51,22 @@ class LayerInputs:
     packed_self: PackedSeqParams | None = None
     packed_cross: PackedSeqParams | None = None
     # > 0 when the tokens are that many tokens of each sample in turn, with nothing else (a toy pack
-    # of equal clips without CP): per-sample rows then broadcast instead of being gathered, which
-    # saves the gather's scatter-add in the backward pass.
+    # of equal clips without CP): the tokens are then viewed as [N, segment_length, F] and
+    # per-sample rows broadcast over that view, as over a dense batch, instead of being gathered
+    # (the gather's backward is a scatter-add) or expanded to one row per token (a copy).
     segment_length: int = 0
 
     def per_token(self, rows: torch.Tensor) -> torch.Tensor:
-        """Per-sample rows [N, F] -> each token's row of its sample, [S, 1, F]."""
+        """Per-sample rows [N, F] in the form that broadcasts against ``segments(x)``: [N, 1, F]
+        for equal segments, each token's row of its sample [S, 1, F] otherwise."""
         if self.segment_length:
-            n, f = rows.shape
-            return rows[:, None].expand(n, self.segment_length, f).reshape(n * self.segment_length, 1, f)
+            return rows[:, None]
         return rows[self.sample_index].unsqueeze(1)
+
+    def segments(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens x [S, 1, F] as the view ``per_token`` rows broadcast against ([N, L, F] for equal
+        segments, x itself otherwise); ``.view_as(x)`` turns a result back into tokens."""
+        return x.view(-1, self.segment_length, x.shape[-1]) if self.segment_length else x
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -156,11 +162,9 @@ class AdaLNModulation(MegatronModule):
         )
 
     def forward(self, silu_temb: torch.Tensor, inputs: LayerInputs) -> list[torch.Tensor]:
-        """silu_temb [N, D] -> chunks of [1, N, D] (unpacked) or [S, 1, D] (packed), float32."""
+        """silu_temb [N, D] -> chunks in ``inputs.per_token`` form, float32."""
         mod, _ = self.linear(silu_temb)
-        mod = mod.float()
-        mod = inputs.per_token(mod) if inputs.sample_index is not None else mod.unsqueeze(0)
-        return list(mod.chunk(self.chunks, dim=-1))
+        return list(inputs.per_token(mod.float()).chunk(self.chunks, dim=-1))
 
 
 class GokuAttention(MegatronModule):
@@ -289,12 +293,13 @@ class GokuLayer(MegatronModule):
     def forward(self, x: torch.Tensor, inputs: LayerInputs, silu_temb: torch.Tensor) -> torch.Tensor:
         """x [S, B, D]; silu_temb = SiLU(timestep embedding), [N, D] per sample."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(silu_temb, inputs)
+        seg = inputs.segments  # modulation and gates apply per sample, on this view of the tokens
         h = F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-        h = modulate(h, shift_msa, scale_msa)
+        h = modulate(seg(h), shift_msa, scale_msa).view_as(x)
         h = self.attn1(h, h, inputs.rope, packed=inputs.packed_self)
-        x = (x.float() + gate_msa * h.float()).to(x.dtype)
+        x = (seg(x).float() + gate_msa * seg(h).float()).view_as(x).to(x.dtype)
         h = self.attn2(self.norm2(x), inputs.context, inputs.rope, key_mask=inputs.context_mask,
                        packed=inputs.packed_cross)
         x = x + h
-        h = self.mlp(modulate(self.norm3(x), shift_mlp, scale_mlp))
-        return (x.float() + gate_mlp * h.float()).to(x.dtype)
+        h = self.mlp(modulate(seg(self.norm3(x)), shift_mlp, scale_mlp).view_as(x))
+        return (seg(x).float() + gate_mlp * seg(h).float()).view_as(x).to(x.dtype)
