@@ -1,5 +1,5 @@
-"""Checkpoint save and load throughput, and how long an async save blocks training, against a
-plain torch.save / torch.load of the same tensors.
+"""Checkpoint save and load throughput, how long an async save blocks training, and what the
+per-file CRC32 checksums add to it, against a plain torch.save / torch.load of the same tensors.
 
     python benchmarks/checkpoint.py                                  # ~50 M parameters, one process
     python benchmarks/checkpoint.py model.num_layers=16 --repeats 5
@@ -9,12 +9,15 @@ The state is what goku-train checkpoints: weights, fp32 EMA, and the distributed
 main weights and Adam moments (after one optimizer step, so that they exist). "MB" is the size on
 disk. Each figure is the median over ``--repeats`` runs; the first save of a process also pays
 one-time set-up (planning caches, the forked manager of the async writers) and is shown apart.
-Not a test: figures depend on the machine and its disk.
+The "no checksums" rows save with the hashing switched off, so the last line is what hashing
+adds to the time a save blocks training (an async save's writer process hashes the files it
+wrote; a sync save hashes them in line). Not a test: figures depend on the machine and its disk.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -39,6 +42,19 @@ def _plain_state(training) -> dict[str, torch.Tensor]:
             state[f"optimizer.{i}.param"] = param.detach()
             state.update({f"optimizer.{i}.{k}": v for k, v in s.items() if isinstance(v, torch.Tensor)})
     return state
+
+
+@contextlib.contextmanager
+def _no_checksums():
+    """Saves without the per-file CRC32 (the manifest records empty checksums)."""
+    from goku_megatron import checkpoint
+
+    saved = checkpoint._record_checksums, checkpoint.file_crc32
+    checkpoint._record_checksums, checkpoint.file_crc32 = (lambda directory, rank: None), (lambda path: "")
+    try:
+        yield
+    finally:
+        checkpoint._record_checksums, checkpoint.file_crc32 = saved
 
 
 def _fsynced_save(state: dict, path: Path) -> None:
@@ -86,7 +102,7 @@ def main() -> None:
         return time.perf_counter() - start
 
     results: dict[str, list[float]] = {k: [] for k in ("torch_save", "torch_load", "sync_save", "async_block",
-                                                      "async_total", "load")}
+                                                      "async_total", "load", "sync_save_nohash", "async_block_nohash")}
     first: dict[str, float] = {}
     plain = _plain_state(training)
     plain_path = root / f"plain_rank{rank}.pt"
@@ -104,6 +120,14 @@ def main() -> None:
                                                      checkpointer.close())))
         results["async_block"].append(blocked[0])
         results["load"].append(timed(lambda: load_checkpoint(sync_run / "checkpoints" / f"iter_{step:07d}", state)))
+        with _no_checksums():
+            bare = root / f"bare{repeat}"
+            results["sync_save_nohash"].append(timed(lambda: Checkpointer(bare).save(step, state, cfg.to_dict(),
+                                                                                    blocking=True)))
+            checkpointer = Checkpointer(root / f"bare_async{repeat}", async_save=True)
+            blocked = []
+            timed(lambda: (blocked.append(checkpointer.save(step, state, cfg.to_dict())), checkpointer.close()))
+            results["async_block_nohash"].append(blocked[0])
         if repeat == 0:  # one-time costs: report apart, time the rest
             first = {k: v.pop() for k, v in results.items()}
     plain_bytes = torch.tensor([os.path.getsize(plain_path)], dtype=torch.float64)
@@ -120,13 +144,18 @@ def main() -> None:
               f"{torch_mb:.1f} MB")
         rows = [("torch.save (fsync)", "torch_save", torch_mb), ("torch.load", "torch_load", torch_mb),
                 ("dist save, sync", "sync_save", dist_mb), ("dist save, async: blocking", "async_block", None),
-                ("dist save, async: until complete", "async_total", dist_mb), ("dist load (load_checkpoint)", "load", dist_mb)]
-        print(f"| {'operation':<34} | {'seconds':>8} | {'MB/s':>7} | {'first call, s':>13} |")
-        print(f"|{'-' * 36}|{'-' * 10}|{'-' * 9}|{'-' * 15}|")
+                ("dist save, async: until complete", "async_total", dist_mb), ("dist load (load_checkpoint)", "load", dist_mb),
+                ("dist save, sync, no checksums", "sync_save_nohash", dist_mb),
+                ("dist save, async: blocking, no checksums", "async_block_nohash", None)]
+        print(f"| {'operation':<40} | {'seconds':>8} | {'MB/s':>7} | {'first call, s':>13} |")
+        print(f"|{'-' * 42}|{'-' * 10}|{'-' * 9}|{'-' * 15}|")
         for label, key, mb in rows:
             seconds = statistics.median(results[key])
             rate = f"{mb / seconds:7.0f}" if mb else "      -"
-            print(f"| {label:<34} | {seconds:8.3f} | {rate} | {first[key]:13.3f} |")
+            print(f"| {label:<40} | {seconds:8.3f} | {rate} | {first[key]:13.3f} |")
+        med = {k: statistics.median(v) for k, v in results.items()}
+        print(f"checksums add {100 * (med['async_block'] / med['async_block_nohash'] - 1):+.1f}% to an async "
+              f"save's blocking time and {100 * (med['sync_save'] / med['sync_save_nohash'] - 1):+.1f}% to a sync save")
     torch.distributed.barrier()
     if rank == 0 and not args.dir:
         shutil.rmtree(root, ignore_errors=True)

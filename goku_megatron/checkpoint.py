@@ -6,7 +6,8 @@ Layout of a run directory's ``checkpoints/`` (docs/checkpointing.md):
         __R_0.distcp, .metadata, metadata.json   tensors and their index (torch.distributed.checkpoint)
         common.pt              step, config, LR schedule, trainer state (consumed samples, step guard)
         loader_dp00000.json    each data-parallel rank's data-loader state
-        manifest.json          written last: every file with its size, the layout, the config
+        checksums_00000.json   each rank's CRC32 of the tensor files it wrote (by its async writer)
+        manifest.json          written last: every file with its size and CRC32, the layout, the config
     iter_0000110.partial/      a save in progress or interrupted: never loaded, removed at start-up
     latest                     the name of the newest complete checkpoint
 
@@ -21,8 +22,11 @@ Atomicity: a save writes into ``iter_N.partial``; once every rank has finished (
 save: when megatron's finalisation runs on all ranks), rank 0 writes the manifest, renames the
 directory to ``iter_N``, moves ``latest`` and removes checkpoints beyond the last ``keep_last``.
 An interrupted save leaves only a ``.partial`` directory; the previous checkpoint is untouched.
-On load the manifest detects a missing or truncated file, and the run falls back to the newest
-checkpoint that is complete.
+On load the manifest detects a missing or truncated file, and every file's CRC32 is checked (the
+ranks split the files between them), with common.pt and .metadata read back: a checkpoint that
+fails any check is moved aside as ``iter_N.invalid-<time>`` and the run falls back to the newest
+checkpoint that passes, with one line. Hashing costs the training loop nothing for an async save:
+each rank's writer process hashes the files it wrote once they are written.
 """
 
 from __future__ import annotations
@@ -36,9 +40,10 @@ import random
 import re
 import shutil
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -53,7 +58,12 @@ log = logging.getLogger("goku_megatron")
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
-FORMAT = "goku-megatron-checkpoint/1"
+# /2: files map to {"size", "crc32"}; /1 (sizes only) still loads, checked by size alone.
+FORMAT = "goku-megatron-checkpoint/2"
+FORMATS = ("goku-megatron-checkpoint/1", FORMAT)
+CHECKSUMS = "checksums_{rank:05d}.json"
+CHECKSUMS_GLOB = "checksums_*.json"
+_HASH_CHUNK = 8 << 20
 PARTIAL_SUFFIX = ".partial"
 _ITER_NAME = re.compile(r"iter_(\d{7,})")
 # model.* fields that fix the weights' shapes: a checkpoint loads only into a model with the same.
@@ -305,9 +315,12 @@ class Checkpointer:
                               json.dumps(loader_state))
         manifest = {"format": FORMAT, "step": step, "layout": layout(), "parts": parts, "config": config}
         finalize = functools.partial(self._finalize, partial, final, manifest)
+        rank = torch.distributed.get_rank()
         if request is None:
+            _record_checksums(partial, rank)
             finalize()
         else:
+            request = request._replace(async_fn=functools.partial(_write_then_hash, request.async_fn, partial, rank))
             request.add_finalize_fn(finalize)
             self._async_queue().schedule_async_request(request)
         return time.perf_counter() - start
@@ -341,8 +354,14 @@ class Checkpointer:
         """Every rank finished writing: publish the checkpoint (collective; rank 0 does the work)."""
         torch.distributed.barrier()
         if torch.distributed.get_rank() == 0:
-            files = {str(p.relative_to(partial)): p.stat().st_size
-                     for p in sorted(partial.rglob("*")) if p.is_file()}
+            hashed: dict[str, str] = {}  # the tensor files, hashed by the ranks that wrote them
+            for record in partial.glob(CHECKSUMS_GLOB):
+                hashed.update(json.loads(record.read_text()))
+            files = {}
+            for p in sorted(partial.rglob("*")):
+                if p.is_file():
+                    name = str(p.relative_to(partial))
+                    files[name] = {"size": p.stat().st_size, "crc32": hashed.get(name) or file_crc32(p)}
             _write_atomically(partial / MANIFEST, json.dumps({**manifest, "files": files}, indent=1))
             if final.exists():  # the same step saved again (a run resumed from before it)
                 shutil.rmtree(final)
@@ -358,6 +377,29 @@ class Checkpointer:
             return
         for old in _complete_checkpoints(self.root)[self.keep_last:]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def file_crc32(path: Path) -> str:
+    """CRC32 of a file's bytes (zlib's, the fast hash the standard library has), as 8 hex digits."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def _record_checksums(directory: Path, rank: int) -> None:
+    """Write the CRC32 of the tensor files ``rank`` wrote (torch_dist names them
+    ``__<rank>_<n>.distcp``) to its CHECKSUMS file, for the manifest."""
+    hashes = {p.name: file_crc32(p) for p in sorted(directory.glob(f"__{rank}_*.distcp"))}
+    _write_atomically(directory / CHECKSUMS.format(rank=rank), json.dumps(hashes))
+
+
+def _write_then_hash(write: Callable[..., None] | None, directory: Path, rank: int, *args: Any, **kwargs: Any) -> None:
+    """An async save's work in its writer process: megatron's write, then this rank's checksums."""
+    if write is not None:
+        write(*args, **kwargs)
+    _record_checksums(directory, rank)
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -393,8 +435,9 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 
 def validate_checkpoint(path: Path) -> str | None:
-    """Why ``path`` is not a complete checkpoint (None when it is): its manifest is missing or
-    unreadable, or a file it lists is missing or has another size (truncated)."""
+    """Why ``path`` is not a complete checkpoint (None when it is), from its manifest alone: the
+    manifest is missing or unreadable, or a file it lists is missing or has another size
+    (truncated). ``verify_checkpoint`` checks the contents too."""
     path = Path(path)
     try:
         manifest = read_manifest(path)
@@ -402,9 +445,10 @@ def validate_checkpoint(path: Path) -> str | None:
         return f"no {MANIFEST} (an incomplete save)"
     except (OSError, ValueError) as err:
         return f"{MANIFEST} is unreadable ({err.__class__.__name__})"
-    if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+    if manifest.get("format") not in FORMATS or not isinstance(manifest.get("files"), dict):
         return f"{MANIFEST} is not a {FORMAT} manifest"
-    for name, size in manifest["files"].items():
+    for name, entry in manifest["files"].items():
+        size = entry["size"] if isinstance(entry, dict) else entry
         file = path / name
         if not file.is_file():
             return f"{name} is missing"
@@ -412,6 +456,37 @@ def validate_checkpoint(path: Path) -> str | None:
         if actual != size:
             return f"{name} has {actual} bytes, the manifest says {size} (truncated)"
     return None
+
+
+def _verify_share(path: Path, rank: int, world: int) -> str | None:
+    """Contents check of this rank's share of a complete checkpoint's files (every ``world``-th,
+    from ``rank``): their CRC32 against the manifest; rank 0 also reads common.pt and .metadata
+    back (a checkpoint of format /1 has no checksums)."""
+    files = read_manifest(path)["files"]
+    for name in sorted(files)[rank::world]:
+        entry = files[name]
+        if isinstance(entry, dict) and file_crc32(path / name) != entry["crc32"]:
+            return f"{name} does not match its checksum (corrupt)"
+    if rank == 0:
+        try:
+            dist_checkpointing.load_common_state_dict(str(path))
+        except Exception as err:  # noqa: BLE001 - any failure to unpickle means unusable
+            return f"common.pt does not load ({err.__class__.__name__})"
+        try:
+            dist_checkpointing.load_tensors_metadata(str(path))
+        except Exception as err:  # noqa: BLE001
+            return f".metadata does not load ({err.__class__.__name__})"
+    return None
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """Why the complete checkpoint ``path`` cannot be trusted (None when it can): a file whose
+    contents do not match the manifest's checksum, or common state or tensor metadata that does
+    not load. Collective: the ranks split the files and agree on the answer."""
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    reasons: list[str | None] = [None] * world
+    torch.distributed.all_gather_object(reasons, _verify_share(Path(path), rank, world))
+    return next((r for r in reasons if r is not None), None)
 
 
 def check_compatible(manifest: dict[str, Any], cfg: Config, path: Path,
@@ -439,9 +514,7 @@ def newest_valid_checkpoint(root: Path, quarantine: bool = False) -> tuple[Path 
         if reason is None:
             return candidate, notes
         if quarantine:
-            moved = candidate.with_name(f"{candidate.name}.invalid-{time.strftime('%Y%m%d-%H%M%S')}")
-            candidate.rename(moved)
-            reason += f", moved to {moved.name}"
+            reason += f", moved to {_quarantine(candidate).name}"
         notes.append(f"{candidate.name}: {reason}")
     return None, notes
 
@@ -449,55 +522,83 @@ def newest_valid_checkpoint(root: Path, quarantine: bool = False) -> tuple[Path 
 def choose_resume_checkpoint(run_dir: Path, cfg: Config) -> Path | None:
     """The checkpoint this run starts from (None: from scratch), per ``checkpoint.resume``.
 
-    The run directory's own newest complete checkpoint always wins when resuming is on (so a run
+    The run directory's own newest sound checkpoint always wins when resuming is on (so a run
     restarted by torchrun or requeued by SLURM continues where it stopped); otherwise ``auto``
-    starts fresh and a path names the checkpoint (or the run directory) to start from. Falling
-    back past incomplete checkpoints is said in one line. Collective: rank 0 decides.
+    starts fresh and a path names the checkpoint (or the run directory) to start from. A
+    checkpoint of the run's own that is incomplete or fails ``verify_checkpoint`` is moved aside
+    and the next older one is tried; one line says which were passed over and where the run
+    falls back to. A named checkpoint that fails is refused in one line. Collective: rank 0
+    chooses, all ranks verify.
     """
-    decision: list[Any] = [None, None]  # (path, error)
-    if torch.distributed.get_rank() == 0:
-        try:
-            decision[0] = _choose(Path(run_dir), cfg)
-        except ConfigError as err:
-            decision[1] = str(err)
-    torch.distributed.broadcast_object_list(decision, src=0)
-    if decision[1] is not None:
-        raise ConfigError(decision[1])
-    return None if decision[0] is None else Path(decision[0])
+    notes: list[str] = []
+    while True:
+        decision: list[Any] = [None, None]  # (path, error)
+        if torch.distributed.get_rank() == 0:
+            try:
+                chosen, passed_over = _choose(Path(run_dir), cfg)
+                decision[0] = chosen
+                notes += passed_over
+            except ConfigError as err:
+                decision[1] = str(err)
+        torch.distributed.broadcast_object_list(decision, src=0)
+        if decision[1] is not None:
+            raise ConfigError(decision[1])
+        chosen = None if decision[0] is None else Path(decision[0])
+        reason = None if chosen is None else verify_checkpoint(chosen)
+        if reason is None:
+            break
+        if chosen.parent != Path(run_dir) / "checkpoints":
+            raise ConfigError(f"checkpoint.resume={chosen}: {reason}; pass a sound checkpoint")
+        if torch.distributed.get_rank() == 0:
+            notes.append(f"{chosen.name}: {reason}, moved to {_quarantine(chosen).name}")
+        torch.distributed.barrier()
+    if notes:
+        where = f"falling back to {chosen}" if chosen is not None else f"starting from scratch ({run_dir} has none left)"
+        log.warning("%s; %s", "; ".join(f"checkpoint {n}" for n in notes), where)
+    if chosen is not None:
+        check_compatible(read_manifest(chosen), cfg, chosen)
+    return chosen
 
 
-def _choose(run_dir: Path, cfg: Config) -> str | None:
+def _quarantine(checkpoint: Path) -> Path:
+    """Move a checkpoint that must not be loaded aside (keep_last never counts it, nothing loads
+    it) and point ``latest`` at the newest checkpoint left."""
+    moved = checkpoint.with_name(f"{checkpoint.name}.invalid-{time.strftime('%Y%m%d-%H%M%S')}")
+    checkpoint.rename(moved)
+    remaining = _complete_checkpoints(checkpoint.parent)
+    if remaining:
+        _write_atomically(checkpoint.parent / LATEST, remaining[0].name + "\n")
+    else:
+        (checkpoint.parent / LATEST).unlink(missing_ok=True)
+    return moved
+
+
+def _choose(run_dir: Path, cfg: Config) -> tuple[str | None, list[str]]:
+    """Rank 0's choice for choose_resume_checkpoint, by the manifests alone: the checkpoint and
+    one note per newer checkpoint of the run's own that was incomplete (moved aside)."""
     resume = cfg.checkpoint.resume
     if resume == "":
         if _complete_checkpoints(run_dir / "checkpoints"):
             log.warning("checkpoint.resume='': starting from scratch although %s holds checkpoints",
                         run_dir / "checkpoints")
-        return None
+        return None, []
     own, notes = newest_valid_checkpoint(run_dir, quarantine=True)
-    chosen = own
-    if own is None and resume != "auto":
-        given = Path(resume)
-        if checkpoint_step(given) is not None or (given / MANIFEST).is_file():
-            reason = validate_checkpoint(given)
-            if reason is not None:
-                raise ConfigError(f"checkpoint.resume={given}: {reason}; pass a complete checkpoint")
-            chosen = given
-        else:
-            chosen, notes = newest_valid_checkpoint(given)
-            if chosen is None:
-                raise ConfigError(f"checkpoint.resume={given}: no complete checkpoint there"
-                                  + (f" ({'; '.join(notes)})" if notes else ""))
-    elif own is not None and resume != "auto":
-        log.info("%s holds checkpoints of its own: continuing from %s (not checkpoint.resume=%s)",
-                 run_dir, own.name, resume)
+    if own is not None or resume == "auto":
+        if own is not None and resume != "auto":
+            log.info("%s holds checkpoints of its own: continuing from %s (not checkpoint.resume=%s)",
+                     run_dir, own.name, resume)
+        return (None if own is None else str(own)), notes
+    given = Path(resume)
+    if checkpoint_step(given) is not None or (given / MANIFEST).is_file():
+        reason = validate_checkpoint(given)
+        if reason is not None:
+            raise ConfigError(f"checkpoint.resume={given}: {reason}; pass a complete checkpoint")
+        return str(given), notes
+    chosen, others = newest_valid_checkpoint(given)
     if chosen is None:
-        if notes:
-            log.warning("no complete checkpoint in %s (%s): starting from scratch", run_dir, "; ".join(notes))
-        return None
-    if notes:
-        log.warning("%s; falling back to %s", "; ".join(f"checkpoint {n}" for n in notes), chosen)
-    check_compatible(read_manifest(chosen), cfg, chosen)
-    return str(chosen)
+        raise ConfigError(f"checkpoint.resume={given}: no complete checkpoint there"
+                          + (f" ({'; '.join(others)})" if others else ""))
+    return str(chosen), notes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -615,9 +716,9 @@ def init_weights_from(path: Path, state: TrainingState, cfg: Config, ema: bool =
         checkpoint = resolve_checkpoint(Path(path))
     except FileNotFoundError as err:
         raise ConfigError(f"checkpoint.init_from: {err}") from None
-    reason = validate_checkpoint(checkpoint)
+    reason = validate_checkpoint(checkpoint) or verify_checkpoint(checkpoint)
     if reason is not None:
-        raise ConfigError(f"checkpoint.init_from={path}: {reason}; pass a complete checkpoint")
+        raise ConfigError(f"checkpoint.init_from={path}: {reason}; pass a sound checkpoint")
     # The I2V layer may be new (NEW_LAYERS): every other shape must match.
     check_compatible(read_manifest(checkpoint), cfg, checkpoint, fields=[f for f in SHAPE_FIELDS if f != "i2v"])
     load_model_weights(checkpoint, state.model, ema=ema, new_layers=NEW_LAYERS)
