@@ -175,6 +175,9 @@ class DataConfig:
     # Prepared samples (decoded, VAE-encoded) kept in memory, least recently used out first: a
     # dataset that fits (the toy's 2048 clips take 50 MB) is decoded once, not once per epoch.
     cache_mb: int = 0
+    # A draw that finds this many bad samples in a row (or a whole pass of a stream's samples, if
+    # that is fewer) stops the run with one line: the data path holds no usable sample.
+    max_bad_in_a_row: int = 1000
     stages: list[StageConfig] = field(default_factory=list)
 
     def stage_at(self, step: int) -> tuple[int, StageConfig]:
@@ -740,6 +743,7 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> None:
              "data.text_encoder=t5 needs data.text_encoder_path (a local FLAN-T5 checkpoint)")
     _require(d.max_text_tokens > 0, f"data.max_text_tokens must be positive, got {d.max_text_tokens}")
     _require(d.cache_mb >= 0, f"data.cache_mb must be >= 0 (0: no cache), got {d.cache_mb}")
+    _require(d.max_bad_in_a_row >= 1, f"data.max_bad_in_a_row must be >= 1, got {d.max_bad_in_a_row}")
     if m.i2v:
         _require(all(s.image_ratio == 0 for s in d.stages), "model.i2v conditions on the first frame, which is the whole of an image: "
                  "set data.image_ratio (and data.stages[].image_ratio) to 0 for I2V training")

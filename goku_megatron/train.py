@@ -32,7 +32,8 @@ import yaml
 from goku_megatron import cpu_compat, flow
 from goku_megatron.batch import Pack
 from goku_megatron.config import Config, ConfigError, load_config, validate
-from goku_megatron.data.pipeline import PackedBatches, build_data_source
+from goku_megatron.data.encoders import check_weights
+from goku_megatron.data.pipeline import DataWaitStopped, PackedBatches, build_data_source
 from goku_megatron.flops import training_flops
 from goku_megatron.platform import Backends, choose_backends, has_cuda, world_size_from_env
 
@@ -287,12 +288,20 @@ def run(cfg: Config, source: PackedBatches | None = None) -> list[StepResult]:
     """
     from megatron.core import parallel_state
 
-    from goku_megatron.checkpoint import Checkpointer, TrainingState, choose_resume_checkpoint, init_weights_from
+    from goku_megatron.checkpoint import (
+        Checkpointer,
+        TrainingState,
+        checkpoint_dir,
+        choose_resume_checkpoint,
+        init_weights_from,
+        latest_checkpoint,
+    )
     from goku_megatron.flops import gpu_peak_flops, mfu
     from goku_megatron.metrics import MetricsLogger, memory_metrics, truncate_metrics
     from goku_megatron.data.toy import read_validation
     from goku_megatron.evaluation import eval_scalars, evaluate
     from goku_megatron.sample import LiveSampler, run_spec
+    from goku_megatron.platform import init_distributed
     from goku_megatron.resilience import Diverged, FaultTolerance, Preempted, StepGuard, StopSignals
 
     ck = cfg.checkpoint
@@ -300,8 +309,18 @@ def run(cfg: Config, source: PackedBatches | None = None) -> list[StepResult]:
     with StopSignals() as signals, contextlib.ExitStack() as cleanup:
         cleanup.callback(fault_tolerance.close)
         with fault_tolerance.section("setup"):
+            backends = choose_backends(cfg)
+            init_distributed(cfg, backends)
+            device = torch.device("cuda", torch.cuda.current_device()) if backends.device == "cuda" else torch.device("cpu")
+            # Inputs first: missing encoder weights, a missing or empty data path or validation
+            # split fail in one line before the model is built.
+            check_weights(cfg)
+            if source is None:
+                source = build_data_source(cfg, parallel_state.get_data_parallel_rank(), cfg.parallel.dp, device)
+            source.stop_requested = lambda: signals.received
+            validation = read_validation(Path(cfg.data.path)) if cfg.train.eval_interval else None
             training = setup(cfg)
-            backends, model = training.backends, training.model
+            model = training.model
             optimizer, scheduler = training.optimizer, training.scheduler
             rank = torch.distributed.get_rank()
             run_dir = resolve_run_dir(cfg)
@@ -309,12 +328,7 @@ def run(cfg: Config, source: PackedBatches | None = None) -> list[StepResult]:
             log.info("layout: world=%d tp=%d pp=%d cp=%d dp=%d | run dir %s", torch.distributed.get_world_size(),
                      cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.parallel.dp, run_dir)
 
-            dp_rank = parallel_state.get_data_parallel_rank()
-            device = torch.device("cuda", torch.cuda.current_device()) if backends.device == "cuda" else torch.device("cpu")
-            if source is None:
-                source = build_data_source(cfg, dp_rank, cfg.parallel.dp, device)
             live = LiveSampler(cfg, model, device) if cfg.train.sample_interval or cfg.train.eval_interval else None
-            validation = read_validation(Path(cfg.data.path)) if cfg.train.eval_interval else None
             peak_flops = gpu_peak_flops(torch.cuda.get_device_name()) if backends.device == "cuda" else None
 
             state = TrainingState(model, optimizer, scheduler, training.ema)
@@ -337,6 +351,18 @@ def run(cfg: Config, source: PackedBatches | None = None) -> list[StepResult]:
             # objects (modules, model, data) frozen out of collection it takes milliseconds.
             gc.freeze()
         metrics = MetricsLogger(run_dir, cfg.train.steps, enabled=rank == 0)
+
+        def save(step: int, blocking: bool) -> float:
+            """Checkpoint the state after ``step`` (the last step run: ``consumed`` counts its
+            samples); returns the seconds training was blocked."""
+            with fault_tolerance.section("checkpointing"):
+                blocked = checkpointer.save(
+                    step, state, cfg.to_dict(), blocking=blocking,
+                    train_state={"consumed_samples": consumed, "guard": guard.state_dict()},
+                    loader_state=source.state_dict())
+            log.info("step %d: checkpoint saved (training blocked %.3f s)", step, blocked)
+            return blocked
+
         cleanup.callback(metrics.close)
         results: list[StepResult] = []
         t = cfg.train
@@ -348,7 +374,12 @@ def run(cfg: Config, source: PackedBatches | None = None) -> list[StepResult]:
                 log.info("step %d: stage %d %s (%dx%d, %d frames at %g fps, %d-token packs, "
                          "image ratio %g)", step, stage, spec.name, spec.height, spec.width,
                          spec.frames, spec.fps, spec.token_budget, spec.image_ratio)
-            packs = [p.to(device) for p in source.next_step(step)]
+            try:
+                packs = [p.to(device) for p in source.next_step(step)]
+            except DataWaitStopped:  # the signal came while samples were being drawn
+                if not checkpoint_dir(run_dir, step - 1).exists():
+                    save(step - 1, blocking=True)
+                raise Preempted(signals.received, step - 1) from None
             bad = source.bad.as_metrics()
             extra: dict[str, float] = {"stage": stage, **bad}
             # Work of the step, over all data-parallel ranks: samples, video tokens, model FLOPs.
@@ -370,20 +401,16 @@ def run(cfg: Config, source: PackedBatches | None = None) -> list[StepResult]:
             consumed += samples
             try:
                 extra.update(guard.observe(step, result.loss, result.grad_norm, result.skipped))
-            except Diverged:
+            except Diverged as err:
                 checkpointer.close()  # a save in flight holds good weights: let it complete
-                raise
+                resume_from = latest_checkpoint(run_dir)
+                raise Diverged(f"{err}. A restart resumes from {resume_from or 'scratch (no checkpoint yet)'}"
+                               + (": check that it is sound first" if resume_from else "")) from None
             stop = signals.agreed(device)
             checkpointer.poll()
             saving = bool(stop) or step == t.steps or bool(t.save_interval and step % t.save_interval == 0)
             if saving:
-                with fault_tolerance.section("checkpointing"):
-                    blocked = checkpointer.save(
-                        step, state, cfg.to_dict(), blocking=bool(stop) or step == t.steps,
-                        train_state={"consumed_samples": consumed, "guard": guard.state_dict()},
-                        loader_state=source.state_dict())
-                log.info("step %d: checkpoint saved (training blocked %.3f s)", step, blocked)
-                extra["checkpoint_blocking_s"] = blocked
+                extra["checkpoint_blocking_s"] = save(step, blocking=bool(stop) or step == t.steps)
             evaluating = bool(t.eval_interval) and (step % t.eval_interval == 0 or step == t.steps)
             if evaluating:
                 eval_start = time.perf_counter()

@@ -67,6 +67,14 @@ class _Interfere:
             packs = self.at[step](packs) or packs
         return packs
 
+    @property
+    def stop_requested(self):
+        return self.source.stop_requested
+
+    @stop_requested.setter
+    def stop_requested(self, flag):
+        self.source.stop_requested = flag
+
     def state_dict(self):
         return self.source.state_dict()
 
@@ -213,6 +221,46 @@ def test_damaged_latest_falls_back_to_the_previous_checkpoint(reference, toy_dat
     assert not latest.exists()  # moved aside, so keep_last never counts it
 
 
+def _flip(path: Path, count: int = 16) -> None:
+    """Invert ``count`` bytes in the middle of a file (its size stays the same)."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + count] = bytes(b ^ 0xFF for b in data[middle:middle + count])
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("target", ["__0_0.distcp", ".metadata", "common.pt"])
+def test_a_flipped_byte_moves_the_checkpoint_aside_and_the_resume_is_exact(reference, toy_data, tmp_path, caplog,
+                                                                            target):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    newest = run_dir / "checkpoints" / "iter_0000006"
+    _flip(newest / target)
+    assert validate_checkpoint(newest) is None  # same sizes: only the checksums can tell
+    cfg = _cfg(toy_data, run_dir, "train.steps=6")
+    with caplog.at_level(logging.WARNING, logger="goku_megatron"):
+        chosen = choose_resume_checkpoint(run_dir, cfg)
+    assert chosen == run_dir / "checkpoints" / "iter_0000003"
+    (line,) = [r.getMessage() for r in caplog.records if "falling back" in r.getMessage()]
+    assert line.startswith(f"checkpoint iter_0000006: {target} does not match its checksum (corrupt), moved to "
+                           "iter_0000006.invalid-")
+    assert line.endswith(f"falling back to {chosen}")
+    assert latest_checkpoint(run_dir) == chosen  # the pointer follows
+    _run(cfg)  # resumes from step 3 by itself
+    _same_run(run_dir, reference)
+
+
+def test_a_named_checkpoint_that_fails_its_checksums_is_refused_in_one_line(reference, toy_data, tmp_path):
+    broken = tmp_path / "iter_0000003"
+    shutil.copytree(reference / "checkpoints" / "iter_0000003", broken)
+    _flip(broken / "__0_1.distcp")
+    cfg = _cfg(toy_data, tmp_path / "new", f"checkpoint.resume={broken}")
+    with pytest.raises(ConfigError, match=r"^checkpoint.resume=.*iter_0000003: __0_1.distcp does not match its "
+                                          r"checksum \(corrupt\); pass a sound checkpoint$"):
+        choose_resume_checkpoint(tmp_path / "new", cfg)
+    assert broken.is_dir()  # not ours to move
+
+
 def test_resume_refuses_a_checkpoint_of_another_model(reference, toy_data, tmp_path):
     cfg = _cfg(toy_data, tmp_path / "new", "model.hidden_size=96",
                f"checkpoint.resume={reference / 'checkpoints' / 'iter_0000003'}")
@@ -266,6 +314,42 @@ def test_sigterm_saves_the_step_and_the_resume_is_exact(reference, toy_data, tmp
     _same_run(run_dir, reference, steps=range(1, 7))
 
 
+class _StallAt(_Interfere):
+    """The run's own data source, whose samples at step ``step`` never come: each draw is a bad
+    sample, and the first one brings a SIGTERM."""
+
+    def __init__(self, cfg, step):
+        super().__init__(cfg, {})
+        self.step = step
+
+    def next_step(self, step):
+        if step != self.step:
+            return self.source.next_step(step)
+        real, signalled = self.source.prepare, []
+
+        def stall(raw, stage):
+            if not signalled:
+                signalled.append(os.kill(os.getpid(), signal.SIGTERM))
+            return None
+        self.source.prepare = stall
+        try:
+            return self.source.next_step(step)
+        finally:
+            self.source.prepare = real
+
+
+def test_sigterm_during_a_data_wait_saves_the_last_step_and_the_resume_is_exact(reference, toy_data, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = _cfg(toy_data, run_dir, "train.save_interval=0", "data.cache_mb=0")
+    with pytest.raises(Preempted) as stop:
+        _run(cfg, _StallAt(cfg, 4))
+    assert stop.value.step == 3 and stop.value.signum == signal.SIGTERM
+    assert latest_checkpoint(run_dir).name == "iter_0000003"
+    _run(cfg)
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
+    _same_run(run_dir, reference, steps=range(1, 7))
+
+
 # ----------------------------------------------------------------------------------------------
 # Non-finite steps
 
@@ -291,6 +375,8 @@ def test_too_many_bad_steps_in_a_row_stop_the_run(reference, toy_data, tmp_path)
     with pytest.raises(Diverged) as err:
         _run(cfg, _Interfere(cfg, {3: _nan, 4: _nan}))
     assert str(err.value).startswith("steps 3..4: 2 steps in a row had a non-finite loss or gradient norm")
+    assert str(err.value).endswith(f"A restart resumes from {run_dir / 'checkpoints' / 'iter_0000003'}: "
+                                   "check that it is sound first")
     assert "\n" not in str(err.value)
     # step 3 was skipped and saved, step 4 stopped the run: the weights are those after step 2
     assert latest_checkpoint(run_dir).name == "iter_0000003"

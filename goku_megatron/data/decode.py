@@ -346,7 +346,7 @@ def decode_sample(raw: dict[str, Any], spec: FrameSpec, bad: BadSamples,
     try:
         meta = json.loads(raw[META_EXT]) if META_EXT in raw else {}
     except ValueError as e:  # metadata is advisory: the pixels and caption are still good
-        log.warning("ignored unreadable .json: shard %s key %s: %s", shard, key, _one_line(e))
+        bad.record("unreadable_json", shard, key, _one_line(e))
         meta = {}
     if video_ext is not None:
         pixels = _decode_clip(raw[video_ext], spec, backend, shard, key, bad)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from goku_megatron.config import Config
+from goku_megatron.config import Config, ConfigError
 from goku_megatron.data.text_encoder import HashTextEncoder
 
 if TYPE_CHECKING:
@@ -258,15 +258,42 @@ class PixelSpace:
         return latents.clamp(-1, 1)
 
 
+def check_weights(cfg: Config) -> None:
+    """Fail in one line naming the field, before anything is built, when a folder of weights the
+    run will load (run_vae, run_text_encoder; the VAE of a latent run only decodes its samples)
+    is missing or incomplete."""
+    d = cfg.data
+    folders = []
+    if d.kind == "raw" or (d.kind == "latent" and cfg.train.sample_interval):
+        folders.append(("data.vae_path", d.vae_path, "vae", VAE_WEIGHTS_HINT))
+    if d.text_encoder == "t5":
+        folders.append(("data.text_encoder_path", d.text_encoder_path, "text_encoder", T5_WEIGHTS_HINT))
+    for name, path, subfolder, hint in folders:
+        try:
+            _model_folder(path, subfolder, hint)
+        except MissingWeightsError as err:
+            raise ConfigError(f"{name}: {err}") from None
+
+
 def run_vae(cfg: Config, device: torch.device | str = "cpu") -> VideoVAE | PixelSpace:
-    """The run's VAE: PixelSpace for toy data, else the CogVideoX VAE at data.vae_path."""
-    return PixelSpace() if cfg.data.kind == "toy" else build_vae(cfg.data.vae_path, device)
+    """The run's VAE: PixelSpace for toy data, else the CogVideoX VAE at data.vae_path. Missing
+    weights are a configuration fault (one line naming the field)."""
+    if cfg.data.kind == "toy":
+        return PixelSpace()
+    try:
+        return build_vae(cfg.data.vae_path, device)
+    except MissingWeightsError as err:
+        raise ConfigError(f"data.vae_path: {err}") from None
 
 
 def run_text_encoder(cfg: Config, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """The run's text encoder (data.text_encoder) at the model's text width."""
+    """The run's text encoder (data.text_encoder) at the model's text width. Missing weights are
+    a configuration fault (one line naming the field)."""
     d = cfg.data
-    return build_text_encoder(d.text_encoder, d.text_encoder_path, cfg.model.text_dim, d.max_text_tokens, device)
+    try:
+        return build_text_encoder(d.text_encoder, d.text_encoder_path, cfg.model.text_dim, d.max_text_tokens, device)
+    except MissingWeightsError as err:
+        raise ConfigError(f"data.text_encoder_path: {err}") from None
 
 
 def pack_text(emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -114,6 +114,10 @@ class SampleStream:
         assert self._order is not None
         return self._order
 
+    def epoch_length(self) -> int:
+        """How many samples one pass (epoch) of this stream yields."""
+        return len(self._current_order())
+
     def next_ref(self) -> SampleRef:
         order = self._current_order()
         if not order:

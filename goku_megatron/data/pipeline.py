@@ -8,8 +8,15 @@ stage's token budget from it first-fit-decreasing. This is the one place the rec
 timestep and caption dropout are drawn (``flow.noise_sample``, keyed by (seed, step, key)), so
 every parallel layout sees the same numbers.
 
-The state (both streams, the buffered samples' shard references, draws so far) is plain JSON, so
-a resumed run rebuilds the buffer from the shards and continues with the same keys.
+The state (both streams, the buffered samples' shard references, draws so far, the bad samples
+found) is plain JSON, so a resumed run rebuilds the buffer from the shards and continues with the
+same keys, and counts no bad sample twice.
+
+Bad samples are skipped, counted and remembered (a known-bad sample is not decoded again), but a
+draw never retries without end: ``data.max_bad_in_a_row`` unusable samples in a row, or a whole
+pass of a stream without one, stop the run with one line (ConfigError, exit 2), and a stop signal
+(``PackedBatches.stop_requested``) ends the wait at once, the source rolled back to the start of
+the step (``DataWaitStopped``) so the trainer can checkpoint the last complete step.
 """
 
 from __future__ import annotations
@@ -67,6 +74,20 @@ def load_latent_sample(raw: dict[str, Any], stage: StageConfig) -> Prepared:
     """A precomputed sample (tools/precompute_latents.py): ``latent.pth``, caption, ``t5.pth``."""
     text = _tensor(raw["t5.pth"]).float() if "t5.pth" in raw else None
     return Prepared(_tensor(raw["latent.pth"]).float(), raw["txt"].decode("utf-8").strip(), text)
+
+
+def read_latent_sample(bad: BadSamples) -> Prepare:
+    """Latent path: ``load_latent_sample``, a stored tensor that does not load counted as bad."""
+
+    def prepare(raw: dict[str, Any], stage: StageConfig) -> Prepared | None:
+        try:
+            return load_latent_sample(raw, stage)
+        except Exception as err:  # noqa: BLE001 - whatever torch.load makes of damaged bytes
+            first_line = (str(err).splitlines() or [""])[0]
+            bad.record("unreadable_latent", raw["__url__"], raw["__key__"], f"{type(err).__name__}: {first_line}")
+            return None
+
+    return prepare
 
 
 def encode_raw_sample(decoder: str, vae: VideoVAE | PixelSpace, bad: BadSamples) -> Prepare:
@@ -139,6 +160,21 @@ def noised_pack(samples: Sequence[tuple[str, Prepared]], step: int, budget: int,
     )
 
 
+class DataWaitStopped(Exception):
+    """A stop signal arrived while a step's samples were being drawn; the source is back at the
+    start of that step, so its state is the one the last complete step left."""
+
+
+@dataclass
+class _Mark:
+    """Where the source stood at the start of a step (see PackedBatches.next_step)."""
+
+    streams: dict[str, dict[str, dict[str, int]]]
+    buffer: list[Buffered]
+    draws: int
+    stage: int
+
+
 class PackedBatches:
     """Endless per-step lists of ``Pack`` micro-batches for one DP rank (see the module doc):
     global_batch_size / (micro_batch_size x dp) packs per step (a stage run has micro-batch size 1,
@@ -164,6 +200,8 @@ class PackedBatches:
         self.draws = 0
         self._stage_index = -1
         self.cache = PreparedCache(cfg.data.cache_mb * 2**20)
+        # The trainer's stop flag (a signal number, 0: none), checked before every draw.
+        self.stop_requested: Callable[[], int] = lambda: 0
 
     def _stream_for(self, step: int, stage: StageConfig) -> SampleStream:
         streams = self.streams[self.cfg.data.stage_path(stage)]
@@ -173,17 +211,27 @@ class PackedBatches:
         return streams["image" if draw < stage.image_ratio else "video"]
 
     def _fill(self, step: int, stage: StageConfig) -> None:
+        misses: dict[int, int] = {}  # per stream: unusable samples in a row
         while len(self.buffer) < self.buffer_size:
+            if self.stop_requested():
+                raise DataWaitStopped
             stream = self._stream_for(step, stage)
+            if stream.epoch_length() == 0:  # every sample was left out when the shards were listed
+                raise self._no_usable_sample(stage, stream, 0)
             self.draws += 1
             ref = stream.next_ref()
             cache_key = (str(ref.shard), ref.key, self._stage_index)
             prepared = self.cache.get(cache_key)
-            if prepared is None:
+            if prepared is None and not self.bad.is_bad(ref.shard, ref.key):
                 prepared = self.prepare(read_sample(ref), stage)
-                if prepared is None:
-                    continue
-                self.cache.put(cache_key, prepared)
+                if prepared is not None:
+                    self.cache.put(cache_key, prepared)
+            if prepared is None:
+                misses[id(stream)] = misses.get(id(stream), 0) + 1
+                if misses[id(stream)] >= min(self.cfg.data.max_bad_in_a_row, stream.epoch_length()):
+                    raise self._no_usable_sample(stage, stream, misses[id(stream)])
+                continue
+            misses[id(stream)] = 0
             channels = prepared.latent.shape[0]
             if channels != self.cfg.model.in_channels:
                 raise ValueError(f"sample {ref.key} in {ref.shard} has {channels}-channel latents but "
@@ -197,8 +245,44 @@ class PackedBatches:
                 )
             self.buffer.append(Buffered(ref, prepared))
 
+    def _no_usable_sample(self, stage: StageConfig, stream: SampleStream, misses: int) -> ConfigError:
+        """The one line that ends a run whose data path yields nothing usable."""
+        path = self.cfg.data.stage_path(stage)
+        what = "" if stream.kind == "any" else f"{stream.kind} "
+        fix = "repair or replace those shards (tools/prepare_shards.py leaves bad samples out)"
+        if stream.kind in ("image", "video") and len(self.streams[path]) == 2:
+            fix += f", or set the stage's image_ratio to {0 if stream.kind == 'image' else 1}"
+        if misses >= stream.epoch_length():
+            found = f"none of the {stream.epoch_length()} {what}samples"
+        else:
+            found = f"{misses} {what}samples in a row"
+        return ConfigError(
+            f"stage {self._stage_index} ({stage.name or 'unnamed'}): {found} of dp rank {stream.dp_rank} "
+            f"in {path} could be used (distinct bad samples so far: {self.bad.summary()}); {fix}"
+        )
+
+    def _mark(self) -> _Mark:
+        return _Mark({path: {kind: s.state_dict() for kind, s in kinds.items()} for path, kinds in self.streams.items()},
+                     list(self.buffer), self.draws, self._stage_index)
+
+    def _rollback(self, mark: _Mark) -> None:
+        for path, kinds in mark.streams.items():
+            for kind, state in kinds.items():
+                self.streams[path][kind].load_state_dict(state)
+        self.buffer, self.draws, self._stage_index = mark.buffer, mark.draws, mark.stage
+
     def next_step(self, step: int) -> list[Pack]:
-        """The micro-batches (packs) of optimizer step ``step`` for this DP rank."""
+        """The micro-batches (packs) of optimizer step ``step`` for this DP rank. Raises
+        DataWaitStopped (the source as it was before the call) when ``stop_requested`` turns
+        true, and ConfigError when the data path yields nothing usable."""
+        mark = self._mark()
+        try:
+            return self._next_step(step)
+        except DataWaitStopped:
+            self._rollback(mark)
+            raise
+
+    def _next_step(self, step: int) -> list[Pack]:
         index, stage = self.cfg.data.stage_at(step)
         if index != self._stage_index:  # samples prepared for the previous stage's size go back
             self.buffer.clear()
@@ -224,7 +308,7 @@ class PackedBatches:
                        for b in self.buffer],
             "draws": self.draws,
             "stage": self._stage_index,
-            "bad": dict(self.bad.counts),
+            "bad": self.bad.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -241,7 +325,7 @@ class PackedBatches:
                 self.streams[path][kind].load_state_dict(s)
         self.draws = int(state["draws"])
         self._stage_index = int(state["stage"])
-        self.bad.counts.update(state["bad"])
+        self.bad.load_state_dict(state["bad"])
         self.buffer = []
         for item in state["buffer"]:
             ref = SampleRef(item["shard"], item["key"], {k: tuple(v) for k, v in item["members"].items()})
@@ -291,7 +375,7 @@ def build_data_source(cfg: Config, dp_rank: int, dp_size: int, device: torch.dev
     if d.kind == "toy":
         ensure_toy_data(cfg)
     if d.kind == "latent":
-        prepare = load_latent_sample
+        prepare = read_latent_sample(bad)
     else:
         vae = run_vae(cfg, device)
         check_vae_fits(cfg, vae)

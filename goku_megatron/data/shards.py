@@ -6,8 +6,8 @@ a key form one sample. Next to ``name.tar`` lies ``name.idx``, DALI's index for
 ``fn.readers.webdataset`` (not ``name.tar.idx``, which megatron-energon reads in its own format).
 
 Reading never stops for one bad sample: a truncated tar yields its complete samples, a sample
-without caption or media is skipped, and each skip is counted by kind in ``BadSamples`` with one
-log line naming the shard and the key.
+without caption or media is skipped, and each distinct bad sample is counted once by kind in
+``BadSamples``, with a log line naming the shard and the key (rate-limited).
 """
 
 from __future__ import annotations
@@ -39,25 +39,67 @@ BAD_KINDS = (
     "not_a_video",  # the bytes hold no video stream at all
     "zero_frames",  # a video stream without a decodable frame
     "unreadable_image",
+    "unreadable_latent",  # latent.pth or t5.pth that torch.load cannot read
 )
+# Faults that are counted (bad/<kind>) but do not cost the sample: its metadata is advisory.
+ADVISORY_KINDS = ("unreadable_json",)
+# Skips logged one line each; after that, one summary line every LOG_EVERY skips.
+LOG_FIRST = 20
+LOG_EVERY = 1000
 
 
 @dataclass
 class BadSamples:
-    """Counts skipped samples per kind and logs one line for each, naming shard and key."""
+    """Distinct bad samples per kind, for the whole run.
+
+    ``counts[kind]`` is the number of distinct (shard, key) samples found bad in that way: the
+    video and image streams listing one shard, every epoch's decode of the same clip and a resumed
+    run (``load_state_dict``) do not count a sample again. ``attempts`` counts every skip. The
+    first LOG_FIRST skips get one log line each naming shard and key; then one summary line every
+    LOG_EVERY skips, so a data path full of bad samples cannot flood the log.
+    """
 
     counts: Counter = field(default_factory=Counter)
+    attempts: int = 0
+    seen: dict[str, set[tuple[str, str]]] = field(default_factory=dict)
 
     def record(self, kind: str, shard: str | Path, key: str, detail: str = "") -> None:
-        if kind not in BAD_KINDS:
-            raise ValueError(f"unknown bad-sample kind {kind!r}; expected one of {BAD_KINDS}")
-        self.counts[kind] += 1
-        log.warning("skipped bad sample (%s): shard %s key %s%s", kind, shard, key,
-                    f": {detail}" if detail else "")
+        if kind not in BAD_KINDS + ADVISORY_KINDS:
+            raise ValueError(f"unknown bad-sample kind {kind!r}; expected one of {BAD_KINDS + ADVISORY_KINDS}")
+        seen = self.seen.setdefault(kind, set())
+        if (str(shard), key) not in seen:
+            seen.add((str(shard), key))
+            self.counts[kind] += 1
+        self.attempts += 1
+        what = "unreadable .json, sample kept" if kind in ADVISORY_KINDS else f"skipped bad sample ({kind})"
+        if self.attempts <= LOG_FIRST:
+            log.warning("%s: shard %s key %s%s%s", what, shard, key, f": {detail}" if detail else "",
+                        "; from now on one summary line every %d skips" % LOG_EVERY if self.attempts == LOG_FIRST else "")
+        elif self.attempts % LOG_EVERY == 0:
+            log.warning("bad samples: %d skips so far, distinct by kind %s; last %s in shard %s key %s",
+                        self.attempts, self.summary(), kind, shard, key)
+
+    def is_bad(self, shard: str | Path, key: str) -> bool:
+        """Whether this sample was skipped before (an advisory fault does not make it bad)."""
+        return any((str(shard), key) in self.seen.get(kind, ()) for kind in BAD_KINDS)
+
+    def summary(self) -> str:
+        """Distinct counts of the kinds seen, e.g. ``corrupt_video=3, missing_caption=1``."""
+        return ", ".join(f"{k}={v}" for k, v in sorted(self.counts.items()) if v) or "none"
 
     def as_metrics(self) -> dict[str, int]:
-        """Cumulative counters for metrics.jsonl, every kind present (0 when none)."""
-        return {f"bad/{kind}": int(self.counts[kind]) for kind in BAD_KINDS}
+        """Cumulative distinct counts for metrics.jsonl, every kind present (0 when none)."""
+        return {f"bad/{kind}": int(self.counts[kind]) for kind in BAD_KINDS + ADVISORY_KINDS}
+
+    def state_dict(self) -> dict[str, list[list[str]]]:
+        """The bad samples found so far, by kind: a resumed run counts none of them again."""
+        return {kind: sorted(map(list, keys)) for kind, keys in self.seen.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for kind, keys in state.items():
+            if isinstance(keys, list):  # states saved before distinct counting hold bare counts
+                self.seen.setdefault(kind, set()).update((shard, key) for shard, key in keys)
+        self.counts = Counter({kind: len(keys) for kind, keys in self.seen.items()})
 
 
 def split_key(name: str) -> tuple[str, str]:
