@@ -318,7 +318,11 @@ def run(cfg: Config, source: PackedBatches | None = None) -> list[StepResult]:
             if source is None:
                 source = build_data_source(cfg, parallel_state.get_data_parallel_rank(), cfg.parallel.dp, device)
             source.stop_requested = lambda: signals.received
-            validation = read_validation(Path(cfg.data.path)) if cfg.train.eval_interval else None
+            try:
+                validation = read_validation(Path(cfg.data.path)) if cfg.train.eval_interval else None
+            except (FileNotFoundError, ValueError) as err:
+                raise ConfigError(f"train.eval_interval={cfg.train.eval_interval} evaluates on the toy "
+                                  f"validation split: {err}") from None
             training = setup(cfg)
             model = training.model
             optimizer, scheduler = training.optimizer, training.scheduler

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 
 import pytest
@@ -183,3 +184,20 @@ def test_a_stop_request_ends_a_data_wait_and_rolls_the_step_back(damaged_latents
     source.stop_requested = lambda: 0
     got = [[p.keys for p in source.next_step(step)] for step in range(4, 7)]
     assert got == want[3:]
+
+
+def test_a_missing_validation_split_fails_in_one_line_before_the_model(toy_data, tmp_path, megatron_world):
+    from conftest import TOY_CHECKPOINT_RUN
+
+    from goku_megatron.train import run
+
+    shutil.copytree(toy_data, tmp_path / "toy")
+    shutil.rmtree(tmp_path / "toy" / "val")
+    cfg = load_config("toy", [*TOY_CHECKPOINT_RUN, f"data.path={tmp_path / 'toy'}", "train.eval_interval=2",
+                              f"train.run_dir={tmp_path / 'run'}", "data.create_if_missing=false"])
+    validate(cfg, 1)
+    with pytest.raises(ConfigError) as err:
+        run(cfg)
+    assert str(err.value).startswith(f"train.eval_interval=2 evaluates on the toy validation split: "
+                                     f"{tmp_path / 'toy' / 'val' / 'manifest.json'} missing")
+    assert "\n" not in str(err.value) and not (tmp_path / "run").exists()  # nothing set up
