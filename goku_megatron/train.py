@@ -234,14 +234,15 @@ class Training:
     ema: Any = None  # goku_megatron.ema.EMA, None when checkpoint.ema_decay=0
 
 
-def setup(cfg: Config) -> Training:
+def setup(cfg: Config, backends: Backends | None = None) -> Training:
     """Process group, seeds, this rank's model stage, optimizer (skipping non-finite steps) and
-    schedule, megatron hooks, and the EMA of the weights."""
+    schedule, megatron hooks, and the EMA of the weights; ``backends`` when the caller has chosen
+    them already (choose_backends otherwise)."""
     from goku_megatron.ema import EMA
     from goku_megatron.platform import init_distributed, seed_everything
     from goku_megatron.resilience import SkipNonFiniteSteps
 
-    backends = choose_backends(cfg)
+    backends = backends or choose_backends(cfg)
     init_distributed(cfg, backends)
     seed_everything(cfg.train.seed)
     model, tc = build_model(cfg, backends)
@@ -323,7 +324,7 @@ def run(cfg: Config, source: PackedBatches | None = None) -> list[StepResult]:
             except (FileNotFoundError, ValueError) as err:
                 raise ConfigError(f"train.eval_interval={cfg.train.eval_interval} evaluates on the toy "
                                   f"validation split: {err}") from None
-            training = setup(cfg)
+            training = setup(cfg, backends)
             model = training.model
             optimizer, scheduler = training.optimizer, training.scheduler
             rank = torch.distributed.get_rank()

@@ -69,7 +69,8 @@ def _nbytes(source: bytes | Path) -> int:
     return Path(source).stat().st_size
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
+    """An error's message on one line (its type's name when it has none), for the bad-sample log."""
     return " ".join(str(e).split()) or type(e).__name__
 
 
@@ -107,7 +108,7 @@ def probe_video(source: bytes | Path) -> VideoInfo:
     except NoVideoStream:
         raise
     except (av.FFmpegError, ValueError, OSError) as e:
-        raise ValueError(f"not a readable video: {_one_line(e)}") from e
+        raise ValueError(f"not a readable video: {one_line(e)}") from e
 
 
 def _looks_like_video(data: bytes) -> bool:
@@ -137,7 +138,7 @@ def decode_video_pyav(source: bytes | Path, *, fps: float | None = None,
     try:
         frames = _decode_pyav(source, fps, max_frames, start)
     except (av.FFmpegError, OSError) as e:  # some (EOFError) are no ValueError
-        raise ValueError(_one_line(e)) from e
+        raise ValueError(one_line(e)) from e
     if not frames:
         raise ValueError("no frames decoded")
     return np.stack(frames)
@@ -257,7 +258,7 @@ def decode_image(data: bytes) -> np.ndarray:
     # PIL raises OSError (UnidentifiedImageError, truncated data), SyntaxError (broken PNG
     # chunks) and DecompressionBombError (an Exception) for bad files.
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"unreadable image: {_one_line(e)}") from e
+        raise ValueError(f"unreadable image: {one_line(e)}") from e
 
 
 # ------------------------------------------------------------------------------ decode_sample
@@ -346,7 +347,7 @@ def decode_sample(raw: dict[str, Any], spec: FrameSpec, bad: BadSamples,
     try:
         meta = json.loads(raw[META_EXT]) if META_EXT in raw else {}
     except ValueError as e:  # metadata is advisory: the pixels and caption are still good
-        bad.record("unreadable_json", shard, key, _one_line(e))
+        bad.record("unreadable_json", shard, key, one_line(e))
         meta = {}
     if video_ext is not None:
         pixels = _decode_clip(raw[video_ext], spec, backend, shard, key, bad)
@@ -388,11 +389,11 @@ def _decode_clip(data: bytes, spec: FrameSpec, backend: str, shard: str, key: st
             return decoder.decode_videos([data], [indices])[0].cpu()
         except ValueError as e:
             # NVDEC refuses some streams that are fine (4:4:4 VP9, 10-bit H.264): PyAV decides.
-            dali_error = _one_line(e)
+            dali_error = one_line(e)
     try:
         frames = decode_video_pyav(data, fps=spec.fps, max_frames=spec.frames)
     except ValueError as e:  # a container that opens but whose packets do not decode
-        bad.record("corrupt_video", shard, key, f"{info.codec}: {_one_line(e)}")
+        bad.record("corrupt_video", shard, key, f"{info.codec}: {one_line(e)}")
         return None
     if dali_error:
         log.warning("DALI failed on shard %s key %s (%s), PyAV decoded it: %s", shard, key,
@@ -411,5 +412,5 @@ def _decode_still(data: bytes, spec: FrameSpec, backend: str, shard: str, key: s
 
         return dali.sample_decoder(spec.height, spec.width, "gpu").decode_images([data])[0].cpu()
     except ValueError as e:  # decode_image's and SampleDecoder's errors
-        bad.record("unreadable_image", shard, key, _one_line(e))
+        bad.record("unreadable_image", shard, key, one_line(e))
         return None

@@ -34,7 +34,7 @@ import torch
 from goku_megatron import flow
 from goku_megatron.batch import Pack, PackSample, build_pack, num_tokens, plan_packs
 from goku_megatron.config import Config, ConfigError, StageConfig
-from goku_megatron.data.decode import FrameSpec, decode_sample
+from goku_megatron.data.decode import FrameSpec, decode_sample, one_line
 from goku_megatron.data.encoders import PixelSpace, VideoVAE, pack_text, pad_text, run_text_encoder, run_vae
 from goku_megatron.data.loader import SampleStream
 from goku_megatron.data.shards import BadSamples, SampleRef, find_shards, read_sample
@@ -83,8 +83,7 @@ def read_latent_sample(bad: BadSamples) -> Prepare:
         try:
             return load_latent_sample(raw, stage)
         except Exception as err:  # noqa: BLE001 - whatever torch.load makes of damaged bytes
-            first_line = (str(err).splitlines() or [""])[0]
-            bad.record("unreadable_latent", raw["__url__"], raw["__key__"], f"{type(err).__name__}: {first_line}")
+            bad.record("unreadable_latent", raw["__url__"], raw["__key__"], f"{type(err).__name__}: {one_line(err)}")
             return None
 
     return prepare

@@ -52,24 +52,25 @@ LOG_EVERY = 1000
 class BadSamples:
     """Distinct bad samples per kind, for the whole run.
 
-    ``counts[kind]`` is the number of distinct (shard, key) samples found bad in that way: the
-    video and image streams listing one shard, every epoch's decode of the same clip and a resumed
-    run (``load_state_dict``) do not count a sample again. ``attempts`` counts every skip. The
-    first LOG_FIRST skips get one log line each naming shard and key; then one summary line every
+    ``seen[kind]`` holds the distinct (shard, key) samples found bad in that way: the video and
+    image streams listing one shard, every epoch's decode of the same clip and a resumed run
+    (``load_state_dict``) do not add a sample again. ``attempts`` counts every skip. The first
+    LOG_FIRST skips get one log line each naming shard and key; then one summary line every
     LOG_EVERY skips, so a data path full of bad samples cannot flood the log.
     """
 
-    counts: Counter = field(default_factory=Counter)
     attempts: int = 0
     seen: dict[str, set[tuple[str, str]]] = field(default_factory=dict)
+
+    @property
+    def counts(self) -> Counter:
+        """Distinct bad samples per kind."""
+        return Counter({kind: len(keys) for kind, keys in self.seen.items()})
 
     def record(self, kind: str, shard: str | Path, key: str, detail: str = "") -> None:
         if kind not in BAD_KINDS + ADVISORY_KINDS:
             raise ValueError(f"unknown bad-sample kind {kind!r}; expected one of {BAD_KINDS + ADVISORY_KINDS}")
-        seen = self.seen.setdefault(kind, set())
-        if (str(shard), key) not in seen:
-            seen.add((str(shard), key))
-            self.counts[kind] += 1
+        self.seen.setdefault(kind, set()).add((str(shard), key))
         self.attempts += 1
         what = "unreadable .json, sample kept" if kind in ADVISORY_KINDS else f"skipped bad sample ({kind})"
         if self.attempts <= LOG_FIRST:
@@ -89,7 +90,7 @@ class BadSamples:
 
     def as_metrics(self) -> dict[str, int]:
         """Cumulative distinct counts for metrics.jsonl, every kind present (0 when none)."""
-        return {f"bad/{kind}": int(self.counts[kind]) for kind in BAD_KINDS + ADVISORY_KINDS}
+        return {f"bad/{kind}": len(self.seen.get(kind, ())) for kind in BAD_KINDS + ADVISORY_KINDS}
 
     def state_dict(self) -> dict[str, list[list[str]]]:
         """The bad samples found so far, by kind: a resumed run counts none of them again."""
@@ -99,7 +100,6 @@ class BadSamples:
         for kind, keys in state.items():
             if isinstance(keys, list):  # states saved before distinct counting hold bare counts
                 self.seen.setdefault(kind, set()).update((shard, key) for shard, key in keys)
-        self.counts = Counter({kind: len(keys) for kind, keys in self.seen.items()})
 
 
 def split_key(name: str) -> tuple[str, str]:
