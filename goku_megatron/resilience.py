@@ -104,11 +104,12 @@ class StopSignals:
             os.kill(os.getpid(), signum)
             return
         self.received = signum
-        log.warning("received %s: saving a checkpoint at the end of this step, then exiting with %d",
+        log.warning("received %s: saving a checkpoint of the last complete step, then exiting with %d",
                     signal.Signals(signum).name, EXIT_PREEMPTED)
 
     def agreed(self, device: torch.device) -> int:
-        """The signal any rank received (0: none). Collective: every rank calls it every step."""
+        """The signal any rank received (0: none). Collective: every rank calls it at the same
+        points of every step (train.run: once its data is drawn, once it has run)."""
         flag = torch.tensor([self.received], dtype=torch.int32, device=device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return int(flag.item())

@@ -379,12 +379,20 @@ def run(cfg: Config, source: PackedBatches | None = None) -> list[StepResult]:
                 log.info("step %d: stage %d %s (%dx%d, %d frames at %g fps, %d-token packs, "
                          "image ratio %g)", step, stage, spec.name, spec.height, spec.width,
                          spec.frames, spec.fps, spec.token_budget, spec.image_ratio)
+            mark = source.mark()
             try:
                 packs = [p.to(device) for p in source.next_step(step)]
-            except DataWaitStopped:  # the signal came while samples were being drawn
+            except DataWaitStopped:  # the signal came while this rank's samples were being drawn
+                packs = []
+            # Collective: a rank stopped inside its data wait must not leave the others in the
+            # step's collectives, so every rank learns of it before the step starts and all stop
+            # after the last complete step, its data unread.
+            if stop := signals.agreed(device):
+                source.rollback(mark)
+                checkpointer.wait()  # the last step's async save, if in flight, completes first
                 if not checkpoint_dir(run_dir, step - 1).exists():
                     save(step - 1, blocking=True)
-                raise Preempted(signals.received, step - 1) from None
+                raise Preempted(stop, step - 1)
             bad = source.bad.as_metrics()
             extra: dict[str, float] = {"stage": stage, **bad}
             # Work of the step, over all data-parallel ranks: samples, video tokens, model FLOPs.

@@ -26,6 +26,7 @@ from goku_megatron.checkpoint import (
     checkpoint_dir,
     choose_resume_checkpoint,
     latest_checkpoint,
+    load_loader_state,
     load_model_weights,
     newest_valid_checkpoint,
     save_checkpoint,
@@ -74,6 +75,12 @@ class _Interfere:
     @stop_requested.setter
     def stop_requested(self, flag):
         self.source.stop_requested = flag
+
+    def mark(self):
+        return self.source.mark()
+
+    def rollback(self, mark):
+        self.source.rollback(mark)
 
     def state_dict(self):
         return self.source.state_dict()
@@ -300,13 +307,23 @@ def test_resume_from_step_3_equals_the_uninterrupted_run(reference, toy_data, tm
     _same_run(run_dir, reference)
 
 
-def test_sigterm_saves_the_step_and_the_resume_is_exact(reference, toy_data, tmp_path):
+def test_sigterm_saves_the_step_and_the_resume_is_exact(reference, toy_data, tmp_path, monkeypatch):
+    from goku_megatron import train
+
     run_dir = tmp_path / "run"
     cfg = _cfg(toy_data, run_dir, "train.save_interval=0")
-    terminate = _Interfere(cfg, {4: lambda packs: os.kill(os.getpid(), signal.SIGTERM)})
+    real_step, steps_run = train.train_step, []
+
+    def signalled_at_4(*args):  # the signal lands while step 4 runs: step 4 completes, then the stop
+        steps_run.append(len(steps_run) + 1)
+        if steps_run[-1] == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*args)
+    monkeypatch.setattr(train, "train_step", signalled_at_4)
     with pytest.raises(Preempted) as stop:
-        _run(cfg, terminate)
+        _run(cfg)
     assert stop.value.step == 4 and stop.value.signum == signal.SIGTERM
+    monkeypatch.undo()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
     assert latest_checkpoint(run_dir).name == "iter_0000004"
     _run(cfg)  # auto-resume: the run dir's own checkpoint
@@ -336,6 +353,20 @@ class _StallAt(_Interfere):
             return self.source.next_step(step)
         finally:
             self.source.prepare = real
+
+
+def test_sigterm_between_steps_saves_the_last_step_with_its_data_unread(reference, toy_data, tmp_path):
+    """The signal lands once step 4's samples are drawn, before it runs: step 3 is saved with the
+    loader state before those samples, and the resumed run draws them again."""
+    run_dir = tmp_path / "run"
+    cfg = _cfg(toy_data, run_dir, "train.save_interval=0")
+    with pytest.raises(Preempted) as stop:
+        _run(cfg, _Interfere(cfg, {4: lambda packs: os.kill(os.getpid(), signal.SIGTERM)}))
+    assert stop.value.step == 3
+    assert load_loader_state(latest_checkpoint(run_dir), 0) == load_loader_state(checkpoint_dir(reference, 3), 0)
+    _run(cfg)
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
+    _same_run(run_dir, reference, steps=range(1, 7))
 
 
 def test_sigterm_during_a_data_wait_saves_the_last_step_and_the_resume_is_exact(reference, toy_data, tmp_path):

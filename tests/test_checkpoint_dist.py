@@ -112,6 +112,28 @@ def test_sigterm_on_one_rank_stops_both_at_one_step(toy_data, dp2, tmp_path):
     assert_same_tensors(checkpoint_tensors(stopped), checkpoint_tensors(checkpoint_dir(dp2, step)))
 
 
+def test_sigterm_in_one_rank_data_wait_stops_every_rank_at_the_last_step(toy_data, dp2, tmp_path):
+    """Rank 1 waits for data at step 3 (each sample it draws is bad) and gets SIGTERM there, while
+    rank 0 has its samples: both save step 2, the uninterrupted run's state, and exit with 99,
+    instead of rank 0 entering step 3's collectives alone (a hang until the gloo timeout)."""
+    run_dir = tmp_path / "run"
+    args = _args(toy_data, run_dir, "train.save_interval=0", "data.cache_mb=0")[2:]  # without "-m module"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+           "--max-restarts", "0", str(Path(__file__).with_name("data_wait_worker.py")), "1", "3", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180, env=env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "exitcode  : 99" in out, out[-3000:]
+    for rank in (0, 1):
+        assert f"rank{rank}] SIGTERM: stopped after step 2 with a checkpoint; exit code 99" in out, out[-3000:]
+    stopped = latest_checkpoint(run_dir)
+    assert stopped == checkpoint_dir(run_dir, 2)
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2]
+    for rank in (0, 1):  # rank 0's drawn step-3 samples were put back, rank 1's never taken
+        assert load_loader_state(stopped, rank) == load_loader_state(checkpoint_dir(dp2, 2), rank)
+    assert_same_tensors(checkpoint_tensors(stopped), checkpoint_tensors(checkpoint_dir(dp2, 2)))
+
+
 def test_sigkilled_rank_is_restarted_by_torchrun_from_the_latest_checkpoint(toy_data, dp2, tmp_path):
     run_dir = tmp_path / "run"
     proc = _start(toy_data, run_dir, "train.save_interval=1", "checkpoint.keep_last=0", max_restarts=1)

@@ -16,7 +16,9 @@ Bad samples are skipped, counted and remembered (a known-bad sample is not decod
 draw never retries without end: ``data.max_bad_in_a_row`` unusable samples in a row, or a whole
 pass of a stream without one, stop the run with one line (ConfigError, exit 2), and a stop signal
 (``PackedBatches.stop_requested``) ends the wait at once, the source rolled back to the start of
-the step (``DataWaitStopped``) so the trainer can checkpoint the last complete step.
+the step (``DataWaitStopped``). The trainer then tells every rank (train.run agrees on stops
+before each step starts), rolls the others back too (``mark``/``rollback``) and checkpoints the
+last complete step.
 """
 
 from __future__ import annotations
@@ -260,11 +262,13 @@ class PackedBatches:
             f"in {path} could be used (distinct bad samples so far: {self.bad.summary()}); {fix}"
         )
 
-    def _mark(self) -> _Mark:
+    def mark(self) -> _Mark:
+        """Where the source stands now, for ``rollback``: cheap (positions and the buffer's list)."""
         return _Mark({path: {kind: s.state_dict() for kind, s in kinds.items()} for path, kinds in self.streams.items()},
                      list(self.buffer), self.draws, self._stage_index)
 
-    def _rollback(self, mark: _Mark) -> None:
+    def rollback(self, mark: _Mark) -> None:
+        """Back to ``mark``: the samples drawn since are drawn again (bad ones stay counted once)."""
         for path, kinds in mark.streams.items():
             for kind, state in kinds.items():
                 self.streams[path][kind].load_state_dict(state)
@@ -274,11 +278,11 @@ class PackedBatches:
         """The micro-batches (packs) of optimizer step ``step`` for this DP rank. Raises
         DataWaitStopped (the source as it was before the call) when ``stop_requested`` turns
         true, and ConfigError when the data path yields nothing usable."""
-        mark = self._mark()
+        mark = self.mark()
         try:
             return self._next_step(step)
         except DataWaitStopped:
-            self._rollback(mark)
+            self.rollback(mark)
             raise
 
     def _next_step(self, step: int) -> list[Pack]:
