@@ -100,6 +100,20 @@ def test_two_streams_listing_one_shard_count_its_bad_sample_once(tmp_path):
     assert bad.as_metrics()["bad/missing_caption"] == 1
 
 
+def test_few_shards_over_dp_ranks_count_a_listing_bad_sample_once(tmp_path):
+    """One shard, two DP ranks: both list it, their counts (summed over DP by the trainer) hold
+    its sample without caption once."""
+    with ShardWriter(tmp_path, samples_per_shard=10) as writer:
+        for i in range(4):
+            writer.write(f"clip{i}", {"webm": b"clip bytes", "txt": b"a clip"})
+        writer.write("nocaption", {"webm": b"clip bytes"})
+    counters = [BadSamples(), BadSamples()]
+    for rank, bad in enumerate(counters):
+        stream = SampleStream(find_shards(tmp_path), dp_rank=rank, dp_size=2, seed=0, bad=bad)
+        assert len(stream.epoch_order(0)) == 2
+    assert sum(bad.as_metrics()["bad/missing_caption"] for bad in counters) == 1
+
+
 def test_skips_are_logged_one_by_one_then_in_summaries(caplog):
     bad = BadSamples()
     with caplog.at_level(logging.WARNING, logger="goku_megatron"):

@@ -4,7 +4,8 @@ Sharding: only data-parallel ranks split the data; the TP/CP/PP peers of a DP ra
 stream (it depends on (seed, dp_rank, dp_size) alone), so they see the same samples. With at least
 as many shards as DP ranks a rank owns the shards ``i % dp_size == dp_rank`` (no rank reads
 another's files); with fewer, every rank lists all shards and owns the samples
-``n % dp_size == dp_rank`` in global order.
+``n % dp_size == dp_rank`` in global order, and DP rank 0 alone counts the bad samples a listing
+finds (every rank finds the same ones; the trainer sums the counts over DP ranks).
 
 Order: each epoch permutes the rank's shards (RNG keyed by seed, epoch, rank) and takes them
 ``interleave`` at a time, merging each group's samples round-robin after permuting every shard's
@@ -79,7 +80,8 @@ class SampleStream:
 
     def _listing(self, shard: int) -> list[SampleRef]:
         if shard not in self._listings:
-            refs = list_samples(self.shards[shard], self.bad)
+            counts_listing = self.by_shard or self.dp_rank == 0
+            refs = list_samples(self.shards[shard], self.bad if counts_listing else BadSamples(quiet=True))
             if not self.by_shard:  # sample-level split: global sample number n -> rank n % dp
                 start = sum(len(self._all_listing(i)) for i in range(shard))
                 refs = [r for n, r in enumerate(refs, start) if n % self.dp_size == self.dp_rank]
@@ -89,7 +91,7 @@ class SampleStream:
     def _all_listing(self, shard: int) -> list[SampleRef]:
         """Unsplit listing of an earlier shard, for global sample numbers (few-shard case only)."""
         if shard not in self._unsplit:  # its bad samples are counted by _listing
-            self._unsplit[shard] = list_samples(self.shards[shard], BadSamples())
+            self._unsplit[shard] = list_samples(self.shards[shard], BadSamples(quiet=True))
         return self._unsplit[shard]
 
     def epoch_order(self, epoch: int) -> list[SampleRef]:

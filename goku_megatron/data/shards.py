@@ -56,11 +56,13 @@ class BadSamples:
     image streams listing one shard, every epoch's decode of the same clip and a resumed run
     (``load_state_dict``) do not add a sample again. ``attempts`` counts every skip. The first
     LOG_FIRST skips get one log line each naming shard and key; then one summary line every
-    LOG_EVERY skips, so a data path full of bad samples cannot flood the log.
+    LOG_EVERY skips, so a data path full of bad samples cannot flood the log; a ``quiet`` one (a
+    listing whose bad samples another counter holds) logs nothing.
     """
 
     attempts: int = 0
     seen: dict[str, set[tuple[str, str]]] = field(default_factory=dict)
+    quiet: bool = False
 
     @property
     def counts(self) -> Counter:
@@ -73,6 +75,8 @@ class BadSamples:
         self.seen.setdefault(kind, set()).add((str(shard), key))
         self.attempts += 1
         what = "unreadable .json, sample kept" if kind in ADVISORY_KINDS else f"skipped bad sample ({kind})"
+        if self.quiet:
+            return
         if self.attempts <= LOG_FIRST:
             log.warning("%s: shard %s key %s%s%s", what, shard, key, f": {detail}" if detail else "",
                         "; from now on one summary line every %d skips" % LOG_EVERY if self.attempts == LOG_FIRST else "")
