@@ -48,12 +48,15 @@ def has_transformer_engine() -> bool:
 
 
 def has_flash_attn() -> bool:
+    """flash-attn 2's two kernels, the API model.attention.FlashAttention calls. flash-attn-4
+    installs a ``flash_attn`` namespace package holding only ``flash_attn.cute``, so finding the
+    package is not enough."""
     if not has_cuda() or not _importable("flash_attn"):
         return False
     try:
-        import flash_attn  # noqa: F401
+        from flash_attn import flash_attn_func, flash_attn_varlen_func  # noqa: F401
     except (ImportError, OSError, RuntimeError) as err:
-        log.warning("flash_attn is installed but does not import (%s); using torch SDPA", err)
+        log.warning("flash_attn is installed but lacks flash-attn 2's kernels (%s); using torch SDPA", err)
         return False
     return True
 

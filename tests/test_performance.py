@@ -245,6 +245,25 @@ def test_fp8_refused_without_transformer_engine(monkeypatch):
         choose_backends(cfg)
 
 
+@pytest.mark.parametrize("package, found", [
+    ({"cute/__init__.py": ""}, False),  # flash-attn-4: a namespace package with flash_attn.cute only
+    ({"__init__.py": "flash_attn_func = flash_attn_varlen_func = None\n"}, True),  # flash-attn 2
+])
+def test_flash_attn_means_flash_attn_2s_kernels(tmp_path, monkeypatch, caplog, package, found):
+    import goku_megatron.platform
+
+    for name, text in package.items():
+        (tmp_path / "flash_attn" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "flash_attn" / name).write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m == "flash_attn" or m.startswith("flash_attn.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(goku_megatron.platform, "has_cuda", lambda: True)
+    with caplog.at_level("WARNING", logger="goku_megatron.platform"):
+        assert goku_megatron.platform.has_flash_attn() is found
+    assert ("lacks flash-attn 2's kernels" in caplog.text) is not found
+
+
 # --------------------------------------------------------------------------------------------
 # benchmarks/throughput.py
 
