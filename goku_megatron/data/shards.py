@@ -74,9 +74,9 @@ class BadSamples:
             raise ValueError(f"unknown bad-sample kind {kind!r}; expected one of {BAD_KINDS + ADVISORY_KINDS}")
         self.seen.setdefault(kind, set()).add((str(shard), key))
         self.attempts += 1
-        what = "unreadable .json, sample kept" if kind in ADVISORY_KINDS else f"skipped bad sample ({kind})"
         if self.quiet:
             return
+        what = "unreadable .json, sample kept" if kind in ADVISORY_KINDS else f"skipped bad sample ({kind})"
         if self.attempts <= LOG_FIRST:
             log.warning("%s: shard %s key %s%s%s", what, shard, key, f": {detail}" if detail else "",
                         "; from now on one summary line every %d skips" % LOG_EVERY if self.attempts == LOG_FIRST else "")
