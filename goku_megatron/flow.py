@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 
 from goku_megatron.batch import Pack
+from goku_megatron.config import TIMESTEP_SAMPLERS
 
 __all__ = [
-    "TIMESTEP_KINDS",
     "caption_dropout_mask",
     "euler_sample",
     "first_frame_condition",
@@ -34,8 +34,6 @@ __all__ = [
     "shift_timesteps",
     "velocity_target",
 ]
-
-TIMESTEP_KINDS = ("uniform", "logit_normal")
 
 # Keeps training timesteps off the endpoints, where the loss carries no signal (t = 0) or the
 # interpolant is exactly the data (t = 1).
@@ -92,18 +90,21 @@ def sample_timesteps(
 ) -> Tensor:
     """Draw ``n`` training timesteps in the open interval (0, 1), float32, shape ``[n]``.
 
-    ``logit_normal`` (``sigmoid(N(logit_mean, logit_std))``) concentrates samples at
-    intermediate t, where the velocity is hardest to predict (SD3). Sampling happens on the
+    ``kind`` is one of ``config.TIMESTEP_SAMPLERS``. ``logit_normal`` concentrates samples at
+    intermediate t, where the velocity is hardest to predict (SD3). Its parameters follow SD3:
+    the noise level ``sigma = 1 - t`` is ``sigmoid(N(logit_mean, logit_std))``, i.e.
+    ``t = sigmoid(-logit_mean + logit_std * z)``, so a positive ``logit_mean`` puts more steps
+    near the noise end (median ``t = sigmoid(-logit_mean)`` < 0.5). Sampling happens on the
     generator's device so a CPU generator stays usable for GPU training, then moves to ``device``.
     """
-    if kind not in TIMESTEP_KINDS:
-        raise ValueError(f"unknown timestep kind {kind!r}; expected one of {TIMESTEP_KINDS}")
+    if kind not in TIMESTEP_SAMPLERS:
+        raise ValueError(f"unknown timestep kind {kind!r}; expected one of {TIMESTEP_SAMPLERS}")
     sample_device = generator.device if generator is not None else device
     if kind == "uniform":
         t = torch.rand(n, generator=generator, device=sample_device)
     else:
         z = torch.randn(n, generator=generator, device=sample_device)
-        t = torch.sigmoid(logit_mean + logit_std * z)
+        t = torch.sigmoid(-logit_mean + logit_std * z)
     t = t.clamp(_T_EPS, 1.0 - _T_EPS)
     return shift_timesteps(t, shift).to(device)
 

@@ -9,6 +9,7 @@ import torch
 from numerics import assert_close_to_scale
 
 from goku_megatron.batch import Pack, PackSample, build_pack
+from goku_megatron.config import TIMESTEP_SAMPLERS
 from goku_megatron.flow import (
     caption_dropout_mask,
     euler_sample,
@@ -187,7 +188,7 @@ def test_interpolate_rejects_bad_t_shape() -> None:
 # ----------------------------------------------------------------------------- timesteps
 
 
-@pytest.mark.parametrize("kind", ["uniform", "logit_normal"])
+@pytest.mark.parametrize("kind", TIMESTEP_SAMPLERS)
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 def test_timesteps_in_open_interval(kind: str, shift: float) -> None:
     # logit_std=50 saturates float32 sigmoid to exactly 0 and 1, so this checks the clamp.
@@ -197,7 +198,7 @@ def test_timesteps_in_open_interval(kind: str, shift: float) -> None:
     assert (t > 0).all() and (t < 1).all()
 
 
-@pytest.mark.parametrize("kind", ["uniform", "logit_normal"])
+@pytest.mark.parametrize("kind", TIMESTEP_SAMPLERS)
 def test_timesteps_reproducible(kind: str) -> None:
     a = sample_timesteps(64, kind, generator=_gen(8))
     b = sample_timesteps(64, kind, generator=_gen(8))
@@ -206,14 +207,41 @@ def test_timesteps_reproducible(kind: str) -> None:
     assert not torch.equal(a, c)
 
 
-@pytest.mark.parametrize(("mean", "std"), [(0.0, 1.0), (-0.5, 1.3)])
+@pytest.mark.parametrize(("mean", "std"), [(0.0, 1.0), (0.5, 1.3), (-0.5, 1.3)])
 def test_logit_normal_statistics(mean: float, std: float) -> None:
     t = sample_timesteps(N_DRAWS, "logit_normal", logit_mean=mean, logit_std=std, generator=_gen(10))
-    logit = torch.logit(t.double())
-    assert abs(logit.mean().item() - mean) < 0.02
-    assert abs(logit.std().item() - std) < 0.02
+    # SD3's convention: logit_mean/logit_std are those of the logit of the noise level 1 - t.
+    noise_logit = -torch.logit(t.double())
+    assert abs(noise_logit.mean().item() - mean) < 0.02
+    assert abs(noise_logit.std().item() - std) < 0.02
     if mean == 0.0:
         assert abs(t.median().item() - 0.5) < 0.02
+
+
+@pytest.mark.parametrize(("mean", "std"), [(0.5, 1.0), (1.0, 1.3)])
+def test_logit_normal_positive_mean_leans_to_noise(mean: float, std: float) -> None:
+    """A positive logit_mean (SD3) puts the median below 0.5, at sigmoid(-mean): nearer t = 0,
+    which is noise (interpolate(x1, x0, 0) == x0)."""
+    t = sample_timesteps(N_DRAWS, "logit_normal", logit_mean=mean, logit_std=std, generator=_gen(16))
+    z = torch.randn(N_DRAWS, generator=_gen(16))  # the sampler's own draw from the same generator
+    exact = torch.sigmoid(-mean + std * z.double()).clamp(1e-5, 1 - 1e-5)  # float64 reference
+    # One fp32 elementwise pass (fma, sigmoid) from the same z: a few ulps on any SIMD kernel.
+    assert_close_to_scale(t, exact, ulps=4)
+    assert_close_to_scale(t.median(), exact.median(), ulps=4)
+    # The median of N draws of z is 0 within ~1.25 / sqrt(N) = 0.004 (one standard error): its t
+    # is sigmoid(-mean) within 0.25 * std * 0.004, so 0.01 is several standard errors.
+    median = exact.median().item()
+    assert median < 0.5
+    assert abs(median - 1.0 / (1.0 + math.exp(mean))) < 0.01
+
+
+def test_logit_mean_sign_flip_keeps_the_old_draws() -> None:
+    """Before issue 16 the key meant the logit of t; its old value -m is now m, bit for bit."""
+    old_mean, std = -0.5, 1.0
+    z = torch.randn(64, generator=_gen(17))
+    old = torch.sigmoid(old_mean + std * z).clamp(1e-5, 1 - 1e-5)
+    new = sample_timesteps(64, "logit_normal", logit_mean=-old_mean, logit_std=std, generator=_gen(17))
+    assert torch.equal(new, old)
 
 
 def test_uniform_mean() -> None:
@@ -221,7 +249,7 @@ def test_uniform_mean() -> None:
     assert abs(t.mean().item() - 0.5) < 0.01
 
 
-@pytest.mark.parametrize("kind", ["uniform", "logit_normal"])
+@pytest.mark.parametrize("kind", TIMESTEP_SAMPLERS)
 def test_shift_lowers_mean_timestep(kind: str) -> None:
     base = sample_timesteps(N_DRAWS, kind, generator=_gen(12))
     shifted = sample_timesteps(N_DRAWS, kind, shift=3.0, generator=_gen(12))

@@ -1,9 +1,10 @@
 """3D rotary position embedding over (t, h, w) patch-grid coordinates.
 
 The head dimension's rotary pairs are split across the three axes: a quarter for time, the rest
-shared between height and width (GOKU.md: assumed split). Pairs are interleaved, i.e. pair j is
-(x[..., 2j], x[..., 2j+1]), as in the Goku reference block. Positions are given per token, so a
-packed sequence simply carries each sample's own grid coordinates (batch.grid_positions).
+shared between height and width (an assumed split: docs/model.md, "3D RoPE"). Pairs are
+interleaved, i.e. pair j is (x[..., 2j], x[..., 2j+1]), as in the Goku reference block. Positions
+are given per token, so a packed sequence simply carries each sample's own grid coordinates
+(batch.grid_positions).
 """
 
 from __future__ import annotations
