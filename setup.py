@@ -32,6 +32,7 @@ setup(
         "webdataset",
         "av",
         "pillow",
+        "safetensors",  # goku-data convert-checkpoint
     ],
     extras_require={
         "data": DATA,
@@ -42,10 +43,11 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "goku-train=goku_megatron.train:main",
-            "goku-sample=goku_megatron.sample:main",
-            "goku-eval=goku_megatron.evaluation:main",
-            "goku-plan=goku_megatron.planner:main",
+            "goku-train=goku_megatron.cli.train:main",
+            "goku-sample=goku_megatron.cli.sample:main",
+            "goku-eval=goku_megatron.cli.eval:main",
+            "goku-plan=goku_megatron.cli.plan:main",
+            "goku-data=goku_megatron.cli.data:main",
         ]
     },
 )

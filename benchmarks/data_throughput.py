@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from goku_megatron.data import dali
-from goku_megatron.data.decode import DALI_CPU_CODECS, FrameSpec, decode_sample, probe_video
+from goku_megatron.data.decode import DALI_CPU_CODECS, decode_sample, probe_video
+from goku_megatron.data.frames import FrameSpec
 from goku_megatron.data.shards import (
     VIDEO_EXTS,
     BadSamples,

@@ -33,14 +33,15 @@ def main() -> None:
     from goku_megatron.config import load_config, validate
     from goku_megatron.data.encoders import run_text_encoder
     from goku_megatron.data.pipeline import Prepared, noised_pack
-    from goku_megatron.platform import has_cuda
+    from goku_megatron.platform import choose_backends, has_cuda
     from goku_megatron.train import setup, train_step
 
     cfg = load_config(None, ["train.global_batch_size=4", "train.micro_batch_size=4", *args.overrides])
     validate(cfg, 1, has_cuda=has_cuda())
     cpu_compat.apply()
-    training = setup(cfg)
-    backends, model = training.backends, training.model
+    backends = choose_backends(cfg)
+    training = setup(cfg, backends)
+    model = training.model
     encoder = run_text_encoder(cfg)
     device = torch.device("cuda" if backends.device == "cuda" else "cpu")
     b, mbs = cfg.train.global_batch_size, cfg.train.micro_batch_size

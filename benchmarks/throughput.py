@@ -84,7 +84,7 @@ class PlainAttention(torch.nn.Module):
 
 
 class PlainGokuBlock(torch.nn.Module):
-    """The Goku block (GOKU.md, "The block") in torch.nn alone, with the layer's parameter names.
+    """The Goku block (docs/model.md, "The block") in torch.nn alone, with the layer's parameter names.
 
     adaLN-Zero modulation from SiLU(t); LayerNorm + modulated self-attention, gated; RMSNorm +
     cross-attention to the caption (RoPE on queries), ungated; RMSNorm + modulated GELU(tanh) MLP,
@@ -178,7 +178,7 @@ def run_ours(cfg: Config, base_precision: str, grid: tuple[int, int, int], budge
     from goku_megatron.model.rope import rope_angles
     from goku_megatron.model.specs import layer_spec
     from goku_megatron.platform import choose_backends
-    from goku_megatron.train import build_transformer_config
+    from goku_megatron.model.build import build_transformer_config
 
     m = cfg.model
     backends = dataclasses.replace(choose_backends(cfg), precision=base_precision)

@@ -48,14 +48,17 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from megatron.core import dist_checkpointing
+from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 from goku_megatron.config import Config, ConfigError
 from goku_megatron.ema import EMA, EMA_PREFIX, MODEL_PREFIX
 from goku_megatron.model.goku import iter_stage_models
 
-log = logging.getLogger("goku_megatron")
+log = logging.getLogger(__name__)
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -142,8 +145,6 @@ class TrainingState:
 
 def layout() -> dict[str, int]:
     """This process group's parallel layout, as recorded in a checkpoint's manifest."""
-    from megatron.core import parallel_state
-
     return {"tp": parallel_state.get_tensor_model_parallel_world_size(),
             "pp": parallel_state.get_pipeline_model_parallel_world_size(),
             "cp": parallel_state.get_context_parallel_world_size(),
@@ -206,16 +207,12 @@ def _device() -> torch.device:
 
 
 def _rng_state() -> dict[str, Any]:
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
             "tracker": {k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()}}
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -247,12 +244,24 @@ class Checkpointer:
     one async save is in flight: a new save first waits for the previous one.
     """
 
-    def __init__(self, run_dir: Path, keep_last: int = 0, async_save: bool = False) -> None:
+    def __init__(self, run_dir: Path, keep_last: int = 0, async_save: bool = False, interval: int = 0,
+                 last_step: int = 0) -> None:
         self.run_dir = Path(run_dir)
         self.root = self.run_dir / "checkpoints"
         self.keep_last = keep_last
         self.async_save = async_save
+        self.interval, self.last_step = interval, last_step  # train.save_interval, train.steps
         self._queue: Any = None
+
+    def due(self, step: int, stopping: bool = False) -> bool:
+        """The training loop's question: save after ``step``? Every ``interval`` steps, at the
+        last step, and when the run stops (a signal)."""
+        return stopping or step == self.last_step or bool(self.interval and step % self.interval == 0)
+
+    def must_block(self, step: int, stopping: bool = False) -> bool:
+        """A save the process exits after (the last step, a stop) is written before ``save``
+        returns; the others may be async."""
+        return stopping or step == self.last_step
 
     def remove_leftovers(self) -> None:
         """Deal with the ``.partial`` directories of saves a crash interrupted (rank 0, at
@@ -277,8 +286,6 @@ class Checkpointer:
         """Write checkpoint ``step``; returns the seconds training was blocked (for an async save:
         waiting for the previous one, planning, the common part and the snapshot of the tensors;
         the write itself overlaps the next steps). ``blocking`` forces a synchronous save."""
-        from megatron.core import parallel_state
-
         start = time.perf_counter()
         self.wait()
         final = checkpoint_dir(self.run_dir, step)
@@ -343,10 +350,8 @@ class Checkpointer:
             self._queue = None
 
     def _async_queue(self) -> Any:
-        # Not persistent: the persistent worker hangs on CPU (DESIGN.md); a forked writer per save
-        # also snapshots the tensors at fork time, so training may change them right away.
-        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
-
+        # Not persistent: the persistent worker hangs on CPU (docs/checkpointing.md); a forked writer
+        # per save also snapshots the tensors at fork time, so training may change them right away.
         if self._queue is None:
             self._queue = AsyncCallsQueue(persistent=False)
         return self._queue
@@ -656,6 +661,29 @@ def load_checkpoint(path: Path, state: TrainingState) -> dict[str, Any]:
             "same_layout": same_layout}
 
 
+def restore(path: Path, state: TrainingState, guard: Any, loader: Any) -> tuple[int, int]:
+    """Resume a run: load checkpoint ``path`` into the training state, the step guard
+    (resilience.StepGuard) and the data loader (data.pipeline.PackedBatches); returns (step,
+    consumed samples). The loader continues exactly when the data-parallel size is the one it was
+    saved with; otherwise it starts over (one line says so)."""
+    info = load_checkpoint(path, state)
+    train_state = info["train_state"]
+    if "guard" in train_state:
+        guard.load_state_dict(train_state["guard"])
+    saved_dp = read_manifest(path)["layout"]["dp"]
+    loader_state = load_loader_state(path, parallel_state.get_data_parallel_rank())
+    if saved_dp != parallel_state.get_data_parallel_world_size():
+        log.warning("%s was saved with dp=%d, this run has dp=%d: the data order starts over",
+                    path.name, saved_dp, parallel_state.get_data_parallel_world_size())
+    elif loader_state is None:
+        log.warning("%s holds no data loader state: the data order starts over", path.name)
+    else:
+        loader.load_state_dict(loader_state)
+    log.info("resumed from %s: step %d, %d samples consumed", path, info["step"],
+             train_state.get("consumed_samples", 0))
+    return int(info["step"]), int(train_state.get("consumed_samples", 0))
+
+
 def _describe(lay: dict[str, int]) -> str:
     return " ".join(f"{k}={v}" for k, v in lay.items())
 
@@ -663,8 +691,6 @@ def _describe(lay: dict[str, int]) -> str:
 def _prepare_optimizer_for_loading(optimizer: Any) -> None:
     """A distributed optimizer builds its loading template from its own state, which a fresh one
     lacks: megatron's dummy step creates it (the values are then overwritten by the load)."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
     for part in _optimizer_parts(optimizer):
         if isinstance(part, DistributedOptimizer) and not part.optimizer.state:
             part._init_optimizer_states_with_dummy_values()
@@ -678,7 +704,8 @@ def _load_weights(model: list[torch.nn.Module], loaded: dict[str, Any], prefix: 
     missing, _ = stage.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state") and not k.startswith(new_layers)]
     if missing:
-        raise ValueError(f"checkpoint lacks weights for {missing[:3]}")
+        raise ConfigError(f"the checkpoint lacks weights for {missing[:3]}: it holds another model.* shape; "
+                          "use a checkpoint of this model")
 
 
 def _local_name(stage: Any, global_key: str) -> str:
@@ -701,7 +728,8 @@ def load_model_weights(path: Path, model: list[torch.nn.Module], ema: bool = Fal
             and (EMA_PREFIX + v.key[len(MODEL_PREFIX):] if ema else v.key) not in saved)}
     if ema:
         if not read_manifest(path)["parts"]["ema"]:
-            raise ValueError(f"{path}: no EMA weights in this checkpoint (checkpoint.ema_decay was 0)")
+            raise ConfigError(f"{path}: no EMA weights in this checkpoint (checkpoint.ema_decay was 0); "
+                              "load its trained weights instead (checkpoint.init_from_ema=false)")
         template = {EMA_PREFIX + k[len(MODEL_PREFIX):]: dataclasses.replace(
             sh, key=EMA_PREFIX + sh.key[len(MODEL_PREFIX):], data=torch.empty_like(sh.data, dtype=torch.float32),
             dtype=torch.float32) for k, sh in model_sd.items() if isinstance(sh, ShardedTensor)}

@@ -24,7 +24,8 @@ class ConfigError(ValueError):
     """A bad configuration value; the message is one line that names the field and the fix."""
 
 
-# Paper Table 1 (GOKU.md). Shared: latent channels 16, patch 1x2x2, FLAN-T5 XL text width 2048.
+# Paper Table 1 (docs/model.md, "Model sizes"). Shared: latent channels 16, patch 1x2x2, FLAN-T5 XL
+# text width 2048.
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "goku-1b": dict(num_layers=28, hidden_size=1152, ffn_hidden_size=4608, num_heads=16, text_dim=2048),
     "goku-2b": dict(num_layers=28, hidden_size=1792, ffn_hidden_size=7168, num_heads=28, text_dim=2048),
@@ -50,7 +51,7 @@ FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 
 @dataclass
 class ModelConfig:
-    """Goku transformer shape; see GOKU.md for what each field reproduces. The defaults are the
+    """Goku transformer shape; see docs/model.md for what each field reproduces. The defaults are the
     ``tiny`` preset, so ``Config()`` equals ``load_config()``."""
 
     preset: str = "tiny"
@@ -119,7 +120,12 @@ class ParallelConfig:
 
 @dataclass
 class FlowConfig:
-    """Rectified-flow training and sampling (GOKU.md, "Flow formulation")."""
+    """Rectified-flow training and sampling (docs/model.md, "Flow formulation").
+
+    ``logit_mean`` / ``logit_std`` parametrise the ``logit_normal`` timestep sampler the SD3 way:
+    the logit of the noise level ``1 - t`` is N(logit_mean, logit_std) (t = 0 is noise, t = 1 data),
+    so a positive mean puts more training steps near the noise end (median t = sigmoid(-mean)).
+    """
 
     timestep_sampling: str = "logit_normal"
     logit_mean: float = 0.0
@@ -132,10 +138,10 @@ class FlowConfig:
 
 @dataclass
 class StageConfig:
-    """One stage of a cascaded schedule (GOKU.md: 288x512 -> 480x864 -> 720x1280).
+    """One stage of a cascaded schedule (docs/model.md, "Training recipe": 288x512 -> 480x864 -> 720x1280).
 
-    A stage runs for ``steps`` optimizer steps on the shards at ``path`` (empty: data.path; GOKU.md's
-    Table 4 keeps one data tier per resolution); raw clips are decoded at ``fps``, cut to ``frames``
+    A stage runs for ``steps`` optimizer steps on the shards at ``path`` (empty: data.path; the
+    paper's Table 4 keeps one data tier per resolution); raw clips are decoded at ``fps``, cut to ``frames``
     and resized/centre-cropped to height x width; samples are packed into micro-batches of
     ``token_budget`` tokens, drawing an image instead of a clip with probability ``image_ratio``.
     """
@@ -153,10 +159,10 @@ class StageConfig:
 
 @dataclass
 class DataConfig:
-    """Training data. ``toy``: pixel-space clips from tools/make_toy_dataset.py, decoded like raw
+    """Training data. ``toy``: pixel-space clips from goku-data make-toy, decoded like raw
     shards, with the identity as their "VAE"; ``raw``: clip and image shards
-    (tools/prepare_shards.py) decoded and VAE-encoded online; ``latent``: shards of precomputed
-    latents and text embeddings (tools/precompute_latents.py). Every kind follows ``stages`` and
+    (goku-data prepare-shards) decoded and VAE-encoded online; ``latent``: shards of precomputed
+    latents and text embeddings (goku-data precompute-latents). Every kind follows ``stages`` and
     trains on packed sequences; a toy run's one stage is derived from the toy fields (toy_stage)."""
 
     kind: str = "toy"
@@ -535,25 +541,6 @@ def _validate_stages(cfg: Config) -> None:
         _require(0 <= s.image_ratio <= 1, f"{where}.image_ratio must be in [0, 1], got {s.image_ratio}")
 
 
-def _plan_layout(cfg: Config, world_size: int) -> None:
-    """parallel.auto: goku-plan's recommended layout in parallel.tp/cp/pp and model.recompute."""
-    from goku_megatron.planner import planned_stage, recommend  # the planner reads this module's presets
-
-    p = cfg.parallel
-    _require(p.tp == p.cp == p.pp == 1, f"parallel.auto picks tp, cp and pp itself (given tp={p.tp} cp={p.cp} "
-             f"pp={p.pp}): drop those overrides, or set parallel.auto=false to choose the layout yourself")
-    _require(cfg.data.kind != "toy" and bool(cfg.data.stages),
-             "parallel.auto plans for data.stages' token budgets; a toy run sets parallel.tp/cp/pp itself")
-    _require(p.gpu_memory_gb > 0, f"parallel.gpu_memory_gb must be positive, got {p.gpu_memory_gb}")
-    layout = recommend(cfg, world_size)
-    budget = planned_stage(cfg).token_budget
-    _require(layout is not None, f"parallel.auto: no layout of {world_size} GPUs x {p.gpu_memory_gb:g} GiB fits "
-             f"{cfg.model.preset} at {budget} tokens per pack (goku-plan --config ... lists the candidates); "
-             "use more GPUs or a smaller data.stages[].token_budget")
-    p.tp, p.cp, p.pp, cfg.model.recompute = layout.tp, layout.cp, layout.pp, layout.recompute
-    p.auto = False  # resolved: config.yaml and checkpoints record the layout itself
-
-
 def _validate_checkpoint(c: CheckpointConfig) -> None:
     _require(c.resume in RESUME_MODES or Path(c.resume).exists(),
              f"checkpoint.resume={c.resume}: no such file or directory; give a run directory or its "
@@ -652,12 +639,8 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> None:
                               f"with torchrun")
     for name in ("tp", "pp", "cp"):
         _require(getattr(p, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(p, name)}")
-    if p.auto:
-        _require(m.recompute_granularity == "full",
-                 f"parallel.auto plans memory for full activation recompute, not "
-                 f"model.recompute_granularity={m.recompute_granularity}; set it to full or choose the layout "
-                 f"yourself (parallel.auto=false)")
-        _plan_layout(cfg, world_size)
+    _require(not p.auto, "parallel.auto=true: the layout is chosen by goku_megatron.planner.resolve_layout, "
+             "which every command runs before validation; call it first (or set parallel.auto=false)")
     if p.cp > 1:  # context parallelism splits each sequence over cp ranks (model/context_parallel.py)
         # Transformer Engine's CP attention (attention_backend te, or auto on GPU) cuts every
         # sequence into 2*cp chunks; Ulysses all-to-all (any other backend) splits heads over cp.

@@ -27,11 +27,14 @@ import importlib
 import importlib.abc
 import importlib.machinery
 import logging
+import multiprocessing
 import sys
 import types
 from typing import Any, Callable, Iterable
 
 import torch
+
+from goku_megatron.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -184,8 +187,6 @@ def forked_write_results_queue() -> Any:
     """
     global _write_results_queue
     if _write_results_queue is None:
-        import multiprocessing
-
         _write_results_queue = multiprocessing.get_context("fork").Manager().Queue()
     return _write_results_queue
 
@@ -295,7 +296,7 @@ def check_version() -> None:
     from megatron.core import package_info
 
     if package_info.__version__ != MEGATRON_CORE_VERSION:
-        raise RuntimeError(
+        raise ConfigError(
             f"goku_megatron.cpu_compat was written for megatron-core {MEGATRON_CORE_VERSION} but "
             f"{package_info.__version__} is installed: install megatron-core=={MEGATRON_CORE_VERSION} "
             f"or update the patches and run tests/test_cpu_compat.py"
@@ -387,5 +388,5 @@ def apply(force: bool = False) -> bool:
     _wrap_method(DistributedOptimizer, "_set_main_param_and_optimizer_states", keep_torch_adam_step)
     _wrap_method(DistributedOptimizer, "load_state_dict", own_torch_adam_steps)
     _applied = True
-    log.info("megatron-core %s adapted to CPU (goku_megatron.cpu_compat)", MEGATRON_CORE_VERSION)
+    log.debug("megatron-core %s adapted to CPU (the backends: line says so too)", MEGATRON_CORE_VERSION)
     return True

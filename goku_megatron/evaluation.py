@@ -25,12 +25,9 @@ validation split at fixed timesteps and fixed noise, comparable across runs and 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import logging
 import math
-import sys
+import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,7 +39,7 @@ import torch
 
 from goku_megatron import flow
 from goku_megatron.batch import Pack, pack_batch
-from goku_megatron.config import ConfigError
+from goku_megatron.config import Config, ConfigError
 from goku_megatron.data.toy import (
     BACKGROUND,
     COLORS,
@@ -56,7 +53,8 @@ from goku_megatron.data.toy import (
     shape_mask,
     shape_size,
 )
-from goku_megatron.sample import SampleSpec, Sampler, SamplerBase, to_uint8
+from goku_megatron.media import to_uint8
+from goku_megatron.sample import LiveSampler, SampleSpec, SamplerBase, run_spec
 
 ATTRIBUTES = ("color", "shape", "direction")
 # Picking uniformly at random; "all" is every attribute right at once.
@@ -270,7 +268,7 @@ def validation_loss(
     return out
 
 
-# ----------------------------------------------------------------------------------------- the CLI
+# ------------------------------------------------------------------------- in goku-eval and training
 
 
 def evaluate(sampler: SamplerBase, spec: SampleSpec, val: ToyValidation, samples_per_prompt: int = 1
@@ -294,43 +292,6 @@ def eval_scalars(bench: dict[str, Any], losses: dict[str, float]) -> dict[str, f
     return {**out, **{f"eval/{name}": value for name, value in losses.items()}}
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="goku-eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    shapes = commands.add_parser("shapes", help="ShapesBench prompt adherence and validation loss of a toy run")
-    shapes.add_argument("--checkpoint", required=True, type=Path, help="run directory or checkpoints/iter_N")
-    shapes.add_argument("--out", type=Path, default=Path("shapes_report.json"), help="JSON report to write")
-    shapes.add_argument("--samples-per-prompt", type=_positive_int, default=4)
-    shapes.add_argument("--steps", type=_positive_int, default=None, help="Euler steps (default flow.sample_steps)")
-    shapes.add_argument("--cfg-scale", type=float, default=None, help="guidance (default flow.cfg_scale)")
-    shapes.add_argument("--seed", type=int, default=0, help="sampling seed; repeat r uses seed + r")
-    shapes.add_argument("--data", type=Path, default=None,
-                        help="toy dataset whose val/ split gives the validation loss (default: the run's data.path)")
-    return parser.parse_args(argv)
-
-
-def _load(args: argparse.Namespace) -> tuple[Sampler, SampleSpec, Path]:
-    """The checkpoint's sampler, the sampling spec and the dataset, checked before any sampling."""
-    sampler = Sampler(args.checkpoint)
-    cfg = sampler.cfg
-    d = cfg.data
-    if d.kind != "toy" or cfg.model.i2v:
-        raise ValueError(f"{sampler.checkpoint}: a data.kind={d.kind}, model.i2v={cfg.model.i2v} run; ShapesBench "
-                         "scores text-to-video toy runs: pass the checkpoint of one")
-    return sampler, SampleSpec(
-        frames=d.toy_frames, height=d.toy_size, width=d.toy_size, steps=args.steps or cfg.flow.sample_steps,
-        cfg_scale=cfg.flow.cfg_scale if args.cfg_scale is None else args.cfg_scale, seed=args.seed,
-    ), args.data or Path(d.path)
-
-
 def format_table(report: dict[str, Any]) -> str:
     """The report's headline numbers: accuracy per attribute, seen vs held out, and the val loss."""
     def cell(value: float | None, digits: int = 3) -> str:
@@ -348,39 +309,27 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def shapes_main(args: argparse.Namespace) -> int:
-    try:
-        sampler, spec, data = _load(args)
-        val = read_validation(data)
-        if tuple(val.pixels.shape[2:]) != (spec.frames, spec.height, spec.width):
-            raise ValueError(f"{data}: validation clips are (T, H, W) = {tuple(val.pixels.shape[2:])}, the run's "
-                             f"{(spec.frames, spec.height, spec.width)}; pass --data with the run's toy dataset")
-    except (FileNotFoundError, ConfigError, ValueError) as err:
-        print(f"goku-eval: error: {err}", file=sys.stderr)
-        return 2
-    bench, losses = evaluate(sampler, spec, val, args.samples_per_prompt)
-    report = {
-        "checkpoint": str(sampler.checkpoint),
-        "step": sampler.step,
-        "sampling": {"samples_per_prompt": args.samples_per_prompt, "steps": spec.steps,
-                     "cfg_scale": spec.cfg_scale, "seed": spec.seed},
-        "validation": {"data": str(data), "clips": len(val.keys), "held_out_clips": sum(val.held_out),
-                       "timesteps": list(VAL_TIMESTEPS), **losses},
-        **bench,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(format_table(report))
-    print(f"wrote {args.out}")
-    return 0
+class Evaluator:
+    """train.eval_interval: the loop's evaluation component. Every ``train.eval_interval`` steps and
+    at the last step it runs ``evaluate`` on the model being trained (a LiveSampler) and the run's
+    toy validation split, read once here, so a missing split fails before the model is built."""
 
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.interval = cfg.train.eval_interval
+        self.validation: ToyValidation | None = None
+        if self.interval:
+            try:
+                self.validation = read_validation(Path(cfg.data.path))
+            except (FileNotFoundError, ValueError) as err:
+                raise ConfigError(f"train.eval_interval={self.interval} evaluates on the toy validation split: "
+                                  f"{err}") from None
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stdout)
-    return shapes_main(args)
+    def due(self, step: int) -> bool:
+        return bool(self.interval) and (step % self.interval == 0 or step == self.cfg.train.steps)
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    def run(self, step: int, live: LiveSampler) -> dict[str, float]:
+        """The ``eval/...`` scalars at ``step`` (eval_scalars), with the seconds evaluation took."""
+        start = time.perf_counter()
+        bench, losses = evaluate(live, run_spec(self.cfg, step), self.validation, self.cfg.train.eval_samples_per_prompt)
+        return {**eval_scalars(bench, losses), "eval/time_s": time.perf_counter() - start}

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
+import resource
 import time
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("goku_megatron")
+import torch
+from PIL import Image
+from tensorboard.compat.proto.summary_pb2 import Summary
+from torch.utils.tensorboard import SummaryWriter
+
+from goku_megatron.media import slug, to_uint8, write_media
+
+log = logging.getLogger(__name__)
 
 
 def format_duration(seconds: float) -> str:
@@ -22,14 +31,10 @@ def format_duration(seconds: float) -> str:
 def memory_metrics(device: Any) -> dict[str, float]:
     """Memory scalars: on GPU the peak allocated and the reserved memory since the last call (the
     peak is reset), on CPU the process's peak resident set size."""
-    import torch
-
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**30
         torch.cuda.reset_peak_memory_stats(device)
         return {"gpu_mem_peak_gib": peak, "gpu_mem_reserved_gib": torch.cuda.memory_reserved(device) / 2**30}
-    import resource
-
     return {"max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
 
 
@@ -48,11 +53,6 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
 def gif_summary(tag: str, frames: Any, fps: int) -> Any:
     """A TensorBoard image summary holding uint8 frames [T, H, W, 3] as an animated GIF, the form
     TensorBoard plays (what SummaryWriter.add_video writes, without its moviepy dependency)."""
-    import io
-
-    from PIL import Image
-    from tensorboard.compat.proto.summary_pb2 import Summary
-
     images = [Image.fromarray(frame) for frame in frames]
     buffer = io.BytesIO()
     images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:],
@@ -65,19 +65,23 @@ def gif_summary(tag: str, frames: Any, fps: int) -> Any:
 class MetricsLogger:
     """Writes one JSON object per logged step and the same scalars to TensorBoard."""
 
-    def __init__(self, run_dir: Path, total_steps: int, enabled: bool) -> None:
+    def __init__(self, run_dir: Path, total_steps: int, enabled: bool, interval: int = 1) -> None:
         self.run_dir = run_dir
         self.total_steps = total_steps
+        self.interval = interval  # train.log_interval
         self.enabled = enabled
         self.start = time.perf_counter()
         self._jsonl = None
         self._tb = None
         if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
             run_dir.mkdir(parents=True, exist_ok=True)
             self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
             self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def due(self, step: int, forced: bool = False) -> bool:
+        """The training loop's question: log ``step``? Every ``interval`` steps, the first and the
+        last, and ``forced`` (a step that saved or evaluated, so its record holds those numbers)."""
+        return forced or step % self.interval == 0 or step in (1, self.total_steps)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -110,8 +114,6 @@ class MetricsLogger:
         an animated GIF in TensorBoard's images tab (tag ``samples/<prompt>``)."""
         if not self.enabled:
             return
-        from goku_megatron.sample import slug, to_uint8, write_media
-
         folder = self.run_dir / "samples" / f"step_{step:07d}"
         folder.mkdir(parents=True, exist_ok=True)
         for i, (prompt, sample) in enumerate(zip(prompts, pixels)):

@@ -34,12 +34,10 @@ overlapped with the backward pass. These are estimates to rank layouts, not meas
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 from dataclasses import dataclass
 
-from goku_megatron.config import MODEL_PRESETS, Config, ModelConfig, StageConfig
+from goku_megatron.config import Config, ConfigError, ModelConfig, StageConfig
 from goku_megatron.flops import forward_flops
 
 GIB = 1024**3
@@ -203,66 +201,31 @@ def recommend(cfg: Config, gpus: int) -> Layout | None:
     return ranked[0][0].layout if ranked and ranked[0][1] else None
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="goku-plan", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="plan a recipe (or YAML): its model, its largest stage's packs and "
-                                         "its global batch, as parallel.auto does; the shape options are ignored")
-    parser.add_argument("--preset", default="goku-8b", choices=sorted(MODEL_PRESETS))
-    parser.add_argument("--gpus", type=int, required=True)
-    parser.add_argument("--gpu-memory-gb", type=float, default=80.0)
-    parser.add_argument("--tokens", type=int, help="tokens per pack (or give --frames/--height/--width)")
-    parser.add_argument("--frames", type=int, default=33)
-    parser.add_argument("--height", type=int, default=720)
-    parser.add_argument("--width", type=int, default=1280)
-    parser.add_argument("--samples-per-pack", type=int, default=1)
-    parser.add_argument("--global-packs", type=int, default=256, help="packs per optimizer step")
-    parser.add_argument("--efficiency", type=float, default=0.4, help="assumed fraction of bf16 peak")
-    parser.add_argument("--top", type=int, default=10)
-    args = parser.parse_args(argv)
-
-    if args.config:
-        from goku_megatron.config import ConfigError, load_config
-
-        try:
-            cfg = load_config(args.config)
-        except ConfigError as err:
-            print(f"goku-plan: error: {err}", file=sys.stderr)
-            return 2
-        if not cfg.data.stages:
-            print(f"goku-plan: error: {args.config} has no data.stages to plan for", file=sys.stderr)
-            return 2
-        model = cfg.model
-        work = stage_workload(cfg, planned_stage(cfg))
-        args.preset, args.global_packs = model.preset, work.global_packs
-    else:
-        model = ModelConfig(preset=args.preset, **MODEL_PRESETS[args.preset])
-        tokens = args.tokens or args.samples_per_pack * tokens_for(model, args.frames, args.height, args.width)
-        work = Workload(tokens=tokens, samples_per_pack=args.samples_per_pack, global_packs=args.global_packs)
-    tokens = work.tokens
-    hw = Hardware(gpus=args.gpus, memory_bytes=args.gpu_memory_gb * GIB, efficiency=args.efficiency)
-    ranked = plan(model, work, hw)
-    if not ranked:
-        print(f"goku-plan: error: no TP/CP/PP layout divides {args.gpus} GPUs for {args.preset}", file=sys.stderr)
-        return 2
-    print(f"# {args.preset}: {tokens} tokens per pack, {args.global_packs} packs per step, {args.gpus} GPUs "
-          f"x {args.gpu_memory_gb:g} GiB, efficiency {args.efficiency:g} (estimates, see goku-plan --help)")
-    print(f"{'tp':>3} {'cp':>3} {'pp':>3} {'dp':>4} {'recompute':>9} {'weights GiB':>11} {'acts GiB':>9} "
-          f"{'total GiB':>9} {'step s':>8}  fits")
-    for est, fits in ranked[: args.top]:
-        lay = est.layout
-        print(f"{lay.tp:>3} {lay.cp:>3} {lay.pp:>3} {lay.dp:>4} {str(lay.recompute):>9} "
-              f"{est.weights_bytes / GIB:>11.1f} {est.activation_bytes / GIB:>9.1f} "
-              f"{est.memory_bytes / GIB:>9.1f} {est.step_time_s:>8.2f}  {'yes' if fits else 'no'}")
-    best, fits = ranked[0]
-    if not fits:
-        print("recommendation: none fits; add GPUs, lower the token budget, or pack fewer samples")
-        return 1
-    lay = best.layout
-    print(f"recommendation: parallel.tp={lay.tp} parallel.cp={lay.cp} parallel.pp={lay.pp} "
-          f"model.recompute={str(lay.recompute).lower()}  (dp={lay.dp})")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def resolve_layout(cfg: Config, world_size: int) -> None:
+    """parallel.auto: write the recommended layout into parallel.tp/cp/pp and model.recompute, and
+    clear parallel.auto, so that config.validate checks (and config.yaml and checkpoints record)
+    the layout itself. Every command calls this before validation; a no-op without parallel.auto.
+    Raises ConfigError (one line) when the recipe cannot be planned or nothing fits."""
+    p = cfg.parallel
+    if not p.auto:
+        return
+    if cfg.model.recompute_granularity != "full":
+        raise ConfigError(f"parallel.auto plans memory for full activation recompute, not "
+                          f"model.recompute_granularity={cfg.model.recompute_granularity}; set it to full or "
+                          f"choose the layout yourself (parallel.auto=false)")
+    if not p.tp == p.cp == p.pp == 1:
+        raise ConfigError(f"parallel.auto picks tp, cp and pp itself (given tp={p.tp} cp={p.cp} pp={p.pp}): drop "
+                          f"those overrides, or set parallel.auto=false to choose the layout yourself")
+    if cfg.data.kind == "toy" or not cfg.data.stages:
+        raise ConfigError("parallel.auto plans for data.stages' token budgets; a toy run sets parallel.tp/cp/pp itself")
+    if p.gpu_memory_gb <= 0:
+        raise ConfigError(f"parallel.gpu_memory_gb must be positive, got {p.gpu_memory_gb}")
+    if world_size < 1:
+        raise ConfigError(f"world size must be >= 1, got {world_size}; pass --world-size N or launch with torchrun")
+    layout = recommend(cfg, world_size)
+    if layout is None:
+        raise ConfigError(f"parallel.auto: no layout of {world_size} GPUs x {p.gpu_memory_gb:g} GiB fits "
+                          f"{cfg.model.preset} at {planned_stage(cfg).token_budget} tokens per pack (goku-plan "
+                          f"--config ... lists the candidates); use more GPUs or a smaller data.stages[].token_budget")
+    p.tp, p.cp, p.pp, cfg.model.recompute = layout.tp, layout.cp, layout.pp, layout.recompute
+    p.auto = False

@@ -18,8 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from megatron.core import optimizer as mcore_optimizer
+from megatron.core import parallel_state, tensor_parallel
 
-from goku_megatron.config import Config
+from goku_megatron.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +76,18 @@ class Backends:
     precision: str
 
     def describe(self) -> str:
-        return (f"device={self.device} distributed={self.distributed} linear={self.linear} "
+        """The one ``backends:`` log line. It restates the fallbacks megatron-core warns about at
+        import (no Transformer Engine or apex: local linears, torch's AdamW), which
+        goku_megatron/logs.py therefore folds away, and says when cpu_compat adapts megatron."""
+        device = f"{self.device} (megatron-core adapted by cpu_compat)" if self.device == "cpu" else self.device
+        linear = f"{self.linear} (megatron-core, no Transformer Engine)" if self.linear == "local" else self.linear
+        return (f"device={device} distributed={self.distributed} linear={linear} "
                 f"attention={self.attention} optimizer={self.optimizer} data={self.data} "
                 f"precision={self.precision}")
 
 
 def optimizer_backend() -> str:
     """Which Adam megatron-core picked at import: TE/apex fused kernels or the torch fallback."""
-    from megatron.core import optimizer as mcore_optimizer
-
     if mcore_optimizer.USING_PYTORCH_OPTIMIZER:
         return "torch.optim.AdamW (megatron-core fallback)"
     return f"{mcore_optimizer.Adam.__module__}.{mcore_optimizer.Adam.__name__}"
@@ -100,32 +105,32 @@ def check_fp8_recipe(recipe: str, capability: tuple[int, int], device_name: str)
     if tuple(capability) < need:
         alternative = ("model.fp8_recipe=tensorwise (or blockwise, delayed)" if recipe == "mxfp8"
                        else "model.fp8='' (bf16)")
-        raise RuntimeError(f"model.fp8_recipe={recipe} needs compute capability >= {need[0]}.{need[1]} but "
-                           f"{device_name} has {capability[0]}.{capability[1]}; use {alternative}")
+        raise ConfigError(f"model.fp8_recipe={recipe} needs compute capability >= {need[0]}.{need[1]} but "
+                          f"{device_name} has {capability[0]}.{capability[1]}; use {alternative}")
 
 
 def choose_backends(cfg: Config) -> Backends:
     cuda = has_cuda()
     te = has_transformer_engine()
     if cfg.model.linear_backend == "te" and not te:
-        raise RuntimeError("model.linear_backend=te but transformer_engine is not importable; "
-                           "install it (NGC PyTorch container) or use model.linear_backend=auto")
+        raise ConfigError("model.linear_backend=te but transformer_engine is not importable; "
+                          "install it (NGC PyTorch container) or use model.linear_backend=auto")
     linear = "te" if cfg.model.linear_backend == "te" or (cfg.model.linear_backend == "auto" and te) else "local"
     if cfg.model.fp8:
         if linear != "te":
-            raise RuntimeError(f"model.fp8={cfg.model.fp8} runs in Transformer Engine's linears but "
-                               "transformer_engine is not importable; install it (NGC PyTorch container) "
-                               "or set model.fp8=''")
+            raise ConfigError(f"model.fp8={cfg.model.fp8} runs in Transformer Engine's linears but "
+                              "transformer_engine is not importable; install it (NGC PyTorch container) "
+                              "or set model.fp8=''")
         check_fp8_recipe(cfg.model.fp8_recipe, torch.cuda.get_device_capability(), torch.cuda.get_device_name())
     attention = cfg.model.attention_backend
     if attention == "auto":  # context parallelism goes through TE's CP attention where TE exists
         attention = "te" if te and cfg.parallel.cp > 1 else "flash" if has_flash_attn() else "sdpa"
     elif attention == "flash" and not has_flash_attn():
-        raise RuntimeError("model.attention_backend=flash but flash_attn is not importable; "
-                           "install flash-attn or use model.attention_backend=auto")
+        raise ConfigError("model.attention_backend=flash but flash_attn is not importable; "
+                          "install flash-attn or use model.attention_backend=auto")
     elif attention == "te" and not te:
-        raise RuntimeError("model.attention_backend=te but transformer_engine is not importable; "
-                           "use model.attention_backend=auto")
+        raise ConfigError("model.attention_backend=te but transformer_engine is not importable; "
+                          "use model.attention_backend=auto")
     dist = cfg.parallel.distributed_backend
     if dist == "auto":
         dist = "nccl" if cuda else "gloo"
@@ -191,8 +196,6 @@ def init_distributed(cfg: Config, backends: Backends) -> None:
     A single process still gets a process group, so the exact same megatron code path runs on a
     laptop and on a cluster.
     """
-    from megatron.core import parallel_state
-
     if not torch.distributed.is_initialized():
         if backends.device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -218,8 +221,6 @@ def init_distributed(cfg: Config, backends: Backends) -> None:
 
 
 def shutdown_distributed() -> None:
-    from megatron.core import parallel_state
-
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
@@ -229,8 +230,6 @@ def shutdown_distributed() -> None:
 def seed_everything(seed: int) -> None:
     """Seed host RNGs identically everywhere (weights are seeded per parameter, see model.init)
     and megatron's model-parallel RNG tracker, which activation recompute restores."""
-    from megatron.core import tensor_parallel
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

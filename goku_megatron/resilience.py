@@ -30,8 +30,11 @@ from types import FrameType
 from typing import Any, Iterator
 
 import torch
+from megatron.core.optimizer import optimizer as mcore_optimizer
 
-log = logging.getLogger("goku_megatron")
+from goku_megatron.config import ConfigError
+
+log = logging.getLogger(__name__)
 
 EXIT_CONFIG_ERROR = 2
 EXIT_DIVERGED = 3
@@ -134,8 +137,6 @@ class SkipNonFiniteSteps:
 
     @torch.no_grad()
     def step(self) -> tuple[bool, float | None, None]:
-        from megatron.core.optimizer import optimizer as mcore_optimizer
-
         inner = self.inner
         if inner.prepare_grads():  # a loss scaler found inf/nan (fp16)
             return False, None, None
@@ -225,8 +226,6 @@ class FaultTolerance:
         try:
             from nvidia_resiliency_ext.fault_tolerance import RankMonitorClient
         except ImportError as err:
-            from goku_megatron.config import ConfigError
-
             raise ConfigError(f"checkpoint.fault_tolerance=true but nvidia_resiliency_ext does not import "
                               f"({err}); pip install nvidia-resiliency-ext") from None
         self.client = RankMonitorClient()

@@ -1,39 +1,36 @@
-"""goku-sample: prompts to videos (MP4) or images (PNG) from any goku-train checkpoint.
+"""Sampling: prompts (and an I2V first frame) to pixels from a trained Goku model.
 
-    goku-sample --checkpoint runs/toy-20261122-0500 --prompt "a red square moving left" --out samples/
-    goku-sample --checkpoint runs/x/checkpoints/iter_0001000 --prompts-file prompts.txt --steps 50
-
-The checkpoint may come from any TP/PP layout: the weights are loaded into one unsharded model
-(dist_checkpointing reshards). Sampling integrates the rectified-flow ODE from noise with Euler
-steps and classifier-free guidance (flow.euler_sample); each velocity is one pass of the model over
-a pack of the batch's samples (batch.pack_batch), and the run's VAE decodes the result (toy runs:
-PixelSpace, the identity on pixels). Each prompt's noise comes from (seed, prompt index), so a prompt's
-output does not depend on the other prompts.
+The rectified-flow ODE is integrated from noise with Euler steps and classifier-free guidance
+(flow.euler_sample); each velocity is one pass of the model over a pack of the batch's samples
+(batch.pack_batch), and the run's VAE decodes the result (toy runs: PixelSpace, the identity on
+pixels). Each prompt's noise comes from (seed, prompt index), so a prompt's output does not depend
+on the other prompts. ``Sampler`` loads one unsharded model from a checkpoint of any TP/PP layout
+(goku-sample, goku-eval; dist_checkpointing reshards); ``LiveSampler`` samples from the model being
+trained, in its layout; ``TrainingSamples`` is the loop's train.sample_interval component.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import re
-import sys
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 import torch
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from goku_megatron import flow
+from goku_megatron import cpu_compat, flow
 from goku_megatron.batch import Pack, pack_batch, unpack
-from goku_megatron.config import Config, ConfigError, StageConfig, load_config, toy_stage
+from goku_megatron.checkpoint import load_model_weights, resolve_checkpoint
+from goku_megatron.config import Config, StageConfig, load_config, toy_stage
 from goku_megatron.data.encoders import run_text_encoder, run_vae
+from goku_megatron.model.build import build_unsharded_model
+from goku_megatron.model.context_parallel import align_packs, gather_pack
+from goku_megatron.model.goku import iter_stage_models
+from goku_megatron.platform import Backends, choose_backends, init_distributed
 
-if TYPE_CHECKING:
-    from goku_megatron.platform import Backends
-
-log = logging.getLogger("goku_megatron")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,8 +48,6 @@ class SampleSpec:
 
 def checkpoint_config(path: Path) -> Config:
     """The run's resolved config, stored with the checkpoint, set up for one process."""
-    from megatron.core import dist_checkpointing
-
     return config_for_one_process(dist_checkpointing.load_common_state_dict(str(path))["config"])
 
 
@@ -75,19 +70,11 @@ def config_for_one_process(saved: dict[str, Any]) -> Config:
 
 def unsharded_model(cfg: Config) -> tuple[torch.nn.Module, Backends]:
     """The whole GokuModel in this process (a one-process megatron world is set up if needed)."""
-    from goku_megatron import cpu_compat
-    from goku_megatron.model.goku import GokuModel
-    from goku_megatron.model.specs import layer_spec
-    from goku_megatron.platform import choose_backends, init_distributed
-    from goku_megatron.train import build_transformer_config
-
     cpu_compat.apply()
     backends = choose_backends(cfg)
     if not torch.distributed.is_initialized():
         init_distributed(cfg, backends)
-    model = GokuModel(build_transformer_config(cfg, backends), cfg.model,
-                      layer_spec(backends.linear, backends.attention))
-    return model.to("cuda" if backends.device == "cuda" else "cpu"), backends
+    return build_unsharded_model(cfg, backends), backends
 
 
 class SamplerBase:
@@ -160,8 +147,6 @@ class Sampler(SamplerBase):
     """One unsharded Goku model loaded from a checkpoint of any layout (goku-sample)."""
 
     def __init__(self, checkpoint: Path) -> None:
-        from goku_megatron.checkpoint import load_model_weights, resolve_checkpoint
-
         self.checkpoint = resolve_checkpoint(checkpoint)
         self.name = str(self.checkpoint)
         self.cfg = cfg = checkpoint_config(self.checkpoint)
@@ -190,12 +175,6 @@ class LiveSampler(SamplerBase):
         self._set_up_encoders()
 
     def velocity(self, pack: Pack) -> torch.Tensor:
-        from megatron.core import parallel_state
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        from goku_megatron.model.context_parallel import align_packs
-        from goku_megatron.model.goku import iter_stage_models
-
         packs, seq_length = align_packs([pack], next(iter_stage_models(self.model)).cp_layout)
         for chunk in self.model:
             chunk.eval()
@@ -218,84 +197,15 @@ class LiveSampler(SamplerBase):
 def _velocity_step(data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
     """megatron forward_step_func for sampling: the last stage hands out the whole pack's velocity
     (gathered over the context-parallel ranks)."""
-    from goku_megatron.model.context_parallel import gather_pack
-    from goku_megatron.model.goku import iter_stage_models
-
     pack = next(data_iterator)
-    (stage,) = iter_stage_models([model])
+    (pipeline_stage,) = iter_stage_models([model])
     output = model(pack)
 
     def velocity(output_tensor: torch.Tensor, non_loss_data: bool = True) -> torch.Tensor:
-        shard = stage.pack_shard(pack)
+        shard = pipeline_stage.pack_shard(pack)
         return gather_pack(output_tensor, shard, pack.budget)
 
     return output, velocity
-
-
-def to_uint8(pixels: torch.Tensor) -> np.ndarray:
-    """[3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3]."""
-    return ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
-
-
-def write_media(pixels: torch.Tensor, path: Path, fps: int = 8) -> Path:
-    """One sample to ``path.png`` (one frame) or ``path.mp4`` (H.264, yuv420p: plays everywhere)."""
-    import av
-    from PIL import Image
-
-    frames = to_uint8(pixels)
-    if frames.shape[0] == 1:
-        out = path.with_suffix(".png")
-        Image.fromarray(frames[0]).save(out)
-        return out
-    out = path.with_suffix(".mp4")
-    h, w = frames.shape[1:3]
-    with av.open(str(out), mode="w") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps))
-        # yuv420p needs even sides; odd ones are padded by one edge pixel.
-        stream.width, stream.height = w + w % 2, h + h % 2
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "18"}
-        for frame in frames:
-            if h % 2 or w % 2:
-                frame = np.pad(frame, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return out
-
-
-def load_frame(path: Path, height: int, width: int) -> torch.Tensor:
-    """An image file -> [3, height, width] in [-1, 1] (resized to cover, centre-cropped), the
-    same geometry training applies to clips."""
-    from goku_megatron.data.decode import decode_image, to_pixels
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such image; pass the first frame as a PNG or JPEG file")
-    return to_pixels(decode_image(path.read_bytes()), (height, width))[:, 0]
-
-
-def slug(prompt: str, index: int) -> str:
-    return f"{index:03d}_" + (re.sub(r"[^a-z0-9]+", "_", prompt.lower()).strip("_")[:60] or "empty")
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="goku-sample", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, type=Path, help="run directory or checkpoints/iter_N")
-    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    parser.add_argument("--prompts-file", type=Path, help="one prompt per line")
-    parser.add_argument("--out", type=Path, default=Path("samples"), help="output directory")
-    parser.add_argument("--frames", type=int, default=None, help="pixel frames (default: the run's)")
-    parser.add_argument("--height", type=int, default=None)
-    parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=None, help="Euler steps (default flow.sample_steps)")
-    parser.add_argument("--cfg-scale", type=float, default=None, help="guidance (default flow.cfg_scale)")
-    parser.add_argument("--image", type=Path, default=None,
-                        help="image-to-video: the first frame (PNG/JPEG) of every sample (model.i2v checkpoints)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--fps", type=int, default=None, help="output fps (default: the run's)")
-    return parser.parse_args(argv)
 
 
 def run_spec(cfg: Config, step: int | None = None) -> SampleSpec:
@@ -307,46 +217,19 @@ def run_spec(cfg: Config, step: int | None = None) -> SampleSpec:
                       fps=round(stage.fps))
 
 
-def default_spec(cfg: Config, args: argparse.Namespace) -> SampleSpec:
-    """The command line's sizes, steps and guidance; unset ones from the run (run_spec)."""
-    run = run_spec(cfg)
-    return SampleSpec(
-        frames=args.frames or run.frames, height=args.height or run.height, width=args.width or run.width,
-        steps=args.steps or run.steps,
-        cfg_scale=args.cfg_scale if args.cfg_scale is not None else run.cfg_scale,
-        seed=args.seed, fps=args.fps or run.fps,
-    )
+class TrainingSamples:
+    """train.sample_interval: the loop's sampling component. Every ``train.sample_interval`` steps
+    and at the last step it samples ``train.sample_prompts`` from the model being trained (a
+    LiveSampler, at the stage's resolution), for MetricsLogger.media. Collective, like LiveSampler."""
 
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.interval, self.prompts = cfg.train.sample_interval, cfg.train.sample_prompts
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stdout)
-    prompts = list(args.prompt)
-    if args.prompts_file:
-        if not args.prompts_file.is_file():
-            print(f"goku-sample: error: {args.prompts_file}: no such prompts file", file=sys.stderr)
-            return 2
-        prompts += [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
-    if not prompts:
-        print("goku-sample: error: no prompt; pass --prompt TEXT or --prompts-file FILE", file=sys.stderr)
-        return 2
-    try:
-        sampler = Sampler(args.checkpoint)
-        spec = default_spec(sampler.cfg, args)
-        sampler.latent_shape(spec)  # refuses sizes the VAE cannot encode, before any work
-        sampler.check_condition(args.image is not None)
-        image = None if args.image is None else load_frame(args.image, spec.height, spec.width)
-    except (FileNotFoundError, ConfigError, ValueError) as err:
-        print(f"goku-sample: error: {err}", file=sys.stderr)
-        return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    pixels = sampler.sample(prompts, spec, image)
-    for i, (prompt, sample) in enumerate(zip(prompts, pixels)):
-        path = write_media(sample, args.out / slug(prompt, i), spec.fps)
-        log.info("wrote %s  (%s)", path, prompt)
-    return 0
+    def due(self, step: int) -> bool:
+        return bool(self.interval) and (step % self.interval == 0 or step == self.cfg.train.steps)
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    def draw(self, step: int, live: LiveSampler) -> tuple[list[str], torch.Tensor, int]:
+        """(prompts, pixels [N, 3, T, H, W] in [-1, 1], fps) of the samples at ``step``."""
+        spec = run_spec(self.cfg, step)
+        return self.prompts, live.sample(self.prompts, spec), spec.fps

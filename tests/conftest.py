@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -13,6 +14,19 @@ import goku_megatron  # noqa: F401  before megatron-core: cpu_compat.disable_jit
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))  # tests/reference_goku.py
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_found():
+    """Commands run in-process (goku_megatron.cli.*.main) call logs.setup_logging; logging is put
+    back after each test, so one test's set-up does not change what the next one captures."""
+    root, goku = logging.getLogger(), logging.getLogger("goku_megatron")
+    handlers, root_level, goku_level = root.handlers[:], root.level, goku.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(root_level)
+    goku.setLevel(goku_level)
+    logging.captureWarnings(False)
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +48,7 @@ def build_stage(cfg):
     from goku_megatron.model.goku import GokuModel
     from goku_megatron.model.specs import local_layer_spec
     from goku_megatron.platform import choose_backends
-    from goku_megatron.train import build_transformer_config
+    from goku_megatron.model.build import build_transformer_config
 
     stage = GokuModel(build_transformer_config(cfg, choose_backends(cfg)), cfg.model, local_layer_spec())
     stage.init_weights(cfg.train.seed)

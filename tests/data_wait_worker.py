@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 
-from goku_megatron import train
+from goku_megatron.cli import train as cli_train
 from goku_megatron.data.pipeline import PackedBatches
 
 
@@ -40,4 +40,4 @@ def stall(rank: int, step: int) -> None:
 
 if __name__ == "__main__":
     stall(int(sys.argv[1]), int(sys.argv[2]))
-    sys.exit(train.main(sys.argv[3:]))
+    sys.exit(cli_train.main(sys.argv[3:]))

@@ -246,7 +246,7 @@ def test_packed_pipeline_stages_chain(megatron_world):
     + final layer) through set_input_tensor gives the whole model's output."""
     from goku_megatron.model.specs import local_layer_spec
     from goku_megatron.platform import choose_backends
-    from goku_megatron.train import build_transformer_config
+    from goku_megatron.model.build import build_transformer_config
 
     whole = build_stage(_cfg(2))
     half = _cfg(2, "model.num_layers=2")

@@ -16,17 +16,18 @@ from goku_megatron.config import (
     parse_overrides,
     validate,
 )
+from goku_megatron.planner import resolve_layout
 
 
 @pytest.fixture(autouse=True)
 def _cpu_single_process(monkeypatch):
     """Plan as a CPU box outside torchrun, whatever runs the tests, so the dry-run text is fixed."""
+    import goku_megatron.cli.train
     import goku_megatron.platform
-    import goku_megatron.train
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(goku_megatron.platform, "has_cuda", lambda: False)
-    monkeypatch.setattr(goku_megatron.train, "has_cuda", lambda: False)
+    monkeypatch.setattr(goku_megatron.cli.train, "has_cuda", lambda: False)
 
 
 def _error(excinfo: pytest.ExceptionInfo) -> str:
@@ -202,8 +203,10 @@ INVALID = [
 @pytest.mark.parametrize("overrides, world_size, cuda, field, hint", INVALID,
                          ids=[" ".join(case[0]) + f" @world={case[1]}" for case in INVALID])
 def test_validate_rejects(overrides, world_size, cuda, field, hint):
+    """What every command does (cli/train.py): the planner resolves parallel.auto, then validate."""
     cfg = load_config(None, overrides)
     with pytest.raises(ConfigError, match=hint) as excinfo:
+        resolve_layout(cfg, world_size)
         validate(cfg, world_size, has_cuda=cuda)
     assert field in _error(excinfo)
 
@@ -271,7 +274,9 @@ def test_packaged_recipes_validate(recipe):
     """On their own layout (recipes with parallel.auto: 64 GPUs, test_recipes.py plans the rest)."""
     cfg = load_config(recipe, [])
     p = cfg.parallel
-    validate(cfg, 64 if p.auto else p.tp * p.pp * p.cp, has_cuda=True)
+    world_size = 64 if p.auto else p.tp * p.pp * p.cp
+    resolve_layout(cfg, world_size)
+    validate(cfg, world_size, has_cuda=True)
 
 
 @pytest.mark.parametrize("preset", sorted(MODEL_PRESETS))
@@ -304,7 +309,7 @@ def test_validate_rejects_nonpositive_sizes(overrides, field):
 # --------------------------------------------------------------------------------------------
 # Loading: presets, YAML, overrides
 
-TABLE_1 = {  # GOKU.md, "Model sizes (paper, Table 1)": layers, hidden, FFN, heads
+TABLE_1 = {  # docs/model.md, "Model sizes" (paper, Table 1): layers, hidden, FFN, heads
     "goku-1b": (28, 1152, 4608, 16),
     "goku-2b": (28, 1792, 7168, 28),
     "goku-8b": (40, 3072, 12288, 48),
@@ -500,7 +505,7 @@ def test_model_section_given_a_scalar(override):
 
 
 def _dry_run(capsys, argv: list[str]) -> tuple[int, str, str]:
-    from goku_megatron.train import main
+    from goku_megatron.cli.train import main
 
     rc = main(argv)
     out, err = capsys.readouterr()

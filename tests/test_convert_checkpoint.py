@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
-from conftest import REPO, build_stage
+from conftest import build_stage
 from reference_goku import ReferenceGokuBlock
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from goku_megatron.checkpoint import latest_checkpoint, save_checkpoint
+from goku_megatron.cli import data as goku_data
 from goku_megatron.config import load_config, validate
+from goku_megatron.convert import export_checkpoint, import_checkpoint
+from goku_megatron.resilience import EXIT_CONFIG_ERROR
 from goku_megatron.sample import Sampler
-
-sys.path.insert(0, str(REPO / "tools"))
-import convert_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +28,11 @@ def source(tmp_path_factory, megatron_world):
 
 def test_round_trip_is_exact(source, tmp_path):
     run_dir, cfg, stage = source
-    first = convert_checkpoint.export_checkpoint(run_dir, tmp_path / "a.safetensors")
+    first = export_checkpoint(run_dir, tmp_path / "a.safetensors")
     imported = tmp_path / "imported"
-    convert_checkpoint.import_checkpoint(first, imported)
+    import_checkpoint(first, imported)
     assert latest_checkpoint(imported).name == "iter_0000000"
-    second = convert_checkpoint.export_checkpoint(imported, tmp_path / "b.safetensors")
+    second = export_checkpoint(imported, tmp_path / "b.safetensors")
     a, b = load_file(str(first)), load_file(str(second))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ours = {k: v for k, v in stage.state_dict().items() if not k.endswith("_extra_state")}
@@ -46,7 +44,7 @@ def test_round_trip_is_exact(source, tmp_path):
 
 def test_exported_blocks_load_into_the_reference_block(source, tmp_path):
     run_dir, cfg, stage = source
-    weights = load_file(str(convert_checkpoint.export_checkpoint(run_dir, tmp_path / "m.safetensors")))
+    weights = load_file(str(export_checkpoint(run_dir, tmp_path / "m.safetensors")))
     m = cfg.model
     for i in range(m.num_layers):
         block = ReferenceGokuBlock(m.hidden_size, m.num_heads, m.ffn_hidden_size, m.hidden_size,
@@ -57,8 +55,9 @@ def test_exported_blocks_load_into_the_reference_block(source, tmp_path):
         assert torch.equal(block.attn1.q_proj.weight, stage.layers[i].attn1.q_proj.weight)
 
 
-def test_import_refuses_foreign_files(tmp_path):
-    from safetensors.torch import save_file
-
-    save_file({"x": torch.zeros(1)}, str(tmp_path / "f.safetensors"))
-    assert convert_checkpoint.main(["import", str(tmp_path / "f.safetensors"), str(tmp_path / "r")]) == 2
+def test_import_refuses_foreign_files(tmp_path, capsys):
+    foreign = tmp_path / "f.safetensors"
+    save_file({"x": torch.zeros(1)}, str(foreign))
+    assert goku_data.main(["convert-checkpoint", "import", str(foreign), str(tmp_path / "r")]) == EXIT_CONFIG_ERROR
+    assert capsys.readouterr().err == (f"goku-data: error: {foreign}: no goku_config metadata; export it "
+                                       "with 'goku-data convert-checkpoint export'\n")

@@ -22,6 +22,7 @@ import torch
 from numerics import EPS32, assert_close_to_scale
 
 from goku_megatron import cpu_compat
+from goku_megatron.config import ConfigError
 
 # A real CUDA dependency in a module's source: torch.cuda.<x>, device="cuda", or tensor.cuda().
 # Plain "cuda" is not enough (names like cuda_graph_impl would keep a dead entry alive).
@@ -136,7 +137,7 @@ def test_check_version_refuses_other_megatron_core(monkeypatch):
     from megatron.core import package_info
 
     monkeypatch.setattr(package_info, "__version__", "0.17.0")
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(ConfigError) as err:  # a fault in the user's environment: one line, exit 2
         cpu_compat.check_version()
     msg = str(err.value)
     assert cpu_compat.MEGATRON_CORE_VERSION in msg and "0.17.0" in msg
@@ -151,7 +152,7 @@ def test_apply_refuses_other_megatron_core_before_patching(monkeypatch):
     monkeypatch.setattr(package_info, "__version__", "0.17.0")
     monkeypatch.setattr(cpu_compat, "_applied", False)
     monkeypatch.setattr(mappings, "torch", torch)
-    with pytest.raises(RuntimeError, match="0.17.0"):
+    with pytest.raises(ConfigError, match="0.17.0"):
         cpu_compat.apply(force=True)
     assert mappings.torch is torch  # nothing was patched
     assert cpu_compat._applied is False

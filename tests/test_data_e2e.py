@@ -1,5 +1,5 @@
 """goku-train on real-format data: raw shards decoded and VAE-encoded online, and latent shards
-from tools/precompute_latents.py, both through stages, packing and the bad-sample counters."""
+from goku-data precompute-latents, both through stages, packing and the bad-sample counters."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def data(tmp_path_factory):
 
 def _train(tmp_path, *overrides: str) -> Path:
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "goku_megatron.train", "model.preset=tiny", "model.in_channels=4",
+    cmd = [sys.executable, "-m", "goku_megatron.cli.train", "model.preset=tiny", "model.in_channels=4",
            "model.patch_size=[1,2,2]", "train.micro_batch_size=1", "train.global_batch_size=2",
            "train.log_interval=1", f"train.run_dir={run_dir}", "optim.warmup_steps=0", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -75,9 +75,10 @@ def test_raw_run_moves_through_stages_and_counts_bad_samples(data, tmp_path):
 def test_latent_run_from_precomputed_shards(data, tmp_path):
     root, vae = data
     latents = tmp_path / "latents"
-    subprocess.run([sys.executable, "tools/precompute_latents.py", "--input", str(root / "raw"),
-                    "--output", str(latents), "--vae", str(vae), "--fps", "8", "--frames", "9",
-                    "--height", "32", "--width", "32"], cwd=REPO, check=True, capture_output=True, timeout=600)
+    subprocess.run([sys.executable, "-m", "goku_megatron.cli.data", "precompute-latents",
+                    "--input", str(root / "raw"), "--output", str(latents), "--vae", str(vae), "--fps", "8",
+                    "--frames", "9", "--height", "32", "--width", "32"],
+                   cwd=REPO, check=True, capture_output=True, timeout=600)
     run_dir = _train(tmp_path, "data.kind=latent", f"data.path={latents}", "train.steps=3",
                      "data.stages=[{steps: 3, token_budget: 40}]", "train.sample_interval=0")
     rows = _metrics(run_dir)
@@ -88,7 +89,7 @@ def test_latent_run_from_precomputed_shards(data, tmp_path):
 def _fails(*overrides: str, before_model: bool = True) -> subprocess.CompletedProcess:
     """goku-train with ``overrides``, expected to stop with exit 2 (``before_model``: before the
     model is built)."""
-    cmd = [sys.executable, "-m", "goku_megatron.train", "model.preset=tiny", "model.in_channels=4",
+    cmd = [sys.executable, "-m", "goku_megatron.cli.train", "model.preset=tiny", "model.in_channels=4",
            "model.patch_size=[1,2,2]", "train.micro_batch_size=1", "train.steps=2", "train.sample_interval=0",
            *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -104,7 +105,7 @@ def test_missing_shards_fail_in_one_line_before_the_model(data, tmp_path, kind):
     proc = _fails(f"data.kind={kind}", f"data.path={tmp_path}", "data.stages=[{steps: 2}]", *vae)
     assert proc.stderr.strip().splitlines()[-1] == (
         f"goku-train: error: data.stages[0]: no *.tar shards in {tmp_path}; build them with "
-        "tools/prepare_shards.py")
+        "goku-data prepare-shards")
 
 
 @pytest.mark.parametrize("field", ["data.vae_path", "data.text_encoder_path"])
@@ -129,6 +130,6 @@ def test_a_data_path_of_only_bad_samples_stops_in_one_line(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == (
         f"goku-train: error: stage 0 (unnamed): none of the 100 video samples of dp rank 0 in {tmp_path / 'bad'} "
         "could be used (distinct bad samples so far: not_a_video=100); repair or replace those shards "
-        "(tools/prepare_shards.py leaves bad samples out)")
+        "(goku-data prepare-shards leaves bad samples out)")
     skipped = [line for line in proc.stdout.splitlines() if "bad sample" in line]
     assert len(skipped) <= LOG_FIRST  # rate-limited

@@ -15,7 +15,8 @@ import torch
 from tiny_models import tensor_bytes, write_latent_shards
 
 from goku_megatron.config import ConfigError, load_config, validate
-from goku_megatron.data.decode import FrameSpec, decode_sample
+from goku_megatron.data.decode import decode_sample
+from goku_megatron.data.frames import FrameSpec
 from goku_megatron.data.encoders import PixelSpace
 from goku_megatron.data.loader import SampleStream
 from goku_megatron.data.pipeline import DataWaitStopped, PackedBatches, encode_raw_sample, read_latent_sample
@@ -176,7 +177,7 @@ def test_an_image_stage_whose_only_image_is_bad_stops_at_once(toy_data, tmp_path
     assert str(err.value) == (
         f"stage 0 ({stage.name}): none of the 1 image samples of dp rank 0 in {shard_dir} could be used "
         "(distinct bad samples so far: unreadable_image=1); repair or replace those shards "
-        "(tools/prepare_shards.py leaves bad samples out), or set the stage's image_ratio to 0")
+        "(goku-data prepare-shards leaves bad samples out), or set the stage's image_ratio to 0")
 
 
 def test_a_stop_request_ends_a_data_wait_and_rolls_the_step_back(damaged_latents):

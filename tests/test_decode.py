@@ -16,15 +16,8 @@ from PIL import Image
 
 from goku_megatron.data import dali, decode
 from goku_megatron.data.dali import WebDatasetClipReader
-from goku_megatron.data.decode import (
-    FrameSpec,
-    decode_sample,
-    decode_video_pyav,
-    probe_video,
-    resize_geometry,
-    sample_frame_indices,
-    to_pixels,
-)
+from goku_megatron.data.decode import decode_sample, decode_video_pyav, probe_video, to_pixels
+from goku_megatron.data.frames import FrameSpec, resize_geometry, sample_frame_indices
 from goku_megatron.data.shards import BadSamples, ShardWriter, list_samples, read_sample
 
 # Without DALI, backend "auto" decodes with PyAV and every test but these two still runs.

@@ -149,7 +149,7 @@ def test_build_text_encoder_kinds(t5_dir: Path) -> None:
     with pytest.raises(ValueError, match=f"width {TINY_T5_DIM} but model.text_dim=2048; "
                                          f"set model.text_dim={TINY_T5_DIM}"):
         build_text_encoder("t5", t5_dir, dim=2048)
-    with pytest.raises(ValueError, match="unknown text encoder 'clip'"):
+    with pytest.raises(ValueError, match="data.text_encoder='clip' is not one of hash, t5"):
         build_text_encoder("clip")
 
 

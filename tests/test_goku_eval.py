@@ -13,7 +13,8 @@ from numerics import EPS32
 from goku_megatron.checkpoint import save_checkpoint
 from goku_megatron.config import load_config, validate
 from goku_megatron.data.toy import make_toy_dataset, read_validation
-from goku_megatron.evaluation import VAL_TIMESTEPS, main, validation_loss
+from goku_megatron.cli.eval import main
+from goku_megatron.evaluation import VAL_TIMESTEPS, validation_loss
 from goku_megatron.sample import Sampler
 
 SIZE, FRAMES = 8, 4
@@ -69,7 +70,7 @@ def test_shapes_errors_are_one_line(run_dir, tmp_path, capsys):
 
     missing = tmp_path / "no-such-run"
     assert f"{missing}: not a goku-train checkpoint" in error("--checkpoint", str(missing))
-    assert "make_toy_dataset.py --out" in error("--checkpoint", str(run_dir), "--data", str(tmp_path))
+    assert "goku-data make-toy --out" in error("--checkpoint", str(run_dir), "--data", str(tmp_path))
     make_toy_dataset(tmp_path / "16px", clips=1, images=0, val_clips=1)  # 16x16x8: not the run's clips
     assert "pass --data with the run's toy dataset" in error("--checkpoint", str(run_dir), "--data",
                                                               str(tmp_path / "16px"))

@@ -20,7 +20,7 @@ from goku_megatron import flow
 from goku_megatron.checkpoint import latest_checkpoint, load_model_weights
 from goku_megatron.config import ConfigError, load_config, validate
 from goku_megatron.batch import PackSample, build_pack, pack_batch
-from goku_megatron.sample import main as sample_main
+from goku_megatron.cli.sample import main as sample_main
 
 C, L, TEXT_DIM = 4, 5, 32
 
@@ -131,7 +131,7 @@ def test_config_rules():
 
 
 def _train(tmp, name: str, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "goku_megatron.train", "train.steps=3", f"train.run_dir={tmp / name}",
+    cmd = [sys.executable, "-m", "goku_megatron.cli.train", "train.steps=3", f"train.run_dir={tmp / name}",
            f"data.path={tmp / 'data'}", "data.toy_clips=32", "data.toy_size=8", "data.toy_frames=4",
            "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128",
            "train.global_batch_size=8", "train.micro_batch_size=8", "train.log_interval=1",

@@ -21,7 +21,7 @@ from conftest import REPO, build_stage
 from numerics import assert_as_accurate, assert_close_to_scale
 from reference_goku import ReferenceGokuBlock
 
-from goku_megatron.config import FP8_ALIGN, FP8_ALIGN_DEFAULT, FP8_RECIPES, Config, load_config, validate
+from goku_megatron.config import FP8_ALIGN, FP8_ALIGN_DEFAULT, FP8_RECIPES, Config, ConfigError, load_config, validate
 from goku_megatron.batch import PackSample, build_pack, pack_batch
 from goku_megatron.platform import check_fp8_recipe, choose_backends
 
@@ -115,7 +115,7 @@ def test_no_recompute_in_eval(megatron_world):
 def test_transformer_config_mapping():
     from megatron.core.fp8_utils import is_first_last_bf16_layer
 
-    from goku_megatron.train import build_transformer_config
+    from goku_megatron.model.build import build_transformer_config
 
     cfg = load_config(None, ["model.num_layers=6", "model.fp8=hybrid", "model.fp8_recipe=tensorwise",
                              "model.fp8_bf16_layers=2", "model.recompute=true",
@@ -134,7 +134,8 @@ def test_transformer_config_mapping():
 
 
 def test_ddp_and_optimizer_config_mapping(megatron_world):
-    from goku_megatron.train import build_model, build_optimizer
+    from goku_megatron.model.build import build_model
+    from goku_megatron.optim import build_optimizer
 
     cfg = load_config(None, ["optim.overlap_grad_reduce=true", "optim.overlap_param_gather=true",
                              "optim.ddp_bucket_size=5000", "checkpoint.ema_decay=0"])
@@ -149,7 +150,9 @@ def test_ddp_and_optimizer_config_mapping(megatron_world):
 
 
 def _recording_fp8_context(monkeypatch) -> list[int]:
-    import megatron.core.fp8_utils
+    """Records the layer numbers GokuModel enters megatron's fp8 context with (goku.py imports
+    get_fp8_context at its top, so the name is replaced there)."""
+    import goku_megatron.model.goku
 
     entered: list[int] = []
 
@@ -157,7 +160,7 @@ def _recording_fp8_context(monkeypatch) -> list[int]:
         entered.append(layer_no)
         return contextlib.nullcontext()
 
-    monkeypatch.setattr(megatron.core.fp8_utils, "get_fp8_context", get_fp8_context)
+    monkeypatch.setattr(goku_megatron.model.goku, "get_fp8_context", get_fp8_context)
     return entered
 
 
@@ -230,7 +233,7 @@ def test_check_fp8_recipe(recipe, capability, ok):
     if ok:
         check_fp8_recipe(recipe, capability, "GPU")
         return
-    with pytest.raises(RuntimeError) as excinfo:
+    with pytest.raises(ConfigError) as excinfo:
         check_fp8_recipe(recipe, capability, "NVIDIA H100 80GB HBM3")
     message = str(excinfo.value)
     assert "\n" not in message and f"model.fp8_recipe={recipe}" in message and "compute capability" in message
@@ -241,7 +244,7 @@ def test_fp8_refused_without_transformer_engine(monkeypatch):
 
     monkeypatch.setattr(goku_megatron.platform, "has_transformer_engine", lambda: False)
     cfg = load_config(None, ["model.fp8=e4m3"])
-    with pytest.raises(RuntimeError, match=r"model.fp8=e4m3 runs in Transformer Engine's linears .* set model.fp8=''"):
+    with pytest.raises(ConfigError, match=r"model.fp8=e4m3 runs in Transformer Engine's linears .* set model.fp8=''"):
         choose_backends(cfg)
 
 

@@ -10,8 +10,9 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from goku_megatron.config import MODEL_PRESETS, ModelConfig, load_config
 from goku_megatron.batch import PackSample, build_pack, pack_batch
 from goku_megatron.model.goku import count_parameters
+from goku_megatron.cli.plan import main
 from goku_megatron.planner import (Hardware, Layout, Workload, activation_elements, embedder_params, estimate,
-                                   layer_params, main, plan, tokens_for)
+                                   layer_params, plan, tokens_for)
 
 
 @pytest.mark.parametrize("preset", sorted(MODEL_PRESETS))
@@ -86,7 +87,7 @@ def test_recompute_estimate_matches_measured_peak(megatron_world):
 def test_tokens_for_720p():
     model = ModelConfig(preset="goku-8b", **MODEL_PRESETS["goku-8b"])
     assert tokens_for(model, 33, 720, 1280) == 9 * 45 * 80
-    assert tokens_for(model, 241, 720, 1280) == 219_600  # GOKU.md: 10 s of 720p at 24 fps
+    assert tokens_for(model, 241, 720, 1280) == 219_600  # docs/model.md, "Latents and patches": 10 s of 720p
 
 
 def test_ranking_and_recommendation():

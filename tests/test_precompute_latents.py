@@ -1,25 +1,25 @@
-"""tools/precompute_latents.py on toy raw shards (VP9 clips, PNG stills, bad samples) with the tiny
+"""goku-data precompute-latents on toy raw shards (VP9 clips, PNG stills, bad samples) with the tiny
 random VAE and T5 of test_encoders: contents, resumability, and rank independence."""
 from __future__ import annotations
 
 import io
 import json
-import sys
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, run_torchrun
+from conftest import run_torchrun
 from numerics import assert_close_to_scale
-from goku_megatron.data.decode import FrameSpec, decode_sample
+from goku_megatron.cli import data as goku_data
+from goku_megatron.data.decode import decode_sample
+from goku_megatron.data.frames import FrameSpec
 from goku_megatron.data.encoders import build_text_encoder, build_vae, pack_text
 from goku_megatron.data.shards import BadSamples, ShardWriter, list_samples, read_sample
 from goku_megatron.data.toy import ToySample, encode_png, encode_webm
+from goku_megatron.resilience import EXIT_CONFIG_ERROR
 from tiny_models import TINY_T5_DIM, make_tiny_t5, make_tiny_vae
-
-sys.path.insert(0, str(REPO / "tools"))
-import precompute_latents  # noqa: E402
 
 SPEC = FrameSpec(fps=8, frames=9, height=16, width=16)
 MAX_TOKENS = 24
@@ -56,7 +56,7 @@ def raw_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def run(raw: Path, out: Path, models: tuple[Path, Path], *extra: str, text: bool = True) -> list[str]:
     vae, t5 = models
-    return ["--input", str(raw), "--output", str(out), "--vae", str(vae),
+    return ["precompute-latents", "--input", str(raw), "--output", str(out), "--vae", str(vae),
             *(["--text-encoder", str(t5)] if text else []), "--max-text-tokens", str(MAX_TOKENS),
             "--fps", "8", "--frames", "9", "--height", "16", "--width", "16", "--decoder", "pyav",
             "--samples-per-shard", "3", "--batch-size", "2", *extra]
@@ -64,7 +64,7 @@ def run(raw: Path, out: Path, models: tuple[Path, Path], *extra: str, text: bool
 
 def precompute(raw: Path, out: Path, models: tuple[Path, Path], capsys: pytest.CaptureFixture,
                text: bool = True) -> str:
-    precompute_latents.main(run(raw, out, models, text=text))
+    assert goku_data.main(run(raw, out, models, text=text)) == 0
     return capsys.readouterr().out
 
 
@@ -78,10 +78,10 @@ def load(data: bytes) -> torch.Tensor:
 
 def test_latent_shards_hold_the_encodings_of_the_decoded_samples(
         raw_dir: Path, models: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    summary = precompute(raw_dir, tmp_path, models, capsys)
-    assert summary.strip() == ("precompute_latents rank 0/1: 3 input shards (0 already complete), "
-                               f"12 samples -> 6 shards, 2 bad (missing_caption 1, not_a_video 1), "
-                               f"{summary.split(', ')[-1].strip()}")
+    summary = precompute(raw_dir, tmp_path, models, capsys).strip().splitlines()[-1]  # after the log
+    assert summary == ("precompute-latents rank 0/1: 3 input shards (0 already complete), "
+                       f"12 samples -> 6 shards, 2 bad (missing_caption 1, not_a_video 1), "
+                       f"{summary.split(', ')[-1]}")
     done = json.loads((tmp_path / "raw-00001.done.json").read_text())
     assert done == {"input": "raw-00001.tar", "shards": ["raw-00001-00000.tar", "raw-00001-00001.tar"],
                     "samples": 4, "bad": {"missing_caption": 1, "not_a_video": 1}}
@@ -148,7 +148,8 @@ def test_without_text_encoder_captions_stay_text(raw_dir: Path, models: tuple[Pa
         assert meta["text_encoder"] is None and meta["text_tokens"] is None
 
 
-def test_refuses_bad_arguments_in_one_line(raw_dir: Path, models: tuple[Path, Path], tmp_path: Path) -> None:
+def test_refuses_bad_arguments_in_one_line(raw_dir: Path, models: tuple[Path, Path], tmp_path: Path,
+                                           capsys: pytest.CaptureFixture) -> None:
     cases = [
         (["--vae", str(tmp_path / "novae")], "no model there.*huggingface-cli download THUDM/CogVideoX-2b"),
         (["--frames", "8"], r"1 or 1 \+ k\*4 frames"),
@@ -156,10 +157,9 @@ def test_refuses_bad_arguments_in_one_line(raw_dir: Path, models: tuple[Path, Pa
         (["--output", str(raw_dir)], "lies in the output folder"),
     ]
     for extra, message in cases:
-        with pytest.raises(SystemExit) as err:
-            precompute_latents.main(run(raw_dir, tmp_path / "out", models, *extra))
-        assert "\n" not in str(err.value)
-        assert err.match(f"^precompute_latents: .*{message}")
+        assert goku_data.main(run(raw_dir, tmp_path / "out", models, *extra)) == EXIT_CONFIG_ERROR
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and re.match(f"goku-data: error: .*{message}", err), err
     assert not any(raw_dir.glob("*.done.json"))
 
 
@@ -168,7 +168,7 @@ def test_two_ranks_write_the_same_samples_as_one(
         raw_dir: Path, models: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     one, two = tmp_path / "one", tmp_path / "two"
     precompute(raw_dir, one, models, capsys)
-    stdout = run_torchrun(2, ["tools/precompute_latents.py", *run(raw_dir, two, models)], timeout=300)
+    stdout = run_torchrun(2, ["-m", "goku_megatron.cli.data", *run(raw_dir, two, models)], timeout=300)
     assert "rank 0/2: 2 input shards (0 already complete), 8 samples -> 4 shards" in stdout
     assert "rank 1/2: 1 input shards (0 already complete), 4 samples -> 2 shards, 2 bad" in stdout
     assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())

@@ -1,14 +1,12 @@
-"""Curation (Goku Tables 3 and 4, motion score) and tools/prepare_shards.py, on tiny PyAV clips."""
+"""Curation (Goku Tables 3 and 4, motion score) and goku-data prepare-shards, on tiny PyAV clips."""
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
-from types import ModuleType
 
 import av
 import cv2
@@ -16,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from goku_megatron.cli import data as goku_data
 from goku_megatron.data.curation import (
     DROP_REASONS,
     MOTION_SHORT_SIDE,
@@ -30,6 +29,7 @@ from goku_megatron.data.curation import (
 )
 from goku_megatron.data.decode import VideoInfo, probe_video
 from goku_megatron.data.shards import BadSamples, list_samples, read_sample
+from goku_megatron.resilience import EXIT_CONFIG_ERROR
 
 REPO = Path(__file__).resolve().parents[1]
 H, W, FPS = 48, 64, 16
@@ -380,8 +380,8 @@ def test_cli_appends_motion_to_captions(tmp_path: Path) -> None:
         "a square slides right")
     add(root, "still.png", image_bytes(H, W, "PNG"), "noise")
     proc = subprocess.run(
-        [sys.executable, "tools/prepare_shards.py", "--input", str(root), "--output", str(out),
-         "--filters-off", "--append-motion-to-caption", "--samples-per-shard", "1"],
+        [sys.executable, "-m", "goku_megatron.cli.data", "prepare-shards", "--input", str(root),
+         "--output", str(out), "--filters-off", "--append-motion-to-caption", "--samples-per-shard", "1"],
         cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "kept" in proc.stdout and "report.json" in proc.stdout
@@ -395,21 +395,11 @@ def test_cli_appends_motion_to_captions(tmp_path: Path) -> None:
     assert report(out)["append_motion_to_caption"] is True
 
 
-def load_cli() -> ModuleType:
-    """tools/ holds scripts, not a package: load prepare_shards.py by path to call its main()."""
-    path = REPO / "tools" / "prepare_shards.py"
-    spec = importlib.util.spec_from_file_location("prepare_shards", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cli_default_filters_are_table3(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     root, out = tmp_path / "in", tmp_path / "out"
     add(root, "clip.mp4", encode(moving_square(24, speed=4)))  # 1.5 s, 64x48, 16 fps, ~7 kbps
     add(root, "image.png", image_bytes(H, W, "PNG"))
-    cli = load_cli()
-    cli.main(["--input", str(root), "--output", str(out)])
+    assert goku_data.main(["prepare-shards", "--input", str(root), "--output", str(out)]) == 0
     r = report(out)
     assert r["kept"] == 0 and r["filters"]["raw"] == {
         "min_duration": 4.0, "min_short_side": 480, "min_bitrate": 500_000, "min_fps": 23.976}
@@ -419,5 +409,5 @@ def test_cli_default_filters_are_table3(tmp_path: Path, capsys: pytest.CaptureFi
     printed = capsys.readouterr().out
     for line in ("seen", "dropped", "duration", "resolution", "bitrate", "fps"):
         assert line in printed
-    with pytest.raises(SystemExit, match="not empty"):
-        cli.main(["--input", str(root), "--output", str(out)])
+    assert goku_data.main(["prepare-shards", "--input", str(root), "--output", str(out)]) == EXIT_CONFIG_ERROR
+    assert capsys.readouterr().err == f"goku-data: error: output folder {out} is not empty; choose a new one\n"

@@ -1,5 +1,6 @@
 """The packaged recipes: base: inheritance, the Goku training chain (T2I -> joint -> modality
-finetunes -> I2V, GOKU.md) and parallel.auto's layouts from goku-plan for 64 to 1024 GPUs."""
+finetunes -> I2V; docs/model.md, "Training recipe") and parallel.auto's layouts from goku-plan for
+64 to 1024 GPUs."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from goku_megatron.config import ConfigError, available_recipes, load_config, validate
-from goku_megatron.planner import main as plan_main
-from goku_megatron.planner import recommend
+from goku_megatron.cli.plan import main as plan_main
+from goku_megatron.planner import recommend, resolve_layout
 
 REPO = Path(__file__).resolve().parents[1]
 CHAIN = ["t2i", "", "ft-t2v", "ft-t2i", "i2v"]
@@ -60,7 +61,7 @@ def test_goku_recipes_exist_and_chain():
         "runs/goku-8b-ft-t2v"
     stages = load_config("goku-8b").data.stages
     assert [(s.height, s.width) for s in stages] == [(288, 512), (480, 864), (720, 1280)]
-    assert load_config("goku-8b-i2v").train.steps == 10000  # GOKU.md: I2V finetuning, 10k steps
+    assert load_config("goku-8b-i2v").train.steps == 10000  # docs/model.md, "Training recipe": I2V, 10k steps
     assert load_config("goku-2b").model.num_layers == 28 and load_config("goku-8b").model.num_layers == 40
 
 
@@ -69,6 +70,7 @@ def test_goku_recipes_exist_and_chain():
 def test_recipes_plan_a_layout_for_64_to_1024_gpus(name, gpus):
     cfg = load_config(name)
     layout = recommend(cfg, gpus)
+    resolve_layout(cfg, gpus)
     validate(cfg, gpus)
     assert layout is not None
     p = cfg.parallel
@@ -79,12 +81,17 @@ def test_recipes_plan_a_layout_for_64_to_1024_gpus(name, gpus):
 
 def test_auto_layout_rules():
     with pytest.raises(ConfigError, match="parallel.auto picks tp, cp and pp itself"):
-        validate(load_config("goku-8b", ["parallel.tp=2"]), 64)
+        resolve_layout(load_config("goku-8b", ["parallel.tp=2"]), 64)
     validate(load_config("goku-8b", ["parallel.auto=false", "parallel.tp=8"]), 64)
     with pytest.raises(ConfigError, match="parallel.auto plans for data.stages"):
-        validate(load_config("toy", ["parallel.auto=true"]), 1)
+        resolve_layout(load_config("toy", ["parallel.auto=true"]), 1)
     with pytest.raises(ConfigError, match="no layout of 64 GPUs x 1 GiB"):
-        validate(load_config("goku-8b", ["parallel.gpu_memory_gb=1"]), 64)
+        resolve_layout(load_config("goku-8b", ["parallel.gpu_memory_gb=1"]), 64)
+    with pytest.raises(ConfigError, match="full activation recompute"):
+        resolve_layout(load_config("goku-8b", ["model.recompute_granularity=selective"]), 64)
+    # The planner resolves the layout before validation; validate itself never plans.
+    with pytest.raises(ConfigError, match="parallel.auto=true: the layout is chosen by goku_megatron.planner"):
+        validate(load_config("goku-8b"), 64)
 
 
 def test_docs_layout_table_is_what_goku_plan_recommends():

@@ -70,7 +70,7 @@ with StopSignals():
 
 def test_goku_train_exits_99_after_saving_on_sigterm(toy_data, tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "goku_megatron.train", *TOY_CHECKPOINT_RUN, f"data.path={toy_data}",
+    cmd = [sys.executable, "-m", "goku_megatron.cli.train", *TOY_CHECKPOINT_RUN, f"data.path={toy_data}",
            f"train.run_dir={run_dir}", "train.steps=200"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -223,7 +223,7 @@ def test_ft_launcher_restarts_a_hung_rank(toy_data, tmp_path):
     run_dir = tmp_path / "run"
     cmd = ["ft_launcher", "--nproc-per-node", "2", "--max-restarts", "1", "--ft-workload-check-interval=1",
            "--ft-rank-section-timeouts=setup:300,step:5,checkpointing:120", "--ft-rank-out-of-section-timeout=10",
-           "-m", "goku_megatron.train", *TOY_CHECKPOINT_RUN, f"data.path={toy_data}", f"train.run_dir={run_dir}",
+           "-m", "goku_megatron.cli.train", *TOY_CHECKPOINT_RUN, f"data.path={toy_data}", f"train.run_dir={run_dir}",
            "train.save_interval=1", "checkpoint.fault_tolerance=true"]
     log = open(tmp_path / "run.log", "w")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
@@ -234,7 +234,7 @@ def test_ft_launcher_restarts_a_hung_rank(toy_data, tmp_path):
         time.sleep(0.05)
     def trainer(p: psutil.Process | None) -> bool:  # a rank, or a process a rank forked
         try:
-            return p is not None and p.cmdline()[1:4] == ["-u", "-m", "goku_megatron.train"]
+            return p is not None and p.cmdline()[1:4] == ["-u", "-m", "goku_megatron.cli.train"]
         except psutil.Error:  # exited meanwhile
             return False
 

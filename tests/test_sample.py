@@ -11,7 +11,9 @@ from numerics import assert_close_to_scale
 
 from goku_megatron.checkpoint import save_checkpoint
 from goku_megatron.config import load_config, validate
-from goku_megatron.sample import SampleSpec, Sampler, main, to_uint8, write_media
+from goku_megatron.cli.sample import main
+from goku_megatron.media import to_uint8, write_media
+from goku_megatron.sample import SampleSpec, Sampler
 
 
 @pytest.fixture(scope="module")

@@ -80,7 +80,7 @@ def test_truncated_tar_keeps_complete_samples(tmp_path, caplog, cut):
 
 
 def test_find_shards_errors_name_the_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match="prepare_shards"):
+    with pytest.raises(FileNotFoundError, match="goku-data prepare-shards"):
         find_shards(tmp_path)
     with pytest.raises(FileNotFoundError, match="data.path"):
         find_shards(tmp_path / "nope")

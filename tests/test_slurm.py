@@ -54,7 +54,7 @@ def test_torchrun_launch_with_overridden_environment():
     assert "--ntasks-per-node 1" in srun and "--container-image=/images/goku.sqsh" in srun
     assert ("torchrun\\ --nnodes\\ 8\\ --nproc-per-node\\ 8\\ --rdzv-backend\\ c10d\\ "
             "--rdzv-endpoint\\ gpu017:31000\\ --rdzv-id\\ 4242\\ --max-restarts\\ 5\\ "
-            "-m\\ goku_megatron.train\\ --config\\ goku-8b\\ train.run_dir=/lustre/runs/x") in srun
+            "-m\\ goku_megatron.cli.train\\ --config\\ goku-8b\\ train.run_dir=/lustre/runs/x") in srun
 
 
 def test_bad_layout_fails_the_dry_run():

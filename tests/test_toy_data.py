@@ -18,7 +18,8 @@ import webdataset as wds
 
 from goku_megatron.batch import unpack
 from goku_megatron.config import load_config, validate
-from goku_megatron.data.decode import FrameSpec, decode_sample
+from goku_megatron.data.decode import decode_sample
+from goku_megatron.data.frames import FrameSpec
 from goku_megatron.data.encoders import PixelSpace
 from goku_megatron.data.loader import SampleStream
 from goku_megatron.data.pipeline import PackedBatches, Prepared, build_data_source, noised_pack
@@ -242,11 +243,11 @@ def test_older_or_partial_datasets_are_rebuilt(tmp_path: Path) -> None:
 
 
 def test_read_validation_errors_name_the_dataset_and_the_fix(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="make_toy_dataset.py --out"):
+    with pytest.raises(FileNotFoundError, match="goku-data make-toy --out"):
         read_validation(tmp_path)
     make_toy_dataset(tmp_path, clips=2, images=0, val_clips=0)
     assert not (tmp_path / VAL_DIR / MANIFEST).exists()
-    with pytest.raises(FileNotFoundError, match="val_clips=0.*make_toy_dataset.py --out"):
+    with pytest.raises(FileNotFoundError, match="val_clips=0.*goku-data make-toy --out"):
         read_validation(tmp_path)
 
 

@@ -17,7 +17,7 @@ from conftest import REPO, build_stage
 from goku_megatron.checkpoint import latest_checkpoint, load_model_weights, save_checkpoint
 from goku_megatron.config import load_config, validate
 from goku_megatron.evaluation import CHANCE
-from goku_megatron.evaluation import main as eval_main
+from goku_megatron.cli.eval import main as eval_main
 
 # One run serves every test here: long enough to learn colour (goku-eval below), with a checkpoint,
 # samples and an evaluation half way and at the end.
@@ -27,7 +27,7 @@ STEPS, HALF = 120, 60
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("toy")
-    cmd = [sys.executable, "-m", "goku_megatron.train", f"train.steps={STEPS}", f"train.run_dir={tmp / 'run'}",
+    cmd = [sys.executable, "-m", "goku_megatron.cli.train", f"train.steps={STEPS}", f"train.run_dir={tmp / 'run'}",
            f"data.path={tmp / 'data'}", "data.toy_clips=96", "train.global_batch_size=16",
            "train.micro_batch_size=8", "train.log_interval=1", "optim.warmup_steps=4", f"train.save_interval={HALF}",
            f"train.sample_interval={HALF}", "train.sample_prompts=[a red square moving right, a blue circle]",

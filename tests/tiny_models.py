@@ -57,7 +57,7 @@ def tensor_bytes(x: torch.Tensor) -> bytes:
 def write_latent_shards(out: Path, sizes: list[tuple[int, int, int]], count: int, samples_per_shard: int,
                         t5_every: int = 0) -> Path:
     """``count`` precomputed samples (4-channel latents of ``sizes[i % len(sizes)]`` = (T, H, W),
-    caption "sample i", every ``t5_every``-th with stored text tokens) as tools/precompute_latents.py
+    caption "sample i", every ``t5_every``-th with stored text tokens) as goku-data precompute-latents
     writes them, keys k000, k001, ...; seeded, so the same arguments write the same shards."""
     from goku_megatron.data.shards import ShardWriter
 

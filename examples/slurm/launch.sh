@@ -48,7 +48,7 @@ first_host() {
 }
 MASTER_ADDR=${MASTER_ADDR:-$(first_host)}
 
-TRAIN=(python -m goku_megatron.train --config "$RECIPE" "train.run_dir=$RUN_DIR" "${OVERRIDES[@]}")
+TRAIN=(python -m goku_megatron.cli.train --config "$RECIPE" "train.run_dir=$RUN_DIR" "${OVERRIDES[@]}")
 if [[ $LAUNCHER == srun ]]; then
     SRUN_TASKS=(--ntasks-per-node "$GPUS_PER_NODE")
     INNER="RANK=\$SLURM_PROCID LOCAL_RANK=\$SLURM_LOCALID WORLD_SIZE=\$SLURM_NTASKS MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT exec ${TRAIN[*]}"
@@ -68,7 +68,7 @@ if [[ -n "${DRY_RUN:-}" ]]; then
     echo "# job $JOB_NAME ($JOB_ID): $NNODES nodes x $GPUS_PER_NODE GPUs = $WORLD_SIZE ranks, launcher $LAUNCHER"
     echo "# run dir $RUN_DIR, logs $LOG_DIR, master $MASTER_ADDR:$MASTER_PORT, container $CONTAINER_IMAGE"
     printf '%q ' "${SRUN[@]}"; echo
-    python -m goku_megatron.train --config "$RECIPE" --dry-run --world-size "$WORLD_SIZE" "${OVERRIDES[@]}" \
+    python -m goku_megatron.cli.train --config "$RECIPE" --dry-run --world-size "$WORLD_SIZE" "${OVERRIDES[@]}" \
         | sed -n '/^# parallel layout/,$p'
     exit 0
 fi

@@ -1,6 +1,6 @@
 """Data curation: Goku's raw-video filters (paper Table 3), its per-stage tiers (Table 4), the
 optical-flow motion score that both the stage tiers and the captions use, and ``curate_folder``,
-which turns a folder of captioned clips and images into raw shards (``tools/prepare_shards.py`` is
+which turns a folder of captioned clips and images into raw shards (``goku-data prepare-shards`` is
 its command line). The thresholds live here as data so that a recipe, a test or a different corpus
 can override them without touching code.
 

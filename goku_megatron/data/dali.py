@@ -8,7 +8,7 @@ pipelines. DALI is imported inside functions, so the package works (with PyAV) w
 Two DALI behaviours shape the code: a pipeline whose operator failed is dead ("Current pipeline
 object is no longer valid"), so a failed pipeline is dropped and rebuilt on next use; and frame
 indices past the end of a clip decode as black frames without an error, so callers pass indices
-clamped to the clip's real length (``decode.sample_frame_indices`` does).
+clamped to the clip's real length (``frames.sample_frame_indices`` does).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from goku_megatron.data.decode import FrameSpec
+from goku_megatron.data.frames import FrameSpec
 from goku_megatron.data.shards import CAPTION_EXT, INDEX_SUFFIX, split_key
 
 PIP_PACKAGE = "nvidia-dali-cuda120"
@@ -55,7 +55,7 @@ def _check_device(device: str) -> None:
 def _resize_crop_normalize(fn: Any, types: Any, frames: Any, height: int, width: int,
                            layout: str) -> Any:
     """Inside a pipeline: scale until the frame covers height x width, cut the centre, map to
-    float [-1, 1] in ``layout``; the same geometry as ``decode.resize_geometry``."""
+    float [-1, 1] in ``layout``; the same geometry as ``frames.resize_geometry``."""
     frames = fn.resize(frames, resize_x=width, resize_y=height, mode="not_smaller",
                        antialias=True)
     return fn.crop_mirror_normalize(frames, crop=(height, width), mean=127.5, std=127.5,
@@ -83,7 +83,7 @@ class SampleDecoder:
 
     One pipeline per kind (video, image) is built on first use and reused: building costs far
     more than decoding a small clip. Samples come in through ``external_source``; clip frames are
-    chosen by index (``decode.sample_frame_indices``), so resampling and the short-clip policy are
+    chosen by index (``frames.sample_frame_indices``), so resampling and the short-clip policy are
     the caller's and the same as on the PyAV path. A batch with one bad sample fails as a whole
     (ValueError); decode one sample per call where that matters (``decode.decode_sample`` does).
     """

@@ -27,13 +27,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from goku_megatron.config import DECODERS
+from goku_megatron.data import dali
+from goku_megatron.data.frames import FrameSpec, resize_geometry, sample_frame_indices
 from goku_megatron.data.shards import CAPTION_EXT, IMAGE_EXTS, META_EXT, VIDEO_EXTS, BadSamples
 
-log = logging.getLogger("goku_megatron")
+log = logging.getLogger(__name__)
 
 # The codecs DALI's CPU video decoder takes (FFmpeg names); the rest need NVDEC ("mixed") or PyAV.
 DALI_CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
-BACKENDS = ("auto", "pyav")
 
 
 # ------------------------------------------------------------------------------------- probing
@@ -190,44 +192,7 @@ def _held_rgb(held: list[Any]) -> np.ndarray:
     return held[2]
 
 
-def sample_frame_indices(n_src: int, src_fps: float, target_fps: float | None, count: int,
-                         start: float = 0.0) -> np.ndarray:
-    """Source frame indices (int64, length ``count``) for a clip of ``n_src`` frames at
-    ``src_fps`` resampled to ``target_fps`` from ``start`` seconds on.
-
-    Index-based twin of ``decode_video_pyav``'s timestamp rule, for decoders that take frame
-    indices (DALI): target time ``start + k / target_fps`` takes the nearest source frame, ties
-    to the earlier; ``target_fps=None`` takes consecutive frames. Targets past the clip's end
-    repeat the last frame sampled (the short-clip policy in the module docstring), as the PyAV
-    path and DALI's ``pad_mode="edge"`` on the reader path do.
-    """
-    if n_src < 1 or count < 0:
-        raise ValueError(f"need n_src >= 1 and count >= 0, got {n_src} and {count}")
-    k = np.arange(count)
-    if target_fps is None:
-        idx = round(start * src_fps) + k
-    else:
-        # ceil(x - 0.5) is the nearest integer with ties down; the epsilon absorbs float noise
-        idx = np.ceil((start + k / target_fps) * src_fps - 0.5 - 1e-9).astype(np.int64)
-    inside = idx < n_src
-    last = idx[inside][-1] if inside.any() else n_src - 1
-    return np.where(inside, idx, last).astype(np.int64)
-
-
 # ------------------------------------------------------------------------------------ geometry
-
-
-def resize_geometry(height: int, width: int, out_height: int, out_width: int
-                    ) -> tuple[int, int, int, int]:
-    """(resized height, resized width, crop top, crop left) that scale a frame, keeping its aspect
-    ratio, until it covers ``out_height x out_width``, then cut the centre: no padding and no
-    distortion, at the cost of the edges of the longer side. Rounds as DALI's ``fn.resize``
-    (mode "not_smaller") and ``fn.crop_mirror_normalize`` do, so both paths cut the same window.
-    """
-    scale = max(out_height / height, out_width / width)
-    rh = max(out_height, round(height * scale))
-    rw = max(out_width, round(width * scale))
-    return rh, rw, (rh - out_height + 1) // 2, (rw - out_width + 1) // 2  # odd margins: .5 up
 
 
 def to_pixels(frames: np.ndarray, size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -264,23 +229,6 @@ def decode_image(data: bytes) -> np.ndarray:
 # ------------------------------------------------------------------------------ decode_sample
 
 
-@dataclass(frozen=True)
-class FrameSpec:
-    """What a training stage wants from each sample: ``frames`` frames at ``fps`` (None: the
-    source rate), resized and centre-cropped to ``height x width``. Images give one frame."""
-
-    fps: float | None
-    frames: int
-    height: int
-    width: int
-
-    def __post_init__(self) -> None:
-        if self.fps is not None and self.fps <= 0:
-            raise ValueError(f"FrameSpec.fps must be > 0 or None, got {self.fps}")
-        if self.frames < 1 or self.height < 1 or self.width < 1:
-            raise ValueError(f"FrameSpec needs frames, height, width >= 1, got {self}")
-
-
 @dataclass
 class DecodedSample:
     """One sample ready for the VAE: pixels float32 [3, T, H, W] in [-1, 1] (T=1 for images),
@@ -299,8 +247,6 @@ _logged_routes: set[tuple[str, str]] = set()
 def _route(codec: str, backend: str) -> str:
     """Who decodes ``codec`` ("image" for stills): "pyav", "pil", "dali-cpu" or "dali-gpu".
     Logs each new pairing once, so a run's log says which backend decoded which codec."""
-    from goku_megatron.data import dali  # here, not above: dali.py imports this module
-
     image = codec == "image"
     if backend == "pyav":
         chosen, why = ("pil" if image else "pyav"), "backend=pyav"
@@ -330,8 +276,8 @@ def decode_sample(raw: dict[str, Any], spec: FrameSpec, bad: BadSamples,
     (unreadable_image); never raises on bad bytes. ``backend``: "auto" (DALI where it takes the
     codec, else PyAV; see ``_route``) or "pyav".
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in DECODERS:
+        raise ValueError(f"backend must be one of {DECODERS} (config.DECODERS), got {backend!r}")
     key = str(raw.get("__key__", "?"))
     shard = str(raw.get("__url__", "?"))
     video_ext = next((e for e in VIDEO_EXTS if e in raw), None)
@@ -380,8 +326,6 @@ def _decode_clip(data: bytes, spec: FrameSpec, backend: str, shard: str, key: st
     route = _route(info.codec, backend)
     dali_error = ""
     if route != "pyav":
-        from goku_megatron.data import dali
-
         indices = sample_frame_indices(info.frames, info.fps or spec.fps or 1.0, spec.fps,
                                        spec.frames)
         decoder = dali.sample_decoder(spec.height, spec.width, route.removeprefix("dali-"))
@@ -408,8 +352,6 @@ def _decode_still(data: bytes, spec: FrameSpec, backend: str, shard: str, key: s
     try:
         if _route("image", backend) == "pil":
             return to_pixels(decode_image(data), (spec.height, spec.width))
-        from goku_megatron.data import dali
-
         return dali.sample_decoder(spec.height, spec.width, "gpu").decode_images([data])[0].cpu()
     except ValueError as e:  # decode_image's and SampleDecoder's errors
         bad.record("unreadable_image", shard, key, one_line(e))

@@ -9,7 +9,7 @@ and fp32 on CPU (see ``encoder_dtype``).
 ``run_text_encoder`` and ``run_vae`` choose a run's encoders from its config, in this one place
 for training, sampling and evaluation (``data.text_encoder``, ``data.text_encoder_path``,
 ``data.vae_path``; a toy run's "VAE" is ``PixelSpace``, the identity on pixels);
-``build_text_encoder`` and ``build_vae`` load them, for tools/precompute_latents.py too.
+``build_text_encoder`` and ``build_vae`` load them, for data/precompute.py (goku-data precompute-latents) too.
 ``pack_text``/``pad_text`` convert between the padded text interface and the
 real-tokens-only form that latent shards store.
 """
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from goku_megatron.config import Config, ConfigError
+from goku_megatron.config import TEXT_ENCODERS, Config, ConfigError
 from goku_megatron.data.text_encoder import HashTextEncoder
 
 if TYPE_CHECKING:
@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 VAE_WEIGHTS_HINT = "huggingface-cli download THUDM/CogVideoX-2b --include 'vae/*' --local-dir {path}"
 T5_WEIGHTS_HINT = "huggingface-cli download google/flan-t5-xl --local-dir {path}"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
-TEXT_ENCODER_KINDS = ("hash", "t5")
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -226,10 +225,10 @@ def build_text_encoder(kind: str, path: str | Path = "", dim: int = 64, max_toke
     if kind == "t5":
         encoder = T5TextEncoder.from_pretrained(path, max_tokens, device)
         if encoder.dim != dim:
-            raise ValueError(f"text encoder {path} has width {encoder.dim} but model.text_dim={dim}; "
-                             f"set model.text_dim={encoder.dim}")
+            raise ConfigError(f"text encoder {path} has width {encoder.dim} but model.text_dim={dim}; "
+                              f"set model.text_dim={encoder.dim}")
         return encoder
-    raise ValueError(f"unknown text encoder {kind!r}; expected one of {TEXT_ENCODER_KINDS}")
+    raise ConfigError(f"data.text_encoder={kind!r} is not one of {', '.join(TEXT_ENCODERS)}")
 
 
 def build_vae(path: str | Path, device: torch.device | str = "cpu") -> VideoVAE:

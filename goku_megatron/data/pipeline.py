@@ -36,13 +36,14 @@ import torch
 from goku_megatron import flow
 from goku_megatron.batch import Pack, PackSample, build_pack, num_tokens, plan_packs
 from goku_megatron.config import Config, ConfigError, StageConfig
-from goku_megatron.data.decode import FrameSpec, decode_sample, one_line
+from goku_megatron.data.decode import decode_sample, one_line
+from goku_megatron.data.frames import FrameSpec
 from goku_megatron.data.encoders import PixelSpace, VideoVAE, pack_text, pad_text, run_text_encoder, run_vae
 from goku_megatron.data.loader import SampleStream
 from goku_megatron.data.shards import BadSamples, SampleRef, find_shards, read_sample
 from goku_megatron.data.toy import ensure_toy_dataset, read_manifest
 
-log = logging.getLogger("goku_megatron")
+log = logging.getLogger(__name__)
 
 @dataclass
 class Prepared:
@@ -73,7 +74,7 @@ def _tensor(data: bytes) -> torch.Tensor:
 
 
 def load_latent_sample(raw: dict[str, Any], stage: StageConfig) -> Prepared:
-    """A precomputed sample (tools/precompute_latents.py): ``latent.pth``, caption, ``t5.pth``."""
+    """A precomputed sample (goku-data precompute-latents): ``latent.pth``, caption, ``t5.pth``."""
     text = _tensor(raw["t5.pth"]).float() if "t5.pth" in raw else None
     return Prepared(_tensor(raw["latent.pth"]).float(), raw["txt"].decode("utf-8").strip(), text)
 
@@ -235,11 +236,11 @@ class PackedBatches:
             misses[id(stream)] = 0
             channels = prepared.latent.shape[0]
             if channels != self.cfg.model.in_channels:
-                raise ValueError(f"sample {ref.key} in {ref.shard} has {channels}-channel latents but "
-                                 f"model.in_channels={self.cfg.model.in_channels}; set it to {channels}")
+                raise ConfigError(f"sample {ref.key} in {ref.shard} has {channels}-channel latents but "
+                                  f"model.in_channels={self.cfg.model.in_channels}; set it to {channels}")
             tokens = num_tokens(prepared.latent.shape, self.patch)
             if tokens > stage.token_budget:
-                raise ValueError(
+                raise ConfigError(
                     f"sample {ref.key} in {ref.shard} has {tokens} tokens, over data.stages"
                     f"[{self._stage_index}].token_budget={stage.token_budget}; raise the budget or "
                     "lower the stage's frames/height/width"
@@ -250,7 +251,7 @@ class PackedBatches:
         """The one line that ends a run whose data path yields nothing usable."""
         path = self.cfg.data.stage_path(stage)
         what = "" if stream.kind == "any" else f"{stream.kind} "
-        fix = "repair or replace those shards (tools/prepare_shards.py leaves bad samples out)"
+        fix = "repair or replace those shards (goku-data prepare-shards leaves bad samples out)"
         if stream.kind in ("image", "video") and len(self.streams[path]) == 2:
             fix += f", or set the stage's image_ratio to {0 if stream.kind == 'image' else 1}"
         if misses >= stream.epoch_length():

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-log = logging.getLogger("goku_megatron")
+log = logging.getLogger(__name__)
 
 VIDEO_EXTS = ("mp4", "webm")
 IMAGE_EXTS = ("jpg", "jpeg", "png")
@@ -272,5 +272,5 @@ def find_shards(path: str | Path | Sequence[str | Path]) -> list[Path]:
         else:
             raise FileNotFoundError(f"{p}: no such shard or directory; check data.path")
     if not shards:
-        raise FileNotFoundError(f"no *.tar shards in {path}; build them with tools/prepare_shards.py")
+        raise FileNotFoundError(f"no *.tar shards in {path}; build them with goku-data prepare-shards")
     return shards

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,8 +32,12 @@ import webdataset as wds
 from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from goku_megatron.data.decode import FrameSpec, decode_sample
+from goku_megatron.config import ConfigError
+from goku_megatron.data.decode import decode_sample
+from goku_megatron.data.frames import FrameSpec
 from goku_megatron.data.shards import BadSamples
+
+log = logging.getLogger(__name__)
 
 # v2: training clips leave out HELD_OUT, and the validation split in VAL_DIR; v3: diamonds, not
 # circles.
@@ -356,12 +361,12 @@ def read_manifest(shard_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} missing: no toy dataset in {shard_dir}, or an incomplete one; make it with "
-            f"'python tools/make_toy_dataset.py --out {shard_dir}'"
+            f"'goku-data make-toy --out {shard_dir}'"
         )
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}; rebuild "
-                         f"it with 'python tools/make_toy_dataset.py --out {shard_dir}'")
+        raise ConfigError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}; rebuild "
+                          f"it with 'goku-data make-toy --out {shard_dir}'")
     return manifest
 
 
@@ -385,6 +390,8 @@ def ensure_toy_dataset(out: Path, **params: Any) -> list[Path]:
     wanted = asdict(ToyDatasetSpec(**params))
     if _is_complete(out, wanted) and (not wanted["val_clips"] or _is_complete(out / VAL_DIR, wanted)):
         return [out / s["name"] for s in read_manifest(out)["shards"]]
+    log.info("data: writing the toy dataset to %s (%d clips, %d images, %dx%d, %d frames)", out, wanted["clips"],
+             wanted["images"], wanted["size"], wanted["size"], wanted["frames"])
     return make_toy_dataset(out, **wanted)
 
 
@@ -421,7 +428,7 @@ def read_validation(shard_dir: Path) -> ToyValidation:
     if not (val_dir / MANIFEST).is_file():
         raise FileNotFoundError(
             f"{val_dir / MANIFEST} missing: the toy dataset in {shard_dir} was made with "
-            f"val_clips=0; rebuild it with 'python tools/make_toy_dataset.py --out {shard_dir}'"
+            f"val_clips=0; rebuild it with 'goku-data make-toy --out {shard_dir}'"
         )
     manifest = read_manifest(val_dir)
     held = {tuple(t) for t in manifest["held_out"]}
@@ -432,8 +439,8 @@ def read_validation(shard_dir: Path) -> ToyValidation:
     bad = BadSamples()
     samples = [decode_sample(raw, spec, bad, backend="pyav") for raw in iter_raw_samples(val_dir)]
     if None in samples:
-        raise ValueError(f"{val_dir}: {sum(bad.counts.values())} validation clip(s) do not decode ({dict(bad.counts)}); "
-                         f"rebuild it with 'python tools/make_toy_dataset.py --out {shard_dir}'")
+        raise ConfigError(f"{val_dir}: {sum(bad.counts.values())} validation clip(s) do not decode "
+                          f"({dict(bad.counts)}); rebuild it with 'goku-data make-toy --out {shard_dir}'")
     return ToyValidation(
         pixels=torch.stack([s.pixels for s in samples]),
         captions=[s.caption for s in samples],

@@ -23,17 +23,19 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
+from contextlib import nullcontext
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedStateDict
-from megatron.core.enums import ModelType
+from megatron.core.enums import Fp8Recipe, ModelType
+from megatron.core.fp8_utils import get_fp8_context
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core import tensor_parallel
+from megatron.core.transformer.utils import sharded_state_dict_default
 
 from goku_megatron.batch import Pack
 from goku_megatron.config import ModelConfig
@@ -219,11 +221,6 @@ class GokuModel(MegatronModule):
         eval mode (sampling, evaluation) the layers run in bf16, which takes any token count
         (TE's FP8 GEMMs need multiples of 16) and keeps FP8 rounding out of the samples.
         """
-        from contextlib import nullcontext
-
-        from megatron.core.enums import Fp8Recipe
-        from megatron.core.fp8_utils import get_fp8_context
-
         fp8 = bool(self.config.fp8) and self.training
         per_layer = fp8 and self.config.fp8_recipe != Fp8Recipe.delayed
         full_recompute = self.config.recompute_granularity == "full" and self.training
@@ -246,10 +243,6 @@ class GokuModel(MegatronModule):
         """One layer as a function of the tensors that carry gradients (the checkpoint arguments
         under activation recompute), inside its own FP8 context when the recipe has one per layer
         (so a recomputation re-enters it, as megatron's checkpointed block does)."""
-        from contextlib import nullcontext
-
-        from megatron.core.fp8_utils import get_fp8_context
-
         def run(x: torch.Tensor, silu_temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
             with get_fp8_context(layer.config, layer.layer_number - 1) if fp8_per_layer else nullcontext():
                 return layer(x, dataclasses.replace(inputs, context=context), silu_temb)
@@ -322,8 +315,6 @@ class GokuModel(MegatronModule):
 
 
 def _default_sharded(module: torch.nn.Module, prefix: str, offsets: tuple, metadata: dict | None) -> ShardedStateDict:
-    from megatron.core.transformer.utils import sharded_state_dict_default
-
     # tp_group explicitly: without it megatron-core 0.16 gives every TP rank replica TP index 0,
     # so a replicated embedder has several main replicas and the save fails validation.
     return sharded_state_dict_default(module, prefix, offsets, metadata,

@@ -1,4 +1,4 @@
-"""The Goku transformer layer (GOKU.md, "The block") on megatron-core tensor-parallel linears.
+"""The Goku transformer layer (docs/model.md, "The block") on megatron-core tensor-parallel linears.
 
 Attribute names follow the reference block (norm1.linear, attn1.q_proj, ...) so checkpoints map
 one to one. Activations are [s, b, hidden] as everywhere in megatron. Under tensor parallelism the
@@ -19,6 +19,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedStateDict
 from megatron.core.fp8_utils import get_fp8_align_size
 from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -131,7 +132,7 @@ class RMSNorm(torch.nn.Module):
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x * (1 + scale) + shift in float32 (GOKU.md: modulation math in fp32)."""
+    """x * (1 + scale) + shift in float32 (docs/model.md, "The block": modulation math in fp32)."""
     return (x.float() * (1 + scale) + shift).to(x.dtype)
 
 
@@ -274,8 +275,6 @@ class GokuLayer(MegatronModule):
         cross_attn_rope_q: bool = True,
     ) -> None:
         super().__init__(config)
-        from megatron.core.tensor_parallel import ColumnParallelLinear
-
         self.layer_number = layer_number
         eps = config.layernorm_epsilon
         # TE's column-parallel linear cannot gather its output; adaLN runs per sample, so the local

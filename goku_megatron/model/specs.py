@@ -10,6 +10,7 @@ when cp = 1). Cross-attention never communicates; with ``te`` it runs on torch S
 
 from __future__ import annotations
 
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from goku_megatron.model.attention import FlashAttention, SDPAAttention, TECoreAttention, UlyssesAttention
@@ -26,8 +27,6 @@ def _attention(attention: str) -> dict[str, type | ModuleSpec]:
 
 
 def local_layer_spec(attention: str = "sdpa") -> ModuleSpec:
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-
     return ModuleSpec(
         module=GokuLayer,
         submodules=GokuLayerSubmodules(

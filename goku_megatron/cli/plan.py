@@ -1,0 +1,77 @@
+"""goku-plan: candidate TP/CP/PP/DP layouts of a model on N GPUs, ranked; the planner's estimates
+are documented in goku_megatron/planner.py."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from goku_megatron import planner
+from goku_megatron.config import MODEL_PRESETS, ConfigError, ModelConfig, load_config
+from goku_megatron.logs import setup_logging
+from goku_megatron.planner import GIB, Hardware, Workload, plan, planned_stage, stage_workload, tokens_for
+from goku_megatron.resilience import EXIT_CONFIG_ERROR
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="goku-plan", description=planner.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="plan a recipe (or YAML): its model, its largest stage's packs and "
+                                         "its global batch, as parallel.auto does; the shape options are ignored")
+    parser.add_argument("--preset", default="goku-8b", choices=sorted(MODEL_PRESETS))
+    parser.add_argument("--gpus", type=int, required=True)
+    parser.add_argument("--gpu-memory-gb", type=float, default=80.0)
+    parser.add_argument("--tokens", type=int, help="tokens per pack (or give --frames/--height/--width)")
+    parser.add_argument("--frames", type=int, default=33)
+    parser.add_argument("--height", type=int, default=720)
+    parser.add_argument("--width", type=int, default=1280)
+    parser.add_argument("--samples-per-pack", type=int, default=1)
+    parser.add_argument("--global-packs", type=int, default=256, help="packs per optimizer step")
+    parser.add_argument("--efficiency", type=float, default=0.4, help="assumed fraction of bf16 peak")
+    parser.add_argument("--top", type=int, default=10)
+    args = parser.parse_args(argv)
+    setup_logging()
+
+    if args.config:
+        try:
+            cfg = load_config(args.config)
+        except ConfigError as err:
+            print(f"goku-plan: error: {err}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
+        if not cfg.data.stages:
+            print(f"goku-plan: error: {args.config} has no data.stages to plan for", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
+        model = cfg.model
+        work = stage_workload(cfg, planned_stage(cfg))
+        args.preset, args.global_packs = model.preset, work.global_packs
+    else:
+        model = ModelConfig(preset=args.preset, **MODEL_PRESETS[args.preset])
+        tokens = args.tokens or args.samples_per_pack * tokens_for(model, args.frames, args.height, args.width)
+        work = Workload(tokens=tokens, samples_per_pack=args.samples_per_pack, global_packs=args.global_packs)
+    tokens = work.tokens
+    hw = Hardware(gpus=args.gpus, memory_bytes=args.gpu_memory_gb * GIB, efficiency=args.efficiency)
+    ranked = plan(model, work, hw)
+    if not ranked:
+        print(f"goku-plan: error: no TP/CP/PP layout divides {args.gpus} GPUs for {args.preset}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    print(f"# {args.preset}: {tokens} tokens per pack, {args.global_packs} packs per step, {args.gpus} GPUs "
+          f"x {args.gpu_memory_gb:g} GiB, efficiency {args.efficiency:g} (estimates, see goku-plan --help)")
+    print(f"{'tp':>3} {'cp':>3} {'pp':>3} {'dp':>4} {'recompute':>9} {'weights GiB':>11} {'acts GiB':>9} "
+          f"{'total GiB':>9} {'step s':>8}  fits")
+    for est, fits in ranked[: args.top]:
+        lay = est.layout
+        print(f"{lay.tp:>3} {lay.cp:>3} {lay.pp:>3} {lay.dp:>4} {str(lay.recompute):>9} "
+              f"{est.weights_bytes / GIB:>11.1f} {est.activation_bytes / GIB:>9.1f} "
+              f"{est.memory_bytes / GIB:>9.1f} {est.step_time_s:>8.2f}  {'yes' if fits else 'no'}")
+    best, fits = ranked[0]
+    if not fits:
+        print("recommendation: none fits; add GPUs, lower the token budget, or pack fewer samples")
+        return 1
+    lay = best.layout
+    print(f"recommendation: parallel.tp={lay.tp} parallel.cp={lay.cp} parallel.pp={lay.pp} "
+          f"model.recompute={str(lay.recompute).lower()}  (dp={lay.dp})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Config -> megatron TransformerConfig -> GokuModel: the one place a model is built, for training
+(this rank's pipeline stage in megatron DDP), sampling (one unsharded model), tests and benchmarks."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.fp8_utils import get_fp8_context
+from megatron.core.transformer.module import Float16Module
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from goku_megatron.config import Config
+from goku_megatron.model.goku import GokuModel
+from goku_megatron.model.specs import layer_spec
+from goku_megatron.platform import Backends
+
+
+def build_transformer_config(cfg: Config, backends: Backends) -> TransformerConfig:
+    """megatron's TransformerConfig for ``cfg``'s model and layout on ``backends``."""
+    m, p = cfg.model, cfg.parallel
+    bf16 = backends.precision == "bf16"
+    recompute = m.recompute_granularity if m.recompute else None
+    tc = TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_heads,
+        layernorm_epsilon=m.norm_eps,
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        context_parallel_size=p.cp,
+        cp_comm_type=p.cp_comm_type,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_cpu_initialization=backends.device == "cpu",
+        # megatron sets the tensor-parallel attributes of its linears only in its init path, so it
+        # initialises first; GokuModel.init_weights then overwrites every weight, layout-free.
+        perform_initialization=True,
+        init_method_std=m.init_std,
+        # Batched isend/irecv over gloo is not reliable; NCCL batches them.
+        batch_p2p_comm=backends.distributed == "nccl",
+        # GokuModel and GokuLayer read these: "full" checkpoints each layer, "selective" each
+        # core attention (megatron's own options, so its validation applies).
+        recompute_granularity=recompute,
+        recompute_method="uniform" if recompute == "full" else None,
+        recompute_num_layers=1 if recompute == "full" else None,
+        recompute_modules=["core_attn"] if recompute == "selective" else None,
+        # No CUDA graphs; megatron's default ("full") is deprecated and warns at every build.
+        cuda_graph_scope=[],
+        # FP8 through TE: GokuModel enters megatron's fp8 context around each layer (fp8_utils).
+        fp8=m.fp8 or None,
+        fp8_recipe=m.fp8_recipe,
+        fp8_param=cfg.optim.fp8_param_gather,
+        first_last_layers_bf16=m.fp8_bf16_layers > 0,
+        num_layers_at_start_in_bf16=m.fp8_bf16_layers,
+        num_layers_at_end_in_bf16=m.fp8_bf16_layers,
+    )
+    tc.has_cond_embedder = True  # finalize_model_grads syncs the replicated embedders over PP
+    return tc
+
+
+def build_model(cfg: Config, backends: Backends) -> tuple[list[torch.nn.Module], TransformerConfig]:
+    """This rank's pipeline stage for training, initialised from ``train.seed`` and wrapped in
+    megatron DDP (and Float16Module in bf16); with its TransformerConfig."""
+    o = cfg.optim
+    tc = build_transformer_config(cfg, backends)
+    # optim.fp8_param_gather: TE creates its linears' weights as FP8 tensors (a no-op context
+    # otherwise). Without grad, TE keeps no high-precision copy of megatron's initial values,
+    # so the optimizer's fp32 main weights start from the FP8 weights that init_weights wrote.
+    with torch.no_grad(), get_fp8_context(tc, is_init=True):
+        stage = GokuModel(
+            tc, cfg.model, layer_spec(backends.linear, backends.attention),
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
+        )
+    stage.init_weights(cfg.train.seed)
+    module: torch.nn.Module = stage
+    if backends.device == "cuda":
+        module = module.cuda()
+    if tc.bf16:
+        module = Float16Module(tc, module)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=o.distributed_optimizer,
+        overlap_grad_reduce=o.overlap_grad_reduce, overlap_param_gather=o.overlap_param_gather,
+        fp8_param_gather=o.fp8_param_gather, bucket_size=o.ddp_bucket_size or None,
+    )
+    return [DistributedDataParallel(config=tc, ddp_config=ddp_config, module=module)], tc
+
+
+def build_unsharded_model(cfg: Config, backends: Backends) -> GokuModel:
+    """The whole GokuModel in this process (TP=PP=CP=1), uninitialised: a sampler loads its
+    weights from a checkpoint (checkpoint.load_model_weights)."""
+    model = GokuModel(build_transformer_config(cfg, backends), cfg.model, layer_spec(backends.linear, backends.attention))
+    return model.to("cuda" if backends.device == "cuda" else "cpu")
