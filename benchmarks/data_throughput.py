@@ -5,10 +5,14 @@
 
 Every path produces the same thing, float [3, T, H, W] in [-1, 1] at the output size:
 - PyAV: ``decode_sample(backend="pyav")``, one clip at a time; the baseline per codec;
-- DALI CPU per sample: ``decode_sample(backend="auto")``, VP8/VP9/MJPEG only;
+- DALI CPU per sample: ``decode_sample(backend="dali")``, VP8/VP9/MJPEG only (``auto`` takes
+  PyAV on CPU: it is faster, see docs/data.md);
 - DALI CPU reader: ``WebDatasetClipReader`` reading and decoding whole batches from the tars;
 - DALI mixed (GPU) per sample and reader: every codec NVDEC takes, when CUDA is available.
-Per-sample paths time decoding of clips already read from the tars; reader paths include reading.
+- the training pipeline (data/pipeline.py: read from the tars, decode with ``auto``, the identity
+  "VAE", noise and pack), inline on one thread and read ahead by ``--workers`` threads.
+Per-sample paths time decoding of clips already read from the tars; reader and pipeline paths
+include reading.
 Frames per CPU-second (all threads) are printed beside frames per second: on a shared machine
 they drift less. Paths that cannot run here are listed with the reason. Not a test: figures
 depend on the machine.
@@ -28,9 +32,13 @@ import av
 import numpy as np
 import torch
 
+from goku_megatron.config import Config, StageConfig
 from goku_megatron.data import dali
 from goku_megatron.data.decode import DALI_CPU_CODECS, decode_sample, probe_video
+from goku_megatron.data.encoders import PixelSpace
 from goku_megatron.data.frames import FrameSpec
+from goku_megatron.data.loader import SampleStream
+from goku_megatron.data.pipeline import PackedBatches, ReadAhead, encode_raw_sample
 from goku_megatron.data.shards import (
     VIDEO_EXTS,
     BadSamples,
@@ -39,6 +47,7 @@ from goku_megatron.data.shards import (
     list_samples,
     read_sample,
 )
+from goku_megatron.data.text_encoder import HashTextEncoder
 
 FPS = 24
 # Typical delivery settings (lossy 4:2:0), fast to encode.
@@ -150,6 +159,35 @@ def time_reader(name: str, codec: str, shards: list[Path], spec: FrameSpec, sour
     return Result(name, codec, frames, timer.wall, timer.cpu)
 
 
+def time_pipeline(name: str, codec: str, shards: list[Path], spec: FrameSpec, workers: int,
+                  steps: int) -> Result:
+    """The training data path over ``shards``: ``steps`` steps of 8 clips at ``spec`` (no cache),
+    inline (workers=0) or read ahead; frames of the clips in the packs per second."""
+    cfg = Config()
+    cfg.data.kind, cfg.data.path, cfg.data.cache_mb = "raw", str(shards[0].parent), 0
+    cfg.model.in_channels, cfg.model.patch_size = 3, [1, 16, 16]
+    tokens = spec.frames * (spec.height // 16) * (spec.width // 16)
+    cfg.data.stages = [StageConfig(steps=steps + 1, height=spec.height, width=spec.width, frames=spec.frames,
+                                   fps=spec.fps or FPS, token_budget=2 * tokens)]
+    cfg.train.steps, cfg.train.micro_batch_size, cfg.train.global_batch_size = steps + 1, 1, 4
+    cfg.parallel.dp = 1
+    bad = BadSamples()
+    streams = {cfg.data.path: {"video": SampleStream(shards, dp_rank=0, dp_size=1, seed=0, bad=bad, kind="video")}}
+    inline = PackedBatches(cfg, streams, encode_raw_sample("auto", PixelSpace(), bad),
+                           HashTextEncoder(dim=8, max_tokens=cfg.data.max_text_tokens), bad, buffer_size=8,
+                           workers=workers)
+    source = ReadAhead(inline, cfg.data.read_ahead_steps, cfg.train.steps, torch.device("cpu")) if workers else inline
+    try:
+        source.next_step(1)  # warm-up: imports, the buffer's first fill
+        with Timer() as timer:
+            frames = sum(len(pack.keys) * spec.frames for step in range(2, steps + 2) for pack in source.next_step(step))
+    finally:
+        source.close()
+    if bad.counts:
+        raise RuntimeError(f"bad samples in the benchmark set: {dict(bad.counts)}")
+    return Result(name, codec, frames, timer.wall, timer.cpu)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -161,6 +199,8 @@ def main() -> None:
                         help="output height and width (default: the clips' own)")
     parser.add_argument("--batch", type=int, default=8, help="reader batch size")
     parser.add_argument("--threads", type=int, default=2, help="DALI worker threads")
+    parser.add_argument("--workers", type=int, default=2, help="read-ahead threads of the pipeline rows")
+    parser.add_argument("--steps", type=int, default=16, help="steps (of 8 clips) the pipeline rows time")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -192,6 +232,9 @@ def run(shards: dict[str, list[Path]], origin: str, args: argparse.Namespace) ->
         # backend="pyav" never touches the GPU; "auto" is DALI on CPU only for DALI's CPU codecs.
         results.append(time_per_sample("PyAV, per sample", codec, raws, spec, "pyav",
                                        lambda: None))
+        results.append(time_pipeline("pipeline, inline (workers=0)", codec, paths, spec, 0, args.steps))
+        results.append(time_pipeline(f"pipeline, read-ahead (workers={args.workers})", codec, paths, spec,
+                                     args.workers, args.steps))
         if not dali.available():
             skipped.append(f"DALI paths for {codec}: DALI not installed "
                            f"(pip install {dali.PIP_PACKAGE})")
@@ -204,7 +247,7 @@ def run(shards: dict[str, list[Path]], origin: str, args: argparse.Namespace) ->
                                        args.threads, len(raws), sync))
             skipped.append(f"DALI CPU paths for {codec}: CUDA available, 'auto' decodes on the GPU")
         elif codec in DALI_CPU_CODECS:
-            results.append(time_per_sample("DALI CPU, per sample", codec, raws, spec, "auto",
+            results.append(time_per_sample("DALI CPU, per sample", codec, raws, spec, "dali",
                                            sync))
             results.append(time_reader(f"DALI CPU, reader, batch {args.batch}", codec, paths,
                                        spec, info.fps, ext, "cpu", args.batch, args.threads,

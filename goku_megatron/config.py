@@ -42,7 +42,7 @@ DIST_BACKENDS = ("auto", "nccl", "gloo")
 LR_DECAYS = ("cosine", "constant")
 DATA_KINDS = ("toy", "raw", "latent")
 TEXT_ENCODERS = ("hash", "t5")
-DECODERS = ("auto", "pyav")
+DECODERS = ("auto", "pyav", "dali")
 CP_COMM_TYPES = ("p2p", "a2a", "a2a+p2p")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 FP8_FORMATS = ("", "e4m3", "hybrid")
@@ -176,7 +176,9 @@ class DataConfig:
     text_encoder: str = "hash"
     text_encoder_path: str = ""
     vae_path: str = ""
-    decoder: str = "auto"  # auto: DALI where it takes the codec (on GPU: all), else PyAV; or pyav
+    # auto: DALI mixed on GPU, PyAV on CPU, the faster there (docs/data.md, "Decode throughput");
+    # pyav: PyAV everywhere; dali: DALI wherever it takes the codec (on CPU: VP8/VP9/MJPEG).
+    decoder: str = "auto"
     max_text_tokens: int = 16
     # Prepared samples (decoded, VAE-encoded) kept in memory, least recently used out first: a
     # dataset that fits (the toy's 2048 clips take 50 MB) is decoded once, not once per epoch.
@@ -184,6 +186,11 @@ class DataConfig:
     # A draw that finds this many bad samples in a row (or a whole pass of a stream's samples, if
     # that is fewer) stops the run with one line: the data path holds no usable sample.
     max_bad_in_a_row: int = 1000
+    # Read-ahead (docs/data.md, "Read-ahead"): threads that read and decode samples while the step
+    # runs, and how many steps of packs they prepare ahead. -1: from the cores per process
+    # (data_workers); 0: everything inline on the training thread.
+    workers: int = -1
+    read_ahead_steps: int = 2
     stages: list[StageConfig] = field(default_factory=list)
 
     def stage_at(self, step: int) -> tuple[int, StageConfig]:
@@ -726,6 +733,8 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> None:
              "data.text_encoder=t5 needs data.text_encoder_path (a local FLAN-T5 checkpoint)")
     _require(d.max_text_tokens > 0, f"data.max_text_tokens must be positive, got {d.max_text_tokens}")
     _require(d.cache_mb >= 0, f"data.cache_mb must be >= 0 (0: no cache), got {d.cache_mb}")
+    _require(d.workers >= -1, f"data.workers must be >= 0, or -1 (from the core count), got {d.workers}")
+    _require(d.read_ahead_steps >= 1, f"data.read_ahead_steps must be >= 1, got {d.read_ahead_steps}")
     _require(d.max_bad_in_a_row >= 1, f"data.max_bad_in_a_row must be >= 1, got {d.max_bad_in_a_row}")
     if m.i2v:
         _require(all(s.image_ratio == 0 for s in d.stages), "model.i2v conditions on the first frame, which is the whole of an image: "

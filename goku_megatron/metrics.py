@@ -97,9 +97,9 @@ class MetricsLogger:
                 self._tb.add_scalar(key if "/" in key else f"train/{key}", value, step)  # eval/* as named
         eta = metrics.get("step_time_s", 0.0) * (self.total_steps - step)
         log.info(
-            "step %d/%d | loss %.4f | lr %.2e | grad_norm %.3f | %.1f samples/s | %.3f s/step | ETA %s",
+            "step %d/%d | loss %.4f | lr %.2e | grad_norm %.3f | %.1f samples/s | %.3f s/step (data %.3f s) | ETA %s",
             step, self.total_steps, metrics["loss"], metrics["lr"], metrics["grad_norm"],
-            metrics["samples_per_s"], metrics["step_time_s"], format_duration(eta),
+            metrics["samples_per_s"], metrics["step_time_s"], metrics.get("data_wait_s", 0.0), format_duration(eta),
         )
         if "eval/val_loss" in metrics:
             accuracy = " | ".join(

@@ -33,7 +33,7 @@ from goku_megatron.checkpoint import (Checkpointer, TrainingState, checkpoint_di
                                       init_weights_from, latest_checkpoint, restore)
 from goku_megatron.config import Config
 from goku_megatron.data.encoders import check_weights
-from goku_megatron.data.pipeline import DataWaitStopped, PackedBatches, build_data_source
+from goku_megatron.data.pipeline import DataWaitStopped, PackedBatches, ReadAhead, build_data_source
 from goku_megatron.ema import EMA
 from goku_megatron.evaluation import Evaluator
 from goku_megatron.flops import gpu_peak_flops, mfu, training_flops
@@ -128,7 +128,7 @@ def resolve_run_dir(cfg: Config) -> Path:
     return Path(chosen[0])
 
 
-def run(cfg: Config, source: PackedBatches | None = None) -> list[StepResult]:
+def run(cfg: Config, source: PackedBatches | ReadAhead | None = None) -> list[StepResult]:
     """Train up to step ``cfg.train.steps``, continuing from a checkpoint when there is one
     (``checkpoint.resume``); returns the results of the steps this call ran (on every rank).
     ``source`` replaces the run's own data source (data.pipeline.build_data_source), for tests.
@@ -151,6 +151,7 @@ def run(cfg: Config, source: PackedBatches | None = None) -> list[StepResult]:
             if source is None:
                 source = build_data_source(cfg, parallel_state.get_data_parallel_rank(), cfg.parallel.dp, device)
             source.stop_requested = lambda: signals.received
+            cleanup.callback(source.close)
             evaluator = Evaluator(cfg)
             state = setup(cfg, backends)
             rank = torch.distributed.get_rank()
@@ -206,6 +207,7 @@ def run(cfg: Config, source: PackedBatches | None = None) -> list[StepResult]:
                 packs = [p.to(device) for p in source.next_step(step)]
             except DataWaitStopped:  # the signal came while this rank's samples were being drawn
                 packs = []
+            data_wait = time.perf_counter() - start  # what the step waited for its packs
             # Collective: a rank stopped inside its data wait must not leave the others in the
             # step's collectives, so every rank learns of it before the step starts and all stop
             # after the last complete step, its data unread.
@@ -216,7 +218,7 @@ def run(cfg: Config, source: PackedBatches | None = None) -> list[StepResult]:
                     save(step - 1, blocking=True)
                 raise Preempted(stop, step - 1)
             bad = source.bad.as_metrics()
-            extra: dict[str, float] = {"stage": stage, **bad}
+            extra: dict[str, float] = {"stage": stage, "data_wait_s": data_wait, **bad}
             # Work of the step, over all data-parallel ranks: samples, video tokens, model FLOPs.
             video_tokens, text_tokens = step_tokens(packs)
             counts = _dp_sum([len(video_tokens), sum(video_tokens), training_flops(cfg.model, video_tokens, text_tokens),

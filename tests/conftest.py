@@ -70,7 +70,8 @@ def run_torchrun(nproc: int, module_args: list[str], timeout: int = 600, env: di
 TOY_CHECKPOINT_RUN = ["model.hidden_size=64", "model.ffn_hidden_size=256", "data.toy_clips=32",
                       "data.toy_images=0", "train.global_batch_size=8", "train.micro_batch_size=2",
                       "train.log_interval=1", "optim.warmup_steps=2", "train.steps=6",
-                      "optim.distributed_optimizer=true"]  # the toy recipe turns it off for speed
+                      "optim.distributed_optimizer=true",  # the toy recipe turns it off for speed
+                      "data.workers=2"]  # read-ahead, whatever the machine's core count
 
 
 @pytest.fixture(scope="session")

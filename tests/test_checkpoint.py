@@ -59,8 +59,14 @@ class _Interfere:
 
         init_distributed(cfg, choose_backends(cfg))  # the source's toy-data barrier needs the group
         self.source = build_data_source(cfg, 0, 1, torch.device("cpu"))
-        self.bad = self.source.bad
         self.at = at
+
+    @property
+    def bad(self):
+        return self.source.bad
+
+    def close(self):
+        self.source.close()
 
     def next_step(self, step):
         packs = self.source.next_step(step)
@@ -298,6 +304,19 @@ def _same_run(run_dir: Path, reference: Path, steps=range(4, 7)) -> None:
                         checkpoint_tensors(latest_checkpoint(reference)))
 
 
+def test_inline_data_trains_bitwise_as_read_ahead(reference, toy_data, tmp_path):
+    """data.workers=0 (everything on the training thread) against the reference's 2 read-ahead
+    threads: the same losses, checkpoints and loader states, step by step."""
+    run_dir = tmp_path / "run"
+    _run(_cfg(toy_data, run_dir, "data.workers=0"))
+    _same_run(run_dir, reference, steps=range(1, 7))
+    for step in (3, 6):
+        assert_same_tensors(checkpoint_tensors(checkpoint_dir(run_dir, step)),
+                            checkpoint_tensors(checkpoint_dir(reference, step)))
+        assert load_loader_state(checkpoint_dir(run_dir, step), 0) == \
+            load_loader_state(checkpoint_dir(reference, step), 0)
+
+
 def test_resume_from_step_3_equals_the_uninterrupted_run(reference, toy_data, tmp_path):
     run_dir = tmp_path / "run"
     cfg = _cfg(toy_data, run_dir, f"checkpoint.resume={reference / 'checkpoints' / 'iter_0000003'}")
@@ -370,8 +389,9 @@ def test_sigterm_between_steps_saves_the_last_step_with_its_data_unread(referenc
 
 
 def test_sigterm_during_a_data_wait_saves_the_last_step_and_the_resume_is_exact(reference, toy_data, tmp_path):
+    """Inline data (_StallAt patches the draws of the training thread's source)."""
     run_dir = tmp_path / "run"
-    cfg = _cfg(toy_data, run_dir, "train.save_interval=0", "data.cache_mb=0")
+    cfg = _cfg(toy_data, run_dir, "train.save_interval=0", "data.cache_mb=0", "data.workers=0")
     with pytest.raises(Preempted) as stop:
         _run(cfg, _StallAt(cfg, 4))
     assert stop.value.step == 3 and stop.value.signum == signal.SIGTERM

@@ -119,7 +119,8 @@ def test_sigterm_in_one_rank_data_wait_stops_every_rank_at_the_last_step(toy_dat
     rank 0 has its samples: both save step 2, the uninterrupted run's state, and exit with 99,
     instead of rank 0 entering step 3's collectives alone (a hang until the gloo timeout)."""
     run_dir = tmp_path / "run"
-    args = _args(toy_data, run_dir, "train.save_interval=0", "data.cache_mb=0")[2:]  # without "-m module"
+    # Inline data: data_wait_worker.py patches the draws of the training thread's source.
+    args = _args(toy_data, run_dir, "train.save_interval=0", "data.cache_mb=0", "data.workers=0")[2:]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
            "--max-restarts", "0", str(Path(__file__).with_name("data_wait_worker.py")), "1", "3", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}

@@ -135,7 +135,7 @@ INVALID = [
     (["data.kind=webdataset"], 1, False, "data.kind", r"'webdataset' is not one of toy, raw, latent"),
     (["data.text_encoder=clip"], 1, False, "data.text_encoder", r"'clip' is not one of hash, t5"),
     (["data.text_encoder=t5"], 1, False, "data.text_encoder_path", r"needs data.text_encoder_path"),
-    (["data.decoder=ffmpeg"], 1, False, "data.decoder", r"'ffmpeg' is not one of auto, pyav"),
+    (["data.decoder=ffmpeg"], 1, False, "data.decoder", r"'ffmpeg' is not one of auto, pyav, dali"),
     (["data.max_text_tokens=0"], 1, False, "data.max_text_tokens", r"must be positive"),
     (["data.kind=latent"], 1, False, "data.stages", r"trains in stages: list data.stages"),
     (["data.kind=latent", "train.micro_batch_size=1", "data.stages=[{steps: 60}]"], 1, False, "data.stages",

@@ -185,14 +185,14 @@ def test_dali_and_pyav_agree_after_resize(shards: dict, codec: str,
     spec = FrameSpec(fps=4, frames=4, height=32, width=32)  # covers 32x43, cuts 6 px left
     raw = shards[f"{codec}-content"]
     with caplog.at_level(logging.INFO, logger="goku_megatron"):
-        auto = decode_sample(raw, spec, BadSamples())
-        decode_sample(raw, spec, BadSamples())  # the route is logged once per codec
+        dali_cpu = decode_sample(raw, spec, BadSamples(), backend="dali")
+        decode_sample(raw, spec, BadSamples(), backend="dali")  # the route is logged once per codec
     pyav = decode_sample(raw, spec, BadSamples(), backend="pyav")
-    assert auto is not None and pyav is not None and auto.pixels.shape == (3, 4, 32, 32)
+    assert dali_cpu is not None and pyav is not None and dali_cpu.pixels.shape == (3, 4, 32, 32)
     routes = [r.getMessage() for r in caplog.records if "decode:" in r.getMessage()]
     assert len(routes) == 1
     assert routes[0].startswith(f"decode: {codec} -> {'dali-cpu' if codec == 'vp9' else 'pyav'} (")
-    difference = np.abs(rgb255(auto.pixels) - rgb255(pyav.pixels))
+    difference = np.abs(rgb255(dali_cpu.pixels) - rgb255(pyav.pixels))
     assert difference.mean() < 1.0 and difference.max() < 4.0  # two resamplers, same geometry
 
 

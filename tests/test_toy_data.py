@@ -328,8 +328,8 @@ def test_a_loader_state_of_other_data_starts_over(toy_dir: Path, tmp_path: Path,
 @pytest.mark.usefixtures("megatron_world")
 def test_the_prepared_sample_cache_changes_nothing_but_the_work(toy_dir: Path) -> None:
     """32 samples, 4 per step: 20 steps are 2.5 epochs. With data.cache_mb each sample is decoded
-    once; the packs are those of the run without a cache, bit for bit."""
-    plain, cached = _source(toy_dir, "data.cache_mb=0"), _source(toy_dir, "data.cache_mb=16")
+    once; the packs are those of the run without a cache (read ahead), bit for bit."""
+    plain, cached = _source(toy_dir, "data.cache_mb=0"), _source(toy_dir, "data.cache_mb=16", "data.workers=0")
     calls = []
     prepare = cached.prepare
     cached.prepare = lambda raw, stage: calls.append(raw["__key__"]) or prepare(raw, stage)

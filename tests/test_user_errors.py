@@ -31,7 +31,7 @@ MISTAKES = [
     ("--resume to nothing", ["--resume", "{tmp}/nothing"],
      "checkpoint.resume={tmp}/nothing: no such file or directory; give a run directory or its checkpoints/iter_N"),
     ("a YAML syntax error", ["--config", "{tmp}/bad.yaml"], "bad.yaml: line 3 is not valid YAML; fix the syntax there"),
-    ("an unknown decoder", ["data.decoder=nvdec"], "data.decoder='nvdec' is not one of auto, pyav"),
+    ("an unknown decoder", ["data.decoder=nvdec"], "data.decoder='nvdec' is not one of auto, pyav, dali"),
 ]
 
 

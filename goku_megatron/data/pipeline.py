@@ -23,9 +23,16 @@ last complete step.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import copy
 import io
 import logging
+import os
+import queue
+import threading
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -36,6 +43,7 @@ import torch
 from goku_megatron import flow
 from goku_megatron.batch import Pack, PackSample, build_pack, num_tokens, plan_packs
 from goku_megatron.config import Config, ConfigError, StageConfig
+from goku_megatron.data import dali
 from goku_megatron.data.decode import decode_sample, one_line
 from goku_megatron.data.frames import FrameSpec
 from goku_megatron.data.encoders import PixelSpace, VideoVAE, pack_text, pad_text, run_text_encoder, run_vae
@@ -93,14 +101,18 @@ def read_latent_sample(bad: BadSamples) -> Prepare:
 
 
 def encode_raw_sample(decoder: str, vae: VideoVAE | PixelSpace, bad: BadSamples) -> Prepare:
-    """Online path for raw and toy shards: decode to the stage's FrameSpec, then the frozen VAE."""
+    """Online path for raw and toy shards: decode to the stage's FrameSpec, then the frozen VAE.
+    Read-ahead workers decode in parallel; the VAE encodes one sample at a time (a lock), so a GPU
+    holds one encode's activations, not one per worker."""
+    encoding = threading.Lock()
 
     def prepare(raw: dict[str, Any], stage: StageConfig) -> Prepared | None:
         spec = FrameSpec(fps=stage.fps, frames=stage.frames, height=stage.height, width=stage.width)
         decoded = decode_sample(raw, spec, bad, backend=decoder)
         if decoded is None:
             return None
-        latent = vae.encode(decoded.pixels[None].to(vae.device, vae.dtype))[0]
+        with encoding:
+            latent = vae.encode(decoded.pixels[None].to(vae.device, vae.dtype))[0]
         return Prepared(latent.float().cpu(), decoded.caption)
 
     return prepare
@@ -190,6 +202,7 @@ class PackedBatches:
         text_encoder: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]],
         bad: BadSamples,
         buffer_size: int = 16,
+        workers: int = 0,
     ) -> None:
         self.cfg = cfg
         self.streams = streams  # data path -> {"video"/"image"/"any": stream}
@@ -202,8 +215,14 @@ class PackedBatches:
         self.draws = 0
         self._stage_index = -1
         self.cache = PreparedCache(cfg.data.cache_mb * 2**20)
+        # Threads that read and prepare a round of draws at once (None: one draw at a time).
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="goku-data") if workers else None
         # The trainer's stop flag (a signal number, 0: none), checked before every draw.
         self.stop_requested: Callable[[], int] = lambda: 0
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
     def _stream_for(self, step: int, stage: StageConfig) -> SampleStream:
         streams = self.streams[self.cfg.data.stage_path(stage)]
@@ -213,39 +232,61 @@ class PackedBatches:
         return streams["image" if draw < stage.image_ratio else "video"]
 
     def _fill(self, step: int, stage: StageConfig) -> None:
+        """Draw until the buffer holds ``buffer_size`` usable samples. With a pool each round draws
+        as many samples as the buffer lacks and prepares them in parallel; the draws (which stream,
+        which sample) depend only on (seed, step, draw count), and a round never draws more than
+        one-at-a-time drawing would, so both give the same buffer, draws and bad samples."""
         misses: dict[int, int] = {}  # per stream: unusable samples in a row
         while len(self.buffer) < self.buffer_size:
             if self.stop_requested():
                 raise DataWaitStopped
-            stream = self._stream_for(step, stage)
-            if stream.epoch_length() == 0:  # every sample was left out when the shards were listed
-                raise self._no_usable_sample(stage, stream, 0)
-            self.draws += 1
-            ref = stream.next_ref()
-            cache_key = (str(ref.shard), ref.key, self._stage_index)
-            prepared = self.cache.get(cache_key)
-            if prepared is None and not self.bad.is_bad(ref.shard, ref.key):
-                prepared = self.prepare(read_sample(ref), stage)
-                if prepared is not None:
-                    self.cache.put(cache_key, prepared)
-            if prepared is None:
-                misses[id(stream)] = misses.get(id(stream), 0) + 1
-                if misses[id(stream)] >= min(self.cfg.data.max_bad_in_a_row, stream.epoch_length()):
-                    raise self._no_usable_sample(stage, stream, misses[id(stream)])
-                continue
-            misses[id(stream)] = 0
-            channels = prepared.latent.shape[0]
-            if channels != self.cfg.model.in_channels:
-                raise ConfigError(f"sample {ref.key} in {ref.shard} has {channels}-channel latents but "
-                                  f"model.in_channels={self.cfg.model.in_channels}; set it to {channels}")
-            tokens = num_tokens(prepared.latent.shape, self.patch)
-            if tokens > stage.token_budget:
-                raise ConfigError(
-                    f"sample {ref.key} in {ref.shard} has {tokens} tokens, over data.stages"
-                    f"[{self._stage_index}].token_budget={stage.token_budget}; raise the budget or "
-                    "lower the stage's frames/height/width"
-                )
-            self.buffer.append(Buffered(ref, prepared))
+            drawn = []
+            for _ in range(self.buffer_size - len(self.buffer) if self.pool else 1):
+                stream = self._stream_for(step, stage)
+                if stream.epoch_length() == 0:  # every sample was left out when the shards were listed
+                    raise self._no_usable_sample(stage, stream, 0)
+                self.draws += 1
+                drawn.append((stream, stream.next_ref()))
+            for (stream, ref), prepared in zip(drawn, self._prepare_all([ref for _, ref in drawn], stage)):
+                if prepared is None:
+                    misses[id(stream)] = misses.get(id(stream), 0) + 1
+                    if misses[id(stream)] >= min(self.cfg.data.max_bad_in_a_row, stream.epoch_length()):
+                        raise self._no_usable_sample(stage, stream, misses[id(stream)])
+                    continue
+                misses[id(stream)] = 0
+                self._check_fits(ref, prepared, stage)
+                self.buffer.append(Buffered(ref, prepared))
+
+    def _prepare_all(self, refs: list[SampleRef], stage: StageConfig) -> list[Prepared | None]:
+        """Each ref's prepared sample (None: bad), from the cache, skipped as known bad, or read and
+        prepared (on the pool's threads when there is one)."""
+        keys = [(str(ref.shard), ref.key, self._stage_index) for ref in refs]
+        results: list[Any] = [self.cache.get(key) for key in keys]
+        for i, ref in enumerate(refs):
+            if results[i] is None and not self.bad.is_bad(ref.shard, ref.key):
+                results[i] = (self.pool.submit(self._read_and_prepare, ref, stage) if self.pool
+                              else self._read_and_prepare(ref, stage))
+        results = [r.result() if isinstance(r, Future) else r for r in results]
+        for key, prepared in zip(keys, results):
+            if prepared is not None:
+                self.cache.put(key, prepared)
+        return results
+
+    def _read_and_prepare(self, ref: SampleRef, stage: StageConfig) -> Prepared | None:
+        return self.prepare(read_sample(ref), stage)
+
+    def _check_fits(self, ref: SampleRef, prepared: Prepared, stage: StageConfig) -> None:
+        channels = prepared.latent.shape[0]
+        if channels != self.cfg.model.in_channels:
+            raise ConfigError(f"sample {ref.key} in {ref.shard} has {channels}-channel latents but "
+                              f"model.in_channels={self.cfg.model.in_channels}; set it to {channels}")
+        tokens = num_tokens(prepared.latent.shape, self.patch)
+        if tokens > stage.token_budget:
+            raise ConfigError(
+                f"sample {ref.key} in {ref.shard} has {tokens} tokens, over data.stages"
+                f"[{self._stage_index}].token_budget={stage.token_budget}; raise the budget or "
+                "lower the stage's frames/height/width"
+            )
 
     def _no_usable_sample(self, stage: StageConfig, stream: SampleStream, misses: int) -> ConfigError:
         """The one line that ends a run whose data path yields nothing usable."""
@@ -339,6 +380,132 @@ class PackedBatches:
                 self.buffer.append(Buffered(ref, prepared))
 
 
+class ReadAhead:
+    """A PackedBatches run ahead of the training loop (data.workers > 0): one background thread
+    prepares the packs of the next ``depth`` steps (its PackedBatches decodes each round of draws
+    on the worker pool) while the current step trains; ``next_step`` hands them out in order.
+
+    The packs are those the inline source gives (the same code, in the same order, only earlier),
+    and the loader state is the one after the last step handed out, not after what was read ahead,
+    so a checkpoint resumes at the step after it. A stop signal ends the wait for a step at once
+    (DataWaitStopped); an error in the thread (a ConfigError: no usable sample, a sample over the
+    token budget) is raised by ``next_step`` of the step it belongs to; a thread that ends without
+    handing over its step is one RuntimeError, never a wait without end.
+    """
+
+    POLL_S = 0.05  # how often a wait for a step looks at the stop flag and the thread
+
+    def __init__(self, source: PackedBatches, depth: int, last_step: int, device: torch.device) -> None:
+        self.source, self.depth, self.last_step, self.device = source, depth, last_step, device
+        self.stop_requested: Callable[[], int] = lambda: 0
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._closing = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._state = source.state_dict()  # after the last step handed out
+        self._handed: tuple[int, Any, dict[str, Any]] | None = None  # since the last mark
+        self._given_back: tuple[int, Any, dict[str, Any]] | None = None
+        self._bad = _counted(self._state)
+
+    @property
+    def bad(self) -> BadSamples:
+        """The bad samples as of the last step handed out (the thread has counted further)."""
+        return self._bad
+
+    def _produce(self, first_step: int) -> None:
+        self.source.stop_requested = self._closing.is_set
+        step = first_step
+        try:
+            # GPU work of the raw path (the VAE) runs on this thread's own CUDA stream, so it
+            # overlaps the training step instead of queueing behind it.
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            with torch.cuda.stream(torch.cuda.Stream(self.device)) if self.device.type == "cuda" \
+                    else contextlib.nullcontext():
+                while step <= self.last_step and not self._closing.is_set():
+                    packs = self.source.next_step(step)
+                    self._put((step, packs, copy.deepcopy(self.source.state_dict())))
+                    step += 1
+        except DataWaitStopped:  # closing
+            return
+        except BaseException as err:  # noqa: BLE001 - handed to the training thread, raised there
+            self._put((step, err, {}))
+
+    def _put(self, item: tuple[int, Any, dict[str, Any]]) -> None:
+        while not self._closing.is_set():
+            try:
+                self._queue.put(item, timeout=self.POLL_S)
+                return
+            except queue.Full:
+                continue
+
+    def next_step(self, step: int) -> list[Pack]:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._produce, args=(step,), name="goku-read-ahead", daemon=True)
+            self._thread.start()
+            atexit.register(self.close)  # a source nobody closed still ends its thread before exit
+        item, self._given_back = self._given_back, None
+        while item is None:
+            if self.stop_requested():
+                raise DataWaitStopped
+            try:
+                item = self._queue.get(timeout=self.POLL_S)
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    raise RuntimeError(f"the data read-ahead thread ended before step {step}; see the log "
+                                       "above for its error") from None
+        got, packs, state = item
+        if isinstance(packs, BaseException):
+            raise packs
+        if got != step:
+            raise RuntimeError(f"read-ahead handed out step {got} for step {step}")
+        self._handed, self._state, self._bad = item, state, _counted(state)
+        return packs
+
+    def mark(self) -> dict[str, Any]:
+        self._handed = None
+        return self._state
+
+    def rollback(self, mark: dict[str, Any]) -> None:
+        """Back to ``mark``: a step handed out since is handed out again by the next call."""
+        if self._handed is not None:
+            self._given_back, self._handed = self._handed, None
+        self._state, self._bad = mark, _counted(mark)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self._thread is not None:
+            raise RuntimeError("ReadAhead.load_state_dict after reading started")
+        self.source.load_state_dict(state)
+        self._state = copy.deepcopy(self.source.state_dict())
+        self._bad = _counted(self._state)
+
+    def close(self) -> None:
+        """Stop the thread (it is between draws within POLL_S, or finishing one sample)."""
+        self._closing.set()
+        if self._thread is not None:
+            self._thread.join()
+            atexit.unregister(self.close)
+        self.source.close()
+
+
+def _counted(state: dict[str, Any]) -> BadSamples:
+    """The bad samples a loader state records (a quiet counter: the thread logged them)."""
+    bad = BadSamples(quiet=True)
+    bad.load_state_dict(state["bad"])
+    return bad
+
+
+def data_workers(setting: int) -> int:
+    """data.workers: -1 picks one thread per core this process has beyond the training thread
+    (the cores the process may use, shared by torchrun's local ranks), at least 1, at most 8."""
+    if setting >= 0:
+        return setting
+    cores = len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(8, cores - 1))
+
+
 def check_vae_fits(cfg: Config, vae: VideoVAE | PixelSpace) -> None:
     """Fail before training when a stage's clips or the model's input width do not fit the VAE."""
     if vae.latent_channels != cfg.model.in_channels:
@@ -371,13 +538,17 @@ def ensure_toy_data(cfg: Config) -> None:
         raise ConfigError(f"{err}; or set data.create_if_missing=true") from None
 
 
-def build_data_source(cfg: Config, dp_rank: int, dp_size: int, device: torch.device) -> PackedBatches:
+def build_data_source(cfg: Config, dp_rank: int, dp_size: int, device: torch.device) -> PackedBatches | ReadAhead:
     """Every run's data: DP-sharded sample streams -> latents (decode + VAE, or stored) -> per-step
-    packed micro-batches. Toy data is raw data whose VAE is the identity."""
+    packed micro-batches, read ahead by data.workers threads (inline with 0). Toy data is raw data
+    whose VAE is the identity."""
     d = cfg.data
     bad = BadSamples()
     if d.kind == "toy":
         ensure_toy_data(cfg)
+    if d.kind != "latent" and d.decoder == "dali" and not dali.available():
+        raise ConfigError(f"data.decoder=dali but DALI is not installed: pip install {dali.PIP_PACKAGE}, "
+                          "or set data.decoder=auto")
     if d.kind == "latent":
         prepare = read_latent_sample(bad)
     else:
@@ -400,6 +571,10 @@ def build_data_source(cfg: Config, dp_rank: int, dp_size: int, device: torch.dev
                                             seed=cfg.train.seed, bad=bad, kind=kind) for kind in kinds}
         log.info("data: stage %d reads %d %s shards from %s (streams: %s)", i, len(shards), d.kind,
                  path, ", ".join(kinds))
+    workers = data_workers(d.workers)
     # A toy pack holds micro_batch_size clips: the buffer must hold that many to fill one.
-    return PackedBatches(cfg, streams, prepare, run_text_encoder(cfg, device), bad,
-                         buffer_size=max(16, cfg.train.micro_batch_size))
+    source = PackedBatches(cfg, streams, prepare, run_text_encoder(cfg, device), bad,
+                           buffer_size=max(16, cfg.train.micro_batch_size), workers=workers)
+    log.info("data: %s", f"{workers} read-ahead threads, {d.read_ahead_steps} steps ahead" if workers
+             else "read inline (data.workers=0)")
+    return ReadAhead(source, d.read_ahead_steps, cfg.train.steps, device) if workers else source
