@@ -204,3 +204,23 @@ def test_auto_decodes_with_pyav_on_cpu_and_dali_on_gpu(monkeypatch):
     assert decode._route("vp9", "pyav") == "pyav"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert [decode._route(c, "auto") for c in ("vp9", "h264", "image")] == ["dali-gpu"] * 3
+
+
+def test_close_does_not_wait_for_a_decode_that_never_ends(latent_shards, monkeypatch, caplog):
+    cfg = _cfg(latent_shards)
+    never = threading.Event()
+
+    def stuck(raw, stage):
+        never.wait(30)
+        return load_latent_sample(raw, stage)
+
+    ahead = _read_ahead(cfg, make_prepare=lambda bad: stuck)
+    ahead.stop_requested = lambda: 15
+    with pytest.raises(DataWaitStopped):
+        ahead.next_step(1)
+    monkeypatch.setattr(ReadAhead, "CLOSE_S", 0.2)
+    start = time.perf_counter()
+    with caplog.at_level("WARNING", logger="goku_megatron"):
+        ahead.close()
+    assert time.perf_counter() - start < 5 and "still decoding" in caplog.text
+    never.set()  # let the abandoned decodes end

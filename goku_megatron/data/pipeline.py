@@ -394,6 +394,7 @@ class ReadAhead:
     """
 
     POLL_S = 0.05  # how often a wait for a step looks at the stop flag and the thread
+    CLOSE_S = 60  # how long close waits for the samples being decoded
 
     def __init__(self, source: PackedBatches, depth: int, last_step: int, device: torch.device) -> None:
         self.source, self.depth, self.last_step, self.device = source, depth, last_step, device
@@ -482,11 +483,17 @@ class ReadAhead:
         self._bad = _counted(self._state)
 
     def close(self) -> None:
-        """Stop the thread (it is between draws within POLL_S, or finishing one sample)."""
+        """Stop the thread: it stops at its next draw, once the samples being decoded are done.
+        A decode that does not finish within CLOSE_S is left behind (one warning), not waited for."""
         self._closing.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout=self.CLOSE_S)
             atexit.unregister(self.close)
+            if self._thread.is_alive():
+                log.warning("data: the read-ahead thread is still decoding after %d s; leaving it", self.CLOSE_S)
+                if self.source.pool is not None:
+                    self.source.pool.shutdown(wait=False, cancel_futures=True)
+                return
         self.source.close()
 
 
