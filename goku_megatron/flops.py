@@ -20,8 +20,10 @@ A training step is 3x the forward (backward = 2x); activation recompute is not m
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
+from goku_megatron.batch import Pack
 from goku_megatron.config import ModelConfig
 
 # Dense bf16 peak per GPU (NVIDIA datasheets, SXM parts, no sparsity), FLOP/s.
@@ -70,3 +72,11 @@ def mfu(flops_per_step: float, step_time_s: float, num_gpus: int, peak_per_gpu: 
     if peak_per_gpu is None or step_time_s <= 0:
         return None
     return flops_per_step / step_time_s / (num_gpus * peak_per_gpu)
+
+
+def pack_tokens(packs: Sequence[Pack]) -> tuple[list[int], list[int]]:
+    """Video tokens and caption tokens of each sample in ``packs`` (padding and dropped captions'
+    null token excluded): what ``training_flops`` counts for a step."""
+    video = [math.prod(grid) for pack in packs for grid in pack.grids]
+    text = [n for pack in packs for n in pack.text_mask.sum(dim=1).tolist()]
+    return video, text

@@ -234,3 +234,10 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def dp_sum(local: list[float], device: torch.device) -> list[int]:
+    """Per-DP-rank counts summed over the data-parallel group (collective)."""
+    total = torch.tensor(local, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    return [int(v) for v in total.tolist()]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -36,13 +35,13 @@ from goku_megatron.data.encoders import check_weights
 from goku_megatron.data.pipeline import DataWaitStopped, PackedBatches, ReadAhead, build_data_source
 from goku_megatron.ema import EMA
 from goku_megatron.evaluation import Evaluator
-from goku_megatron.flops import gpu_peak_flops, mfu, training_flops
+from goku_megatron.flops import gpu_peak_flops, mfu, pack_tokens, training_flops
 from goku_megatron.metrics import MetricsLogger, memory_metrics, truncate_metrics
 from goku_megatron.model.build import build_model
 from goku_megatron.model.context_parallel import align_packs
 from goku_megatron.model.goku import iter_stage_models
 from goku_megatron.optim import build_optimizer
-from goku_megatron.platform import Backends, choose_backends, init_distributed, seed_everything
+from goku_megatron.platform import Backends, choose_backends, dp_sum, init_distributed, seed_everything
 from goku_megatron.resilience import Diverged, FaultTolerance, Preempted, StepGuard, StopSignals
 from goku_megatron.sample import LiveSampler, TrainingSamples
 
@@ -220,9 +219,9 @@ def run(cfg: Config, source: PackedBatches | ReadAhead | None = None) -> list[St
             bad = source.bad.as_metrics()
             extra: dict[str, float] = {"stage": stage, "data_wait_s": data_wait, **bad}
             # Work of the step, over all data-parallel ranks: samples, video tokens, model FLOPs.
-            video_tokens, text_tokens = step_tokens(packs)
-            counts = _dp_sum([len(video_tokens), sum(video_tokens), training_flops(cfg.model, video_tokens, text_tokens),
-                              *bad.values()], device)
+            video_tokens, text_tokens = pack_tokens(packs)
+            counts = dp_sum([len(video_tokens), sum(video_tokens), training_flops(cfg.model, video_tokens, text_tokens),
+                             *bad.values()], device)
             samples_done, tokens, step_flops = counts[:3]
             extra.update(zip(bad, counts[3:]))
             with fault_tolerance.section("step"):
@@ -267,18 +266,3 @@ def run(cfg: Config, source: PackedBatches | ReadAhead | None = None) -> list[St
     else:
         log.info("done: the checkpoint is at step %d = train.steps; nothing to train", start_step)
     return results
-
-
-def step_tokens(packs: list[Pack]) -> tuple[list[int], list[int]]:
-    """Video tokens and caption tokens of each sample in this rank's packs (padding and dropped
-    captions' null token excluded), for the step's model FLOPs (flops.training_flops)."""
-    video = [math.prod(grid) for pack in packs for grid in pack.grids]
-    text = [n for pack in packs for n in pack.text_mask.sum(dim=1).tolist()]
-    return video, text
-
-
-def _dp_sum(local: list[float], device: torch.device) -> list[int]:
-    """Per-DP-rank counts summed over the data-parallel group."""
-    total = torch.tensor(local, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
-    return [int(v) for v in total.tolist()]

@@ -12,7 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from goku_megatron.config import load_config, validate
 from goku_megatron.batch import PackSample, build_pack, pack_batch
-from goku_megatron.flops import forward_flops, gpu_peak_flops, layer_forward_flops, mfu, training_flops
+from goku_megatron.flops import (forward_flops, gpu_peak_flops, layer_forward_flops, mfu, pack_tokens,
+                                 training_flops)
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,10 @@ def test_packed_forward_matches_torch_count(setup):
     pack = build_pack(samples, sum(tokens), (1, 2, 2))  # no padding segment: every token is real
     counted = _counted(lambda: model(pack))
     assert counted == forward_flops(cfg.model, tokens, lengths)
+    # What the trainer counts for a step's FLOPs: each sample's tokens, read back from its packs.
+    assert pack_tokens([pack]) == (tokens, lengths)
+    padded = build_pack(samples, sum(tokens) + 10, (1, 2, 2))  # padding is not a sample's work
+    assert pack_tokens([pack, padded]) == (tokens * 2, lengths * 2)
 
 
 def test_hand_count_of_one_layer():
