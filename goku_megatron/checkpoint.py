@@ -12,7 +12,8 @@ Layout of a run directory's ``checkpoints/`` (docs/checkpointing.md):
     latest                     the name of the newest complete checkpoint
 
 A checkpoint holds everything an exact resume needs: the weights, the optimizer (megatron's
-sharded state; the distributed optimizer in the ``fully_reshardable`` format), the fp32 EMA of
+sharded state; the distributed optimizer in megatron's ``fully_reshardable`` format, which each
+rank writes from the shards it owns), the fp32 EMA of
 the weights, every rank's RNG states (python, numpy, torch, CUDA and megatron's model-parallel
 tracker), the data-loader state, step and consumed samples, and the resolved config. Tensors are
 stored by global name and offset, so a checkpoint loads into any TP/PP/DP layout; only the RNG
@@ -35,6 +36,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -50,6 +52,7 @@ import numpy as np
 import torch
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
+from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
@@ -186,11 +189,105 @@ def _optimizer_parts(optimizer: Any) -> list[Any]:
 
 def _optimizer_metadata() -> dict[str, Any]:
     """How the distributed optimizer lays out its state: ``fully_reshardable`` (per parameter, by
-    global name: reshards over TP/PP/DP). Over gloo its state is gathered through the gloo group
-    (the NCCL variant moves the buffers to CUDA first)."""
+    global name: reshards over TP/PP/DP). megatron builds it this way for loading (and for the
+    plain optimizer); ``_optimizer_sharded_state_dict`` writes it without megatron's gather."""
     return {"distrib_optim_sharding_type": "fully_reshardable",
             "distrib_optim_fully_reshardable_mem_efficient": torch.distributed.get_backend() == "gloo",
             "chained_optim_avoid_prefix": True}
+
+
+def _optimizer_sharded_state_dict(optimizer: Any, model_sd: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer's sharded state dict for saving. A distributed optimizer's part is
+    ``_own_shards_fully_reshardable`` (each rank writes its own shards, nothing is gathered); the
+    plain optimizer's is megatron's (its state is per parameter already). The structure is
+    megatron's ChainedOptimizer's with ``chained_optim_avoid_prefix``, so loading is megatron's."""
+    inner, parts = _unwrapped(optimizer), _optimizer_parts(optimizer)
+    if not any(isinstance(part, DistributedOptimizer) for part in parts):
+        return inner.sharded_state_dict(model_sd, metadata=_optimizer_metadata())
+    if len(parts) > 1 and hasattr(inner, "_synchronize_steps"):
+        inner._synchronize_steps()  # as megatron's ChainedOptimizer does before a save
+    states = [_own_shards_fully_reshardable(part, model_sd) if isinstance(part, DistributedOptimizer)
+              else part.sharded_state_dict(model_sd, metadata=_optimizer_metadata()) for part in parts]
+    return states[0] if len(states) == 1 else dict(enumerate(states))
+
+
+def _own_shards_fully_reshardable(optimizer: DistributedOptimizer, model_sd: dict[str, Any]) -> dict[str, Any]:
+    """megatron's ``fully_reshardable`` checkpoint of a distributed optimizer, written by every
+    data-parallel rank from the shards it owns instead of being gathered to DP rank 0 first.
+
+    The checkpoint is the same: ``optimizer.state.{param,exp_avg,exp_avg_sq}.<weight key>``, each
+    with its weight's global shape, and the common part (param groups, Adam step, the sharding
+    type), so megatron's own fully_reshardable loading reads it into any TP/PP/DP layout, and
+    checkpoints written either way load alike. Only how the tensors are cut differs: a rank owns a
+    contiguous range of each flattened weight it holds, which is cut into at most 2 x ndim - 1
+    boxes of the weight's shape (``flat_range_boxes``) and saved as megatron-core 0.16's unevenly
+    sharded ShardedTensors (no ``axis_fragmentations``). The boxes are views of the optimizer's own
+    state: building this dict copies and communicates nothing.
+
+    (megatron's ``fully_sharded_model_space`` format meant the same, but it describes the ranges
+    with ``ShardedTensor.flattened_range``, which megatron-core 0.16 removed: it raises
+    "flattened_range is not supported" on any device.)
+    """
+    by_param = {id(sh.data): sh for sh in nested_values(model_sd) if isinstance(sh, ShardedTensor)}
+    owned = {param: ranges["param"] for buckets in optimizer.gbuf_ranges for per_dtype in buckets.values()
+             for bucket in per_dtype for param, ranges in bucket["param_map"].items()}
+    param_state: dict[int, dict[str, list[ShardedTensor]]] = {}
+    param_idx = -1  # megatron's order: every parameter of every buffer, owned here or not
+    for buffer in optimizer.buffers:
+        for param in buffer.param_index_map:
+            param_idx += 1
+            if param not in owned or owned[param].size == 0:
+                continue
+            sharded = by_param.get(id(param))
+            if sharded is None or not isinstance(sharded.replica_id, tuple) or len(sharded.replica_id) != 3:
+                raise ValueError(f"distributed optimizer: parameter {tuple(param.shape)} has no (PP, TP, DP) "
+                                 "ShardedTensor in the model's sharded state dict")
+            # Every DP rank writes its own range: the DP coordinate of the replica id is the optimizer
+            # instance's (0 unless megatron runs several instances); TP/PP replicas as the weight's.
+            replica_id = (*sharded.replica_id[:2], optimizer.distributed_optimizer_instance_id)
+            start = owned[param].start
+            boxes = flat_range_boxes(tuple(sharded.local_shape), start, owned[param].end)
+            tensors = {}
+            for name, state in optimizer._get_main_param_and_optimizer_states(param).items():
+                if name == "step":  # Adam's step lives in the param groups (common part)
+                    continue
+                flat = state.detach().reshape(-1).float()
+                tensors[name] = [ShardedTensor(
+                    key=f"optimizer.state.{name}.{sharded.key}",
+                    data=flat[flat_start - start:flat_start - start + math.prod(shape)].view(shape),
+                    dtype=torch.float32, local_shape=shape, global_shape=sharded.global_shape,
+                    global_offset=(*sharded.global_offset[:sharded.prepend_axis_num],
+                                   *(g + o for g, o in zip(sharded.global_offset[sharded.prepend_axis_num:], offset))),
+                    axis_fragmentations=None, replica_id=replica_id, prepend_axis_num=sharded.prepend_axis_num,
+                ) for offset, shape, flat_start in boxes]
+            param_state[param_idx] = tensors
+    return {**optimizer.state_dict(), "param_state": param_state, "param_state_sharding_type": "fully_reshardable"}
+
+
+def flat_range_boxes(shape: tuple[int, ...], start: int, stop: int) -> list[tuple[tuple[int, ...], tuple[int, ...], int]]:
+    """Cut the elements ``start:stop`` of a row-major tensor of ``shape``, flattened, into boxes
+    (hyperrectangles): a list of (offset, box shape, flat index of the box's first element), in
+    flat order. At most 2 x ndim - 1 boxes: a partial row, whole rows, a partial row, recursively."""
+    if start >= stop:
+        return []
+    if len(shape) <= 1:
+        return [((start,), (stop - start,), start)] if shape else [((), (), start)]
+    row = math.prod(shape[1:])
+    boxes: list[tuple[tuple[int, ...], tuple[int, ...], int]] = []
+
+    def part_of_row(r: int, lo: int, hi: int) -> None:  # elements lo:hi of row r
+        boxes.extend(((r, *o), (1, *s), r * row + f) for o, s, f in flat_range_boxes(shape[1:], lo, hi))
+
+    if start % row:  # a partial first row
+        first = start // row
+        part_of_row(first, start % row, min(stop, (first + 1) * row) - first * row)
+        start = min(stop, (first + 1) * row)
+    if (whole := (stop - start) // row) > 0:
+        boxes.append(((start // row, *[0] * (len(shape) - 1)), (whole, *shape[1:]), start))
+        start += whole * row
+    if start < stop:  # a partial last row
+        part_of_row(start // row, 0, stop - start)
+    return boxes
 
 
 def _optimizer_has_state(optimizer: Any) -> bool:
@@ -228,8 +325,8 @@ def _rng_sharded(state: dict[str, Any]) -> ShardedObject:
 
 
 def _drop_optimizer_from_consistency_check(common: dict[str, Any]) -> dict[str, Any]:
-    """The distributed optimizer's gathered state exists on DP rank 0 only (None elsewhere), so
-    the common part legitimately differs there; everything else must agree on all ranks."""
+    """What remains of the distributed optimizer's state once its tensors are taken out may differ
+    between data-parallel ranks (each owns other parameters); everything else must agree."""
     return {k: v for k, v in common.items() if k != "optimizer"}
 
 
@@ -301,8 +398,7 @@ class Checkpointer:
         if state.ema is not None:
             sharded.update(state.ema.sharded_state_dict(model_sd))
         if state.optimizer is not None and _optimizer_has_state(state.optimizer):
-            sharded["optimizer"] = _unwrapped(state.optimizer).sharded_state_dict(
-                model_sd, metadata=_optimizer_metadata())
+            sharded["optimizer"] = _optimizer_sharded_state_dict(state.optimizer, model_sd)
             parts["optimizer"] = True
         if state.scheduler is not None:
             sharded["scheduler"] = state.scheduler.state_dict()

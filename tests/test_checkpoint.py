@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import logging
+import math
 import os
 import shutil
 import signal
@@ -26,6 +27,7 @@ from goku_megatron.checkpoint import (
     checkpoint_dir,
     choose_resume_checkpoint,
     latest_checkpoint,
+    load_checkpoint,
     load_loader_state,
     load_model_weights,
     newest_valid_checkpoint,
@@ -205,6 +207,102 @@ def test_async_save_snapshots_the_weights_when_it_returns(tmp_path, megatron_wor
     load_model_weights(latest_checkpoint(tmp_path), [fresh])
     for name, p in fresh.named_parameters():
         assert torch.equal(p, saved[name]), name
+
+
+def _training(*extra: str):
+    """The toy run's model, optimizer (the distributed one unless ``extra`` says otherwise), LR
+    schedule and EMA in this process's one-rank world, after one optimizer step."""
+    from goku_megatron.train import setup
+
+    cfg = load_config("toy", [*TOY_CHECKPOINT_RUN, *extra])
+    validate(cfg, 1)
+    training = setup(cfg)
+    _optimizer_step(training, seed=0)
+    return cfg, training, TrainingState(training.model, training.optimizer, training.scheduler, training.ema)
+
+
+def _optimizer_step(training, seed: int) -> None:
+    """What a training step does to the state a checkpoint holds: an optimizer step on (seeded)
+    gradients, then the EMA update."""
+    gen = torch.Generator().manual_seed(seed)
+    for p in training.model[0].parameters():
+        p.main_grad.copy_(torch.randn(p.shape, generator=gen))
+    training.optimizer.step()
+    training.scheduler.step(1)
+    training.ema.update()
+
+
+def _optimizer_tensors(training) -> dict[str, torch.Tensor]:
+    """The optimizer's main weights and Adam state, by position."""
+    from goku_megatron.checkpoint import _optimizer_parts
+
+    out = {}
+    for i, part in enumerate(_optimizer_parts(training.optimizer)):
+        for g, group in enumerate(part.optimizer.param_groups):
+            for j, param in enumerate(group["params"]):
+                out[f"{i}.{g}.{j}.param"] = param.detach()
+                out.update({f"{i}.{g}.{j}.{k}": v for k, v in part.optimizer.state[param].items()})
+    return out
+
+
+def _copy_of(training) -> dict[str, torch.Tensor]:
+    """Every tensor a checkpoint holds of ``training``, copied now."""
+    tensors = {f"model.{n}": p for n, p in training.model[0].named_parameters()}
+    tensors.update({f"ema.{i}": a for i, a in enumerate(training.ema.averages)})
+    tensors.update({f"optimizer.{k}": v for k, v in _optimizer_tensors(training).items()})
+    return {k: v.detach().clone() for k, v in tensors.items()}
+
+
+def test_the_distributed_optimizer_checkpoint_is_megatrons_without_its_gather(tmp_path, megatron_world, monkeypatch):
+    """Each rank writes its own shards (checkpoint._own_shards_fully_reshardable): the checkpoint
+    holds what megatron's gathered fully_reshardable format holds, bit for bit, and each loads the
+    other's (tests/test_checkpoint_dist.py checks DP=2 and TP=2)."""
+    from megatron.core import dist_checkpointing
+
+    from goku_megatron import checkpoint
+
+    cfg, training, state = _training()
+    _optimizer_step(training, seed=1)
+    Checkpointer(tmp_path / "own").save(2, state, cfg.to_dict(), blocking=True)
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, "_optimizer_sharded_state_dict", lambda optimizer, model_sd: checkpoint._unwrapped(
+            optimizer).sharded_state_dict(model_sd, metadata=checkpoint._optimizer_metadata()))
+        Checkpointer(tmp_path / "gathered").save(2, state, cfg.to_dict(), blocking=True)
+    own, gathered = checkpoint_dir(tmp_path / "own", 2), checkpoint_dir(tmp_path / "gathered", 2)
+    assert_same_tensors(checkpoint_tensors(own), checkpoint_tensors(gathered))
+    assert all(dist_checkpointing.load_common_state_dict(str(own))[k] == dist_checkpointing.load_common_state_dict(
+        str(gathered))[k] for k in ("optimizer", "scheduler", "step"))
+    at_save = _copy_of(training)
+    for path in (own, gathered):
+        _, fresh, fresh_state = _training()
+        load_checkpoint(path, fresh_state)
+        loaded = _copy_of(fresh)
+        assert all(torch.equal(loaded[k], v) for k, v in at_save.items()), path.parent.parent.name
+
+
+def test_flat_ranges_are_cut_into_boxes_that_cover_them_exactly():
+    """A rank's range of a flattened weight, as boxes of the weight's shape: in flat order, each
+    box the elements it claims, together every element of the range once and nothing else."""
+    from goku_megatron.checkpoint import flat_range_boxes
+
+    for shape in [(7,), (3, 5), (2, 3, 4), (4, 1, 3), (5, 2, 3, 2)]:
+        n = math.prod(shape)
+        index = torch.arange(n).reshape(shape)
+        for start in range(n + 1):
+            for stop in range(start, n + 1):
+                boxes = flat_range_boxes(shape, start, stop)
+                assert len(boxes) <= 2 * len(shape) - 1
+                covered, position = torch.zeros(shape, dtype=torch.int64), start
+                for offset, box, first in boxes:
+                    where = tuple(slice(o, o + k) for o, k in zip(offset, box))
+                    assert first == position
+                    assert torch.equal(index[where].reshape(-1), torch.arange(first, first + math.prod(box)))
+                    covered[where] += 1
+                    position += math.prod(box)
+                assert position == stop
+                want = torch.zeros(n, dtype=torch.int64)
+                want[start:stop] = 1
+                assert torch.equal(covered.reshape(-1), want)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -201,3 +201,25 @@ def test_reshard_dp1_to_dp2(toy_data, tmp_path_factory, tmp_path, megatron_world
     run(cfg)
     source = checkpoint_dir(dp1, 3)
     _assert_resharded(_reshard(source, ["train.steps=3"], 2, tmp_path), source)
+
+
+# ----------------------------------------------------------------------------------------------
+# The distributed optimizer's checkpoint: each rank's own shards = megatron's gathered format
+
+
+@pytest.mark.parametrize("layout", [[], ["parallel.tp=2"]], ids=["dp2", "tp2"])
+def test_each_rank_writes_megatrons_fully_reshardable_checkpoint_from_its_own_shards(tmp_path, layout):
+    """With DP=2 the ranks split the distributed optimizer's buffer between them, here (an FFN
+    of width 200) inside a row of an MLP weight: each rank writes its part as a partial row and
+    whole rows. With TP=2 each writes its tensor-parallel shards. Either way the checkpoint holds,
+    bit for bit, the tensors megatron writes after gathering the state to data-parallel rank 0,
+    with the same common part (param groups, Adam step)."""
+    from megatron.core import dist_checkpointing
+
+    run_torchrun(2, [str(Path(__file__).with_name("optimizer_format_worker.py")), str(tmp_path),
+                     *TOY_CHECKPOINT_RUN, "model.ffn_hidden_size=200", *layout])
+    own, gathered = checkpoint_dir(tmp_path / "own", 1), checkpoint_dir(tmp_path / "gathered", 1)
+    assert_same_tensors(checkpoint_tensors(own), checkpoint_tensors(gathered))
+    assert adam_steps(own) == adam_steps(gathered) == [2.0] * len(adam_steps(own))
+    common_own, common_gathered = (dist_checkpointing.load_common_state_dict(str(p))["optimizer"] for p in (own, gathered))
+    assert common_own == common_gathered
