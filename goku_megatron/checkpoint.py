@@ -6,7 +6,7 @@ Layout of a run directory's ``checkpoints/`` (docs/checkpointing.md):
         __R_0.distcp, .metadata, metadata.json   tensors and their index (torch.distributed.checkpoint)
         common.pt              step, config, LR schedule, trainer state (consumed samples, step guard)
         loader_dp00000.json    each data-parallel rank's data-loader state
-        checksums_00000.json   each rank's CRC32 of the tensor files it wrote (by its async writer)
+        checksums_00000.json   each rank's CRC32 of the tensor files it wrote (by its writer)
         manifest.json          written last: every file with its size and CRC32, the layout, the config
     iter_0000110.partial/      a save in progress or interrupted: never loaded, removed at start-up
     latest                     the name of the newest complete checkpoint
@@ -27,7 +27,11 @@ On load the manifest detects a missing or truncated file, and every file's CRC32
 ranks split the files between them), with common.pt and .metadata read back: a checkpoint that
 fails any check is moved aside as ``iter_N.invalid-<time>`` and the run falls back to the newest
 checkpoint that passes, with one line. Hashing costs the training loop nothing for an async save:
-each rank's writer process hashes the files it wrote once they are written.
+each rank's writer thread hashes the files it wrote once they are written.
+
+Async saves block training only for the snapshot of this rank's tensors (checkpoint_writer.py:
+a host copy into buffers reused from save to save); a thread serialises, writes and hashes them
+while training goes on.
 """
 
 from __future__ import annotations
@@ -46,17 +50,20 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
 from megatron.core.dist_checkpointing.dict_utils import nested_values
-from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+from megatron.core.dist_checkpointing.mapping import ShardedBase
+from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
+from torch.distributed.checkpoint import CheckpointException
 
+from goku_megatron.checkpoint_writer import Snapshot, WriterQueue, WriterTimeout, in_writer_thread
 from goku_megatron.config import Config, ConfigError
 from goku_megatron.ema import EMA, EMA_PREFIX, MODEL_PREFIX
 from goku_megatron.model.goku import iter_stage_models
@@ -72,6 +79,8 @@ CHECKSUMS = "checksums_{rank:05d}.json"
 CHECKSUMS_GLOB = "checksums_*.json"
 _HASH_CHUNK = 8 << 20
 PARTIAL_SUFFIX = ".partial"
+# How long a save waits for the previous async save's writer before it gives up (a stalled disk).
+WRITE_TIMEOUT_S = 1800.0
 _ITER_NAME = re.compile(r"iter_(\d{7,})")
 # model.* fields that fix the weights' shapes: a checkpoint loads only into a model with the same.
 SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_heads", "in_channels", "patch_size",
@@ -337,18 +346,27 @@ def _drop_optimizer_from_consistency_check(common: dict[str, Any]) -> dict[str, 
 class Checkpointer:
     """Saves the checkpoints of one run directory: sync or async, atomic, keeping the last K.
 
-    ``save`` and ``poll``/``wait`` are collective (every rank calls them at the same step). At most
-    one async save is in flight: a new save first waits for the previous one.
+    ``save`` and ``poll``/``wait`` are collective (every rank calls them at the same step). An async
+    save blocks training for the snapshot of this rank's tensors (checkpoint_writer.Snapshot) and
+    is written by a thread. At most one async save is in flight: a new save first waits for the
+    previous one, so there is one snapshot. A writer that fails, or has not finished
+    ``write_timeout_s`` after a save started waiting for it, ends in a ConfigError (one line).
     """
 
     def __init__(self, run_dir: Path, keep_last: int = 0, async_save: bool = False, interval: int = 0,
-                 last_step: int = 0) -> None:
+                 last_step: int = 0, write_timeout_s: float = WRITE_TIMEOUT_S) -> None:
         self.run_dir = Path(run_dir)
         self.root = self.run_dir / "checkpoints"
         self.keep_last = keep_last
         self.async_save = async_save
         self.interval, self.last_step = interval, last_step  # train.save_interval, train.steps
-        self._queue: Any = None
+        self.write_timeout_s = write_timeout_s
+        self._queue: WriterQueue | None = None
+        self._snapshot = Snapshot()
+        self._in_flight: Path | None = None  # the checkpoint an async save is writing
+        self._strategy: TorchDistSaveShardedStrategy | None = None  # see _planning
+        self._structure: int | None = None
+        self.last_snapshot_s = 0.0  # how long the last async save's snapshot took
 
     def due(self, step: int, stopping: bool = False) -> bool:
         """The training loop's question: save after ``step``? Every ``interval`` steps, at the
@@ -381,8 +399,9 @@ class Checkpointer:
              train_state: dict[str, Any] | None = None, loader_state: dict[str, Any] | None = None,
              blocking: bool = False) -> float:
         """Write checkpoint ``step``; returns the seconds training was blocked (for an async save:
-        waiting for the previous one, planning, the common part and the snapshot of the tensors;
-        the write itself overlaps the next steps). ``blocking`` forces a synchronous save."""
+        waiting for the previous one, the snapshot of this rank's tensors, planning and the common
+        part; serialising, writing and hashing overlap the next steps). ``blocking`` forces a
+        synchronous save."""
         start = time.perf_counter()
         self.wait()
         final = checkpoint_dir(self.run_dir, step)
@@ -408,8 +427,16 @@ class Checkpointer:
         sharded["train_state"] = train_state or {}
 
         use_async = self.async_save and not blocking
+        if use_async:  # from here on training may change the tensors: the writer has its copies
+            snapshot_start = time.perf_counter()
+            sharded = self._snapshot.take(sharded)
+            self.last_snapshot_s = time.perf_counter() - snapshot_start
+        # Always megatron's async request: run by the writer thread, or here for a sync save (the
+        # same writes; megatron's sync path would fork writer processes, and a fork write-protects
+        # every page of the training process until it is written again).
+        strategy, validate = self._planning(sharded)
         request = dist_checkpointing.save(
-            sharded, str(partial), async_sharded_save=use_async,
+            sharded, str(partial), strategy, validate_access_integrity=validate, async_sharded_save=True,
             preprocess_common_before_consistancy_check=_drop_optimizer_from_consistency_check)
         # The loader state differs per DP rank and is the same on its TP/CP/PP peers: one file each.
         if loader_state is not None and parallel_state.get_tensor_model_parallel_rank() == 0 \
@@ -419,38 +446,75 @@ class Checkpointer:
                               json.dumps(loader_state))
         manifest = {"format": FORMAT, "step": step, "layout": layout(), "parts": parts, "config": config}
         finalize = functools.partial(self._finalize, partial, final, manifest)
-        rank = torch.distributed.get_rank()
-        if request is None:
-            _record_checksums(partial, rank)
-            finalize()
-        else:
-            request = request._replace(async_fn=functools.partial(_write_then_hash, request.async_fn, partial, rank))
-            request.add_finalize_fn(finalize)
+        # The writer hashes the tensor files it wrote, once they are written.
+        request = in_writer_thread(request, functools.partial(_record_checksums, partial, torch.distributed.get_rank()))
+        request.add_finalize_fn(finalize)
+        if use_async:
+            self._in_flight = final
             self._async_queue().schedule_async_request(request)
+        else:
+            try:
+                request.execute_sync()
+            except CheckpointException as err:
+                raise ConfigError(_write_failed(final.name, err, self.root)) from None
         return time.perf_counter() - start
+
+    def _planning(self, sharded: dict[str, Any]) -> tuple[TorchDistSaveShardedStrategy, bool]:
+        """How dist_checkpointing plans this save: (its sharded strategy, whether to validate).
+
+        For every save megatron checks the sharding (every rank's metadata gathered to all, the
+        common part compared) and plans the files (local plans gathered to rank 0); both come out
+        the same while the checkpoint's structure (keys, shapes, offsets, dtypes, replica ids) does
+        not change, which in a run it does not once the optimizer has its state. So a
+        Checkpointer's first save, and a save whose structure changed on any rank, is checked and
+        planned afresh; the others skip the check and reuse the plan (megatron's
+        ``cached_metadata``), which takes it off the time a save blocks training. Collective:
+        one all-reduce of a flag."""
+        structure = hash(tuple(_structure_of(v) for v in nested_values(sharded) if isinstance(v, ShardedBase)))
+        changed = torch.tensor([int(structure != self._structure or self._strategy is None)], dtype=torch.int32,
+                               device=_device())
+        torch.distributed.all_reduce(changed, op=torch.distributed.ReduceOp.MAX)
+        if changed.item():
+            self._strategy = TorchDistSaveShardedStrategy("torch_dist", 1, cached_metadata=True)
+        self._structure = structure
+        return self._strategy, bool(changed.item())
 
     def poll(self) -> None:
         """Complete the async save once every rank has written it (collective, cheap when idle)."""
-        if self._queue is not None and self._queue.get_num_unfinalized_calls():
-            self._queue.maybe_finalize_async_calls(blocking=False)
+        self._finalize_written(blocking=False)
 
     def wait(self) -> None:
         """Block until the save in flight, if any, is complete (collective)."""
-        if self._queue is not None and self._queue.get_num_unfinalized_calls():
-            self._queue.maybe_finalize_async_calls(blocking=True)
+        self._finalize_written(blocking=True)
 
     def close(self) -> None:
         self.wait()
         if self._queue is not None:
             self._queue.close()
             self._queue = None
+        self._snapshot.clear()
 
-    def _async_queue(self) -> Any:
-        # Not persistent: the persistent worker hangs on CPU (docs/checkpointing.md); a forked writer
-        # per save also snapshots the tensors at fork time, so training may change them right away.
+    @property
+    def snapshot_bytes(self) -> int:
+        """The memory the async writer's snapshot holds (kept from one async save to the next)."""
+        return self._snapshot.nbytes
+
+    def _async_queue(self) -> WriterQueue:
         if self._queue is None:
-            self._queue = AsyncCallsQueue(persistent=False)
+            self._queue = WriterQueue(self.write_timeout_s)
         return self._queue
+
+    def _finalize_written(self, blocking: bool) -> None:
+        if self._queue is None or not self._queue.get_num_unfinalized_calls():
+            return
+        name = self._in_flight.name if self._in_flight is not None else "in flight"
+        try:
+            self._queue.maybe_finalize_async_calls(blocking=blocking)
+        except WriterTimeout as err:
+            raise ConfigError(f"checkpoint {name}: the background writer is {err} (a stalled disk?); the "
+                              f"newest complete checkpoint in {self.root} stays latest") from None
+        except CheckpointException as err:
+            raise ConfigError(_write_failed(name, err, self.root)) from None
 
     def _finalize(self, partial: Path, final: Path, manifest: dict[str, Any]) -> None:
         """Every rank finished writing: publish the checkpoint (collective; rank 0 does the work)."""
@@ -481,6 +545,15 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _structure_of(sharded: ShardedBase) -> tuple[Any, ...]:
+    """What of a ShardedTensor or ShardedObject shapes a checkpoint's plan (not its values)."""
+    if isinstance(sharded, ShardedTensor):
+        return ("tensor", sharded.key, str(sharded.dtype), sharded.local_shape, sharded.global_shape,
+                sharded.global_offset, sharded.axis_fragmentations, sharded.replica_id, sharded.prepend_axis_num)
+    return (type(sharded).__name__, sharded.key, getattr(sharded, "global_shape", None),
+            getattr(sharded, "global_offset", None), sharded.replica_id)
+
+
 def file_crc32(path: Path) -> str:
     """CRC32 of a file's bytes (zlib's, the fast hash the standard library has), as 8 hex digits.
     Reads into one reused buffer; zlib releases the GIL while it hashes, so files hash in parallel
@@ -503,11 +576,17 @@ def _record_checksums(directory: Path, rank: int) -> None:
     _write_atomically(directory / CHECKSUMS.format(rank=rank), json.dumps(hashes))
 
 
-def _write_then_hash(write: Callable[..., None] | None, directory: Path, rank: int, *args: Any, **kwargs: Any) -> None:
-    """An async save's work in its writer process: megatron's write, then this rank's checksums."""
-    if write is not None:
-        write(*args, **kwargs)
-    _record_checksums(directory, rank)
+def _write_failed(name: str, err: CheckpointException, root: Path) -> str:
+    """One line for a failed write that megatron's finalisation reported on every rank (rank 0
+    has every rank's exception; the others learn only that a writer failed)."""
+    reason = "a writer failed; rank 0's error says which and why"
+    for failure in err.failures.values():  # (exception, traceback summary) per failed rank
+        cause = failure[0] if isinstance(failure, tuple) else failure
+        text = str(cause).splitlines()[0] if str(cause) else ""
+        reason = f"{cause.__class__.__name__}: {text}" if text else cause.__class__.__name__
+        break
+    return (f"checkpoint {name}: writing failed ({reason}); the newest complete checkpoint in {root} stays "
+            "latest: check free space and permissions there")
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -288,7 +288,7 @@ class CheckpointConfig:
     # own, restarts continue from those).
     resume: str = "auto"
     keep_last: int = 3  # complete checkpoints kept in the run dir; 0 keeps all
-    async_save: bool = True  # write in a background process; training blocks only for the snapshot
+    async_save: bool = True  # write in a background thread; training blocks only for the snapshot
     ema_decay: float = 0.9999  # fp32 EMA of the weights, updated after each optimizer step; 0: off
     max_bad_steps: int = 5  # this many skipped (NaN/Inf loss or gradient) steps in a row stop the run
     spike_factor: float = 10.0  # log a loss above spike_factor x the running mean; 0: off

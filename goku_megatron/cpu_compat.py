@@ -27,7 +27,7 @@ import importlib
 import importlib.abc
 import importlib.machinery
 import logging
-import multiprocessing
+import queue
 import sys
 import types
 from typing import Any, Callable, Iterable
@@ -174,20 +174,25 @@ def clip_grad_by_total_norm(
         torch._foreach_mul_(grads, clip_coeff)
 
 
-_write_results_queue: Any = None
+_write_results_queue: queue.Queue | None = None
 
 
-def forked_write_results_queue() -> Any:
-    """Replacement for filesystem_async._get_write_results_queue: the same cached manager queue
-    through which async checkpoint writers report, but the manager process is forked.
+def in_process_write_results_queue() -> queue.Queue:
+    """Replacement for filesystem_async._get_write_results_queue: the queue through which
+    checkpoint writers report their results, in this process.
 
-    megatron spawns it: a fresh interpreter that imports torch and re-imports the main module,
-    which takes seconds of the first save on a busy CPU (and hangs a torchrun script without an
-    ``if __name__ == "__main__"`` guard). The manager only relays results; it never touches CUDA.
+    megatron spawns a Manager process for it, because its async writer is a forked process: a
+    fresh interpreter that imports torch and re-imports the main module, seconds of the first save
+    on a busy CPU (and a hang for a torchrun script without an ``if __name__ == "__main__"``
+    guard). goku writes async checkpoints from a thread (goku_megatron/checkpoint_writer.py) and
+    sync ones from the training process itself, so results never cross a process: a plain queue
+    does. (A forked Manager would share the training process's memory copy-on-write for the rest
+    of the run: each page training writes after the first save would be copied once, on the
+    training thread.) megatron's own forked writer (TemporalAsyncCaller) cannot report through it.
     """
     global _write_results_queue
     if _write_results_queue is None:
-        _write_results_queue = multiprocessing.get_context("fork").Manager().Queue()
+        _write_results_queue = queue.Queue()
     return _write_results_queue
 
 
@@ -381,7 +386,7 @@ def apply(force: bool = False) -> bool:
     _patch_attr("megatron.core.tensor_parallel.random", "_set_cuda_rng_state", _set_cpu_rng_state)
     _patch_attr("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32", clip_grad_by_total_norm)
     _patch_attr("megatron.core.dist_checkpointing.strategies.filesystem_async", "_get_write_results_queue",
-                forked_write_results_queue)
+                in_process_write_results_queue)
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     _wrap_method(DistributedOptimizer, "_build_model_and_main_param_groups", cpu_params_report_cuda_types)

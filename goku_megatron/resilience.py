@@ -61,11 +61,11 @@ _fork_hook = {"registered": False, "armed": False}
 
 
 def _forked_child() -> None:
-    """Runs in every process forked while StopSignals is active: megatron's async checkpoint
-    writers and the manager relaying their results. They must not inherit the trainer's signal
-    handling, and they must die with it: a helper outliving a killed rank keeps that rank's
-    sockets open, so its peers' collectives wait for a dead rank instead of failing (and
-    torchrun cannot restart the job)."""
+    """Runs in every process forked while StopSignals is active (goku's checkpoint writer is a
+    thread and forks nothing; a library's helper process may be forked). Such a helper must not
+    inherit the trainer's signal handling, and it must die with it: a helper outliving a killed
+    rank keeps that rank's sockets open, so its peers' collectives wait for a dead rank instead of
+    failing (and torchrun cannot restart the job)."""
     if not _fork_hook["armed"]:
         return
     for signum in STOP_SIGNALS:

@@ -13,6 +13,8 @@ import math
 import os
 import shutil
 import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -303,6 +305,201 @@ def test_flat_ranges_are_cut_into_boxes_that_cover_them_exactly():
                 want = torch.zeros(n, dtype=torch.int64)
                 want[start:stop] = 1
                 assert torch.equal(covered.reshape(-1), want)
+
+
+class _HeldWriter:
+    """Holds the checkpoint writer thread before it writes the checkpoint whose path contains
+    ``name`` until ``release`` is set (at most ``limit`` seconds: a test never waits forever)."""
+
+    def __init__(self, monkeypatch, name: str = "", limit: float = 120.0):
+        from goku_megatron import checkpoint_writer
+
+        self.name, self.limit = name, limit
+        self.writing, self.release, self.done = threading.Event(), threading.Event(), threading.Event()
+        self.events: list[str] = []
+        self.writer_pids: set[int] = set()
+        write = checkpoint_writer.write_buckets
+
+        def held_write(transforms, after, rank, buckets, results_queue):
+            held = threading.current_thread().name == "checkpoint-writer" and self.name in str(buckets[0][0])
+            if held:
+                self.events.append("writing")
+                self.writer_pids.add(os.getpid())
+                self.writing.set()
+                assert self.release.wait(self.limit), "the test never released the writer"
+            write(transforms, after, rank, buckets, results_queue)
+            if held:
+                self.events.append("written")
+                self.done.set()
+
+        monkeypatch.setattr(checkpoint_writer, "write_buckets", held_write)
+
+
+@pytest.mark.parametrize("optimizer", ["distributed", "plain"])
+def test_an_async_checkpoint_holds_the_state_it_was_taken_at_while_training_changes_it(
+        tmp_path, megatron_world, monkeypatch, optimizer):
+    """The writer is held until an optimizer step has changed weights, Adam state and EMA in
+    place: the checkpoint it then completes holds, bit for bit, the copy taken at the save."""
+    cfg, training, state = _training(f"optim.distributed_optimizer={optimizer == 'distributed'}")
+    held = _HeldWriter(monkeypatch)
+    checkpointer = Checkpointer(tmp_path, async_save=True)
+    at_save = _copy_of(training)
+    checkpointer.save(1, state, cfg.to_dict())
+    assert held.writing.wait(60) and not held.done.is_set()
+    _optimizer_step(training, seed=1)  # training goes on while the writer is held
+    moved_on = _copy_of(training)
+    for part in ("model.", "ema.", "optimizer."):
+        assert any(not torch.equal(v, at_save[k]) for k, v in moved_on.items() if k.startswith(part)), part
+    checkpointer.poll()
+    assert latest_checkpoint(tmp_path) is None  # still being written
+    held.release.set()
+    checkpointer.close()
+    assert held.writer_pids == {os.getpid()}  # a thread of this process: nothing was forked
+    _, fresh, fresh_state = _training(f"optim.distributed_optimizer={optimizer == 'distributed'}")
+    load_checkpoint(latest_checkpoint(tmp_path), fresh_state)
+    loaded = _copy_of(fresh)
+    assert loaded.keys() == at_save.keys()
+    for key, value in at_save.items():
+        assert loaded[key].dtype == value.dtype and torch.equal(loaded[key], value), key
+
+
+def test_a_save_waits_for_the_writer_before_it_and_reuses_its_snapshot(tmp_path, megatron_world, monkeypatch):
+    """No two snapshots: the second save waits until the first one's writer is done, then copies
+    into the same buffers. The snapshot is what the rank writes, each tensor once."""
+    from goku_megatron.checkpoint_writer import Snapshot
+
+    cfg, training, state = _training()
+    held = _HeldWriter(monkeypatch, name="iter_0000001")
+    snapshots: list[set[int]] = []
+    take = Snapshot.take
+
+    def recorded_take(self, sharded):
+        held.events.append("snapshot")
+        out = take(self, sharded)
+        snapshots.append({t.data_ptr() for t in self._buffers.values()})
+        return out
+
+    monkeypatch.setattr(Snapshot, "take", recorded_take)
+    checkpointer = Checkpointer(tmp_path, async_save=True)
+    checkpointer.save(1, state, cfg.to_dict())
+    assert held.writing.wait(60)
+    _optimizer_step(training, seed=1)
+    threading.Timer(1.0, held.release.set).start()
+    blocked = checkpointer.save(2, state, cfg.to_dict())
+    assert blocked >= 1.0 and held.events[:4] == ["snapshot", "writing", "written", "snapshot"]
+    assert snapshots[0] == snapshots[1]  # the same buffers
+    # What the snapshot holds: weights, EMA, Adam moments, once each (the fp32 main weights are
+    # the weights themselves with the distributed optimizer in fp32: copied once)
+    adam = sum(v.nbytes for k, v in _optimizer_tensors(training).items() if k.endswith(("exp_avg", "exp_avg_sq")))
+    weights = sum(p.nbytes for p in training.model[0].parameters())
+    assert checkpointer.snapshot_bytes == 2 * weights + adam
+    checkpointer.close()
+    assert checkpointer.snapshot_bytes == 0
+    assert [p.name for p in _complete(tmp_path)] == ["iter_0000002", "iter_0000001"]
+
+
+def test_a_save_whose_structure_changed_is_planned_afresh(tmp_path, megatron_world):
+    """Saves of an unchanged structure reuse the previous plan and skip megatron's sharding
+    check (Checkpointer._planning); a save that holds more (here the EMA and the optimizer, after
+    three saves of the weights alone) is checked and planned again, so nothing is left out."""
+    cfg, training, state = _training()
+    checkpointer = Checkpointer(tmp_path, async_save=True)
+    for step in (1, 2, 3):
+        checkpointer.save(step, TrainingState(training.model), cfg.to_dict())
+    checkpointer.save(4, state, cfg.to_dict())
+    checkpointer.close()
+    weights_only = checkpoint_tensors(checkpoint_dir(tmp_path, 3))
+    everything = checkpoint_tensors(checkpoint_dir(tmp_path, 4))
+    assert all(k.startswith("model.") for k in weights_only)
+    assert {k.split(".")[0] for k in everything} == {"model", "ema", "optimizer"}
+    saved = _copy_of(training)
+    _, fresh, fresh_state = _training()
+    load_checkpoint(checkpoint_dir(tmp_path, 4), fresh_state)
+    assert all(torch.equal(v, saved[k]) for k, v in _copy_of(fresh).items())
+
+
+def _complete(run_dir: Path) -> list[Path]:
+    return sorted((p for p in (run_dir / "checkpoints").glob("iter_*") if p.is_dir()), reverse=True)
+
+
+def test_a_failed_write_ends_in_one_line_and_publishes_nothing(tmp_path, megatron_world, monkeypatch):
+    from goku_megatron import checkpoint_writer
+
+    cfg, training, state = _training()
+    write = checkpoint_writer.write_buckets
+
+    def vanished_directory(transforms, after, rank, buckets, results_queue):
+        shutil.rmtree(Path(buckets[0][0]).parent)  # e.g. a cleanup job or a lost mount
+        write(transforms, after, rank, buckets, results_queue)
+
+    monkeypatch.setattr(checkpoint_writer, "write_buckets", vanished_directory)
+    checkpointer = Checkpointer(tmp_path, async_save=True)
+    checkpointer.save(1, state, cfg.to_dict())
+    with pytest.raises(ConfigError) as err:
+        checkpointer.wait()
+    assert "\n" not in str(err.value)
+    assert str(err.value).startswith("checkpoint iter_0000001: writing failed (") and "No such file" in str(err.value)
+    assert latest_checkpoint(tmp_path) is None
+    with pytest.raises(ConfigError, match="checkpoint iter_0000002: writing failed"):  # a sync save, too
+        checkpointer.save(2, state, cfg.to_dict(), blocking=True)
+    monkeypatch.setattr(checkpoint_writer, "write_buckets", write)
+    checkpointer.save(3, state, cfg.to_dict())  # the next save works
+    checkpointer.close()
+    assert latest_checkpoint(tmp_path) == checkpoint_dir(tmp_path, 3)
+
+
+def test_a_writer_that_does_not_finish_is_given_up_in_one_line(tmp_path, megatron_world, monkeypatch):
+    cfg, training, state = _training()
+    held = _HeldWriter(monkeypatch)
+    checkpointer = Checkpointer(tmp_path, async_save=True, write_timeout_s=0.5)
+    checkpointer.save(1, state, cfg.to_dict())
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=r"^checkpoint iter_0000001: the background writer is still writing "
+                                          r"after 0.5 s \(a stalled disk\?\)"):
+        checkpointer.wait()
+    assert time.monotonic() - start < 30 and latest_checkpoint(tmp_path) is None
+    held.release.set()  # the disk recovers: the save completes after all
+    assert held.done.wait(60)
+    checkpointer.close()
+    assert latest_checkpoint(tmp_path) == checkpoint_dir(tmp_path, 1)
+
+
+def test_training_steps_run_while_the_writer_writes_and_the_checkpoint_is_their_start(
+        reference, toy_data, tmp_path, monkeypatch):
+    """goku-train's loop: step 3's async save is held in its writer until step 5's samples are
+    drawn, so step 4 runs (and step 5 starts) while it writes. The checkpoint it completes holds
+    step 3 exactly: every tensor, the loader state and the step equal a synchronous save of the
+    state taken the moment the async one was, and the uninterrupted run's checkpoint 3; the run
+    itself goes on to the uninterrupted run's losses and checkpoint 6."""
+    run_dir, copy_dir = tmp_path / "run", tmp_path / "at-save"
+    held = _HeldWriter(monkeypatch, name="iter_0000003")
+    save = Checkpointer.save
+
+    def save_with_a_copy(self, step, state, config, **kwargs):
+        if step == 3 and not kwargs.get("blocking"):
+            Checkpointer(copy_dir).save(step, state, config, blocking=True, train_state=kwargs.get("train_state"),
+                                        loader_state=kwargs.get("loader_state"))
+        return save(self, step, state, config, **kwargs)
+
+    monkeypatch.setattr(Checkpointer, "save", save_with_a_copy)
+    seen = {}
+
+    def at_step_5(packs):
+        seen.update(writing=held.writing.is_set() and not held.done.is_set(), latest=latest_checkpoint(run_dir))
+        held.release.set()
+
+    cfg = _cfg(toy_data, run_dir)
+    _run(cfg, _Interfere(cfg, {5: at_step_5}))
+    assert seen == {"writing": True, "latest": None}  # step 4 ran while checkpoint 3 was being written
+    assert held.writer_pids == {os.getpid()}
+    written, at_save = checkpoint_dir(run_dir, 3), checkpoint_dir(copy_dir, 3)
+    assert_same_tensors(checkpoint_tensors(written), checkpoint_tensors(at_save))
+    assert_same_tensors(checkpoint_tensors(written), checkpoint_tensors(checkpoint_dir(reference, 3)))
+    assert load_loader_state(written, 0) == load_loader_state(at_save, 0) is not None
+    assert adam_steps(written) == adam_steps(at_save) == [3.0] * len(adam_steps(written))
+    assert losses(run_dir) == losses(reference)
+    assert_same_tensors(checkpoint_tensors(checkpoint_dir(run_dir, 6)), checkpoint_tensors(checkpoint_dir(reference, 6)))
+    assert "checkpoint_blocking_s" in metrics(run_dir)[2]
 
 
 # ----------------------------------------------------------------------------------------------

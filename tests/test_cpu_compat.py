@@ -731,17 +731,20 @@ def test_dist_checkpointing_save_load_round_trip(patched, tmp_path):
 
 
 def test_dist_checkpointing_async_save_round_trip(patched, tmp_path):
-    """Async save: AsyncCallsQueue (async_utils) forks the writer and syncs completion over gloo."""
+    """Async save as goku runs it: megatron's AsyncCallsQueue (async_utils, completion agreed over
+    gloo with CPU tensors) with goku's writer thread, which reports through the in-process results
+    queue (filesystem_async)."""
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+    from goku_megatron.checkpoint_writer import WriterQueue, in_writer_thread
 
     values = _values(0)
-    queue = AsyncCallsQueue()
+    queue = WriterQueue(timeout_s=60)
     try:
         request = dist_checkpointing.save(
             _sharded_state({k: v.clone() for k, v in values.items()}, step=9), str(tmp_path),
             async_sharded_save=True)
-        queue.schedule_async_request(request)
+        queue.schedule_async_request(in_writer_thread(request, after=lambda: None))
         finalized = queue.maybe_finalize_async_calls(blocking=True, no_dist=False)
         assert len(finalized) == 1
     finally:
@@ -753,7 +756,7 @@ def test_dist_checkpointing_async_save_round_trip(patched, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# The distributed optimizer (distrib_optimizer) and the async writers' results queue
+# The distributed optimizer (distrib_optimizer) and the checkpoint writers' results queue
 
 
 def _distributed(seed: int = 0):
@@ -853,16 +856,19 @@ def test_fully_reshardable_load_restores_torch_adam_steps(patched, monkeypatch, 
         assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
 
 
-def test_async_writers_report_through_a_forked_manager(patched):
+def test_checkpoint_writers_report_through_an_in_process_queue(patched):
+    import queue as queues
+
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    assert filesystem_async._get_write_results_queue is cpu_compat.forked_write_results_queue
+    assert filesystem_async._get_write_results_queue is cpu_compat.in_process_write_results_queue
     queue = filesystem_async._get_write_results_queue()
-    assert filesystem_async._get_write_results_queue() is queue  # one manager per process
+    assert isinstance(queue, queues.Queue)  # thread-safe, no process behind it
+    assert filesystem_async._get_write_results_queue() is queue  # one per process
     queue.put({"rank": 0})
     assert queue.get(timeout=10) == {"rank": 0}
     assert 'get_context("spawn")' in inspect.getsource(filesystem_async), (
-        "megatron's results queue manager is no longer spawned: drop forked_write_results_queue")
+        "megatron's results queue is no longer a spawned Manager's: drop in_process_write_results_queue")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -43,8 +43,9 @@ def test_a_stop_signal_is_agreed_at_the_step_boundary_and_handlers_come_back(meg
 
 
 def test_processes_forked_by_a_training_process_keep_default_signals_and_die_with_it():
-    """Async checkpoint writers are forked: they must not swallow SIGTERM, nor outlive a killed
-    rank (they would keep its sockets, and so its peers' collectives, alive)."""
+    """A helper process forked by a rank (a library's; goku's checkpoint writer is a thread) must
+    not swallow SIGTERM, nor outlive a killed rank (it would keep its sockets, and so its peers'
+    collectives, alive)."""
     code = """
 import os, signal, sys, time
 from goku_megatron.resilience import StopSignals
