@@ -7,17 +7,25 @@ per-file CRC32 checksums add to it, against a plain torch.save / torch.load of t
 
 The state is what goku-train checkpoints: weights, fp32 EMA, and the distributed optimizer's fp32
 main weights and Adam moments (after one optimizer step, so that they exist). "MB" is the size on
-disk. Each figure is the median over ``--repeats`` runs; the first save of a process also pays
-one-time set-up (planning caches, the forked manager of the async writers) and is shown apart.
-The "no checksums" rows save with the hashing switched off, so the last line is what hashing
-adds to the time a save blocks training (an async save's writer process hashes the files it
-wrote; a sync save hashes them in line). Not a test: figures depend on the machine and its disk.
+disk. Each figure is the median over ``--repeats`` runs; the first call also pays one-time
+set-up (planning caches; for the async saves the allocation of the snapshot's buffers) and is
+shown apart. The async saves go to one Checkpointer each, as in a run: its snapshot buffers are
+allocated by the first save and reused by the next. "until complete" is the async save's
+blocking part plus the wait for its writer thread. The "no checksums" rows save with the
+hashing switched off, so the "checksums add" line is what hashing adds to the time a save
+blocks training (an async save's writer thread hashes the files it wrote; a sync save hashes
+them in line). The optimizer-step rows time an AdamW step plus the EMA update (random
+gradients, the same each time), alone and right after an async save returned, while its writer thread writes: what
+the writer costs the training that goes on beside it. As goku-train does, the objects built at
+set-up are frozen out of garbage collection (gc.freeze). Not a test: figures depend on the
+machine and its disk.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
 import shutil
 import statistics
@@ -85,7 +93,13 @@ def main() -> None:
     for p in training.model[0].parameters():  # one optimizer step creates the Adam state
         p.main_grad.normal_(generator=torch.Generator().manual_seed(0))
     training.optimizer.step()
+    gc.freeze()  # as goku-train does after set-up
     state = TrainingState(training.model, training.optimizer, training.scheduler, training.ema)
+
+    def optimizer_step() -> None:  # what a training step does to the saved state (same gradients)
+        training.optimizer.step()
+        if training.ema is not None:
+            training.ema.update()
     rank = torch.distributed.get_rank()
     root = Path(args.dir or tempfile.mkdtemp(prefix="goku-ckpt-bench-"))
     if args.dir:
@@ -101,11 +115,14 @@ def main() -> None:
         torch.distributed.barrier()
         return time.perf_counter() - start
 
-    results: dict[str, list[float]] = {k: [] for k in ("torch_save", "torch_load", "sync_save", "async_block",
-                                                      "async_total", "load", "sync_save_nohash", "async_block_nohash")}
+    results: dict[str, list[float]] = {k: [] for k in (
+        "torch_save", "torch_load", "sync_save", "async_block", "async_snapshot", "async_total", "load",
+        "sync_save_nohash", "async_block_nohash", "opt_step", "opt_step_writing")}
     first: dict[str, float] = {}
     plain = _plain_state(training)
     plain_path = root / f"plain_rank{rank}.pt"
+    async_ck = Checkpointer(root / "async", keep_last=1, async_save=True)
+    bare_async_ck = Checkpointer(root / "bare_async", keep_last=1, async_save=True)
     step = 0
     for repeat in range(args.repeats + 1):
         results["torch_save"].append(timed(lambda: _fsynced_save(plain, plain_path)))
@@ -114,22 +131,28 @@ def main() -> None:
         sync_run = root / f"sync{repeat}"
         results["sync_save"].append(timed(lambda: Checkpointer(sync_run).save(step, state, cfg.to_dict(),
                                                                              blocking=True)))
-        checkpointer = Checkpointer(root / f"async{repeat}", async_save=True)
         blocked: list[float] = []
-        results["async_total"].append(timed(lambda: (blocked.append(checkpointer.save(step, state, cfg.to_dict())),
-                                                     checkpointer.close())))
+        results["async_total"].append(timed(lambda: (blocked.append(async_ck.save(step, state, cfg.to_dict())),
+                                                     async_ck.wait())))
         results["async_block"].append(blocked[0])
+        results["async_snapshot"].append(async_ck.last_snapshot_s)
         results["load"].append(timed(lambda: load_checkpoint(sync_run / "checkpoints" / f"iter_{step:07d}", state)))
+        results["opt_step"].append(timed(optimizer_step))
+        async_ck.save(step, state, cfg.to_dict())  # the same step again: its writer runs beside the next step
+        results["opt_step_writing"].append(timed(optimizer_step))
+        async_ck.wait()
         with _no_checksums():
             bare = root / f"bare{repeat}"
             results["sync_save_nohash"].append(timed(lambda: Checkpointer(bare).save(step, state, cfg.to_dict(),
                                                                                     blocking=True)))
-            checkpointer = Checkpointer(root / f"bare_async{repeat}", async_save=True)
-            blocked = []
-            timed(lambda: (blocked.append(checkpointer.save(step, state, cfg.to_dict())), checkpointer.close()))
-            results["async_block_nohash"].append(blocked[0])
+            results["async_block_nohash"].append(bare_async_ck.save(step, state, cfg.to_dict()))
+            bare_async_ck.wait()
         if repeat == 0:  # one-time costs: report apart, time the rest
             first = {k: v.pop() for k, v in results.items()}
+    snapshot_mb = torch.tensor([async_ck.snapshot_bytes / 1e6], dtype=torch.float64)
+    torch.distributed.all_reduce(snapshot_mb, op=torch.distributed.ReduceOp.MAX)
+    async_ck.close()
+    bare_async_ck.close()
     plain_bytes = torch.tensor([os.path.getsize(plain_path)], dtype=torch.float64)
     torch.distributed.all_reduce(plain_bytes)
     torch_mb = plain_bytes.item() / 1e6
@@ -144,9 +167,12 @@ def main() -> None:
               f"{torch_mb:.1f} MB")
         rows = [("torch.save (fsync)", "torch_save", torch_mb), ("torch.load", "torch_load", torch_mb),
                 ("dist save, sync", "sync_save", dist_mb), ("dist save, async: blocking", "async_block", None),
+                ("dist save, async: of which the snapshot", "async_snapshot", snapshot_mb.item()),
                 ("dist save, async: until complete", "async_total", dist_mb), ("dist load (load_checkpoint)", "load", dist_mb),
                 ("dist save, sync, no checksums", "sync_save_nohash", dist_mb),
-                ("dist save, async: blocking, no checksums", "async_block_nohash", None)]
+                ("dist save, async: blocking, no checksums", "async_block_nohash", None),
+                ("optimizer step + EMA, no save in flight", "opt_step", None),
+                ("optimizer step + EMA, beside the writer", "opt_step_writing", None)]
         print(f"| {'operation':<40} | {'seconds':>8} | {'MB/s':>7} | {'first call, s':>13} |")
         print(f"|{'-' * 42}|{'-' * 10}|{'-' * 9}|{'-' * 15}|")
         for label, key, mb in rows:
@@ -154,6 +180,9 @@ def main() -> None:
             rate = f"{mb / seconds:7.0f}" if mb else "      -"
             print(f"| {label:<40} | {seconds:8.3f} | {rate} | {first[key]:13.3f} |")
         med = {k: statistics.median(v) for k, v in results.items()}
+        print(f"an async save blocks training {100 * med['async_block'] / med['sync_save']:.1f}% as long as a sync "
+              f"save ({med['async_block']:.3f} s of {med['sync_save']:.3f} s); the writer's snapshot holds "
+              f"{snapshot_mb.item():.1f} MB per rank (at most, over ranks) from one async save to the next")
         print(f"checksums add {100 * (med['async_block'] / med['async_block_nohash'] - 1):+.1f}% to an async "
               f"save's blocking time and {100 * (med['sync_save'] / med['sync_save_nohash'] - 1):+.1f}% to a sync save")
     torch.distributed.barrier()
