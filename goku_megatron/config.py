@@ -187,8 +187,8 @@ class DataConfig:
     # that is fewer) stops the run with one line: the data path holds no usable sample.
     max_bad_in_a_row: int = 1000
     # Read-ahead (docs/data.md, "Read-ahead"): threads that read and decode samples while the step
-    # runs, and how many steps of packs they prepare ahead. -1: from the cores per process
-    # (data_workers); 0: everything inline on the training thread.
+    # runs, and how many steps of packs they prepare ahead. -1: on GPU from the cores per process,
+    # on CPU 0 (pipeline.data_workers); 0: everything inline on the training thread.
     workers: int = -1
     read_ahead_steps: int = 2
     stages: list[StageConfig] = field(default_factory=list)

@@ -186,11 +186,13 @@ def test_a_thread_that_ends_early_is_an_error_not_a_wait(latent_shards):
 def test_data_workers_from_the_cores(monkeypatch):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    assert data_workers(-1) == 1 and data_workers(0) == 0 and data_workers(3) == 3
+    assert data_workers(-1, cuda=True) == 1 and data_workers(0, cuda=True) == 0 and data_workers(3, cuda=True) == 3
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    assert data_workers(-1) == 8  # capped
+    assert data_workers(-1, cuda=True) == 8  # capped
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
-    assert data_workers(-1) == 1
+    assert data_workers(-1, cuda=True) == 1
+    # On CPU the step's threads use every core: inline unless asked for.
+    assert data_workers(-1, cuda=False) == 0 and data_workers(2, cuda=False) == 2
 
 
 def test_auto_decodes_with_pyav_on_cpu_and_dali_on_gpu(monkeypatch):

@@ -504,11 +504,15 @@ def _counted(state: dict[str, Any]) -> BadSamples:
     return bad
 
 
-def data_workers(setting: int) -> int:
-    """data.workers: -1 picks one thread per core this process has beyond the training thread
-    (the cores the process may use, shared by torchrun's local ranks), at least 1, at most 8."""
+def data_workers(setting: int, cuda: bool) -> int:
+    """data.workers: -1 picks, on a GPU, one thread per core this process has beyond the training
+    thread (the cores the process may use, shared by torchrun's local ranks), at least 1, at most
+    8; on CPU 0, since the step's torch threads use every core already and read-ahead would only
+    move work between threads (docs/data.md: 5% slower on 2 cores)."""
     if setting >= 0:
         return setting
+    if not cuda:
+        return 0
     cores = len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(1, min(8, cores - 1))
 
@@ -578,7 +582,7 @@ def build_data_source(cfg: Config, dp_rank: int, dp_size: int, device: torch.dev
                                             seed=cfg.train.seed, bad=bad, kind=kind) for kind in kinds}
         log.info("data: stage %d reads %d %s shards from %s (streams: %s)", i, len(shards), d.kind,
                  path, ", ".join(kinds))
-    workers = data_workers(d.workers)
+    workers = data_workers(d.workers, device.type == "cuda")
     # A toy pack holds micro_batch_size clips: the buffer must hold that many to fill one.
     source = PackedBatches(cfg, streams, prepare, run_text_encoder(cfg, device), bad,
                            buffer_size=max(16, cfg.train.micro_batch_size), workers=workers)
