@@ -375,7 +375,7 @@ class PackedBatches:
         for item in state["buffer"]:
             ref = SampleRef(item["shard"], item["key"], {k: tuple(v) for k, v in item["members"].items()})
             stage = self.cfg.data.stages[self._stage_index]
-            prepared = self.prepare(read_sample(ref), stage)
+            prepared = self._read_and_prepare(ref, stage)
             if prepared is not None:
                 self.buffer.append(Buffered(ref, prepared))
 
@@ -397,7 +397,7 @@ class ReadAhead:
     CLOSE_S = 60  # how long close waits for the samples being decoded
 
     def __init__(self, source: PackedBatches, depth: int, last_step: int, device: torch.device) -> None:
-        self.source, self.depth, self.last_step, self.device = source, depth, last_step, device
+        self.source, self.last_step, self.device = source, last_step, device
         self.stop_requested: Callable[[], int] = lambda: 0
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._closing = threading.Event()
