@@ -33,6 +33,7 @@ setup(
         "av",
         "pillow",
         "safetensors",  # goku-data convert-checkpoint
+        "einops",  # megatron-core's parallel_state builds hybrid FSDP's groups with it
     ],
     extras_require={
         "data": DATA,

@@ -116,6 +116,18 @@ class ParallelConfig:
     # in the run's config.yaml. Checkpoints reshard, so a run may continue under another layout.
     auto: bool = False
     gpu_memory_gb: float = 80.0  # what parallel.auto plans for: H100 80, H200 141
+    # Fully sharded data parallelism (megatron-core's FSDP2 wrapper, docs/parallelism.md): every
+    # DP x CP rank keeps 1/N of the weights, gradients and Adam state and all-gathers a layer's
+    # weights just before it runs. Replaces optim.distributed_optimizer (which shards the Adam
+    # state only); not with pipeline parallelism (megatron: FSDP2 does not work with PP).
+    fsdp: bool = False
+    # Hybrid sharding: shard inside groups of N consecutive DP x CP ranks (a node, say) and
+    # replicate across groups, all-reducing the sharded gradients between replicas; 0: shard
+    # over all DP x CP ranks. megatron's equivalent: num_distributed_optimizer_instances = DPxCP / N.
+    fsdp_shard_size: int = 0
+    # Free each layer's gathered weights after its forward pass (gathered again for the backward);
+    # false keeps them until the backward (more memory, one all-gather less per layer).
+    fsdp_reshard_after_forward: bool = True
 
 
 @dataclass
@@ -618,6 +630,27 @@ def _validate_performance(cfg: Config, has_cuda: bool) -> None:
                  "optim.overlap_param_gather=false")
 
 
+def _validate_fsdp(cfg: Config, sharding_ranks: int) -> None:
+    """parallel.fsdp: the combinations megatron's FSDP2 wrapper refuses, one line each."""
+    p, o = cfg.parallel, cfg.optim
+    _require(p.fsdp_shard_size >= 0, f"parallel.fsdp_shard_size must be >= 0 (0: all DP x CP ranks), "
+                                     f"got {p.fsdp_shard_size}")
+    if not p.fsdp:
+        _require(p.fsdp_shard_size == 0, f"parallel.fsdp_shard_size={p.fsdp_shard_size} sizes FSDP's shard "
+                                         f"groups: set parallel.fsdp=true or parallel.fsdp_shard_size=0")
+        return
+    _require(p.pp == 1, f"parallel.fsdp=true does not work with pipeline parallelism (megatron-core's FSDP2; "
+                        f"parallel.pp={p.pp}): set parallel.pp=1, or parallel.fsdp=false")
+    _require(not o.distributed_optimizer, "parallel.fsdp=true shards the optimizer state itself: set "
+                                          "optim.distributed_optimizer=false (megatron refuses both)")
+    _require(not o.overlap_grad_reduce, "parallel.fsdp=true reduce-scatters each layer's gradients during the "
+                                        "backward pass already: set optim.overlap_grad_reduce=false")
+    shard = p.fsdp_shard_size or sharding_ranks
+    _require(sharding_ranks % shard == 0,
+             f"parallel.fsdp_shard_size={p.fsdp_shard_size} does not divide the {sharding_ranks} DP x CP ranks "
+             f"(dp={sharding_ranks // p.cp} x cp={p.cp}); choose a divisor, or 0 for all of them")
+
+
 def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> None:
     """Check every rule that would otherwise fail deep inside a run; fills in ``parallel.dp``."""
     m, p, t, o, f, d = cfg.model, cfg.parallel, cfg.train, cfg.optim, cfg.flow, cfg.data
@@ -676,6 +709,7 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> None:
              f"set parallel.dp={dp} or 0 (derived)")
     p.dp = dp
     _one_of(p.cp_comm_type, CP_COMM_TYPES, "parallel.cp_comm_type")
+    _validate_fsdp(cfg, dp * p.cp)
     _require(m.num_heads % p.tp == 0,
              f"model.num_heads={m.num_heads} is not divisible by parallel.tp={p.tp}; "
              f"choose a tp that divides the number of heads")

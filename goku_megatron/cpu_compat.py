@@ -33,6 +33,7 @@ import types
 from typing import Any, Callable, Iterable
 
 import torch
+from torch.distributed.device_mesh import DeviceMesh
 
 from goku_megatron.config import ConfigError
 
@@ -175,6 +176,15 @@ def clip_grad_by_total_norm(
 
 
 _write_results_queue: queue.Queue | None = None
+
+
+class CpuDeviceMesh:
+    """What ``DeviceMesh`` means to megatron's FSDP2 wrapper on CPU: the mesh of its process group
+    on the CPU (the wrapper asks for a "cuda" mesh; FSDP2 itself runs on gloo)."""
+
+    @staticmethod
+    def from_group(group: Any, device_type: str, *args: Any, **kwargs: Any) -> Any:
+        return DeviceMesh.from_group(group, "cpu", *args, **kwargs)
 
 
 def in_process_write_results_queue() -> queue.Queue:
@@ -387,6 +397,7 @@ def apply(force: bool = False) -> bool:
     _patch_attr("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32", clip_grad_by_total_norm)
     _patch_attr("megatron.core.dist_checkpointing.strategies.filesystem_async", "_get_write_results_queue",
                 in_process_write_results_queue)
+    _patch_attr("megatron.core.distributed.torch_fully_sharded_data_parallel", "DeviceMesh", CpuDeviceMesh)
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     _wrap_method(DistributedOptimizer, "_build_model_and_main_param_groups", cpu_params_report_cuda_types)

@@ -217,7 +217,18 @@ def init_distributed(cfg: Config, backends: Backends) -> None:
             tensor_model_parallel_size=cfg.parallel.tp,
             pipeline_model_parallel_size=cfg.parallel.pp,
             context_parallel_size=cfg.parallel.cp,
+            # Hybrid FSDP: the shard groups are megatron's intra-instance DP x CP groups, the
+            # replicas its inter-instance groups (model/build.py).
+            num_distributed_optimizer_instances=fsdp_replicas(cfg),
         )
+
+
+def fsdp_replicas(cfg: Config) -> int:
+    """How many replicas hybrid FSDP keeps (DP x CP / parallel.fsdp_shard_size); 1 otherwise."""
+    p = cfg.parallel
+    if not (p.fsdp and p.fsdp_shard_size):
+        return 1
+    return torch.distributed.get_world_size() // (p.tp * p.pp * p.fsdp_shard_size)
 
 
 def shutdown_distributed() -> None:

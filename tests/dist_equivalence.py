@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from torch.distributed.tensor import DTensor
 
 
 CLIP_SHAPE = (3, 2, 8, 8)
@@ -62,7 +63,10 @@ def full_tensors(stage, use_grad: bool) -> dict[str, torch.Tensor]:
     tp = parallel_state.get_tensor_model_parallel_world_size()
     out = {}
     for name, param in stage.named_parameters():
-        value = (param.main_grad if use_grad else param.data).detach().clone()
+        value = (getattr(param, "main_grad", param.grad) if use_grad else param.data).detach()
+        if isinstance(value, DTensor):  # parallel.fsdp: gather the shards over the DP x CP ranks
+            value = value.full_tensor()
+        value = value.clone()
         if getattr(param, "tensor_model_parallel", False) and tp > 1:
             parts = [torch.empty_like(value) for _ in range(tp)]
             torch.distributed.all_gather(parts, value, group=tp_group)

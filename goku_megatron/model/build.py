@@ -1,5 +1,6 @@
 """Config -> megatron TransformerConfig -> GokuModel: the one place a model is built, for training
-(this rank's pipeline stage in megatron DDP), sampling (one unsharded model), tests and benchmarks."""
+(this rank's pipeline stage in megatron DDP, or sharded by FSDP: model/fsdp.py), sampling (one
+unsharded model), tests and benchmarks."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from goku_megatron.config import Config
+from goku_megatron.model.fsdp import ShardedDataParallel
 from goku_megatron.model.goku import GokuModel
 from goku_megatron.model.specs import layer_spec
 from goku_megatron.platform import Backends
@@ -63,7 +65,8 @@ def build_transformer_config(cfg: Config, backends: Backends) -> TransformerConf
 
 def build_model(cfg: Config, backends: Backends) -> tuple[list[torch.nn.Module], TransformerConfig]:
     """This rank's pipeline stage for training, initialised from ``train.seed`` and wrapped in
-    megatron DDP (and Float16Module in bf16); with its TransformerConfig."""
+    megatron DDP or, with parallel.fsdp, sharded by megatron's FSDP2 wrapper (and Float16Module in
+    bf16); with its TransformerConfig."""
     o = cfg.optim
     tc = build_transformer_config(cfg, backends)
     # optim.fp8_param_gather: TE creates its linears' weights as FP8 tensors (a no-op context
@@ -81,6 +84,8 @@ def build_model(cfg: Config, backends: Backends) -> tuple[list[torch.nn.Module],
         module = module.cuda()
     if tc.bf16:
         module = Float16Module(tc, module)
+    if cfg.parallel.fsdp:
+        return [ShardedDataParallel(tc, module, cfg.parallel)], tc
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=o.distributed_optimizer,
         overlap_grad_reduce=o.overlap_grad_reduce, overlap_param_gather=o.overlap_param_gather,
