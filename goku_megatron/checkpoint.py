@@ -66,6 +66,7 @@ from torch.distributed.checkpoint import CheckpointException
 from goku_megatron.checkpoint_writer import Snapshot, WriterQueue, WriterTimeout, in_writer_thread
 from goku_megatron.config import Config, ConfigError
 from goku_megatron.ema import EMA, EMA_PREFIX, MODEL_PREFIX
+from goku_megatron.model.fsdp import describe_weights, is_sharded, local, local_shard, replica_index
 from goku_megatron.model.goku import iter_stage_models
 
 log = logging.getLogger(__name__)
@@ -183,7 +184,24 @@ def gather_weights(model: list[torch.nn.Module]) -> None:
 
 def _model_sharded_state_dict(model: list[torch.nn.Module]) -> dict[str, Any]:
     gather_weights(model)
-    return _stage(model).sharded_state_dict(prefix=MODEL_PREFIX)
+    stage = _stage(model)
+    return describe_weights(stage.sharded_state_dict(prefix=MODEL_PREFIX),
+                            {MODEL_PREFIX + stage.global_name(n): p for n, p in stage.named_parameters()})
+
+
+def _fsdp_rows(sharded: dict[str, Any]) -> dict[str, Any]:
+    """Under parallel.fsdp, weights and EMA entries hold the FSDP DTensors: each becomes this rank's
+    rows of the tensor (model/fsdp.py, ``local_shard``), which is what the rank writes and reads.
+    Entries a rank holds no rows of are left out. Other layouts' entries pass unchanged."""
+    replica = replica_index()
+    out = {}
+    for key, value in sharded.items():
+        if isinstance(value, ShardedTensor) and is_sharded(value.data):
+            value = local_shard(value, replica)
+            if value is None:
+                continue
+        out[key] = value
+    return out
 
 
 def _unwrapped(optimizer: Any) -> Any:
@@ -211,6 +229,9 @@ def _optimizer_sharded_state_dict(optimizer: Any, model_sd: dict[str, Any]) -> d
     plain optimizer's is megatron's (its state is per parameter already). The structure is
     megatron's ChainedOptimizer's with ``chained_optim_avoid_prefix``, so loading is megatron's."""
     inner, parts = _unwrapped(optimizer), _optimizer_parts(optimizer)
+    if _fsdp_optimizer(parts):
+        (part,) = parts
+        return _fsdp_fully_reshardable(part, model_sd)
     if not any(isinstance(part, DistributedOptimizer) for part in parts):
         return inner.sharded_state_dict(model_sd, metadata=_optimizer_metadata())
     if len(parts) > 1 and hasattr(inner, "_synchronize_steps"):
@@ -271,6 +292,75 @@ def _own_shards_fully_reshardable(optimizer: DistributedOptimizer, model_sd: dic
                 ) for offset, shape, flat_start in boxes]
             param_state[param_idx] = tensors
     return {**optimizer.state_dict(), "param_state": param_state, "param_state_sharding_type": "fully_reshardable"}
+
+
+def _fsdp_optimizer(parts: list[Any]) -> bool:
+    """Whether the optimizer updates FSDP-sharded weights (parallel.fsdp)."""
+    return any(is_sharded(main) for part in parts for _, main in _main_params(part))
+
+
+def _main_params(part: Any) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """(model weight, the fp32 weight Adam updates) for each parameter of a plain megatron
+    optimizer: the weight itself in fp32, its fp32 copy in bf16 (Float16OptimizerWithFloat16Params)."""
+    if hasattr(part, "fp32_from_float16_groups"):
+        return [pair for model_group, main_group in zip(part.float16_groups, part.fp32_from_float16_groups)
+                for pair in zip(model_group, main_group)]
+    return [(param, param) for group in part.optimizer.param_groups for param in group["params"]]
+
+
+def _fsdp_fully_reshardable(part: Any, model_sd: dict[str, Any], loading: bool = False) -> dict[str, Any]:
+    """The optimizer of an FSDP run in the distributed optimizer's ``fully_reshardable`` format
+    (``_own_shards_fully_reshardable``): ``optimizer.state.{param,exp_avg,exp_avg_sq}.<weight key>``
+    with the weight's global shape, each rank writing its FSDP rows of them, and the param groups
+    with Adam's step as the common part. So an FSDP checkpoint resumes under the distributed
+    optimizer (any TP/DP) and back. The tensors are views of the optimizer's own state, so a load
+    into this template (``loading``: the state is created first) fills the optimizer in place."""
+    if loading and not part.optimizer.state:
+        part.init_state_fn(part.optimizer, part.config)
+    by_param = {id(sh.data): sh for sh in nested_values(model_sd) if isinstance(sh, ShardedTensor)}
+    replica = replica_index()
+    param_state: dict[int, dict[str, ShardedTensor]] = {}
+    for idx, (param, main) in enumerate(_main_params(part)):
+        sharded = by_param.get(id(param))
+        if sharded is None:
+            raise ValueError(f"FSDP optimizer: parameter {tuple(param.shape)} is not in the model's sharded state dict")
+        state = part.optimizer.state[main]
+        tensors = {}
+        for name, tensor in (("param", main), ("exp_avg", state["exp_avg"]), ("exp_avg_sq", state["exp_avg_sq"])):
+            rows = local_shard(dataclasses.replace(sharded, key=f"optimizer.state.{name}.{sharded.key}",
+                                                   data=tensor, dtype=torch.float32), replica)
+            if rows is not None:
+                tensors[name] = rows
+        param_state[idx] = tensors
+    steps = {float(s["step"]) for s in part.optimizer.state.values() if "step" in s}
+    if len(steps) > 1:
+        raise ValueError(f"FSDP optimizer: parameters at different Adam steps {sorted(steps)}")
+    step = steps.pop() if steps else 0.0
+    groups = [] if loading else [{**{k: v for k, v in group.items() if k != "params"}, "step": step}
+                                 for group in part.optimizer.param_groups]
+    return {"optimizer": {"param_groups": groups}, "param_state": param_state,
+            "param_state_sharding_type": "fully_reshardable"}
+
+
+def _load_fsdp_optimizer(part: Any, loaded: dict[str, Any]) -> None:
+    """Finish loading ``_fsdp_fully_reshardable``: the tensors were read into the optimizer's
+    state; the param groups' settings and Adam's step come from the common part (written by an
+    FSDP run or by the distributed optimizer, whose groups are the same, matched in order)."""
+    groups = loaded["optimizer"]["param_groups"]
+    if len(groups) != len(part.optimizer.param_groups):
+        raise ValueError(f"FSDP optimizer: the checkpoint has {len(groups)} param groups, this model "
+                         f"{len(part.optimizer.param_groups)}")
+    with torch.no_grad():
+        for group, saved in zip(part.optimizer.param_groups, groups):
+            group.update({k: v for k, v in saved.items() if k not in ("params", "step")})
+            for main in group["params"]:
+                part.optimizer.state[main]["step"] = torch.tensor(float(saved["step"]), dtype=torch.float32)
+        for idx, (_, main) in enumerate(_main_params(part)):
+            state = part.optimizer.state[main]
+            for name, tensor in (("param", main), ("exp_avg", state["exp_avg"]), ("exp_avg_sq", state["exp_avg_sq"])):
+                value = loaded["param_state"][idx].get(name)
+                if value is not None:
+                    local(tensor).copy_(value)
 
 
 def flat_range_boxes(shape: tuple[int, ...], start: int, stop: int) -> list[tuple[tuple[int, ...], tuple[int, ...], int]]:
@@ -416,6 +506,7 @@ class Checkpointer:
         parts = {"optimizer": False, "ema": state.ema is not None, "scheduler": state.scheduler is not None}
         if state.ema is not None:
             sharded.update(state.ema.sharded_state_dict(model_sd))
+        sharded = _fsdp_rows(sharded)
         if state.optimizer is not None and _optimizer_has_state(state.optimizer):
             sharded["optimizer"] = _optimizer_sharded_state_dict(state.optimizer, model_sd)
             parts["optimizer"] = True
@@ -805,8 +896,15 @@ def load_checkpoint(path: Path, state: TrainingState) -> dict[str, Any]:
     if state.ema is not None and manifest["parts"]["ema"]:
         ema_template = state.ema.sharded_state_dict(model_sd)
         template.update(ema_template)
+    template = _fsdp_rows(template)
+    has_ema = bool(ema_template)
+    ema_template = {key: template[key] for key in ema_template if key in template}
     load_optimizer = state.optimizer is not None and manifest["parts"]["optimizer"]
-    if load_optimizer:
+    fsdp_optimizer = load_optimizer and _fsdp_optimizer(_optimizer_parts(state.optimizer))
+    if fsdp_optimizer:
+        (part,) = _optimizer_parts(state.optimizer)
+        template["optimizer"] = _fsdp_fully_reshardable(part, model_sd, loading=True)
+    elif load_optimizer:
         optimizer = _unwrapped(state.optimizer)
         _prepare_optimizer_for_loading(optimizer)
         template["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True,
@@ -817,14 +915,16 @@ def load_checkpoint(path: Path, state: TrainingState) -> dict[str, Any]:
     loaded = dist_checkpointing.load(template, str(path))
 
     _load_weights(state.model, loaded, MODEL_PREFIX)
-    if load_optimizer:
+    if fsdp_optimizer:
+        _load_fsdp_optimizer(part, loaded["optimizer"])
+    elif load_optimizer:
         _unwrapped(state.optimizer).load_state_dict(loaded["optimizer"])
     if state.scheduler is not None and "scheduler" in loaded:
         state.scheduler.load_state_dict(loaded["scheduler"])
     with torch.no_grad():
         for key, sharded in ema_template.items():
             sharded.data.copy_(loaded[key])
-    if state.ema is not None and not ema_template:
+    if state.ema is not None and not has_ema:
         state.ema.restart()
         log.info("%s has no EMA: the EMA starts from its weights", path.name)
     if same_layout:
@@ -876,7 +976,17 @@ def _load_weights(model: list[torch.nn.Module], loaded: dict[str, Any], prefix: 
     stage = _stage(model)
     weights = {_local_name(stage, k[len(prefix):]): v for k, v in loaded.items()
                if isinstance(k, str) and k.startswith(prefix)}
-    missing, _ = stage.load_state_dict(weights, strict=False)
+    params = dict(stage.named_parameters())
+    if any(is_sharded(param) for param in params.values()):  # parallel.fsdp: this rank's rows of each
+        missing = []
+        with torch.no_grad():
+            for name, param in params.items():
+                if name in weights:
+                    local(param).copy_(weights[name])
+                elif local(param).numel():
+                    missing.append(name)
+    else:
+        missing, _ = stage.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state") and not k.startswith(new_layers)]
     if missing:
         raise ConfigError(f"the checkpoint lacks weights for {missing[:3]}: it holds another model.* shape; "
@@ -895,7 +1005,7 @@ def load_model_weights(path: Path, model: list[torch.nn.Module], ema: bool = Fal
     """Load only the weights (any TP/PP layout), or with ``ema`` the EMA weights in their place;
     returns step and config. Parameters whose names start with one of ``new_layers`` may be
     missing from the checkpoint and then keep their current values."""
-    model_sd = _model_sharded_state_dict(model)
+    model_sd = _fsdp_rows(_model_sharded_state_dict(model))
     if new_layers:
         saved = dist_checkpointing.load_tensors_metadata(str(path))
         model_sd = {k: v for k, v in model_sd.items() if not (

@@ -223,6 +223,15 @@ def init_distributed(cfg: Config, backends: Backends) -> None:
         )
 
 
+def sharding(cfg: Config) -> str:
+    """How the weights, gradients and Adam state are spread over the DP x CP ranks, for the log."""
+    p = cfg.parallel
+    if p.fsdp:
+        shard = p.fsdp_shard_size or p.dp * p.cp
+        return f"fsdp over {shard} ranks" + (f" x {p.dp * p.cp // shard} replicas" if shard < p.dp * p.cp else "")
+    return "ddp, distributed optimizer" if cfg.optim.distributed_optimizer else "ddp"
+
+
 def fsdp_replicas(cfg: Config) -> int:
     """How many replicas hybrid FSDP keeps (DP x CP / parallel.fsdp_shard_size); 1 otherwise."""
     p = cfg.parallel

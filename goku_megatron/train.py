@@ -41,7 +41,7 @@ from goku_megatron.model.build import build_model
 from goku_megatron.model.context_parallel import align_packs
 from goku_megatron.model.goku import iter_stage_models
 from goku_megatron.optim import build_optimizer
-from goku_megatron.platform import Backends, choose_backends, dp_sum, init_distributed, seed_everything
+from goku_megatron.platform import Backends, choose_backends, dp_sum, init_distributed, seed_everything, sharding
 from goku_megatron.resilience import Diverged, FaultTolerance, Preempted, StepGuard, StopSignals
 from goku_megatron.sample import LiveSampler, TrainingSamples
 
@@ -156,8 +156,8 @@ def run(cfg: Config, source: PackedBatches | ReadAhead | None = None) -> list[St
             rank = torch.distributed.get_rank()
             run_dir = resolve_run_dir(cfg)
             log.info("backends: %s", backends.describe())
-            log.info("layout: world=%d tp=%d pp=%d cp=%d dp=%d | run dir %s", torch.distributed.get_world_size(),
-                     cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.parallel.dp, run_dir)
+            log.info("layout: world=%d tp=%d pp=%d cp=%d dp=%d (%s) | run dir %s", torch.distributed.get_world_size(),
+                     cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.parallel.dp, sharding(cfg), run_dir)
             live = LiveSampler(cfg, state.model, device) if t.sample_interval or t.eval_interval else None
             samples = TrainingSamples(cfg)
             peak_flops = gpu_peak_flops(torch.cuda.get_device_name()) if backends.device == "cuda" else None

@@ -1,6 +1,7 @@
 """Checkpoints and restarts across processes (torchrun, gloo): exact resume with DP=2 and TP=2, a
 SIGTERM that stops all ranks at one step (exit code 99), a SIGKILLed rank that torchrun restarts
-from the latest checkpoint, and resharding TP2->TP1, PP2->PP1 and DP1->DP2 with the optimizer.
+from the latest checkpoint, and resharding TP2->TP1, PP2->PP1 and DP1->DP2 with the optimizer; FSDP
+(4 ranks) resumes exactly and reshards to DP=2 and back to hybrid FSDP.
 
 The toy run of conftest.TOY_CHECKPOINT_RUN (6 steps) is the reference every test compares with,
 bit for bit: losses, weights, EMA, Adam moments and step counts."""
@@ -75,6 +76,15 @@ def tp2(toy_data, tmp_path_factory):
     return _train(toy_data, tmp_path_factory.mktemp("tp2") / "run", "parallel.tp=2")
 
 
+# FSDP over 4 ranks; an FFN of width 202 splits its rows unevenly (51, 51, 51, 49).
+FSDP = ["parallel.fsdp=true", "optim.distributed_optimizer=false", "model.ffn_hidden_size=202"]
+
+
+@pytest.fixture(scope="module")
+def fsdp4(toy_data, tmp_path_factory):
+    return _train(toy_data, tmp_path_factory.mktemp("fsdp4") / "run", *FSDP, nproc=4)
+
+
 # ----------------------------------------------------------------------------------------------
 # Exact resume
 
@@ -84,6 +94,13 @@ def test_tp2_resume_from_step_3_is_exact(toy_data, tp2, tmp_path):
     assert [r["step"] for r in metrics(run_dir)] == [4, 5, 6]
     assert {s: v for s, v in losses(tp2).items() if s > 3} == losses(run_dir)
     assert_same_tensors(checkpoint_tensors(checkpoint_dir(run_dir, 6)), checkpoint_tensors(checkpoint_dir(tp2, 6)))
+
+
+def test_fsdp_resume_from_step_3_is_exact(toy_data, fsdp4, tmp_path):
+    run_dir = _train(toy_data, tmp_path / "run", *FSDP, f"--resume={checkpoint_dir(fsdp4, 3)}", nproc=4)
+    assert [r["step"] for r in metrics(run_dir)] == [4, 5, 6]
+    assert {s: v for s, v in losses(fsdp4).items() if s > 3} == losses(run_dir)
+    assert_same_tensors(checkpoint_tensors(checkpoint_dir(run_dir, 6)), checkpoint_tensors(checkpoint_dir(fsdp4, 6)))
 
 
 def test_sigterm_on_one_rank_stops_both_at_one_step(toy_data, dp2, tmp_path):
@@ -201,6 +218,15 @@ def test_reshard_dp1_to_dp2(toy_data, tmp_path_factory, tmp_path, megatron_world
     run(cfg)
     source = checkpoint_dir(dp1, 3)
     _assert_resharded(_reshard(source, ["train.steps=3"], 2, tmp_path), source)
+
+
+def test_reshard_fsdp4_to_dp2_and_back_to_hybrid_fsdp(fsdp4, tmp_path, megatron_world):
+    """An FSDP checkpoint (4 ranks) loads at DP=2 under the distributed optimizer, weights, EMA and
+    Adam state exactly; that checkpoint loads back into hybrid FSDP (2 x 2) exactly."""
+    source = checkpoint_dir(fsdp4, 3)
+    dp2 = _reshard(source, ["model.ffn_hidden_size=202"], 2, tmp_path / "dp2")
+    _assert_resharded(dp2, source)
+    _assert_resharded(_reshard(dp2, [*FSDP, "parallel.fsdp_shard_size=2"], 4, tmp_path / "hsdp"), source)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -197,6 +197,18 @@ INVALID = [
      "optim.overlap_param_gather", r"set optim.distributed_optimizer=true"),
     (["optim.overlap_param_gather=true"], 1, False, "optim.overlap_param_gather",
      r"the EMA reads them right after each step: set checkpoint.ema_decay=0"),
+    # FSDP (docs/parallelism.md): what megatron's FSDP2 wrapper refuses
+    (["parallel.fsdp=true", "optim.distributed_optimizer=false", "parallel.pp=2"], 2, False, "parallel.pp",
+     r"parallel.fsdp=true does not work with pipeline parallelism .*set parallel.pp=1"),
+    (["parallel.fsdp=true"], 2, False, "optim.distributed_optimizer",
+     r"shards the optimizer state itself: set optim.distributed_optimizer=false"),
+    (["parallel.fsdp=true", "optim.distributed_optimizer=false", "optim.overlap_grad_reduce=true"], 2, False,
+     "optim.overlap_grad_reduce", r"during the backward pass already: set optim.overlap_grad_reduce=false"),
+    (["parallel.fsdp=true", "optim.distributed_optimizer=false", "parallel.fsdp_shard_size=3",
+      "train.global_batch_size=16"], 4, False, "parallel.fsdp_shard_size", r"does not divide the 4 DP x CP ranks"),
+    (["parallel.fsdp_shard_size=2"], 2, False, "parallel.fsdp_shard_size", r"set parallel.fsdp=true"),
+    (["parallel.fsdp=true", "optim.distributed_optimizer=false", "parallel.fsdp_shard_size=-1"], 2, False,
+     "parallel.fsdp_shard_size", r"must be >= 0"),
 ]
 
 
@@ -250,6 +262,8 @@ def test_context_parallel_layouts_pass(overrides, world_size, cuda):
 @pytest.mark.parametrize("overrides, world_size, cuda", [
     (["model.recompute=true", "model.recompute_granularity=selective"], 1, False),
     (["optim.overlap_grad_reduce=true", "optim.ddp_bucket_size=100000"], 2, False),  # works over gloo
+    (["parallel.fsdp=true", "optim.distributed_optimizer=false", "parallel.cp=2", "parallel.fsdp_shard_size=2",
+      "train.global_batch_size=16"], 8, False),
     (["optim.overlap_grad_reduce=true", "optim.overlap_param_gather=true", "checkpoint.ema_decay=0"], 2, False),
     (["model.fp8=hybrid", "model.fp8_recipe=tensorwise", "model.fp8_bf16_layers=1"], 1, True),
     (["model.fp8=e4m3", "model.linear_backend=te", "optim.fp8_param_gather=true", "optim.overlap_grad_reduce=true",

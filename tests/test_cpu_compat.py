@@ -20,6 +20,7 @@ import sys
 import pytest
 import torch
 from numerics import EPS32, assert_close_to_scale
+from torch.distributed.device_mesh import DeviceMesh
 
 from goku_megatron import cpu_compat
 from goku_megatron.config import ConfigError
@@ -932,3 +933,31 @@ def test_patches_are_restored_after_the_no_op_tests(patched):
     for name in ("_build_model_and_main_param_groups", "_set_main_param_and_optimizer_states", "load_state_dict"):
         method = DistributedOptimizer.__dict__[name]
         assert getattr(getattr(method, "__func__", method), cpu_compat._WRAPPED), name
+
+
+# ----------------------------------------------------------------------------------------------
+# megatron's FSDP2 wrapper (parallel.fsdp)
+
+
+def test_torch_fsdp_wrapper_shards_on_a_cpu_mesh(patched, monkeypatch):
+    """megatron's TorchFullyShardedDataParallel asks for a "cuda" device mesh; with the patch it
+    gets the CPU mesh of its group, FSDP2 shards the weights over gloo and the gradients equal
+    torch's. Without the patch the wrapper cannot be built on CPU."""
+    from megatron.core.distributed import TorchFullyShardedDataParallel, TorchFullyShardedDataParallelConfig
+    from megatron.core.distributed import torch_fully_sharded_data_parallel as wrapper
+    from torch.distributed.tensor import DTensor
+
+    config = _tiny_transformer_config()
+    model = _tiny_model(config)
+    twin = _torch_twin(model)
+    fsdp = TorchFullyShardedDataParallel(config, TorchFullyShardedDataParallelConfig(), model)
+    assert isinstance(model.lin.weight, DTensor) and model.lin.weight.device_mesh.device_type == "cpu"
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
+    fsdp(x).pow(2).sum().backward()
+    twin(x).pow(2).sum().backward()
+    assert_close_to_scale(model.lin.weight.grad.full_tensor(), twin.weight.grad, ulps=16)
+    assert_close_to_scale(model.lin.bias.grad.full_tensor(), twin.bias.grad, ulps=16)
+
+    monkeypatch.setattr(wrapper, "DeviceMesh", DeviceMesh)
+    with pytest.raises(AssertionError, match="CUDA"):
+        TorchFullyShardedDataParallel(config, TorchFullyShardedDataParallelConfig(), _tiny_model(config))

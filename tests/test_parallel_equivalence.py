@@ -3,7 +3,8 @@
 loss, gradient norm, every gradient and the final weights (fp32 tolerance). Context-parallel layouts
 run on packs of differently sized samples (and DP=2 x CP=2 on packs of equal clips), each against the
 single-process run of the same data. DP=2 with optim.overlap_grad_reduce and overlap_param_gather
-(gloo runs megatron's asynchronous bucket reductions and all-gathers) matches too. The distributed
+(gloo runs megatron's asynchronous bucket reductions and all-gathers) matches too, and so does FSDP
+over 4 ranks, hybrid 2 x 2, FSDP x CP=2 and TP=2 x FSDP over 2 with recompute. The distributed
 checkpoint each layout saves loads into one unsharded model and holds the single-process run's weights, so checkpoints do not depend on the parallel layout."""
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def baseline(single_process):
     return single_process(False)
 
 
+FSDP = ["parallel.fsdp=true", "optim.distributed_optimizer=false"]
 LAYOUTS = {  # name: (processes, overrides); "--packed" trains on packs
     "tp2": (2, ["parallel.tp=2"]),
     "pp2": (2, ["parallel.pp=2"]),
@@ -69,6 +71,13 @@ LAYOUTS = {  # name: (processes, overrides); "--packed" trains on packs
                         "optim.ddp_bucket_size=20000", "checkpoint.ema_decay=0"]),
     "pp2_dp2_overlap_grad_reduce": (4, ["parallel.pp=2", "optim.overlap_grad_reduce=true",
                                         "optim.ddp_bucket_size=20000"]),
+    # FSDP (megatron's FSDP2 wrapper): weights, gradients and Adam state sharded over 4 ranks;
+    # hybrid: sharded over pairs, replicated across them; with CP=2 the DP x CP ranks shard.
+    "fsdp4": (4, FSDP),
+    "hsdp2x2": (4, [*FSDP, "parallel.fsdp_shard_size=2"]),
+    "fsdp_cp2_packed": (4, ["--packed", "parallel.cp=2", *FSDP]),
+    "tp2_fsdp2_recompute": (4, ["parallel.tp=2", "model.recompute=true", *FSDP,
+                                "parallel.fsdp_reshard_after_forward=false"]),
 }
 
 
@@ -118,7 +127,7 @@ def test_layout_matches_single_process(layout_run, single_process, layout):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["tp2_pp2", "dp2", "dp2_cp2", "dp2_overlap"])
+@pytest.mark.parametrize("layout", ["tp2_pp2", "dp2", "dp2_cp2", "dp2_overlap", "fsdp4", "hsdp2x2"])
 def test_layout_checkpoint_loads_unsharded(layout_run, baseline, layout, megatron_world):
     got = layout_run(layout)
     cfg = load_config(str(got["dir"] / "config.yaml"), ["parallel.tp=1", "parallel.pp=1", "parallel.cp=1"])

@@ -81,13 +81,17 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_in_training_samples_equal_goku_sample_in_any_layout(tmp_path, megatron_world):
-    """LiveSampler under PP=2 x CP=2 (pipeline broadcast, CP gather) gives goku-sample's pixels."""
+@pytest.mark.parametrize("layout", [
+    ["parallel.pp=2", "parallel.cp=2"],
+    ["parallel.cp=2", "parallel.fsdp=true", "optim.distributed_optimizer=false", "train.micro_batch_size=8"],
+], ids=["pp2_cp2", "fsdp_cp2"])
+def test_in_training_samples_equal_goku_sample_in_any_layout(tmp_path, megatron_world, layout):
+    """LiveSampler under PP=2 x CP=2 (pipeline broadcast, CP gather), and under FSDP over DP=2 x
+    CP=2 (each forward all-gathers the layers' weights), gives goku-sample's pixels."""
     from conftest import REPO, run_torchrun
     from live_sample_worker import PROMPTS, SPEC
 
-    run_torchrun(4, [str(REPO / "tests" / "live_sample_worker.py"), str(tmp_path), "parallel.pp=2",
-                     "parallel.cp=2"])
+    run_torchrun(4, [str(REPO / "tests" / "live_sample_worker.py"), str(tmp_path), *layout])
     live = torch.load(tmp_path / "pixels.pt")
     reference = Sampler(tmp_path).sample(PROMPTS, SampleSpec(**SPEC))
     assert live.shape == (2, 3, 4, 8, 8) and live.std() > 0.05

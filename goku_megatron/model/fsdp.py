@@ -14,9 +14,11 @@ layer to torch's ``fully_shard`` (FSDP2), which runs on gloo and NCCL alike. gok
   base class does not, so finalize_model_grads fails on the plain wrapper).
 
 Every weight, gradient and Adam state is then a DTensor sharded along dim 0 over the shard group
-(torch.chunk's split: the first ranks hold ceil(rows / N) rows each). ``local_shard`` describes a
-rank's rows as a megatron ShardedTensor, so checkpoints store the same global tensors as every
-other layout and reshard between them (checkpoint.py).
+(torch.chunk's split: the first ranks hold ceil(rows / N) rows each). Checkpoints store the same
+global tensors as every other layout and reshard between them (checkpoint.py): ``describe_weights``
+gives each weight's checkpoint entry the DTensor and its tensor-parallel place, and ``local_shard``
+cuts an entry to the rows this rank holds. (megatron-core 0.16 describes FSDP2 weights itself, but
+as even splits over the whole DP x CP group: wrong for uneven rows and for hybrid sharding.)
 """
 
 from __future__ import annotations
@@ -83,6 +85,34 @@ def row_range(tensor: DTensor) -> tuple[int, int]:
     rows = tensor.shape[0]
     chunk = math.ceil(rows / shards)
     return min(rank * chunk, rows), min((rank + 1) * chunk, rows)
+
+
+def describe_weights(sharded: dict[str, Any], params: dict[str, torch.nn.Parameter]) -> dict[str, Any]:
+    """A model's sharded state dict with the entry of every FSDP weight (``params``: checkpoint key
+    -> parameter) describing that DTensor whole: its tensor-parallel rank's full tensor, at its
+    tensor-parallel offset, with the DTensor as data (the EMA and the optimizer find their entries
+    by it). Other entries pass unchanged; ``local_shard`` later cuts each to this rank's rows."""
+    fsdp = {key: param for key, param in params.items() if isinstance(param, DTensor)}
+    if not fsdp:
+        return sharded
+    tp, tp_rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+    out = dict(sharded)
+    for name, entry in sharded.items():
+        param = fsdp.pop(getattr(entry, "key", None), None)
+        if param is None:
+            continue
+        if entry.prepend_axis_num:
+            raise ValueError(f"FSDP checkpoint: {entry.key} has prepended axes, which goku's weights never have")
+        shape, global_shape, offset = tuple(param.shape), list(param.shape), [0] * param.dim()
+        if getattr(param, "tensor_model_parallel", False) and tp > 1:
+            global_shape[param.partition_dim] *= tp
+            offset[param.partition_dim] = tp_rank * shape[param.partition_dim]
+        out[name] = dataclasses.replace(entry, data=param, dtype=param.dtype, local_shape=shape,
+                                        global_shape=tuple(global_shape), global_offset=tuple(offset),
+                                        axis_fragmentations=None)
+    if fsdp:
+        raise ValueError(f"FSDP checkpoint: no sharded state dict entry for {sorted(fsdp)[:3]}")
+    return out
 
 
 def local_shard(sharded: ShardedTensor, replica: int) -> ShardedTensor | None:
