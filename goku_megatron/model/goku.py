@@ -184,7 +184,8 @@ class GokuModel(MegatronModule):
         x = self._run_layers(x, inputs, silu_temb)
         if not self.post_process:
             return x
-        return self.final_layer(x, silu_temb, inputs).float()
+        # A copy even in fp32: the linear's output is a view, and FSDP2 hooks the model's output.
+        return self.final_layer(x, silu_temb, inputs).to(torch.float32, copy=True)
 
     def _condition(self, tokens: torch.Tensor, cond_tokens: torch.Tensor) -> torch.Tensor:
         """I2V: noisy and first-frame tokens concatenated on channels, mapped back to patch_dim."""

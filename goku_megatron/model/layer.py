@@ -301,4 +301,6 @@ class GokuLayer(MegatronModule):
                        packed=inputs.packed_cross)
         x = x + h
         h = self.mlp(modulate(seg(self.norm3(x)), shift_mlp, scale_mlp).view_as(x))
-        return (seg(x).float() + gate_mlp * seg(h).float()).view_as(x).to(x.dtype)
+        # The same sums as above, ending in an add: the output is not a view (FSDP2 hooks each
+        # layer's output for its backward and warns about views).
+        return (x.float() + (gate_mlp * seg(h).float()).view_as(x)).to(x.dtype)
