@@ -543,7 +543,7 @@ def test_dry_run_report(capsys):
     expected = load_config("toy", [])
     validate(expected, 1)
     assert yaml.safe_load(_section(out, "resolved config")) == expected.to_dict()
-    assert re.search(r"^world_size=1 tp=1 pp=1 cp=1 dp=1 layers_per_stage=4 micro_batches_per_step=1 "
+    assert re.search(r"^world_size=1 tp=1 pp=1 cp=1 dp=1 sharding='ddp' layers_per_stage=4 micro_batches_per_step=1 "
                      r"micro_batch_size=16 global_batch_size=16$", out, re.MULTILINE), out
     backends = _section(out, "backends")
     assert "attention=sdpa linear=local" in backends
@@ -557,15 +557,24 @@ def test_dry_run_layout(capsys):
     rc, out, err = _dry_run(capsys, ["--dry-run", "--config", "toy", "--world-size", "4",
                                      "parallel.tp=2", "parallel.pp=2"])
     assert rc == 0, err
-    assert re.search(r"^world_size=4 tp=2 pp=2 cp=1 dp=1 layers_per_stage=2 ", out, re.MULTILINE), out
+    assert re.search(r"^world_size=4 tp=2 pp=2 cp=1 dp=1 sharding='ddp' layers_per_stage=2 ", out, re.MULTILINE), out
     assert "\n  dp: 1\n" in _section(out, "resolved config")
+
+
+def test_dry_run_fsdp_layout(capsys):
+    rc, out, err = _dry_run(capsys, ["--dry-run", "--config", "toy", "--world-size", "8", "parallel.cp=2",
+                                     "parallel.fsdp=true", "optim.distributed_optimizer=false",
+                                     "parallel.fsdp_shard_size=4", "train.micro_batch_size=4"])
+    assert rc == 0, err
+    assert re.search(r"^world_size=8 tp=1 pp=1 cp=2 dp=4 sharding='fsdp over 4 ranks x 2 replicas' ", out,
+                     re.MULTILINE), out
 
 
 def test_dry_run_world_size_from_env(capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     rc, out, err = _dry_run(capsys, ["--dry-run", "train.micro_batch_size=4"])
     assert rc == 0, err
-    assert re.search(r"^world_size=4 tp=1 pp=1 cp=1 dp=4 layers_per_stage=4 micro_batches_per_step=1 ",
+    assert re.search(r"^world_size=4 tp=1 pp=1 cp=1 dp=4 sharding='ddp' layers_per_stage=4 micro_batches_per_step=1 ",
                      out, re.MULTILINE), out
 
 
@@ -611,7 +620,7 @@ def test_dry_run_goku_8b_layout(capsys, tmp_path):
     rc, out, err = _dry_run(capsys, ["--dry-run", "--config", str(recipe), "--world-size", "64",
                                      "parallel.tp=8", "parallel.pp=4", "train.global_batch_size=64"])
     assert rc == 0, err
-    assert re.search(r"^world_size=64 tp=8 pp=4 cp=1 dp=2 layers_per_stage=10 micro_batches_per_step=8 ",
+    assert re.search(r"^world_size=64 tp=8 pp=4 cp=1 dp=2 sharding=.ddp, distributed optimizer. layers_per_stage=10 micro_batches_per_step=8 ",
                      out, re.MULTILINE), out
 
 

@@ -23,7 +23,7 @@ from goku_megatron.config import Config, ConfigError, load_config, validate
 from goku_megatron.logs import setup_logging
 from goku_megatron.model.goku import count_parameters
 from goku_megatron.planner import resolve_layout
-from goku_megatron.platform import choose_backends, has_cuda, shutdown_distributed, world_size_from_env
+from goku_megatron.platform import choose_backends, has_cuda, sharding, shutdown_distributed, world_size_from_env
 from goku_megatron.resilience import EXIT_CONFIG_ERROR, EXIT_DIVERGED, EXIT_PREEMPTED, Diverged, Preempted
 from goku_megatron.train import run
 
@@ -64,7 +64,7 @@ def dry_run_report(cfg: Config, world_size: int) -> str:
         "# resolved config",
         yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(),
         "# parallel layout",
-        f"world_size={world_size} tp={p.tp} pp={p.pp} cp={p.cp} dp={p.dp} "
+        f"world_size={world_size} tp={p.tp} pp={p.pp} cp={p.cp} dp={p.dp} sharding='{sharding(cfg)}' "
         f"layers_per_stage={cfg.model.num_layers // p.pp} micro_batches_per_step={n_micro} "
         f"micro_batch_size={t.micro_batch_size} global_batch_size={t.global_batch_size}",
         "# backends",
