@@ -20,6 +20,7 @@ import psutil
 import pytest
 from checkpoint_utils import adam_steps, assert_same_tensors, checkpoint_tensors, losses, metrics
 from conftest import REPO, TOY_CHECKPOINT_RUN, run_torchrun
+from numerics import assert_close_to_scale
 
 from goku_megatron.checkpoint import checkpoint_dir, latest_checkpoint, load_loader_state
 
@@ -218,6 +219,18 @@ def test_reshard_dp1_to_dp2(toy_data, tmp_path_factory, tmp_path, megatron_world
     run(cfg)
     source = checkpoint_dir(dp1, 3)
     _assert_resharded(_reshard(source, ["train.steps=3"], 2, tmp_path), source)
+
+
+def test_fsdp_checkpoint_holds_the_ddp_runs_tensors(toy_data, fsdp4, tmp_path):
+    """Six steps under FSDP and under DDP with the distributed optimizer (4 ranks each) end with the
+    same weights, EMA, Adam moments and fp32 main weights, to rounding: FSDP's EMA and optimizer
+    state mean what DDP's mean, not only what FSDP itself reads back."""
+    dp4 = _train(toy_data, tmp_path / "dp4", "model.ffn_hidden_size=202", nproc=4)
+    assert losses(fsdp4) == pytest.approx(losses(dp4), rel=1e-5)
+    got, want = checkpoint_tensors(checkpoint_dir(fsdp4, 6)), checkpoint_tensors(checkpoint_dir(dp4, 6))
+    assert got.keys() == want.keys() and any(k.startswith("ema.") for k in want)
+    for key, value in want.items():
+        assert_close_to_scale(got[key], value, ulps=512, msg=key)  # 45 at most, measured
 
 
 def test_reshard_fsdp4_to_dp2_and_back_to_hybrid_fsdp(fsdp4, tmp_path, megatron_world):

@@ -18,7 +18,8 @@ import pytest
 import torch
 from conftest import REPO, TOY_CHECKPOINT_RUN
 
-from goku_megatron.config import ConfigError
+from goku_megatron.config import ConfigError, ParallelConfig
+from goku_megatron.model.fsdp import ShardedDataParallel, local
 from goku_megatron.resilience import (
     EXIT_PREEMPTED,
     Diverged,
@@ -88,7 +89,9 @@ def test_goku_train_exits_99_after_saving_on_sigterm(toy_data, tmp_path):
 # Non-finite steps never reach the weights
 
 
-def _distributed_tiny(seed: int = 0):
+def _distributed_tiny(seed: int = 0, fsdp: bool = False):
+    """A tiny model under megatron DDP with the distributed optimizer, or (``fsdp``) sharded by
+    goku's FSDP wrapper with megatron's plain optimizer over its DTensor weights."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.enums import ModelType
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -109,11 +112,14 @@ def _distributed_tiny(seed: int = 0):
 
     torch.manual_seed(seed)
     model = Tiny()
-    ddp = DistributedDataParallel(config=config, module=model, ddp_config=DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True))
+    if fsdp:
+        ddp = ShardedDataParallel(config, model, ParallelConfig(fsdp=True))
+    else:
+        ddp = DistributedDataParallel(config=config, module=model, ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True))
     optimizer = get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=0.1, clip_grad=0.5, bf16=False, params_dtype=torch.float32,
-        use_distributed_optimizer=True), [ddp])
+        use_distributed_optimizer=not fsdp), [ddp])
     return model, ddp, optimizer
 
 
@@ -124,9 +130,10 @@ def _backward(ddp, optimizer, x):
     ddp.finish_grad_sync()
 
 
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_a_non_finite_gradient_skips_the_update(megatron_world, bad):
-    model, ddp, optimizer = _distributed_tiny()
+def test_a_non_finite_gradient_skips_the_update(megatron_world, bad, fsdp):
+    model, ddp, optimizer = _distributed_tiny(fsdp=fsdp)
     guarded = SkipNonFiniteSteps(optimizer)
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
     _backward(ddp, guarded, x)
@@ -137,9 +144,9 @@ def test_a_non_finite_gradient_skips_the_update(megatron_world, bad):
     ok, grad_norm, _ = guarded.step()
     assert not ok and not math.isfinite(grad_norm)
     for name, p in model.named_parameters():
-        assert torch.equal(p, weights[name]), name
+        assert torch.equal(local(p), local(weights[name])), name
     after = {k: v for s in optimizer.chained_optimizers[0].optimizer.state.values() for k, v in s.items()}
-    assert all(torch.equal(after[k], v) for k, v in state.items())
+    assert all(torch.equal(local(after[k]), local(v)) for k, v in state.items())
 
 
 def test_finite_steps_equal_megatrons_own_step(megatron_world):
