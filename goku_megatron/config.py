@@ -111,9 +111,9 @@ class ParallelConfig:
     # Transformer Engine's CP communication (GPU, attention_backend te): p2p ring, a2a (Ulysses
     # inside TE) or a2a+p2p (hierarchical); without TE, CP is always Ulysses all-to-all.
     cp_comm_type: str = "p2p"
-    # Let goku-plan choose tp, cp, pp and model.recompute for the world size, GPU memory and the
-    # largest data.stages token budget (goku_megatron/planner.py); the choice is logged and saved
-    # in the run's config.yaml. Checkpoints reshard, so a run may continue under another layout.
+    # Let goku-plan choose tp, cp, pp, fsdp, fsdp_shard_size and model.recompute for the world size,
+    # GPU memory and the largest data.stages token budget (goku_megatron/planner.py); the choice is
+    # logged and saved in the run's config.yaml. Checkpoints reshard, so a run may continue under another layout.
     auto: bool = False
     gpu_memory_gb: float = 80.0  # what parallel.auto plans for: H100 80, H200 141
     # Fully sharded data parallelism (megatron-core's FSDP2 wrapper, docs/parallelism.md): every

@@ -1,4 +1,5 @@
-"""goku-plan: memory per GPU and step time of candidate TP/CP/PP/DP layouts, and a recommendation.
+"""goku-plan: memory per GPU and step time of candidate TP/CP/PP/DP layouts (megatron DDP or FSDP),
+and a recommendation.
 
     goku-plan --preset goku-8b --gpus 256 --gpu-memory-gb 80 --height 720 --width 1280 --frames 33
     goku-plan --preset goku-2b --gpus 64 --tokens 32768 --samples-per-pack 1
@@ -30,6 +31,39 @@ S/CP x D x 2 bytes, ring cost 2 (TP - 1) / TP over NVLink) and Ulysses all-to-al
 layer of S/CP x D/TP x 2 bytes x (CP - 1) / CP, over the network once TP x CP leaves a node).
 Data-parallel gradient reduction is assumed
 overlapped with the backward pass. These are estimates to rank layouts, not measurements.
+
+FSDP (parallel.fsdp, PP = 1; model/fsdp.py: megatron's FSDP2 wrapper, one unit per GokuLayer plus
+the root unit of the embedders, patch embed and final layer), with N = the shard group's DP x CP
+ranks (all of them, or parallel.fsdp_shard_size) and R = DP x CP / N replicas:
+
+    sharded     P_gpu x (w + w + o) / N       weights, gradients (in the weights' dtype: FSDP2 has
+                                              no fp32 grad buffer) and optimizer state, all
+                                              DTensors sharded along dim 0 over the shard group
+    gathered    w x (P_root + 4 P_layer)      P_root = the root unit's (embedder) parameters,
+                                              P_layer = one layer's TP-local parameters
+
+The gathered term is FSDP2's peak of unsharded tensors, measured on this code
+(torch.distributed._tools.fsdp2_mem_tracker, tests/test_planner.py): the root unit's weights (all-
+gathered at the start of forward and again at the start of backward, freed at the end of each, so
+held throughout both), the running layer's weights, the next layer's all-gather buffer (FSDP2
+prefetches one layer ahead: implicitly in forward, explicitly in backward), the running layer's
+unsharded gradients and the previous layer's reduce-scatter buffer. It is added to the activations'
+peak although it peaks during the backward, when some activations are freed: an upper bound. With
+parallel.fsdp_reshard_after_forward=false every layer stays gathered from its forward to its
+backward, so the gathered term is w x (P_root + (L + 2) P_layer). In bf16 the optimizer step
+briefly holds fp32 main gradients (4 bytes) where the bf16 ones (2) were: P_gpu x 18 / N, with no
+activations and nothing gathered, below the backward's peak unless those weigh less than
+2 P_gpu / N.
+
+FSDP2 does not skip gradient synchronisation between micro-batches: each micro-batch all-gathers
+P_gpu x w bytes in forward and, with reshard_after_forward, again in backward, and reduce-scatters
+as many gradient bytes; each moves (N - 1) / N of them per GPU (ring), over NVLink when the shard
+group's N x TP GPUs fit in a node (megatron's groups are consecutive ranks), else over the network.
+Hybrid sharding (R > 1) adds the all-reduce of each gradient shard across the replicas,
+2 (R - 1) / R x P_gpu x w / N per GPU, over the network once DP x CP x TP leaves a node. FSDP2
+overlaps these with compute (the next layer's all-gather runs while a layer computes; reduce-
+scatters run behind the backward), so a micro-batch takes max(compute, FSDP communication) plus
+the TP and CP communication: only what compute cannot hide counts.
 """
 
 from __future__ import annotations
@@ -76,6 +110,20 @@ class Layout:
     dp: int
     recompute: bool
     distributed_optimizer: bool = True
+    # FSDP's shard group in DP x CP ranks (dp x cp: all of them; fewer: hybrid, replicated across
+    # groups); 0: megatron DDP, no FSDP.
+    fsdp_shard: int = 0
+    reshard_after_forward: bool = True  # parallel.fsdp_reshard_after_forward; FSDP only
+
+    @property
+    def fsdp_replicas(self) -> int:
+        """Hybrid FSDP's replicas of each shard (1: sharded over all DP x CP ranks, or no FSDP)."""
+        return self.dp * self.cp // self.fsdp_shard if self.fsdp_shard else 1
+
+    @property
+    def fsdp_shard_size(self) -> int:
+        """parallel.fsdp_shard_size for this layout: 0 when FSDP shards over all DP x CP ranks."""
+        return self.fsdp_shard if self.fsdp_replicas > 1 else 0
 
 
 @dataclass(frozen=True)
@@ -115,12 +163,45 @@ def activation_elements(model: ModelConfig, tp: int, recompute: bool) -> float:
     return 22 * d + (15 * d + 2 * f) / tp
 
 
+def stage_params(model: ModelConfig, tp: int, pp: int) -> float:
+    """P_gpu: the parameters one GPU holds without FSDP (its TP share of L / PP layers, and the
+    embedders, replicated on every stage)."""
+    split, replicated = layer_params(model)
+    return (split / tp + replicated) * model.num_layers / pp + embedder_params(model)
+
+
+def fsdp_memory(model: ModelConfig, layout: Layout, precision: str) -> tuple[float, float]:
+    """(sharded, gathered) bytes per GPU under FSDP (module doc): weights, gradients and optimizer
+    state divided by the shard group, and FSDP2's peak of all-gathered weights and unsharded
+    gradients."""
+    w = WEIGHT_BYTES[precision]
+    sharded = stage_params(model, layout.tp, 1) * (2 * w + ADAM_BYTES[precision]) / layout.fsdp_shard
+    split, replicated = layer_params(model)
+    layer = split / layout.tp + replicated
+    layers_gathered = 4 if layout.reshard_after_forward else model.num_layers + 2
+    return sharded, w * (embedder_params(model) + layers_gathered * layer)
+
+
+def fsdp_comm_s(model: ModelConfig, hw: Hardware, layout: Layout) -> float:
+    """Seconds of FSDP communication per micro-batch (module doc): all-gathers of the weights in
+    forward (and backward), the reduce-scatter of the gradients, hybrid's all-reduce over replicas."""
+    n, replicas = layout.fsdp_shard, layout.fsdp_replicas
+    message = stage_params(model, layout.tp, 1) * WEIGHT_BYTES[hw.precision]
+    collectives = 3 if layout.reshard_after_forward else 2
+    shard_bw = hw.nvlink_bytes_per_s if n * layout.tp <= hw.gpus_per_node else hw.network_bytes_per_s
+    replica_bw = (hw.nvlink_bytes_per_s if layout.dp * layout.cp * layout.tp <= hw.gpus_per_node
+                  else hw.network_bytes_per_s)
+    return (collectives * message * (n - 1) / n / shard_bw
+            + 2 * (replicas - 1) / replicas * message / n / replica_bw)
+
+
 def estimate(model: ModelConfig, work: Workload, hw: Hardware, layout: Layout) -> Estimate:
     tp, cp, pp, dp = layout.tp, layout.cp, layout.pp, layout.dp
-    split, replicated = layer_params(model)
-    params = (split / tp + replicated) * model.num_layers / pp + embedder_params(model)
-    opt = ADAM_BYTES[hw.precision] / (dp * cp if layout.distributed_optimizer else 1)
-    weights = params * (WEIGHT_BYTES[hw.precision] + 4 + opt)
+    if layout.fsdp_shard:
+        weights = sum(fsdp_memory(model, layout, hw.precision))
+    else:
+        opt = ADAM_BYTES[hw.precision] / (dp * cp if layout.distributed_optimizer else 1)
+        weights = stage_params(model, tp, pp) * (WEIGHT_BYTES[hw.precision] + 4 + opt)
 
     micro = max(1, work.global_packs // dp)
     layers = model.num_layers / pp
@@ -141,14 +222,19 @@ def estimate(model: ModelConfig, work: Workload, hw: Hardware, layout: Layout) -
     # TP ranks are adjacent (one node); a CP group that leaves the node crosses the network.
     cp_bw = hw.nvlink_bytes_per_s if tp * cp <= hw.gpus_per_node else hw.network_bytes_per_s
     cp_comm = 8 * layers * message / tp * (cp - 1) / cp / cp_bw
-    per_micro = compute / pp + tp_comm + cp_comm
+    # FSDP (PP = 1) hides its communication behind compute as far as compute lasts (module doc).
+    compute_or_fsdp = max(compute, fsdp_comm_s(model, hw, layout)) if layout.fsdp_shard else compute / pp
+    per_micro = compute_or_fsdp + tp_comm + cp_comm
     step = per_micro * micro * (1 + (pp - 1) / micro)
     return Estimate(layout, weights, acts, step)
 
 
-def candidate_layouts(model: ModelConfig, work: Workload, gpus: int) -> list[Layout]:
+def candidate_layouts(model: ModelConfig, work: Workload, gpus: int, gpus_per_node: int = 8,
+                      fsdp: bool = True, reshard_after_forward: bool = True) -> list[Layout]:
     """Every TP (<= 8, one node, dividing the heads), CP dividing the tokens, PP dividing the
-    layers, that multiplies to a divisor of the GPU count; with and without recompute."""
+    layers, that multiplies to a divisor of the GPU count; with and without recompute. With
+    ``fsdp``, each PP = 1 layout also as FSDP over all DP x CP ranks and, when those span more than
+    a node, hybrid FSDP sharded inside a node (gpus_per_node / TP ranks)."""
     out = []
     for tp in (1, 2, 4, 8):
         if model.num_heads % tp or tp > gpus:
@@ -162,15 +248,28 @@ def candidate_layouts(model: ModelConfig, work: Workload, gpus: int) -> list[Lay
                 dp = gpus // (tp * cp * pp)
                 if work.global_packs % dp:
                     continue
-                out.extend(Layout(tp, cp, pp, dp, recompute) for recompute in (False, True))
+                shards = []
+                if fsdp and pp == 1 and dp * cp > 1:
+                    node = gpus_per_node // tp
+                    shards = [dp * cp] + ([node] if 1 < node < dp * cp and dp * cp % node == 0 else [])
+                for recompute in (False, True):
+                    out.append(Layout(tp, cp, pp, dp, recompute))
+                    out.extend(Layout(tp, cp, pp, dp, recompute, distributed_optimizer=False, fsdp_shard=shard,
+                                      reshard_after_forward=reshard_after_forward) for shard in shards)
     return out
 
 
-def plan(model: ModelConfig, work: Workload, hw: Hardware, headroom: float = 0.9) -> list[tuple[Estimate, bool]]:
-    """All candidates, fastest first, each with whether it fits ``headroom`` x GPU memory."""
-    estimates = [estimate(model, work, hw, layout) for layout in candidate_layouts(model, work, hw.gpus)]
+def plan(model: ModelConfig, work: Workload, hw: Hardware, headroom: float = 0.9, fsdp: bool = True,
+         reshard_after_forward: bool = True) -> list[tuple[Estimate, bool]]:
+    """All candidates (FSDP ones unless ``fsdp`` is false), fastest first, each with whether it fits
+    ``headroom`` x GPU memory. At equal step times the smaller TP wins, then megatron DDP over FSDP
+    (FSDP's estimate hides its communication, DDP moves less), then the hybrid FSDP (less network
+    traffic)."""
+    layouts = candidate_layouts(model, work, hw.gpus, hw.gpus_per_node, fsdp, reshard_after_forward)
+    estimates = [estimate(model, work, hw, layout) for layout in layouts]
     fits = [(e, e.memory_bytes <= headroom * hw.memory_bytes) for e in estimates]
-    return sorted(fits, key=lambda pair: (not pair[1], pair[0].step_time_s, pair[0].layout.tp))
+    return sorted(fits, key=lambda pair: (not pair[1], pair[0].step_time_s, pair[0].layout.tp,
+                                          pair[0].layout.fsdp_shard > 0, -pair[0].layout.fsdp_replicas))
 
 
 def tokens_for(model: ModelConfig, frames: int, height: int, width: int,
@@ -193,18 +292,27 @@ def planned_stage(cfg: Config) -> StageConfig:
     return max(cfg.data.stages, key=lambda s: s.token_budget)
 
 
+def fsdp_allowed(cfg: Config) -> bool:
+    """Whether parallel.auto may pick FSDP: not when the run asks for the distributed optimizer's
+    own overlap or FP8 all-gather, which FSDP replaces (config.validate refuses them together)."""
+    o = cfg.optim
+    return not (o.overlap_grad_reduce or o.overlap_param_gather or o.fp8_param_gather)
+
+
 def recommend(cfg: Config, gpus: int) -> Layout | None:
     """The fastest layout of ``gpus`` GPUs (``parallel.gpu_memory_gb`` each) that fits the run's
     largest stage, or None; what ``parallel.auto`` trains with."""
     hw = Hardware(gpus=gpus, memory_bytes=cfg.parallel.gpu_memory_gb * GIB)
-    ranked = plan(cfg.model, stage_workload(cfg, planned_stage(cfg)), hw)
+    ranked = plan(cfg.model, stage_workload(cfg, planned_stage(cfg)), hw, fsdp=fsdp_allowed(cfg),
+                  reshard_after_forward=cfg.parallel.fsdp_reshard_after_forward)
     return ranked[0][0].layout if ranked and ranked[0][1] else None
 
 
 def resolve_layout(cfg: Config, world_size: int) -> None:
-    """parallel.auto: write the recommended layout into parallel.tp/cp/pp and model.recompute, and
-    clear parallel.auto, so that config.validate checks (and config.yaml and checkpoints record)
-    the layout itself. Every command calls this before validation; a no-op without parallel.auto.
+    """parallel.auto: write the recommended layout into parallel.tp/cp/pp/fsdp/fsdp_shard_size and
+    model.recompute (and optim.distributed_optimizer=false with FSDP, which replaces it), and clear
+    parallel.auto, so that config.validate checks (and config.yaml and checkpoints record) the
+    layout itself. Every command calls this before validation; a no-op without parallel.auto.
     Raises ConfigError (one line) when the recipe cannot be planned or nothing fits."""
     p = cfg.parallel
     if not p.auto:
@@ -216,6 +324,10 @@ def resolve_layout(cfg: Config, world_size: int) -> None:
     if not p.tp == p.cp == p.pp == 1:
         raise ConfigError(f"parallel.auto picks tp, cp and pp itself (given tp={p.tp} cp={p.cp} pp={p.pp}): drop "
                           f"those overrides, or set parallel.auto=false to choose the layout yourself")
+    if p.fsdp or p.fsdp_shard_size:
+        raise ConfigError(f"parallel.auto decides FSDP itself (given fsdp={str(p.fsdp).lower()} fsdp_shard_size="
+                          f"{p.fsdp_shard_size}): drop those overrides, or set parallel.auto=false to choose the "
+                          f"layout yourself")
     if cfg.data.kind == "toy" or not cfg.data.stages:
         raise ConfigError("parallel.auto plans for data.stages' token budgets; a toy run sets parallel.tp/cp/pp itself")
     if p.gpu_memory_gb <= 0:
@@ -228,4 +340,7 @@ def resolve_layout(cfg: Config, world_size: int) -> None:
                           f"{cfg.model.preset} at {planned_stage(cfg).token_budget} tokens per pack (goku-plan "
                           f"--config ... lists the candidates); use more GPUs or a smaller data.stages[].token_budget")
     p.tp, p.cp, p.pp, cfg.model.recompute = layout.tp, layout.cp, layout.pp, layout.recompute
+    if layout.fsdp_shard:
+        p.fsdp, p.fsdp_shard_size = True, layout.fsdp_shard_size
+        cfg.optim.distributed_optimizer = False
     p.auto = False

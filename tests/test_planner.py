@@ -1,18 +1,25 @@
-"""goku-plan: its parameter count, its activation estimate against measured CPU peaks, its ranking."""
+"""goku-plan: its parameter count, its activation estimate against measured CPU peaks, its ranking,
+its FSDP memory against what the ranks of a CPU FSDP run hold."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
-from conftest import build_stage
+from conftest import build_stage, run_torchrun
 from torch.distributed._tools.mem_tracker import MemTracker
 
-from goku_megatron.config import MODEL_PRESETS, ModelConfig, load_config
+from goku_megatron.config import MODEL_PRESETS, ConfigError, ModelConfig, load_config, validate
 from goku_megatron.batch import PackSample, build_pack, pack_batch
 from goku_megatron.model.goku import count_parameters
 from goku_megatron.cli.plan import main
-from goku_megatron.planner import (Hardware, Layout, Workload, activation_elements, embedder_params, estimate,
-                                   layer_params, plan, tokens_for)
+from goku_megatron.planner import (GIB, Hardware, Layout, Workload, activation_elements, embedder_params, estimate,
+                                   fsdp_comm_s, fsdp_memory, layer_params, plan, recommend, resolve_layout,
+                                   stage_params, tokens_for)
+
+GOKU_8B = ModelConfig(preset="goku-8b", **MODEL_PRESETS["goku-8b"])
 
 
 @pytest.mark.parametrize("preset", sorted(MODEL_PRESETS))
@@ -115,5 +122,135 @@ def test_cli(capsys):
     assert main(["--preset", "goku-2b", "--gpus", "64", "--tokens", "16384", "--top", "3"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[-1].startswith("recommendation: parallel.tp=") and len(out) == 6
+    assert out[1].split()[:6] == ["tp", "cp", "pp", "dp", "fsdp", "recompute"]
+    assert {line.split()[4] for line in out[2:5]} <= {"-", "all"} | {str(n) for n in range(2, 65)}
     assert main(["--preset", "goku-8b", "--gpus", "8", "--gpu-memory-gb", "1", "--tokens", "65536"]) == 1
     assert "none fits" in capsys.readouterr().out
+
+
+def _fsdp(tp: int, cp: int, dp: int, shard: int, recompute: bool = False, reshard: bool = True) -> Layout:
+    return Layout(tp, cp, 1, dp, recompute, distributed_optimizer=False, fsdp_shard=shard,
+                  reshard_after_forward=reshard)
+
+
+def test_fsdp_memory_divides_by_the_shard_group():
+    split, replicated = layer_params(GOKU_8B)
+    layer, root = split / 2 + replicated, embedder_params(GOKU_8B)
+    full, hybrid = _fsdp(2, 4, 8, 32), _fsdp(2, 4, 8, 4)  # 64 GPUs: all 32 DP x CP ranks, or 8 replicas of 4
+    assert (full.fsdp_replicas, full.fsdp_shard_size, hybrid.fsdp_replicas, hybrid.fsdp_shard_size) == (1, 0, 8, 4)
+    sharded, gathered = fsdp_memory(GOKU_8B, full, "bf16")
+    # bf16 weights and gradients (2 + 2 bytes), fp32 main weights and Adam moments (12), over 32 ranks
+    assert sharded == pytest.approx(stage_params(GOKU_8B, 2, 1) * 16 / 32)
+    assert gathered == pytest.approx(2 * (root + 4 * layer))
+    hybrid_sharded, hybrid_gathered = fsdp_memory(GOKU_8B, hybrid, "bf16")
+    assert hybrid_sharded == pytest.approx(8 * sharded) and hybrid_gathered == gathered  # replicas hold copies
+    assert fsdp_memory(GOKU_8B, full, "fp32")[0] == pytest.approx(sharded)  # 4 + 4 + 8 bytes: the same 16
+    kept = fsdp_memory(GOKU_8B, _fsdp(2, 4, 8, 32, reshard=False), "bf16")[1]
+    assert kept == pytest.approx(2 * (root + (GOKU_8B.num_layers + 2) * layer))
+    # FSDP holds less than megatron DDP with the distributed optimizer (fp32 grads, replicated weights)
+    work, hw = Workload(tokens=32400), Hardware(gpus=64)
+    ddp = estimate(GOKU_8B, work, hw, Layout(2, 4, 1, 8, False))
+    assert estimate(GOKU_8B, work, hw, full).weights_bytes == pytest.approx(sharded + gathered)
+    assert sharded + gathered < ddp.weights_bytes / 5
+    assert estimate(GOKU_8B, work, hw, full).activation_bytes == ddp.activation_bytes
+
+
+def test_fsdp_communication_per_micro_batch():
+    hw = Hardware(gpus=64)
+    weights = stage_params(GOKU_8B, 1, 1) * 2  # bf16 bytes of one GPU's (TP=1) parameters
+    full = _fsdp(1, 1, 64, 64)
+    # all-gather forward and backward, reduce-scatter: 3 x (N-1)/N of the weights' bytes over the network
+    assert fsdp_comm_s(GOKU_8B, hw, full) == pytest.approx(3 * weights * 63 / 64 / hw.network_bytes_per_s)
+    assert fsdp_comm_s(GOKU_8B, hw, _fsdp(1, 1, 64, 64, reshard=False)) == pytest.approx(
+        2 * weights * 63 / 64 / hw.network_bytes_per_s)
+    # hybrid: the shard group is one node (NVLink), plus the all-reduce of 1/8 of the bytes over 8 replicas
+    hybrid = fsdp_comm_s(GOKU_8B, hw, _fsdp(1, 1, 64, 8))
+    assert hybrid == pytest.approx(3 * weights * 7 / 8 / hw.nvlink_bytes_per_s
+                                   + 2 * 7 / 8 * weights / 8 / hw.network_bytes_per_s)
+    assert hybrid < fsdp_comm_s(GOKU_8B, hw, full) / 5
+    # one node of 8 GPUs: NVLink only
+    assert fsdp_comm_s(GOKU_8B, Hardware(gpus=8), _fsdp(1, 1, 8, 8)) == pytest.approx(
+        3 * weights * 7 / 8 / hw.nvlink_bytes_per_s)
+
+
+def test_fsdp_step_time_hides_its_communication_behind_compute():
+    """A micro-batch costs max(compute, FSDP communication): long packs hide it, short ones do not."""
+    hw = Hardware(gpus=64)
+    for tokens, hidden in ((65536, True), (256, False)):
+        work = Workload(tokens=tokens, global_packs=64)
+        ddp = estimate(GOKU_8B, work, hw, Layout(1, 1, 1, 64, True))
+        fsdp = estimate(GOKU_8B, work, hw, _fsdp(1, 1, 64, 64, recompute=True))
+        if hidden:
+            assert fsdp.step_time_s == pytest.approx(ddp.step_time_s)
+        else:
+            assert fsdp.step_time_s == pytest.approx(fsdp_comm_s(GOKU_8B, hw, fsdp.layout))
+            assert fsdp.step_time_s > ddp.step_time_s
+
+
+def test_ranking_picks_fsdp_where_only_fsdp_fits():
+    """goku-8b with 65536-token packs: on one node of 40 GiB GPUs nothing fits without FSDP (at TP=1
+    nor at any other TP); with FSDP a TP=1 layout fits and is recommended. On 64 x 80 GiB, TP=1 CP=16
+    fits without pipeline stages only with FSDP, which beats megatron DDP's two stages (the bubble)."""
+    work = Workload(tokens=65536, global_packs=256)
+    one_node = Hardware(gpus=8, memory_bytes=40 * GIB)
+    assert not any(fits for _, fits in plan(GOKU_8B, work, one_node, fsdp=False))
+    best, fits = plan(GOKU_8B, work, one_node)[0]
+    assert fits and best.layout.tp == 1 and best.layout.fsdp_shard == 8 and not best.layout.distributed_optimizer
+    assert all(est.layout.fsdp_shard for est, fits in plan(GOKU_8B, work, one_node) if fits)
+
+    hw = Hardware(gpus=64)
+    ddp = estimate(GOKU_8B, work, hw, Layout(1, 16, 1, 4, False))
+    assert ddp.memory_bytes > 0.9 * hw.memory_bytes  # PP=1 without FSDP does not fit
+    ranked = plan(GOKU_8B, work, hw)
+    best = ranked[0][0]
+    assert ranked[0][1] and (best.layout.tp, best.layout.cp, best.layout.pp, best.layout.fsdp_shard) == (1, 16, 1, 8)
+    best_ddp = next(est for est, fits in ranked if fits and not est.layout.fsdp_shard)
+    assert best_ddp.layout.pp > 1 and best.step_time_s < best_ddp.step_time_s
+    # candidates: FSDP only at PP=1; hybrid (one node's GPUs / TP) only where DP x CP leaves the node
+    for est, _ in ranked:
+        lay = est.layout
+        if lay.fsdp_shard:
+            assert lay.pp == 1 and lay.fsdp_shard in (lay.dp * lay.cp, 8 // lay.tp)
+            assert (lay.dp * lay.cp) % lay.fsdp_shard == 0
+
+
+def test_resolve_layout_writes_fsdp():
+    cfg = load_config("goku-8b")
+    layout = recommend(cfg, 256)
+    assert layout.fsdp_shard and layout.fsdp_replicas > 1  # hybrid: docs/recipes.md
+    resolve_layout(cfg, 256)
+    assert (cfg.parallel.fsdp, cfg.parallel.fsdp_shard_size, cfg.optim.distributed_optimizer) == \
+        (True, layout.fsdp_shard, False)
+    validate(cfg, 256, has_cuda=True)
+    # a layout without FSDP leaves the FSDP and optimizer fields as they were
+    cfg = load_config("goku-2b-t2i")
+    assert not recommend(cfg, 1024).fsdp_shard
+    resolve_layout(cfg, 1024)
+    assert (cfg.parallel.fsdp, cfg.parallel.fsdp_shard_size, cfg.optim.distributed_optimizer) == (False, 0, True)
+    # the distributed optimizer's own overlap rules FSDP out; FSDP given by hand is the planner's to choose
+    cfg = load_config("goku-8b", ["optim.overlap_grad_reduce=true"])
+    resolve_layout(cfg, 256)
+    assert not cfg.parallel.fsdp and cfg.optim.distributed_optimizer
+    validate(cfg, 256, has_cuda=True)
+    with pytest.raises(ConfigError, match=r"parallel.auto decides FSDP itself \(given fsdp=true"):
+        resolve_layout(load_config("goku-8b", ["parallel.fsdp=true"]), 256)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc, overrides, layout", [
+    (2, ["train.global_batch_size=4"], Layout(1, 1, 1, 2, False, False, fsdp_shard=2)),
+    (4, ["train.global_batch_size=8", "parallel.fsdp_shard_size=2"], Layout(1, 1, 1, 4, False, False, fsdp_shard=2)),
+], ids=["fsdp-over-2", "hybrid-2x2"])
+def test_fsdp_memory_matches_what_the_ranks_hold(tmp_path, nproc, overrides, layout):
+    """Every rank of a CPU FSDP run (fp32) holds P_gpu x (4 + 4 + 8) / N bytes of weight, gradient
+    and Adam shards, whatever the replicas; FSDP2's peak of unsharded weights, gradients and their
+    buffers is the gathered estimate, the root and four layers' worth of a six-layer model."""
+    run_torchrun(nproc, ["tests/fsdp_memory_worker.py", str(tmp_path), "model.num_layers=6", *overrides])
+    model = load_config(None, ["model.preset=tiny", "model.in_channels=3", "model.num_layers=6"]).model
+    sharded, gathered = fsdp_memory(model, layout, "fp32")
+    assert gathered < 0.75 * count_parameters(model) * 4  # not the whole model at once
+    for rank in range(nproc):
+        held = json.loads(Path(tmp_path, f"rank{rank}.json").read_text())
+        assert held["dtensors"]
+        assert held["params"] + held["grads"] + held["optimizer"] == pytest.approx(sharded, rel=0.02), rank
+        assert held["gathered"] == pytest.approx(gathered, rel=0.02), rank

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from goku_megatron.config import ConfigError, available_recipes, load_config, validate
-from goku_megatron.cli.plan import main as plan_main
+from goku_megatron.cli.plan import fsdp_column, main as plan_main
 from goku_megatron.planner import recommend, resolve_layout
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,6 +76,8 @@ def test_recipes_plan_a_layout_for_64_to_1024_gpus(name, gpus):
     p = cfg.parallel
     assert (p.tp, p.cp, p.pp, p.dp, cfg.model.recompute) == (layout.tp, layout.cp, layout.pp, layout.dp,
                                                              layout.recompute)
+    assert (p.fsdp, p.fsdp_shard_size) == (layout.fsdp_shard > 0, layout.fsdp_shard_size)
+    assert cfg.optim.distributed_optimizer == (not p.fsdp)  # the recipes' default, unless FSDP replaces it
     assert p.tp * p.cp * p.pp * p.dp == gpus and not p.auto  # resolved, and saved as such
 
 
@@ -96,13 +98,13 @@ def test_auto_layout_rules():
 
 def test_docs_layout_table_is_what_goku_plan_recommends():
     """docs/recipes.md's table of layouts is goku-plan's current output, row by row."""
-    rows = re.findall(r"^\| (goku-\S+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (yes|no) \|$",
+    rows = re.findall(r"^\| (goku-\S+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (-|all|\d+) \| (yes|no) \|$",
                       (REPO / "docs" / "recipes.md").read_text(), flags=re.M)
     assert len(rows) == 4 * 5
-    for name, gpus, tp, cp, pp, dp, recompute in rows:
+    for name, gpus, tp, cp, pp, dp, fsdp, recompute in rows:
         lay = recommend(load_config(name), int(gpus))
-        assert (lay.tp, lay.cp, lay.pp, lay.dp, lay.recompute) == (int(tp), int(cp), int(pp), int(dp),
-                                                                   recompute == "yes"), (name, gpus)
+        assert (lay.tp, lay.cp, lay.pp, lay.dp, fsdp_column(lay), lay.recompute) == \
+            (int(tp), int(cp), int(pp), int(dp), fsdp, recompute == "yes"), (name, gpus)
 
 
 def test_goku_plan_reads_a_recipe(capsys):

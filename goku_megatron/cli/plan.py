@@ -1,4 +1,4 @@
-"""goku-plan: candidate TP/CP/PP/DP layouts of a model on N GPUs, ranked; the planner's estimates
+"""goku-plan: candidate TP/CP/PP/DP (and FSDP) layouts of a model on N GPUs, ranked; the planner's estimates
 are documented in goku_megatron/planner.py."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ import sys
 from goku_megatron import planner
 from goku_megatron.config import MODEL_PRESETS, ConfigError, ModelConfig, load_config
 from goku_megatron.logs import setup_logging
-from goku_megatron.planner import GIB, Hardware, Workload, plan, planned_stage, stage_workload, tokens_for
+from goku_megatron.planner import (GIB, Hardware, Layout, Workload, plan, planned_stage, stage_workload,
+                                   tokens_for)
 from goku_megatron.resilience import EXIT_CONFIG_ERROR
 
 
@@ -56,11 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG_ERROR
     print(f"# {args.preset}: {tokens} tokens per pack, {args.global_packs} packs per step, {args.gpus} GPUs "
           f"x {args.gpu_memory_gb:g} GiB, efficiency {args.efficiency:g} (estimates, see goku-plan --help)")
-    print(f"{'tp':>3} {'cp':>3} {'pp':>3} {'dp':>4} {'recompute':>9} {'weights GiB':>11} {'acts GiB':>9} "
+    print(f"{'tp':>3} {'cp':>3} {'pp':>3} {'dp':>4} {'fsdp':>4} {'recompute':>9} {'weights GiB':>11} {'acts GiB':>9} "
           f"{'total GiB':>9} {'step s':>8}  fits")
     for est, fits in ranked[: args.top]:
         lay = est.layout
-        print(f"{lay.tp:>3} {lay.cp:>3} {lay.pp:>3} {lay.dp:>4} {str(lay.recompute):>9} "
+        print(f"{lay.tp:>3} {lay.cp:>3} {lay.pp:>3} {lay.dp:>4} {fsdp_column(lay):>4} {str(lay.recompute):>9} "
               f"{est.weights_bytes / GIB:>11.1f} {est.activation_bytes / GIB:>9.1f} "
               f"{est.memory_bytes / GIB:>9.1f} {est.step_time_s:>8.2f}  {'yes' if fits else 'no'}")
     best, fits = ranked[0]
@@ -68,9 +69,18 @@ def main(argv: list[str] | None = None) -> int:
         print("recommendation: none fits; add GPUs, lower the token budget, or pack fewer samples")
         return 1
     lay = best.layout
-    print(f"recommendation: parallel.tp={lay.tp} parallel.cp={lay.cp} parallel.pp={lay.pp} "
+    fsdp = (f" parallel.fsdp=true parallel.fsdp_shard_size={lay.fsdp_shard_size} optim.distributed_optimizer=false"
+            if lay.fsdp_shard else "")
+    print(f"recommendation: parallel.tp={lay.tp} parallel.cp={lay.cp} parallel.pp={lay.pp}{fsdp} "
           f"model.recompute={str(lay.recompute).lower()}  (dp={lay.dp})")
     return 0
+
+
+def fsdp_column(layout: Layout) -> str:
+    """'-' without FSDP, 'all' when it shards over all DP x CP ranks, else the shard group's size."""
+    if not layout.fsdp_shard:
+        return "-"
+    return str(layout.fsdp_shard_size) if layout.fsdp_shard_size else "all"
 
 
 if __name__ == "__main__":
