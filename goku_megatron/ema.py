@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from megatron.core.dist_checkpointing import ShardedTensor
 
+from goku_megatron.model.fsdp import local
 from goku_megatron.model.goku import iter_stage_models
 
 MODEL_PREFIX = "model."
@@ -35,7 +36,8 @@ class EMA:
     @torch.no_grad()
     def restart(self) -> None:
         """Start the average at the current weights (a resumed run whose checkpoint has none)."""
-        torch._foreach_copy_(self.averages, [p.detach().float() for p in self.params])
+        # On the local shards: DTensor (parallel.fsdp) has no sharding rule for _foreach_copy_.
+        torch._foreach_copy_([local(a) for a in self.averages], [local(p).detach().float() for p in self.params])
 
     @torch.no_grad()
     def update(self) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 from checkpoint_utils import adam_steps, assert_same_tensors, checkpoint_tensors, losses, metrics
 from conftest import REPO, TOY_CHECKPOINT_RUN, run_torchrun
 from numerics import assert_close_to_scale
@@ -231,6 +232,19 @@ def test_fsdp_checkpoint_holds_the_ddp_runs_tensors(toy_data, fsdp4, tmp_path):
     assert got.keys() == want.keys() and any(k.startswith("ema.") for k in want)
     for key, value in want.items():
         assert_close_to_scale(got[key], value, ulps=512, msg=key)  # 45 at most, measured
+
+
+def test_fsdp_finetune_starts_from_the_checkpoints_weights(toy_data, fsdp4, tmp_path):
+    """checkpoint.init_from under FSDP (2 ranks, from the 4-rank checkpoint): the weights load
+    into the shards and the EMA restarts from them; at lr 1e-12 one step moves nothing."""
+    run_dir = _train(toy_data, tmp_path / "run", *FSDP, f"checkpoint.init_from={fsdp4}", "train.steps=1",
+                     "train.save_interval=1", "optim.lr=1e-12", "optim.min_lr=0")
+    got, source = checkpoint_tensors(checkpoint_dir(run_dir, 1)), checkpoint_tensors(checkpoint_dir(fsdp4, 6))
+    weights = [k for k in source if k.startswith("model.")]
+    assert weights
+    for key in weights:
+        torch.testing.assert_close(got[key], source[key], rtol=0, atol=1e-9, msg=key)
+        torch.testing.assert_close(got["ema." + key[len("model."):]], source[key], rtol=0, atol=1e-9, msg=key)
 
 
 def test_reshard_fsdp4_to_dp2_and_back_to_hybrid_fsdp(fsdp4, tmp_path, megatron_world):
