@@ -4,7 +4,8 @@ loss, gradient norm, every gradient and the final weights (fp32 tolerance). Cont
 run on packs of differently sized samples (and DP=2 x CP=2 on packs of equal clips), each against the
 single-process run of the same data. DP=2 with optim.overlap_grad_reduce and overlap_param_gather
 (gloo runs megatron's asynchronous bucket reductions and all-gathers) matches too, and so does FSDP
-over 4 ranks, hybrid 2 x 2, FSDP x CP=2 and TP=2 x FSDP over 2 with recompute. The distributed
+over 4 ranks, hybrid 2 x 2, FSDP x CP=2 (sharded over all four, or over each CP pair and
+replicated across DP) and TP=2 x FSDP over 2 with recompute. The distributed
 checkpoint each layout saves loads into one unsharded model and holds the single-process run's weights, so checkpoints do not depend on the parallel layout."""
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ LAYOUTS = {  # name: (processes, overrides); "--packed" trains on packs
     "fsdp4": (4, FSDP),
     "hsdp2x2": (4, [*FSDP, "parallel.fsdp_shard_size=2"]),
     "fsdp_cp2_packed": (4, ["--packed", "parallel.cp=2", *FSDP]),
+    "hsdp_cp2_packed": (4, ["--packed", "parallel.cp=2", *FSDP, "parallel.fsdp_shard_size=2"]),  # shard: CP pair
     "tp2_fsdp2_recompute": (4, ["parallel.tp=2", "model.recompute=true", *FSDP,
                                 "parallel.fsdp_reshard_after_forward=false"]),
 }
