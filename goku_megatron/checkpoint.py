@@ -11,9 +11,9 @@ Layout of a run directory's ``checkpoints/`` (docs/checkpointing.md):
     iter_0000110.partial/      a save in progress or interrupted: never loaded, removed at start-up
     latest                     the name of the newest complete checkpoint
 
-A checkpoint holds everything an exact resume needs: the weights, the optimizer (megatron's
-sharded state; the distributed optimizer in megatron's ``fully_reshardable`` format, which each
-rank writes from the shards it owns), the fp32 EMA of
+A checkpoint holds everything an exact resume needs: the weights, the optimizer (in megatron's
+``fully_reshardable`` format whatever the optimizer: the distributed optimizer's, which each rank
+writes from the shards it owns, plain DDP's and FSDP's alike), the fp32 EMA of
 the weights, every rank's RNG states (python, numpy, torch, CUDA and megatron's model-parallel
 tracker), the data-loader state, step and consumed samples, and the resolved config. Tensors are
 stored by global name and offset, so a checkpoint loads into any TP/PP/DP layout; only the RNG
@@ -224,16 +224,16 @@ def _optimizer_metadata() -> dict[str, Any]:
 
 
 def _optimizer_sharded_state_dict(optimizer: Any, model_sd: dict[str, Any]) -> dict[str, Any]:
-    """The optimizer's sharded state dict for saving. A distributed optimizer's part is
-    ``_own_shards_fully_reshardable`` (each rank writes its own shards, nothing is gathered); the
-    plain optimizer's is megatron's (its state is per parameter already). The structure is
-    megatron's ChainedOptimizer's with ``chained_optim_avoid_prefix``, so loading is megatron's."""
+    """The optimizer's sharded state dict for saving, in megatron's ``fully_reshardable`` format
+    whatever the optimizer: a distributed optimizer's part is ``_own_shards_fully_reshardable``
+    (each rank writes its own shards, nothing is gathered), a plain optimizer's (DDP without the
+    distributed optimizer, or FSDP) is ``_plain_fully_reshardable``. The structure is megatron's
+    ChainedOptimizer's with ``chained_optim_avoid_prefix``, so a checkpoint of any of them loads
+    into any other."""
     inner, parts = _unwrapped(optimizer), _optimizer_parts(optimizer)
-    if _fsdp_optimizer(parts):
-        (part,) = parts
-        return _fsdp_fully_reshardable(part, model_sd)
     if not any(isinstance(part, DistributedOptimizer) for part in parts):
-        return inner.sharded_state_dict(model_sd, metadata=_optimizer_metadata())
+        (part,) = parts
+        return _plain_fully_reshardable(part, model_sd)
     if len(parts) > 1 and hasattr(inner, "_synchronize_steps"):
         inner._synchronize_steps()  # as megatron's ChainedOptimizer does before a save
     states = [_own_shards_fully_reshardable(part, model_sd) if isinstance(part, DistributedOptimizer)
@@ -294,11 +294,6 @@ def _own_shards_fully_reshardable(optimizer: DistributedOptimizer, model_sd: dic
     return {**optimizer.state_dict(), "param_state": param_state, "param_state_sharding_type": "fully_reshardable"}
 
 
-def _fsdp_optimizer(parts: list[Any]) -> bool:
-    """Whether the optimizer updates FSDP-sharded weights (parallel.fsdp)."""
-    return any(is_sharded(main) for part in parts for _, main in _main_params(part))
-
-
 def _main_params(part: Any) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
     """(model weight, the fp32 weight Adam updates) for each parameter of a plain megatron
     optimizer: the weight itself in fp32, its fp32 copy in bf16 (Float16OptimizerWithFloat16Params)."""
@@ -308,13 +303,14 @@ def _main_params(part: Any) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
     return [(param, param) for group in part.optimizer.param_groups for param in group["params"]]
 
 
-def _fsdp_fully_reshardable(part: Any, model_sd: dict[str, Any], loading: bool = False) -> dict[str, Any]:
-    """The optimizer of an FSDP run in the distributed optimizer's ``fully_reshardable`` format
-    (``_own_shards_fully_reshardable``): ``optimizer.state.{param,exp_avg,exp_avg_sq}.<weight key>``
-    with the weight's global shape, each rank writing its FSDP rows of them, and the param groups
-    with Adam's step as the common part. So an FSDP checkpoint resumes under the distributed
-    optimizer (any TP/DP) and back. The tensors are views of the optimizer's own state, so a load
-    into this template (``loading``: the state is created first) fills the optimizer in place."""
+def _plain_fully_reshardable(part: Any, model_sd: dict[str, Any], loading: bool = False) -> dict[str, Any]:
+    """A plain megatron optimizer (no distributed optimizer: DDP, or FSDP) in the distributed
+    optimizer's ``fully_reshardable`` format (``_own_shards_fully_reshardable``):
+    ``optimizer.state.{param,exp_avg,exp_avg_sq}.<weight key>`` sharded like the weight (under FSDP
+    each rank writes its rows), and the param groups with Adam's step as the common part. So a
+    checkpoint resumes under any optimizer and layout, the distributed optimizer's included. The
+    tensors are the optimizer's own state (under FSDP views of its shards), so a load into this
+    template (``loading``: the state is created first) fills the optimizer in place."""
     if loading and not part.optimizer.state:
         part.init_state_fn(part.optimizer, part.config)
     by_param = {id(sh.data): sh for sh in nested_values(model_sd) if isinstance(sh, ShardedTensor)}
@@ -323,44 +319,65 @@ def _fsdp_fully_reshardable(part: Any, model_sd: dict[str, Any], loading: bool =
     for idx, (param, main) in enumerate(_main_params(part)):
         sharded = by_param.get(id(param))
         if sharded is None:
-            raise ValueError(f"FSDP optimizer: parameter {tuple(param.shape)} is not in the model's sharded state dict")
-        state = part.optimizer.state[main]
+            raise ValueError(f"optimizer: parameter {tuple(param.shape)} is not in the model's sharded state dict")
         tensors = {}
-        for name, tensor in (("param", main), ("exp_avg", state["exp_avg"]), ("exp_avg_sq", state["exp_avg_sq"])):
-            rows = local_shard(dataclasses.replace(sharded, key=f"optimizer.state.{name}.{sharded.key}",
-                                                   data=tensor, dtype=torch.float32), replica)
-            if rows is not None:
-                tensors[name] = rows
+        for name, tensor in _adam_tensors(part, main):
+            entry = dataclasses.replace(sharded, key=f"optimizer.state.{name}.{sharded.key}", data=tensor,
+                                        dtype=torch.float32)
+            entry = local_shard(entry, replica) if is_sharded(tensor) else entry
+            if entry is not None:
+                tensors[name] = entry
         param_state[idx] = tensors
-    steps = {float(s["step"]) for s in part.optimizer.state.values() if "step" in s}
-    if len(steps) > 1:
-        raise ValueError(f"FSDP optimizer: parameters at different Adam steps {sorted(steps)}")
-    step = steps.pop() if steps else 0.0
-    groups = [] if loading else [{**{k: v for k, v in group.items() if k != "params"}, "step": step}
+    groups = [] if loading else [{**{k: v for k, v in group.items() if k != "params"}, "step": _adam_step(part)}
                                  for group in part.optimizer.param_groups]
     return {"optimizer": {"param_groups": groups}, "param_state": param_state,
             "param_state_sharding_type": "fully_reshardable"}
 
 
-def _load_fsdp_optimizer(part: Any, loaded: dict[str, Any]) -> None:
-    """Finish loading ``_fsdp_fully_reshardable``: the tensors were read into the optimizer's
-    state; the param groups' settings and Adam's step come from the common part (written by an
-    FSDP run or by the distributed optimizer, whose groups are the same, matched in order)."""
+def _adam_tensors(part: Any, main: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    state = part.optimizer.state[main]
+    return [("param", main), ("exp_avg", state["exp_avg"]), ("exp_avg_sq", state["exp_avg_sq"])]
+
+
+def _adam_step(part: Any) -> float:
+    """Adam's step count: per parameter in torch's Adam, per param group in TE's/apex's FusedAdam."""
+    steps = {float(s["step"]) for s in part.optimizer.state.values() if "step" in s}
+    steps |= {float(g["step"]) for g in part.optimizer.param_groups if "step" in g and g["params"]}
+    if len(steps) > 1:
+        raise ValueError(f"optimizer: parameters at different Adam steps {sorted(steps)}")
+    return steps.pop() if steps else 0.0
+
+
+def _load_plain_optimizer(part: Any, loaded: dict[str, Any]) -> None:
+    """Finish loading ``_plain_fully_reshardable``: the tensors were read into the optimizer's
+    state; the param groups' settings and Adam's step come from the common part (written by a
+    plain or a distributed optimizer, whose groups are the same: megatron builds both alike,
+    matched in order)."""
     groups = loaded["optimizer"]["param_groups"]
     if len(groups) != len(part.optimizer.param_groups):
-        raise ValueError(f"FSDP optimizer: the checkpoint has {len(groups)} param groups, this model "
+        raise ValueError(f"optimizer: the checkpoint has {len(groups)} param groups, this model "
                          f"{len(part.optimizer.param_groups)}")
+    per_param_step = isinstance(part.optimizer, torch.optim.Adam)  # torch's Adam/AdamW; FusedAdam: per group
     with torch.no_grad():
         for group, saved in zip(part.optimizer.param_groups, groups):
             group.update({k: v for k, v in saved.items() if k not in ("params", "step")})
+            if not per_param_step:
+                group["step"] = int(saved["step"])
+                continue
             for main in group["params"]:
                 part.optimizer.state[main]["step"] = torch.tensor(float(saved["step"]), dtype=torch.float32)
         for idx, (_, main) in enumerate(_main_params(part)):
-            state = part.optimizer.state[main]
-            for name, tensor in (("param", main), ("exp_avg", state["exp_avg"]), ("exp_avg_sq", state["exp_avg_sq"])):
+            for name, tensor in _adam_tensors(part, main):
                 value = loaded["param_state"][idx].get(name)
                 if value is not None:
                     local(tensor).copy_(value)
+
+
+def _saved_by_megatrons_plain_optimizer(path: Path) -> bool:
+    """Whether a checkpoint's optimizer is in megatron's own plain-optimizer format, which goku
+    wrote before every optimizer used ``fully_reshardable``; only a plain optimizer reads it."""
+    common = dist_checkpointing.load_common_state_dict(str(path)).get("optimizer", {})
+    return isinstance(common, dict) and "param_state_sharding_type" not in common
 
 
 def flat_range_boxes(shape: tuple[int, ...], start: int, stop: int) -> list[tuple[tuple[int, ...], tuple[int, ...], int]]:
@@ -900,10 +917,16 @@ def load_checkpoint(path: Path, state: TrainingState) -> dict[str, Any]:
     has_ema = bool(ema_template)
     ema_template = {key: template[key] for key in ema_template if key in template}
     load_optimizer = state.optimizer is not None and manifest["parts"]["optimizer"]
-    fsdp_optimizer = load_optimizer and _fsdp_optimizer(_optimizer_parts(state.optimizer))
-    if fsdp_optimizer:
-        (part,) = _optimizer_parts(state.optimizer)
-        template["optimizer"] = _fsdp_fully_reshardable(part, model_sd, loading=True)
+    parts = _optimizer_parts(state.optimizer) if load_optimizer else []
+    plain = load_optimizer and not any(isinstance(p, DistributedOptimizer) for p in parts)
+    legacy = load_optimizer and _saved_by_megatrons_plain_optimizer(path)
+    if legacy and not (plain and not any(is_sharded(main) for p in parts for _, main in _main_params(p))):
+        raise ConfigError(f"{path}: its optimizer state is megatron's plain-optimizer format, which only a run "
+                          f"with optim.distributed_optimizer=false and parallel.fsdp=false reads; resume with "
+                          f"those, or start a new optimizer from its weights with checkpoint.init_from={path}")
+    if plain and not legacy:
+        (part,) = parts
+        template["optimizer"] = _plain_fully_reshardable(part, model_sd, loading=True)
     elif load_optimizer:
         optimizer = _unwrapped(state.optimizer)
         _prepare_optimizer_for_loading(optimizer)
@@ -915,8 +938,8 @@ def load_checkpoint(path: Path, state: TrainingState) -> dict[str, Any]:
     loaded = dist_checkpointing.load(template, str(path))
 
     _load_weights(state.model, loaded, MODEL_PREFIX)
-    if fsdp_optimizer:
-        _load_fsdp_optimizer(part, loaded["optimizer"])
+    if plain and not legacy:
+        _load_plain_optimizer(part, loaded["optimizer"])
     elif load_optimizer:
         _unwrapped(state.optimizer).load_state_dict(loaded["optimizer"])
     if state.scheduler is not None and "scheduler" in loaded:

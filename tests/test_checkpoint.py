@@ -282,6 +282,47 @@ def test_the_distributed_optimizer_checkpoint_is_megatrons_without_its_gather(tm
         assert all(torch.equal(loaded[k], v) for k, v in at_save.items()), path.parent.parent.name
 
 
+def test_plain_and_distributed_optimizer_checkpoints_load_into_each_other(tmp_path, megatron_world, monkeypatch):
+    """Without the distributed optimizer (the toy recipe's DDP; FSDP's) the optimizer is written in
+    the distributed optimizer's fully_reshardable format too: its checkpoint resumes under the
+    distributed optimizer, whose checkpoint resumes it back, every tensor and the Adam step exact.
+    A checkpoint in megatron's own plain-optimizer format (what goku wrote before) still resumes a
+    plain optimizer exactly, and the distributed optimizer refuses it in one line."""
+    from goku_megatron import checkpoint
+
+    cfg, plain, plain_state = _training("optim.distributed_optimizer=false")
+    _optimizer_step(plain, seed=1)
+    at_save = _copy_of(plain)
+    Checkpointer(tmp_path / "plain").save(2, plain_state, cfg.to_dict(), blocking=True)
+    saved = checkpoint_dir(tmp_path / "plain", 2)
+    assert adam_steps(saved) == [2.0] * len(adam_steps(saved))
+
+    dist_cfg, _, dist_state = _training()
+    load_checkpoint(saved, dist_state)
+    Checkpointer(tmp_path / "dist").save(2, dist_state, dist_cfg.to_dict(), blocking=True)
+    resaved = checkpoint_dir(tmp_path / "dist", 2)
+    assert_same_tensors(checkpoint_tensors(resaved), checkpoint_tensors(saved))
+    assert adam_steps(resaved) == adam_steps(saved)
+    _, back, back_state = _training("optim.distributed_optimizer=false")
+    load_checkpoint(resaved, back_state)
+    loaded = _copy_of(back)
+    assert all(torch.equal(loaded[k], v) for k, v in at_save.items())
+
+    with monkeypatch.context() as patch:  # megatron's own format for a plain optimizer
+        patch.setattr(checkpoint, "_optimizer_sharded_state_dict", lambda optimizer, model_sd: checkpoint._unwrapped(
+            optimizer).sharded_state_dict(model_sd, metadata=checkpoint._optimizer_metadata()))
+        Checkpointer(tmp_path / "legacy").save(2, plain_state, cfg.to_dict(), blocking=True)
+    legacy = checkpoint_dir(tmp_path / "legacy", 2)
+    _, old, old_state = _training("optim.distributed_optimizer=false")
+    load_checkpoint(legacy, old_state)
+    loaded = _copy_of(old)
+    assert all(torch.equal(loaded[k], v) for k, v in at_save.items())
+    _, _, dist_state = _training()
+    with pytest.raises(ConfigError, match=r"megatron's plain-optimizer format, which only a run with "
+                                          r"optim.distributed_optimizer=false and parallel.fsdp=false reads"):
+        load_checkpoint(legacy, dist_state)
+
+
 def test_flat_ranges_are_cut_into_boxes_that_cover_them_exactly():
     """A rank's range of a flattened weight, as boxes of the weight's shape: in flat order, each
     box the elements it claims, together every element of the range once and nothing else."""

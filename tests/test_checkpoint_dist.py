@@ -248,12 +248,15 @@ def test_fsdp_finetune_starts_from_the_checkpoints_weights(toy_data, fsdp4, tmp_
 
 
 def test_reshard_fsdp4_to_dp2_and_back_to_hybrid_fsdp(fsdp4, tmp_path, megatron_world):
-    """An FSDP checkpoint (4 ranks) loads at DP=2 under the distributed optimizer, weights, EMA and
-    Adam state exactly; that checkpoint loads back into hybrid FSDP (2 x 2) exactly."""
+    """An FSDP checkpoint (4 ranks) loads at DP=2 without FSDP (the toy recipe's plain optimizer),
+    weights, EMA and Adam state exactly; that checkpoint loads into hybrid FSDP (2 x 2), and that
+    one into one process with the distributed optimizer, each exactly."""
     source = checkpoint_dir(fsdp4, 3)
-    dp2 = _reshard(source, ["model.ffn_hidden_size=202"], 2, tmp_path / "dp2")
+    dp2 = _reshard(source, ["model.ffn_hidden_size=202", "optim.distributed_optimizer=false"], 2, tmp_path / "dp2")
     _assert_resharded(dp2, source)
-    _assert_resharded(_reshard(dp2, [*FSDP, "parallel.fsdp_shard_size=2"], 4, tmp_path / "hsdp"), source)
+    hybrid = _reshard(dp2, [*FSDP, "parallel.fsdp_shard_size=2"], 4, tmp_path / "hsdp")
+    _assert_resharded(hybrid, source)
+    _assert_resharded(_reshard(hybrid, ["model.ffn_hidden_size=202"], 1, tmp_path / "dist1"), source)
 
 
 # ----------------------------------------------------------------------------------------------
