@@ -920,7 +920,8 @@ def load_checkpoint(path: Path, state: TrainingState) -> dict[str, Any]:
     parts = _optimizer_parts(state.optimizer) if load_optimizer else []
     plain = load_optimizer and not any(isinstance(p, DistributedOptimizer) for p in parts)
     legacy = load_optimizer and _saved_by_megatrons_plain_optimizer(path)
-    if legacy and not (plain and not any(is_sharded(main) for p in parts for _, main in _main_params(p))):
+    fsdp = any(is_sharded(param) for param in _stage(state.model).parameters())
+    if legacy and (fsdp or not plain):
         raise ConfigError(f"{path}: its optimizer state is megatron's plain-optimizer format, which only a run "
                           f"with optim.distributed_optimizer=false and parallel.fsdp=false reads; resume with "
                           f"those, or start a new optimizer from its weights with checkpoint.init_from={path}")
