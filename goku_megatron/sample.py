@@ -52,7 +52,7 @@ def checkpoint_config(path: Path) -> Config:
 
 
 def config_for_one_process(saved: dict[str, Any]) -> Config:
-    """A saved ``Config.to_dict()`` as a Config for one unsharded process (TP=PP=CP=DP=1)."""
+    """A saved ``Config.to_dict()`` as a Config for one unsharded process (TP=PP=CP=DP=1, no FSDP)."""
     cfg = load_config(None, [])
     for section, values in saved.items():
         target = getattr(cfg, section, None)
@@ -63,6 +63,7 @@ def config_for_one_process(saved: dict[str, Any]) -> Config:
     if cfg.data.kind == "toy":  # derived from the toy fields, as validate does (older runs saved none)
         cfg.data.stages = [toy_stage(cfg.data, cfg.train.steps, cfg.train.micro_batch_size, cfg.model.patch_size)]
     cfg.parallel.tp = cfg.parallel.pp = cfg.parallel.cp = cfg.parallel.dp = 1
+    cfg.parallel.fsdp, cfg.parallel.fsdp_shard_size = False, 0  # hybrid FSDP's groups need DP x CP ranks
     cfg.parallel.distributed_backend = "auto"
     cfg.train.precision = "auto"
     return cfg

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import av
 import numpy as np
 import pytest
@@ -83,11 +86,13 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [
     ["parallel.pp=2", "parallel.cp=2"],
-    ["parallel.cp=2", "parallel.fsdp=true", "optim.distributed_optimizer=false", "train.micro_batch_size=8"],
+    ["parallel.cp=2", "parallel.fsdp=true", "parallel.fsdp_shard_size=2", "optim.distributed_optimizer=false",
+     "train.micro_batch_size=8"],
 ], ids=["pp2_cp2", "fsdp_cp2"])
 def test_in_training_samples_equal_goku_sample_in_any_layout(tmp_path, megatron_world, layout):
-    """LiveSampler under PP=2 x CP=2 (pipeline broadcast, CP gather), and under FSDP over DP=2 x
-    CP=2 (each forward all-gathers the layers' weights), gives goku-sample's pixels."""
+    """LiveSampler under PP=2 x CP=2 (pipeline broadcast, CP gather), and under hybrid FSDP over
+    DP=2 x CP=2 (each forward all-gathers the layers' weights), gives goku-sample's pixels; and
+    goku-sample, in a process of its own, samples from either layout's checkpoint."""
     from conftest import REPO, run_torchrun
     from live_sample_worker import PROMPTS, SPEC
 
@@ -96,3 +101,8 @@ def test_in_training_samples_equal_goku_sample_in_any_layout(tmp_path, megatron_
     reference = Sampler(tmp_path).sample(PROMPTS, SampleSpec(**SPEC))
     assert live.shape == (2, 3, 4, 8, 8) and live.std() > 0.05
     assert_close_to_scale(live, reference, ulps=1024)  # split sums over CP/PP ranks, 3 Euler steps with CFG
+    proc = subprocess.run([sys.executable, "-m", "goku_megatron.cli.sample", "--checkpoint", str(tmp_path),
+                           "--prompt", PROMPTS[0], "--frames", "4", "--height", "8", "--width", "8", "--steps", "1",
+                           "--out", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(list((tmp_path / "out").iterdir())) == 1
