@@ -196,7 +196,7 @@ def _fsdp_rows(sharded: dict[str, Any]) -> dict[str, Any]:
     replica = replica_index()
     out = {}
     for key, value in sharded.items():
-        if isinstance(value, ShardedTensor) and is_sharded(value.data):
+        if isinstance(value, ShardedTensor):
             value = local_shard(value, replica)
             if value is None:
                 continue
@@ -324,7 +324,7 @@ def _plain_fully_reshardable(part: Any, model_sd: dict[str, Any], loading: bool 
         for name, tensor in _adam_tensors(part, main):
             entry = dataclasses.replace(sharded, key=f"optimizer.state.{name}.{sharded.key}", data=tensor,
                                         dtype=torch.float32)
-            entry = local_shard(entry, replica) if is_sharded(tensor) else entry
+            entry = local_shard(entry, replica)
             if entry is not None:
                 tensors[name] = entry
         param_state[idx] = tensors

@@ -218,7 +218,7 @@ def init_distributed(cfg: Config, backends: Backends) -> None:
             pipeline_model_parallel_size=cfg.parallel.pp,
             context_parallel_size=cfg.parallel.cp,
             # Hybrid FSDP: the shard groups are megatron's intra-instance DP x CP groups, the
-            # replicas its inter-instance groups (model/build.py).
+            # replicas its inter-instance groups (model/fsdp.py).
             num_distributed_optimizer_instances=fsdp_replicas(cfg),
         )
 

@@ -119,7 +119,9 @@ def local_shard(sharded: ShardedTensor, replica: int) -> ShardedTensor | None:
     """``sharded`` (a megatron ShardedTensor whose data is an FSDP DTensor) cut to this rank's rows,
     as an unevenly sharded ShardedTensor whose data is the rank's local view; None if the rank holds
     no rows of it. ``replica`` is the hybrid-FSDP replica index (0 without replicas): only replica 0
-    writes a tensor, every replica may read it."""
+    writes a tensor, every replica may read it. An entry of any other tensor is returned as it is."""
+    if not isinstance(sharded.data, DTensor):
+        return sharded
     start, stop = row_range(sharded.data)
     if start == stop:
         return None
