@@ -14,6 +14,11 @@ fallback it takes. Those facts are what ``platform.Backends.describe`` prints on
 ``backends:`` line (linear, attention, optimizer, norm), so ``fold_known_warnings`` drops exactly
 those messages; any other warning still reaches the log. The package's ``__init__`` calls it, so
 it holds before megatron-core is first imported, whoever imports goku_megatron.
+
+It also drops one deprecation inside megatron-core that a user cannot act on: its checkpoint
+loader calls torch's deprecated ``torch.distributed.checkpoint.load_state_dict``, so every resume
+and every goku-sample printed a three-line FutureWarning. The filter matches that message only
+when megatron-core's own module raises it; the same call from anywhere else still warns.
 """
 
 from __future__ import annotations
@@ -32,12 +37,20 @@ KNOWN_FALLBACK_WARNINGS = (
     r"Apex is not installed\. Falling back to Torch Norm",
 )
 
+# (message, module) of deprecations inside megatron-core 0.16.1 that goku's code does not reach.
+KNOWN_LIBRARY_DEPRECATIONS = (
+    (r"`load_state_dict` is deprecated", r"megatron\.core\.dist_checkpointing\.strategies\.torch"),
+)
+
 
 def fold_known_warnings() -> None:
     """Drop megatron-core's "TE/apex not installed, falling back" warnings (the backends: line
-    says which backend runs); leaves every other warning alone."""
+    says which backend runs) and its own use of torch's deprecated checkpoint loader; leaves
+    every other warning alone."""
     for message in KNOWN_FALLBACK_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=UserWarning)
+    for message, module in KNOWN_LIBRARY_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning, module=module)
 
 
 class _StdoutHandler(logging.StreamHandler):

@@ -178,7 +178,10 @@ def test_every_line_names_its_logger_and_nothing_but_the_set_up_precedes_step_1(
 
 def test_megatrons_fallback_notices_are_folded_and_other_warnings_still_show():
     """In a fresh interpreter: importing goku_megatron installs the filter, then megatron-core's
-    import-time notice is dropped while another UserWarning still reaches the log."""
+    import-time notices and its own call of torch's deprecated checkpoint loader are dropped,
+    while another UserWarning, and the same deprecation raised outside megatron-core, still
+    reach the log."""
+    deprecation = "`load_state_dict` is deprecated and will be removed in future versions."
     code = (
         "import warnings, goku_megatron\n"
         "from goku_megatron.logs import setup_logging\n"
@@ -186,12 +189,18 @@ def test_megatrons_fallback_notices_are_folded_and_other_warnings_still_show():
         "warnings.warn('Transformer Engine and Apex are not installed. Falling back to Torch optimizers.')\n"
         "warnings.warn('Apex is not installed. Falling back to Torch Norm')\n"
         "warnings.warn('something else entirely')\n"
+        f"warnings.warn_explicit({deprecation + ' (megatron)'!r}, FutureWarning, 'torch.py', 799,\n"
+        "                       module='megatron.core.dist_checkpointing.strategies.torch')\n"
+        f"warnings.warn_explicit({deprecation + ' (user code)'!r}, FutureWarning, 'train_mine.py', 1,\n"
+        "                       module='train_mine')\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"})
     assert proc.returncode == 0, proc.stderr
     assert "Falling back" not in proc.stdout + proc.stderr
     assert "py.warnings" in proc.stdout and "something else entirely" in proc.stdout
+    assert "(megatron)" not in proc.stdout + proc.stderr
+    assert "(user code)" in proc.stdout
 
 
 def test_setup_logging_levels(capsys):
