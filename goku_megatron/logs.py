@@ -15,10 +15,13 @@ fallback it takes. Those facts are what ``platform.Backends.describe`` prints on
 those messages; any other warning still reaches the log. The package's ``__init__`` calls it, so
 it holds before megatron-core is first imported, whoever imports goku_megatron.
 
-It also drops one deprecation inside megatron-core that a user cannot act on: its checkpoint
-loader calls torch's deprecated ``torch.distributed.checkpoint.load_state_dict``, so every resume
-and every goku-sample printed a three-line FutureWarning. The filter matches that message only
-when megatron-core's own module raises it; the same call from anywhere else still warns.
+It also drops the notices megatron-core 0.16.1 raises from its own code on every run, which a
+user cannot act on and every rank printed (``KNOWN_LIBRARY_NOTICES``): its checkpoint loader
+calls torch's deprecated ``torch.distributed.checkpoint.load_state_dict`` (every resume and every
+goku-sample), its distributed optimizer calls the collectives torch 2.13 renamed, and with fp32
+weights it zeroes ``.grad`` on views of the weights (each DP > 1 run). Each filter names the
+message and, where torch attributes the warning to megatron-core, megatron's module; the same
+warning raised from anywhere else still reaches the log.
 """
 
 from __future__ import annotations
@@ -37,20 +40,28 @@ KNOWN_FALLBACK_WARNINGS = (
     r"Apex is not installed\. Falling back to Torch Norm",
 )
 
-# (message, module) of deprecations inside megatron-core 0.16.1 that goku's code does not reach.
-KNOWN_LIBRARY_DEPRECATIONS = (
-    (r"`load_state_dict` is deprecated", r"megatron\.core\.dist_checkpointing\.strategies\.torch"),
+# (category, message, module) of what megatron-core 0.16.1's own code raises on torch 2.13.
+KNOWN_LIBRARY_NOTICES = (
+    # dist_checkpointing's loader uses torch's deprecated checkpoint.load_state_dict.
+    (FutureWarning, r"`load_state_dict` is deprecated", r"megatron\.core\.dist_checkpointing\.strategies\.torch"),
+    # The distributed optimizer's collectives, renamed *_single in torch 2.13; torch's deprecation
+    # wrapper, not the caller, is the warning's module, so the message alone selects them.
+    (FutureWarning, r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",
+     r"torch\.distributed\."),
+    # With fp32 weights the distributed optimizer's shards are views of the weights (not leaves),
+    # and megatron's zero_grad reads their .grad, which megatron itself sets.
+    (UserWarning, r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed",
+     r"megatron\.core\.optimizer\.optimizer"),
 )
 
 
 def fold_known_warnings() -> None:
     """Drop megatron-core's "TE/apex not installed, falling back" warnings (the backends: line
-    says which backend runs) and its own use of torch's deprecated checkpoint loader; leaves
-    every other warning alone."""
+    says which backend runs) and ``KNOWN_LIBRARY_NOTICES``; leaves every other warning alone."""
     for message in KNOWN_FALLBACK_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=UserWarning)
-    for message, module in KNOWN_LIBRARY_DEPRECATIONS:
-        warnings.filterwarnings("ignore", message=message, category=FutureWarning, module=module)
+    for category, message, module in KNOWN_LIBRARY_NOTICES:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
 
 
 class _StdoutHandler(logging.StreamHandler):
