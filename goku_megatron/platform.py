@@ -190,15 +190,46 @@ def torchrun_restart_store(timeout: datetime.timedelta) -> torch.distributed.Sto
     return torch.distributed.PrefixStore(f"goku/restart_{restart}", store)
 
 
+def cuda_device_max_connections(cfg: Config, current: str | None, capability: tuple[int, int] | None) -> str | None:
+    """The CUDA_DEVICE_MAX_CONNECTIONS a run needs, or None to leave the environment as it is.
+
+    The CUDA driver reads it when the process's context is created. Megatron-LM's own rules:
+    - TP or CP > 1 without FSDP, before Blackwell (``capability`` major < 10; None on CPU): "1".
+      With one hardware queue the GPU runs kernels in launch order, so the tensor-parallel
+      all-gathers and reduce-scatters megatron's linears launch ahead of a GEMM start first and
+      overlap it (megatron-core warns on every rank otherwise). A value the user exported stays.
+    - FSDP: anything but "1", which would queue FSDP2's prefetching all-gathers behind the
+      layer's compute; refused in one line.
+    """
+    p = cfg.parallel
+    if p.fsdp:
+        if current == "1":
+            raise ConfigError("CUDA_DEVICE_MAX_CONNECTIONS=1 serializes FSDP's all-gathers with compute; "
+                              "unset it (or set it > 1) for parallel.fsdp=true")
+        return None
+    needs_one = (p.tp > 1 or p.cp > 1) and (capability is None or capability[0] < 10)
+    return "1" if needs_one and current is None else None
+
+
 def init_distributed(cfg: Config, backends: Backends) -> None:
     """Start torch.distributed (torchrun env or a one-process group) and megatron's parallel state.
 
     A single process still gets a process group, so the exact same megatron code path runs on a
-    laptop and on a cluster.
+    laptop and on a cluster. CUDA_DEVICE_MAX_CONNECTIONS is settled first: set_device creates the
+    CUDA context, which reads it.
     """
     if not torch.distributed.is_initialized():
-        if backends.device == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        cuda = backends.device == "cuda"
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        connections = cuda_device_max_connections(cfg, os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS"),
+                                                  torch.cuda.get_device_capability(local_rank) if cuda else None)
+        if connections is not None:
+            os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = connections
+            if cuda:
+                log.info("CUDA_DEVICE_MAX_CONNECTIONS=%s: tensor/context-parallel communication overlaps the "
+                         "GEMMs it was launched before", connections)
+        if cuda:
+            torch.cuda.set_device(local_rank)
         timeout = datetime.timedelta(minutes=10)
         restart_store = torchrun_restart_store(timeout)
         if restart_store is not None:

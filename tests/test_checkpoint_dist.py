@@ -78,17 +78,23 @@ def dp2(toy_data, tmp_path_factory):
     return run_dir
 
 
-def test_dp2_distributed_optimizer_run_logs_no_library_warnings(dp2):
-    """megatron-core's distributed optimizer warned on every rank of every DP > 1 run (renamed
-    torch collectives; .grad of fp32 weight views); logs.py folds those notices."""
-    log = (dp2.parent / "run.log").read_text()
+@pytest.mark.parametrize("layout", ["dp2", "tp2"])
+def test_a_two_rank_run_logs_no_library_warnings(layout, request):
+    """megatron-core warned on every rank: its distributed optimizer at DP > 1 (renamed torch
+    collectives; .grad of fp32 weight views; folded by logs.py), its linears at TP > 1 while
+    CUDA_DEVICE_MAX_CONNECTIONS was not 1 (platform.init_distributed now sets it)."""
+    log = (request.getfixturevalue(layout).parent / "run.log").read_text()
     assert "step 6/6" in log and "rank1" not in log  # the run's own lines are there; rank 1 is quiet
     assert "Warning" not in log, log[-3000:]
 
 
 @pytest.fixture(scope="module")
 def tp2(toy_data, tmp_path_factory):
-    return _train(toy_data, tmp_path_factory.mktemp("tp2") / "run", "parallel.tp=2")
+    """TP=2, run with Python's own warning filters like dp2; its output is in run.log."""
+    run_dir = tmp_path_factory.mktemp("tp2") / "run"
+    (run_dir.parent / "run.log").write_text(run_torchrun(2, _args(toy_data, run_dir, "parallel.tp=2"),
+                                                         env={"PYTHONWARNINGS": ""}))
+    return run_dir
 
 
 # FSDP over 4 ranks; an FFN of width 202 splits its rows unevenly (51, 51, 51, 49).
