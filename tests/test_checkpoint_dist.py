@@ -35,8 +35,14 @@ def _args(toy_data: Path, run_dir: Path, *extra: str) -> list[str]:
             "train.save_interval=3", *extra]
 
 
+def _log(run_dir: Path) -> Path:
+    return run_dir.parent / f"{run_dir.name}.log"
+
+
 def _train(toy_data: Path, run_dir: Path, *extra: str, nproc: int = 2) -> Path:
-    run_torchrun(nproc, _args(toy_data, run_dir, *extra))
+    """Train to the end under torchrun with Python's own warning filters, as a user's run has them;
+    the output is kept in _log(run_dir)."""
+    _log(run_dir).write_text(run_torchrun(nproc, _args(toy_data, run_dir, *extra), env={"PYTHONWARNINGS": ""}))
     return run_dir
 
 
@@ -44,7 +50,7 @@ def _start(toy_data: Path, run_dir: Path, *extra: str, max_restarts: int = 0) ->
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
            "--max-restarts", str(max_restarts), *_args(toy_data, run_dir, *extra)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    log = open(run_dir.parent / f"{run_dir.name}.log", "w")
+    log = open(_log(run_dir), "w")
     return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
 
 
@@ -69,13 +75,8 @@ def _same_as(run_dir: Path, reference: Path) -> None:
 
 @pytest.fixture(scope="module")
 def dp2(toy_data, tmp_path_factory):
-    """The DP=2 reference, with a checkpoint after every step to compare any step with. It runs
-    with Python's own warning filters, as a user's run does, and keeps its output in run.log."""
-    run_dir = tmp_path_factory.mktemp("dp2") / "run"
-    out = run_torchrun(2, _args(toy_data, run_dir, "train.save_interval=1", "checkpoint.keep_last=0"),
-                       env={"PYTHONWARNINGS": ""})
-    (run_dir.parent / "run.log").write_text(out)
-    return run_dir
+    """The DP=2 reference, with a checkpoint after every step to compare any step with."""
+    return _train(toy_data, tmp_path_factory.mktemp("dp2") / "run", "train.save_interval=1", "checkpoint.keep_last=0")
 
 
 @pytest.mark.parametrize("layout", ["dp2", "tp2"])
@@ -83,18 +84,14 @@ def test_a_two_rank_run_logs_no_library_warnings(layout, request):
     """megatron-core warned on every rank: its distributed optimizer at DP > 1 (renamed torch
     collectives; .grad of fp32 weight views; folded by logs.py), its linears at TP > 1 while
     CUDA_DEVICE_MAX_CONNECTIONS was not 1 (platform.init_distributed now sets it)."""
-    log = (request.getfixturevalue(layout).parent / "run.log").read_text()
+    log = _log(request.getfixturevalue(layout)).read_text()
     assert "step 6/6" in log and "rank1" not in log  # the run's own lines are there; rank 1 is quiet
     assert "Warning" not in log, log[-3000:]
 
 
 @pytest.fixture(scope="module")
 def tp2(toy_data, tmp_path_factory):
-    """TP=2, run with Python's own warning filters like dp2; its output is in run.log."""
-    run_dir = tmp_path_factory.mktemp("tp2") / "run"
-    (run_dir.parent / "run.log").write_text(run_torchrun(2, _args(toy_data, run_dir, "parallel.tp=2"),
-                                                         env={"PYTHONWARNINGS": ""}))
-    return run_dir
+    return _train(toy_data, tmp_path_factory.mktemp("tp2") / "run", "parallel.tp=2")
 
 
 # FSDP over 4 ranks; an FFN of width 202 splits its rows unevenly (51, 51, 51, 49).
@@ -136,7 +133,7 @@ def test_sigterm_on_one_rank_stops_both_at_one_step(toy_data, dp2, tmp_path):
     ranks[1].send_signal(signal.SIGTERM)
     ranks[0].resume()
     assert proc.wait(timeout=300) != 0
-    out = (tmp_path / "run.log").read_text()
+    out = _log(run_dir).read_text()
     stopped = latest_checkpoint(run_dir)
     step = int(stopped.name.split("_")[1])
     for rank in (0, 1):  # both stopped after the same step, once its checkpoint was complete
@@ -184,8 +181,8 @@ def test_sigkilled_rank_is_restarted_by_torchrun_from_the_latest_checkpoint(toy_
     ranks[0].suspend()
     ranks[1].send_signal(signal.SIGKILL)
     ranks[0].resume()
-    assert proc.wait(timeout=300) == 0, (tmp_path / "run.log").read_text()[-3000:]
-    out = (tmp_path / "run.log").read_text()
+    assert proc.wait(timeout=300) == 0, _log(run_dir).read_text()[-3000:]
+    out = _log(run_dir).read_text()
     assert "exitcode: -9" in out and "resumed from" in out
     _same_as(run_dir, dp2)
 
