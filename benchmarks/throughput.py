@@ -173,18 +173,18 @@ def run_ours(cfg: Config, base_precision: str, grid: tuple[int, int, int], budge
              args: argparse.Namespace, device: torch.device) -> tuple[str, str, float, float | None]:
     """Our layers on one clip packed into ``budget`` tokens: (linear, attention, seconds, GiB)."""
     from goku_megatron.batch import PackSample, build_pack
-    from goku_megatron.model.goku import GokuModel
+    from goku_megatron.model.build import build_stage, build_transformer_config
+    from goku_megatron.model.goku import iter_stage_models
     from goku_megatron.model.layer import LayerInputs
     from goku_megatron.model.rope import rope_angles
-    from goku_megatron.model.specs import layer_spec
     from goku_megatron.platform import choose_backends
-    from goku_megatron.model.build import build_transformer_config
 
     m = cfg.model
     backends = dataclasses.replace(choose_backends(cfg), precision=base_precision)
     dtype = torch.bfloat16 if base_precision == "bf16" else torch.float32
-    stage = GokuModel(build_transformer_config(cfg, backends), m, layer_spec(backends.linear, backends.attention))
-    stage = stage.to(device=device, dtype=dtype)
+    # The model as training builds it (bf16: megatron's Float16Module), on the benchmark's device.
+    model = build_stage(cfg, backends, build_transformer_config(cfg, backends), seed=0).to(device)
+    (stage,) = iter_stage_models([model])
     pt, ph, pw = m.patch_size
     latent = torch.zeros(m.in_channels, grid[0] * pt, grid[1] * ph, grid[2] * pw)
     sample = PackSample(noisy=latent, target=latent, timestep=0.5, text=torch.zeros(text_tokens, m.text_dim),

@@ -68,6 +68,7 @@ from goku_megatron.config import Config, ConfigError
 from goku_megatron.ema import EMA, EMA_PREFIX, MODEL_PREFIX
 from goku_megatron.model.fsdp import describe_weights, is_sharded, local, local_shard, replica_index
 from goku_megatron.model.goku import iter_stage_models
+from goku_megatron.platform import barrier, has_cuda, local_device
 
 log = logging.getLogger(__name__)
 
@@ -410,18 +411,14 @@ def _optimizer_has_state(optimizer: Any) -> bool:
     """Whether every rank's optimizer has taken a step (before that there is nothing to save, and a
     fresh optimizer is exactly what a resume would restore). Collective."""
     has = all(len(p.optimizer.state) > 0 for p in _optimizer_parts(optimizer) if p.optimizer is not None)
-    flag = torch.tensor([int(has)], dtype=torch.int32, device=_device())
+    flag = torch.tensor([int(has)], dtype=torch.int32, device=local_device())
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
     return bool(flag.item())
 
 
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
 def _rng_state() -> dict[str, Any]:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "cuda": torch.cuda.get_rng_state() if has_cuda() else None,
             "tracker": {k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()}}
 
 
@@ -429,7 +426,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
+    if state["cuda"] is not None and has_cuda():
         torch.cuda.set_rng_state(state["cuda"])
     get_cuda_rng_tracker().set_states(state["tracker"])
 
@@ -500,7 +497,7 @@ class Checkpointer:
                 else:
                     log.info("removing %s (an interrupted save)", stale)
                     shutil.rmtree(stale, ignore_errors=True)
-        torch.distributed.barrier()
+        barrier()
 
     def save(self, step: int, state: TrainingState, config: dict[str, Any], *,
              train_state: dict[str, Any] | None = None, loader_state: dict[str, Any] | None = None,
@@ -516,7 +513,7 @@ class Checkpointer:
         if torch.distributed.get_rank() == 0:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
-        torch.distributed.barrier()
+        barrier()
 
         model_sd = _model_sharded_state_dict(state.model)
         sharded: dict[str, Any] = dict(model_sd)
@@ -580,7 +577,7 @@ class Checkpointer:
         one all-reduce of a flag."""
         structure = hash(tuple(_structure_of(v) for v in nested_values(sharded) if isinstance(v, ShardedBase)))
         changed = torch.tensor([int(structure != self._structure or self._strategy is None)], dtype=torch.int32,
-                               device=_device())
+                               device=local_device())
         torch.distributed.all_reduce(changed, op=torch.distributed.ReduceOp.MAX)
         if changed.item():
             self._strategy = TorchDistSaveShardedStrategy("torch_dist", 1, cached_metadata=True)
@@ -626,7 +623,7 @@ class Checkpointer:
 
     def _finalize(self, partial: Path, final: Path, manifest: dict[str, Any]) -> None:
         """Every rank finished writing: publish the checkpoint (collective; rank 0 does the work)."""
-        torch.distributed.barrier()
+        barrier()
         if torch.distributed.get_rank() == 0:
             hashed: dict[str, str] = {}  # the tensor files, hashed by the ranks that wrote them
             for record in partial.glob(CHECKSUMS_GLOB):
@@ -644,7 +641,7 @@ class Checkpointer:
             _write_atomically(self.root / LATEST, final.name + "\n")
             self._prune()
             log.info("checkpoint %s complete", final)
-        torch.distributed.barrier()
+        barrier()
 
     def _prune(self) -> None:
         if not self.keep_last:
@@ -846,7 +843,7 @@ def choose_resume_checkpoint(run_dir: Path, cfg: Config) -> Path | None:
             raise ConfigError(f"checkpoint.resume={chosen}: {reason}; pass a sound checkpoint")
         if torch.distributed.get_rank() == 0:
             notes.append(f"{chosen.name}: {reason}, moved to {_quarantine(chosen).name}")
-        torch.distributed.barrier()
+        barrier()
     if notes:
         where = f"falling back to {chosen}" if chosen is not None else f"starting from scratch ({run_dir} has none left)"
         log.warning("%s; %s", "; ".join(f"checkpoint {n}" for n in notes), where)

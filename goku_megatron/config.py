@@ -727,9 +727,6 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> None:
              f"micro_batch_size*dp={t.micro_batch_size}*{dp}; make it a multiple of "
              f"{t.micro_batch_size * dp}")
     _one_of(t.precision, PRECISIONS, "train.precision")
-    _require(has_cuda or t.precision != "bf16",
-             "train.precision=bf16 needs a GPU (megatron's bf16 optimizer wraps CUDA tensors only); "
-             "use auto or fp32 on CPU")
     _require(t.log_interval > 0, f"train.log_interval must be positive, got {t.log_interval}")
     _require(t.save_interval >= 0, f"train.save_interval must be >= 0, got {t.save_interval}")
     if t.sample_interval:

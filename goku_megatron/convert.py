@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from goku_megatron.checkpoint import load_model_weights, resolve_checkpoint, save_checkpoint
+from goku_megatron.model.goku import iter_stage_models
 from goku_megatron.sample import checkpoint_config, config_for_one_process, unsharded_model
 
 BLOCK = re.compile(r"^layers\.(\d+)\.")
@@ -49,7 +50,8 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
     cfg = checkpoint_config(path)
     model, _ = unsharded_model(cfg)
     step = load_model_weights(path, [model])["step"]
-    state = {name: t.detach().float().cpu().contiguous() for name, t in model.state_dict().items()
+    (stage,) = iter_stage_models([model])
+    state = {name: t.detach().float().cpu().contiguous() for name, t in stage.state_dict().items()
              if isinstance(t, torch.Tensor)}
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(to_reference_names(state), str(out),
@@ -72,10 +74,11 @@ def import_checkpoint(weights: Path, run_dir: Path) -> Path:
         raise ValueError(f"{weights}: no {CONFIG_KEY} metadata; export it with "
                          "'goku-data convert-checkpoint export'")
     saved: dict[str, Any] = json.loads(meta[CONFIG_KEY])
-    stage, _ = unsharded_model(config_for_one_process(saved))
+    model, _ = unsharded_model(config_for_one_process(saved))
+    (stage,) = iter_stage_models([model])
     missing, unexpected = stage.load_state_dict(from_reference_names(load_file(str(weights))), strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise ValueError(f"{weights} does not fit the model in its config: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}")
-    return save_checkpoint(run_dir, 0, [stage], saved)
+    return save_checkpoint(run_dir, 0, [model], saved)

@@ -22,6 +22,7 @@ expect; two wrappers below close that gap, so they live here too.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.abc
@@ -30,7 +31,7 @@ import logging
 import queue
 import sys
 import types
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
@@ -214,29 +215,51 @@ def _reported_type(name: str, tensor: torch.Tensor, dtype: Any = None, non_block
     return torch.Tensor.type(tensor, dtype, non_blocking, **kwargs)
 
 
+@contextlib.contextmanager
+def _report_cuda_types(params: Iterable[torch.Tensor]) -> Iterator[None]:
+    """While inside, each CPU tensor of ``params`` answers ``type()`` with the CUDA name of its
+    dtype ('torch.cuda.BFloat16Tensor'; an instance attribute shadowing Tensor.type, removed on
+    exit). megatron's optimizers sort parameters by these names and refuse any other."""
+    cpu_params = [p for p in params if p.device.type == "cpu"]
+    for param in cpu_params:
+        cuda_name = torch.Tensor.type(param).replace("torch.", "torch.cuda.", 1)
+        param.type = functools.partial(_reported_type, cuda_name, param)
+    try:
+        yield
+    finally:
+        for param in cpu_params:
+            del param.type
+
+
 def cpu_params_report_cuda_types(build: Callable[..., Any]) -> Callable[..., Any]:
     """Wrapper for DistributedOptimizer._build_model_and_main_param_groups (a classmethod).
 
     It sorts parameters by ``param.type()`` into 'torch.cuda.FloatTensor' (main params are the
     parameter shards themselves) and 'torch.cuda.HalfTensor'/'BFloat16Tensor' (fp32 main copies),
-    and raises TypeError for anything else, CPU tensors included. For the duration of the call
-    each CPU parameter reports the CUDA name of its dtype (an instance attribute shadowing
-    Tensor.type); the attribute is removed afterwards.
+    and raises TypeError for anything else, CPU tensors included; the CPU parameters report CUDA
+    names for the duration of the call.
     """
 
     def build_groups(cls: type, gbuf_ranges: Any, param_gbuf_map: dict, opt_group_ranges: Any,
                      config: Any) -> Any:
-        cpu_params = [p for p in param_gbuf_map if p.device.type == "cpu"]
-        for param in cpu_params:
-            cuda_name = torch.Tensor.type(param).replace("torch.", "torch.cuda.", 1)
-            param.type = functools.partial(_reported_type, cuda_name, param)
-        try:
+        with _report_cuda_types(param_gbuf_map):
             return build(cls, gbuf_ranges, param_gbuf_map, opt_group_ranges, config)
-        finally:
-            for param in cpu_params:
-                del param.type
 
     return classmethod(build_groups)
+
+
+def cpu_float16_params_report_cuda_types(init: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrapper for Float16OptimizerWithFloat16Params.__init__, megatron's bf16 optimizer without
+    the distributed optimizer: it gives each 'torch.cuda.BFloat16Tensor' parameter an fp32 main
+    copy, keeps 'torch.cuda.FloatTensor' ones as they are and refuses CPU tensors with TypeError.
+    The CPU parameters report CUDA names while it sorts them; nothing else changes."""
+
+    def float16_optimizer_init(self: Any, optimizer: torch.optim.Optimizer | None, *args: Any, **kwargs: Any) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"]] if optimizer else []
+        with _report_cuda_types(params):
+            init(self, optimizer, *args, **kwargs)
+
+    return float16_optimizer_init
 
 
 def keep_torch_adam_step(set_states: Callable[..., Any]) -> Callable[..., Any]:
@@ -399,8 +422,10 @@ def apply(force: bool = False) -> bool:
                 in_process_write_results_queue)
     _patch_attr("megatron.core.distributed.torch_fully_sharded_data_parallel", "DeviceMesh", CpuDeviceMesh)
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 
     _wrap_method(DistributedOptimizer, "_build_model_and_main_param_groups", cpu_params_report_cuda_types)
+    _wrap_method(Float16OptimizerWithFloat16Params, "__init__", cpu_float16_params_report_cuda_types)
     _wrap_method(DistributedOptimizer, "_set_main_param_and_optimizer_states", keep_torch_adam_step)
     _wrap_method(DistributedOptimizer, "load_state_dict", own_torch_adam_steps)
     _applied = True

@@ -8,6 +8,7 @@ here and nowhere else decides on their presence.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import importlib.util
 import logging
@@ -27,7 +28,20 @@ log = logging.getLogger(__name__)
 
 
 def has_cuda() -> bool:
+    """Whether this process runs on a GPU: the one device decision every module asks for."""
     return torch.cuda.is_available()
+
+
+def local_rank() -> int:
+    """This process's index on its node (torchrun / srun set LOCAL_RANK; a plain process is 0)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def local_device() -> torch.device:
+    """The device this process computes on: its local rank's GPU, or the CPU. Named by index, not
+    by the calling thread's current CUDA device, which a fresh thread has at 0 (data threads,
+    checkpoint writers)."""
+    return torch.device("cuda", local_rank()) if has_cuda() else torch.device("cpu")
 
 
 def _importable(name: str) -> bool:
@@ -74,6 +88,10 @@ class Backends:
     optimizer: str
     data: str
     precision: str
+
+    def torch_device(self) -> torch.device:
+        """The torch device the run's model, packs and optimizer live on."""
+        return local_device() if self.device == "cuda" else torch.device("cpu")
 
     def describe(self) -> str:
         """The one ``backends:`` log line. It restates the fallbacks megatron-core warns about at
@@ -220,29 +238,37 @@ def init_distributed(cfg: Config, backends: Backends) -> None:
     """
     if not torch.distributed.is_initialized():
         cuda = backends.device == "cuda"
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         connections = cuda_device_max_connections(cfg, os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS"),
-                                                  torch.cuda.get_device_capability(local_rank) if cuda else None)
+                                                  torch.cuda.get_device_capability(local_rank()) if cuda else None)
         if connections is not None:
             os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = connections
             if cuda:
                 log.info("CUDA_DEVICE_MAX_CONNECTIONS=%s: tensor/context-parallel communication overlaps the "
                          "GEMMs it was launched before", connections)
+        # Binding the GPU to the process group tells NCCL which device is this rank's (torch
+        # otherwise guesses from the global rank, "This can cause a hang") and every barrier of
+        # the group uses it; gloo groups are not bound to a device.
+        device_id = None
         if cuda:
-            torch.cuda.set_device(local_rank)
+            device_id = backends.torch_device()
+            torch.cuda.set_device(device_id)
         timeout = datetime.timedelta(minutes=10)
         restart_store = torchrun_restart_store(timeout)
         if restart_store is not None:
             torch.distributed.init_process_group(backend=backends.distributed, timeout=timeout,
                                                  store=restart_store, rank=int(os.environ["RANK"]),
-                                                 world_size=int(os.environ["WORLD_SIZE"]))
+                                                 world_size=int(os.environ["WORLD_SIZE"]), device_id=device_id)
         elif "RANK" in os.environ:  # torchrun / srun: env:// rendezvous
-            torch.distributed.init_process_group(backend=backends.distributed, timeout=timeout)
+            torch.distributed.init_process_group(backend=backends.distributed, timeout=timeout, device_id=device_id)
         else:  # a plain process; the environment is left alone for any child process
             torch.distributed.init_process_group(
                 backend=backends.distributed, timeout=timeout, rank=0, world_size=1,
-                init_method=f"tcp://127.0.0.1:{_free_port()}",
+                init_method=f"tcp://127.0.0.1:{_free_port()}", device_id=device_id,
             )
+        # Every way out of the process (return, exception, sys.exit) destroys the group, as NCCL
+        # asks ("destroy_process_group() was not called before program exit").
+        atexit.unregister(shutdown_distributed)  # once, however often a test starts a group
+        atexit.register(shutdown_distributed)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=cfg.parallel.tp,
@@ -271,7 +297,15 @@ def fsdp_replicas(cfg: Config) -> int:
     return torch.distributed.get_world_size() // (p.tp * p.pp * p.fsdp_shard_size)
 
 
+def barrier(group: torch.distributed.ProcessGroup | None = None) -> None:
+    """torch.distributed.barrier naming this rank's GPU on NCCL ("barrier(): using the device under
+    current context" otherwise); on gloo the same call without a device."""
+    nccl = torch.distributed.get_backend(group) == "nccl"
+    torch.distributed.barrier(group, device_ids=[local_device().index] if nccl else None)
+
+
 def shutdown_distributed() -> None:
+    """Destroy megatron's parallel state and the process group; idempotent, for every exit path."""
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():

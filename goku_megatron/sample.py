@@ -52,7 +52,8 @@ def checkpoint_config(path: Path) -> Config:
 
 
 def config_for_one_process(saved: dict[str, Any]) -> Config:
-    """A saved ``Config.to_dict()`` as a Config for one unsharded process (TP=PP=CP=DP=1, no FSDP)."""
+    """A saved ``Config.to_dict()`` as a Config for one unsharded process (TP=PP=CP=DP=1, no FSDP),
+    in the run's precision (``auto`` resolves on this machine as it did for training)."""
     cfg = load_config(None, [])
     for section, values in saved.items():
         target = getattr(cfg, section, None)
@@ -65,12 +66,12 @@ def config_for_one_process(saved: dict[str, Any]) -> Config:
     cfg.parallel.tp = cfg.parallel.pp = cfg.parallel.cp = cfg.parallel.dp = 1
     cfg.parallel.fsdp, cfg.parallel.fsdp_shard_size = False, 0  # hybrid FSDP's groups need DP x CP ranks
     cfg.parallel.distributed_backend = "auto"
-    cfg.train.precision = "auto"
     return cfg
 
 
 def unsharded_model(cfg: Config) -> tuple[torch.nn.Module, Backends]:
-    """The whole GokuModel in this process (a one-process megatron world is set up if needed)."""
+    """The whole GokuModel in this process, wrapped and typed as training runs it, weights not yet
+    loaded (a one-process megatron world is set up if needed)."""
     cpu_compat.apply()
     backends = choose_backends(cfg)
     if not torch.distributed.is_initialized():
@@ -152,7 +153,7 @@ class Sampler(SamplerBase):
         self.name = str(self.checkpoint)
         self.cfg = cfg = checkpoint_config(self.checkpoint)
         self.model, backends = unsharded_model(cfg)
-        self.device = torch.device("cuda" if backends.device == "cuda" else "cpu")
+        self.device = backends.torch_device()
         info = load_model_weights(self.checkpoint, [self.model])
         self.step = info["step"]
         self.model.eval()

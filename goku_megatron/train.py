@@ -143,7 +143,7 @@ def run(cfg: Config, source: PackedBatches | ReadAhead | None = None) -> list[St
         with fault_tolerance.section("setup"):
             backends = choose_backends(cfg)
             init_distributed(cfg, backends)
-            device = torch.device("cuda", torch.cuda.current_device()) if backends.device == "cuda" else torch.device("cpu")
+            device = backends.torch_device()
             # Inputs first: missing encoder weights, a missing or empty data path or validation
             # split fail in one line before the model is built.
             check_weights(cfg)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import goku_megatron  # noqa: F401  before megatron-core: cpu_compat.disable_jit_fuser_on_cpu
 
@@ -44,15 +45,12 @@ def megatron_world():
 
 
 def build_stage(cfg):
-    """A whole (TP=PP=1) GokuModel for cfg, initialised as goku-train initialises it."""
-    from goku_megatron.model.goku import GokuModel
-    from goku_megatron.model.specs import local_layer_spec
+    """A whole (TP=PP=1) model for cfg, initialised and typed as goku-train builds it."""
+    from goku_megatron.model.build import build_stage as build, build_transformer_config
     from goku_megatron.platform import choose_backends
-    from goku_megatron.model.build import build_transformer_config
 
-    stage = GokuModel(build_transformer_config(cfg, choose_backends(cfg)), cfg.model, local_layer_spec())
-    stage.init_weights(cfg.train.seed)
-    return stage
+    backends = choose_backends(cfg)
+    return build(cfg, backends, build_transformer_config(cfg, backends), cfg.train.seed)
 
 
 def run_torchrun(nproc: int, module_args: list[str], timeout: int = 600, env: dict | None = None) -> str:
@@ -64,6 +62,19 @@ def run_torchrun(nproc: int, module_args: list[str], timeout: int = 600, env: di
     if proc.returncode != 0:
         pytest.fail(f"torchrun exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc.stdout
+
+
+def run_equivalence(tmp_path_factory, name: str, nproc: int, overrides: list[str]) -> dict:
+    """tests/dist_equivalence.py under torchrun: its record (losses, grad norms), both steps' full
+    gradients and the final weights by global name (merged over pipeline stages), and its dir."""
+    out = tmp_path_factory.mktemp(name)
+    run_torchrun(nproc, [str(Path(__file__).with_name("dist_equivalence.py")), str(out), *overrides])
+    merged: dict = {"record": torch.load(out / "record.pt"), "dir": out}
+    for kind in ("grads1", "grads2", "weights"):
+        merged[kind] = {}
+        for path in sorted(out.glob(f"{kind}_pp*.pt")):
+            merged[kind].update(torch.load(path))
+    return merged
 
 
 # Checkpoint and restart tests (test_checkpoint*.py, test_resilience.py): the toy recipe, shrunk.

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 EPS32 = torch.finfo(torch.float32).eps  # 1.19e-7: one ulp at 1.0
+EPS_BF16 = torch.finfo(torch.bfloat16).eps  # 7.8e-3: bf16 keeps 8 significant bits
 
 
 def scale_of(tensor: torch.Tensor) -> float:
@@ -62,3 +63,22 @@ def assert_as_accurate(actual: torch.Tensor, reference: torch.Tensor, exact: tor
     bound = factor * reference_error + ulps * EPS32 * scale_of(exact)
     assert error <= bound, (f"{what}max |actual - float64| = {error:.3g} > {bound:.3g} "
                             f"(reference fp32 error {reference_error:.3g}, scale {scale_of(exact):.3g})")
+
+
+def assert_within_bf16_rounding(actual: torch.Tensor, bf16_reference: torch.Tensor, fp32_reference: torch.Tensor,
+                                factor: float = 4.0, bf16_ulps: float = 2.0, slack: float = 0.0,
+                                msg: str = "") -> None:
+    """``actual`` (a bf16 run) is as close to ``fp32_reference`` (the same run in fp32) as
+    ``bf16_reference`` (the one-process bf16 run) is, within ``factor``, plus ``bf16_ulps`` bf16
+    epsilons of the scale and an absolute ``slack`` (for what rounding can flip, see its caller).
+
+    bf16 keeps 8 significant bits of every weight and activation, so two bf16 computations of one
+    value differ by far more than fp32 rounding, by an amount the computation sets: the one-process
+    bf16 run's distance from fp32 measures it on this machine's kernels.
+    """
+    what = f"{msg}: " if msg else ""
+    error = _error(actual, fp32_reference, what)
+    reference_error = _error(bf16_reference, fp32_reference, what)
+    bound = factor * reference_error + bf16_ulps * EPS_BF16 * scale_of(fp32_reference) + slack
+    assert error <= bound, (f"{what}max |bf16 run - fp32| = {error:.3g} > {bound:.3g} (one-process bf16 "
+                            f"error {reference_error:.3g}, scale {scale_of(fp32_reference):.3g})")

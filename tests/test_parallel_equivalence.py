@@ -10,29 +10,14 @@ checkpoint each layout saves loads into one unsharded model and holds the single
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_stage, run_torchrun
+from conftest import build_stage, run_equivalence
 from numerics import assert_close_to_scale
 
 from goku_megatron.checkpoint import latest_checkpoint, load_model_weights
 from goku_megatron.config import load_config
-
-WORKER = str(Path(__file__).with_name("dist_equivalence.py"))
-
-
-def _run(tmp_path_factory, name: str, nproc: int, overrides: list[str]) -> dict:
-    out = tmp_path_factory.mktemp(name)
-    run_torchrun(nproc, [WORKER, str(out), *overrides])
-    merged: dict = {"record": torch.load(out / "record.pt"), "dir": out}
-    for kind in ("grads1", "grads2", "weights"):
-        merged[kind] = {}
-        for path in sorted(out.glob(f"{kind}_pp*.pt")):
-            merged[kind].update(torch.load(path))
-    return merged
-
 
 @pytest.fixture(scope="module")
 def single_process(tmp_path_factory):
@@ -41,7 +26,7 @@ def single_process(tmp_path_factory):
 
     def get(packed: bool) -> dict:
         if packed not in done:
-            done[packed] = _run(tmp_path_factory, "single_packed" if packed else "single", 1,
+            done[packed] = run_equivalence(tmp_path_factory, "single_packed" if packed else "single", 1,
                                 ["--packed"] if packed else [])
         return done[packed]
 
@@ -111,7 +96,7 @@ def layout_run(tmp_path_factory):
     def get(layout: str) -> dict:
         if layout not in done:
             nproc, overrides = LAYOUTS[layout]
-            done[layout] = _run(tmp_path_factory, layout, nproc, overrides)
+            done[layout] = run_equivalence(tmp_path_factory, layout, nproc, overrides)
         return done[layout]
 
     return get
@@ -148,7 +133,7 @@ def test_i2v_under_context_parallelism_matches_single_process(tmp_path_factory):
     """model.i2v: the first-frame condition is sharded over CP ranks like the noisy tokens, and
     two steps (the second with a trained condition layer) give the single-process numbers."""
     i2v = ["model.i2v=true", "data.image_ratio=0"]
-    ref = _run(tmp_path_factory, "single_i2v", 1, i2v)
-    got = _run(tmp_path_factory, "cp2_i2v", 2, ["parallel.cp=2", *i2v])
+    ref = run_equivalence(tmp_path_factory, "single_i2v", 1, i2v)
+    got = run_equivalence(tmp_path_factory, "cp2_i2v", 2, ["parallel.cp=2", *i2v])
     assert any(name.startswith("image_cond.") for name in ref["grads2"])
     assert_same_run(got["record"], ref["record"], got, ref)

@@ -24,10 +24,11 @@ from goku_megatron.config import DECODERS, StageConfig
 from goku_megatron.convert import export_checkpoint, import_checkpoint
 from goku_megatron.data.curation import REPORT_NAME, STAGES, RawFilter, curate_folder
 from goku_megatron.data.frames import FrameSpec
-from goku_megatron.data.precompute import (DEFAULT_MAX_TEXT_TOKENS, input_shards, load_job, local_device,
+from goku_megatron.data.precompute import (DEFAULT_MAX_TEXT_TOKENS, input_shards, load_job,
                                            precompute_latents)
 from goku_megatron.data.toy import PIX_FMTS, ToyDatasetSpec, make_toy_dataset
 from goku_megatron.logs import setup_logging
+from goku_megatron.platform import local_device
 from goku_megatron.resilience import EXIT_CONFIG_ERROR
 
 PROG = "goku-data"

@@ -8,7 +8,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.fp8_utils import get_fp8_context
-from megatron.core.transformer.module import Float16Module
+from megatron.core.transformer.module import Float16Module, MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from goku_megatron.config import Config
@@ -18,8 +18,9 @@ from goku_megatron.model.specs import layer_spec
 from goku_megatron.platform import Backends
 
 
-def build_transformer_config(cfg: Config, backends: Backends) -> TransformerConfig:
-    """megatron's TransformerConfig for ``cfg``'s model and layout on ``backends``."""
+def build_transformer_config(cfg: Config, backends: Backends, initialize: bool = True) -> TransformerConfig:
+    """megatron's TransformerConfig for ``cfg``'s model and layout on ``backends``; without
+    ``initialize`` megatron leaves the weights it allocates uninitialised (they are loaded next)."""
     m, p = cfg.model, cfg.parallel
     bf16 = backends.precision == "bf16"
     recompute = m.recompute_granularity if m.recompute else None
@@ -37,9 +38,11 @@ def build_transformer_config(cfg: Config, backends: Backends) -> TransformerConf
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_cpu_initialization=backends.device == "cpu",
-        # megatron sets the tensor-parallel attributes of its linears only in its init path, so it
-        # initialises first; GokuModel.init_weights then overwrites every weight, layout-free.
-        perform_initialization=True,
+        # megatron sets the tensor-parallel attributes of its linears only in its init path, so a
+        # model to train initialises first; GokuModel.init_weights then overwrites every weight,
+        # layout-free. A model whose weights are loaded next (TP=1: no attribute is read) skips
+        # both, and so never needs megatron's CUDA RNG tracker.
+        perform_initialization=initialize,
         init_method_std=m.init_std,
         # Batched isend/irecv over gloo is not reliable; NCCL batches them.
         batch_p2p_comm=backends.distributed == "nccl",
@@ -63,27 +66,32 @@ def build_transformer_config(cfg: Config, backends: Backends) -> TransformerConf
     return tc
 
 
-def build_model(cfg: Config, backends: Backends) -> tuple[list[torch.nn.Module], TransformerConfig]:
-    """This rank's pipeline stage for training, initialised from ``train.seed`` and wrapped in
-    megatron DDP or, with parallel.fsdp, sharded by megatron's FSDP2 wrapper (and Float16Module in
-    bf16); with its TransformerConfig."""
-    o = cfg.optim
-    tc = build_transformer_config(cfg, backends)
+def build_stage(cfg: Config, backends: Backends, tc: TransformerConfig, seed: int | None,
+                pre_process: bool = True, post_process: bool = True) -> MegatronModule:
+    """One pipeline stage of GokuModel on the run's device, in its precision: initialised from
+    ``seed`` (None: weights are loaded next, so none are initialised), and in bf16 wrapped in
+    megatron's Float16Module (bf16 weights; fp32 in and out of the stage), exactly as training runs
+    it. Every model goku builds (training, sampling, evaluation, conversion, benchmarks) is one."""
     # optim.fp8_param_gather: TE creates its linears' weights as FP8 tensors (a no-op context
     # otherwise). Without grad, TE keeps no high-precision copy of megatron's initial values,
     # so the optimizer's fp32 main weights start from the FP8 weights that init_weights wrote.
     with torch.no_grad(), get_fp8_context(tc, is_init=True):
-        stage = GokuModel(
-            tc, cfg.model, layer_spec(backends.linear, backends.attention),
-            pre_process=parallel_state.is_pipeline_first_stage(),
-            post_process=parallel_state.is_pipeline_last_stage(),
-        )
-    stage.init_weights(cfg.train.seed)
-    module: torch.nn.Module = stage
-    if backends.device == "cuda":
-        module = module.cuda()
-    if tc.bf16:
-        module = Float16Module(tc, module)
+        stage = GokuModel(tc, cfg.model, layer_spec(backends.linear, backends.attention),
+                          pre_process=pre_process, post_process=post_process)
+    if seed is not None:
+        stage.init_weights(seed)
+    module: MegatronModule = stage.to(backends.torch_device())
+    return Float16Module(tc, module) if tc.bf16 else module
+
+
+def build_model(cfg: Config, backends: Backends) -> tuple[list[torch.nn.Module], TransformerConfig]:
+    """This rank's pipeline stage for training, initialised from ``train.seed`` and wrapped in
+    megatron DDP or, with parallel.fsdp, sharded by megatron's FSDP2 wrapper; with its
+    TransformerConfig."""
+    o = cfg.optim
+    tc = build_transformer_config(cfg, backends)
+    module = build_stage(cfg, backends, tc, cfg.train.seed, pre_process=parallel_state.is_pipeline_first_stage(),
+                         post_process=parallel_state.is_pipeline_last_stage())
     if cfg.parallel.fsdp:
         return [ShardedDataParallel(tc, module, cfg.parallel)], tc
     ddp_config = DistributedDataParallelConfig(
@@ -94,8 +102,7 @@ def build_model(cfg: Config, backends: Backends) -> tuple[list[torch.nn.Module],
     return [DistributedDataParallel(config=tc, ddp_config=ddp_config, module=module)], tc
 
 
-def build_unsharded_model(cfg: Config, backends: Backends) -> GokuModel:
-    """The whole GokuModel in this process (TP=PP=CP=1), uninitialised: a sampler loads its
-    weights from a checkpoint (checkpoint.load_model_weights)."""
-    model = GokuModel(build_transformer_config(cfg, backends), cfg.model, layer_spec(backends.linear, backends.attention))
-    return model.to("cuda" if backends.device == "cuda" else "cpu")
+def build_unsharded_model(cfg: Config, backends: Backends) -> MegatronModule:
+    """The whole GokuModel in this process (TP=PP=CP=1) in the run's precision, uninitialised: a
+    sampler or converter loads its weights next (checkpoint.load_model_weights)."""
+    return build_stage(cfg, backends, build_transformer_config(cfg, backends, initialize=False), seed=None)
