@@ -77,6 +77,20 @@ def run_equivalence(tmp_path_factory, name: str, nproc: int, overrides: list[str
     return merged
 
 
+def layout_runner(tmp_path_factory, layouts: dict[str, tuple[int, list[str]]], prefix: str = ""):
+    """``run(name)``: the equivalence run of ``layouts[name]`` (processes, overrides), run once for
+    every test that inspects it."""
+    done: dict[str, dict] = {}
+
+    def run(name: str) -> dict:
+        if name not in done:
+            nproc, overrides = layouts[name]
+            done[name] = run_equivalence(tmp_path_factory, prefix + name, nproc, overrides)
+        return done[name]
+
+    return run
+
+
 # Checkpoint and restart tests (test_checkpoint*.py, test_resilience.py): the toy recipe, shrunk.
 TOY_CHECKPOINT_RUN = ["model.hidden_size=64", "model.ffn_hidden_size=256", "data.toy_clips=32",
                       "data.toy_images=0", "train.global_batch_size=8", "train.micro_batch_size=2",

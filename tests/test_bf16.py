@@ -22,7 +22,7 @@ import time
 import pytest
 import torch
 from checkpoint_utils import assert_same_tensors, checkpoint_tensors, losses, metrics
-from conftest import REPO, TOY_CHECKPOINT_RUN, run_equivalence
+from conftest import REPO, TOY_CHECKPOINT_RUN, layout_runner
 from numerics import assert_within_bf16_rounding
 
 from goku_megatron.batch import pack_batch
@@ -52,15 +52,7 @@ ADAM_SIGN_FLIP = 2 * 1e-3
 
 @pytest.fixture(scope="module")
 def equivalence_run(tmp_path_factory):
-    done: dict[str, dict] = {}
-
-    def get(layout: str) -> dict:
-        if layout not in done:
-            nproc, overrides = LAYOUTS[layout]
-            done[layout] = run_equivalence(tmp_path_factory, f"bf16-{layout}", nproc, overrides)
-        return done[layout]
-
-    return get
+    return layout_runner(tmp_path_factory, LAYOUTS, prefix="bf16-")
 
 
 @pytest.mark.slow

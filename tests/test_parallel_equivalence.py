@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_stage, run_equivalence
+from conftest import build_stage, layout_runner, run_equivalence
 from numerics import assert_close_to_scale
 
 from goku_megatron.checkpoint import latest_checkpoint, load_model_weights
@@ -90,16 +90,7 @@ def assert_same_run(rec: dict, ref_rec: dict, got: dict, ref: dict) -> None:
 
 @pytest.fixture(scope="module")
 def layout_run(tmp_path_factory):
-    """Runs each layout once for all the tests that inspect it."""
-    done: dict[str, dict] = {}
-
-    def get(layout: str) -> dict:
-        if layout not in done:
-            nproc, overrides = LAYOUTS[layout]
-            done[layout] = run_equivalence(tmp_path_factory, layout, nproc, overrides)
-        return done[layout]
-
-    return get
+    return layout_runner(tmp_path_factory, LAYOUTS)
 
 
 @pytest.mark.slow
