@@ -8,12 +8,14 @@ the same schedules, DDP buffers, optimizer wrappers and tensor-parallel layers r
 
 Rules that keep this module honest:
 - ``apply()`` is a no-op when CUDA is available: GPU runs use megatron-core untouched.
-- It refuses any megatron-core version but the one it was written for, so that an upgrade fails
-  here, loudly, instead of somewhere inside a training step. tests/test_cpu_compat.py has one test
-  per patch; re-run it and revisit each patch when bumping the pin in setup.py.
+- It refuses any megatron-core version but the one it was written for (``patching.check_version``),
+  so that an upgrade fails here, loudly, instead of somewhere inside a training step.
+  tests/test_cpu_compat.py has one test per patch; re-run it and revisit each patch when bumping
+  the pin in setup.py.
 - No megatron code is copied: patches either swap the ``torch`` name a module sees (``_CpuTorch``),
-  replace one small function with a CPU equivalent written here, or wrap one method so that it
-  gets what it expects (``_wrap_method``; the wrapper calls megatron's original).
+  replace one small function with a CPU equivalent written here (``patching.patch_attr``), or wrap
+  one method so that it gets what it expects (``patching.wrap_method``; the wrapper calls
+  megatron's original).
 
 Without Transformer Engine or apex (always the case on CPU) megatron-core falls back to torch's
 AdamW, whose per-parameter ``step`` tensor the distributed optimizer's checkpoint code does not
@@ -35,11 +37,9 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 
-from goku_megatron.config import ConfigError
+from goku_megatron.patching import MEGATRON_CORE_VERSION, check_version, patch_attr, wrap_method
 
 log = logging.getLogger(__name__)
-
-MEGATRON_CORE_VERSION = "0.16.1"
 
 # Modules whose CUDA-only tensor placement is redirected, and what in each needs it (0.16.1).
 REDIRECTED_MODULES: dict[str, str] = {
@@ -59,9 +59,6 @@ REDIRECTED_MODULES: dict[str, str] = {
     "megatron.core.dist_checkpointing.strategies.state_dict_saver": "failure flag on current_device()",
     "megatron.core.optimizer.distrib_optimizer": "dummy Adam state on current_device() when loading",
 }
-
-# Marks a method wrapped by _wrap_method, so that apply() never wraps a wrapper.
-_WRAPPED = "_goku_cpu_compat_wrapped"
 
 _applied = False
 
@@ -279,45 +276,6 @@ def own_torch_adam_steps(load_state_dict: Callable[..., Any]) -> Callable[..., A
     return load
 
 
-def _wrap_method(owner: type, name: str, make_wrapper: Callable[[Callable[..., Any]], Any]) -> None:
-    """Replace ``owner.name`` by ``make_wrapper(original)``, once (a wrapper is never rewrapped)."""
-    if name not in owner.__dict__:
-        raise RuntimeError(
-            f"cpu_compat: {owner.__module__}.{owner.__name__}.{name} is gone; "
-            f"update goku_megatron/cpu_compat.py"
-        )
-    current = owner.__dict__[name]
-    function = current.__func__ if isinstance(current, classmethod) else current
-    if getattr(function, _WRAPPED, False):
-        return
-    wrapped = make_wrapper(function)
-    wrapper = wrapped.__func__ if isinstance(wrapped, classmethod) else wrapped
-    setattr(wrapper, _WRAPPED, True)
-    wrapper.__wrapped__ = function  # megatron's original, for tests/test_cpu_compat.py
-    setattr(owner, name, wrapped)
-
-
-def _patch_attr(module_name: str, attr: str, replacement: Any) -> None:
-    module = importlib.import_module(module_name)
-    if not hasattr(module, attr):
-        raise RuntimeError(
-            f"cpu_compat: {module_name}.{attr} is gone; update goku_megatron/cpu_compat.py"
-        )
-    setattr(module, attr, replacement)
-
-
-def check_version() -> None:
-    """Refuse a megatron-core these patches were not written (and tested) for."""
-    from megatron.core import package_info
-
-    if package_info.__version__ != MEGATRON_CORE_VERSION:
-        raise ConfigError(
-            f"goku_megatron.cpu_compat was written for megatron-core {MEGATRON_CORE_VERSION} but "
-            f"{package_info.__version__} is installed: install megatron-core=={MEGATRON_CORE_VERSION} "
-            f"or update the patches and run tests/test_cpu_compat.py"
-        )
-
-
 # ----------------------------------------------------------------------------------------------
 # Before megatron-core is imported: its JIT fuser
 
@@ -392,17 +350,17 @@ def apply(force: bool = False) -> bool:
         return False
     check_version()
     _redirect_cuda(REDIRECTED_MODULES)
-    _patch_attr("megatron.core.tensor_parallel.random", "_get_cuda_rng_state", _cpu_rng_state)
-    _patch_attr("megatron.core.tensor_parallel.random", "_set_cuda_rng_state", _set_cpu_rng_state)
-    _patch_attr("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32", clip_grad_by_total_norm)
-    _patch_attr("megatron.core.dist_checkpointing.strategies.filesystem_async", "_get_write_results_queue",
-                in_process_write_results_queue)
-    _patch_attr("megatron.core.distributed.torch_fully_sharded_data_parallel", "DeviceMesh", CpuDeviceMesh)
+    patch_attr("megatron.core.tensor_parallel.random", "_get_cuda_rng_state", _cpu_rng_state)
+    patch_attr("megatron.core.tensor_parallel.random", "_set_cuda_rng_state", _set_cpu_rng_state)
+    patch_attr("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32", clip_grad_by_total_norm)
+    patch_attr("megatron.core.dist_checkpointing.strategies.filesystem_async", "_get_write_results_queue",
+               in_process_write_results_queue)
+    patch_attr("megatron.core.distributed.torch_fully_sharded_data_parallel", "DeviceMesh", CpuDeviceMesh)
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    _wrap_method(DistributedOptimizer, "_build_model_and_main_param_groups", cpu_params_report_cuda_types)
-    _wrap_method(DistributedOptimizer, "_set_main_param_and_optimizer_states", keep_torch_adam_step)
-    _wrap_method(DistributedOptimizer, "load_state_dict", own_torch_adam_steps)
+    wrap_method(DistributedOptimizer, "_build_model_and_main_param_groups", cpu_params_report_cuda_types)
+    wrap_method(DistributedOptimizer, "_set_main_param_and_optimizer_states", keep_torch_adam_step)
+    wrap_method(DistributedOptimizer, "load_state_dict", own_torch_adam_steps)
     _applied = True
     log.debug("megatron-core %s adapted to CPU (the backends: line says so too)", MEGATRON_CORE_VERSION)
     return True

@@ -22,7 +22,7 @@ import torch
 from numerics import EPS32, assert_close_to_scale
 from torch.distributed.device_mesh import DeviceMesh
 
-from goku_megatron import cpu_compat
+from goku_megatron import cpu_compat, patching
 from goku_megatron.config import ConfigError
 
 # A real CUDA dependency in a module's source: torch.cuda.<x>, device="cuda", or tensor.cuda().
@@ -124,26 +124,7 @@ def _torch_twin(model):
 
 
 # ----------------------------------------------------------------------------------------------
-# (a) version pin
-
-
-def test_installed_megatron_core_is_the_pinned_version():
-    from megatron.core import package_info
-
-    assert package_info.__version__ == cpu_compat.MEGATRON_CORE_VERSION
-    cpu_compat.check_version()
-
-
-def test_check_version_refuses_other_megatron_core(monkeypatch):
-    from megatron.core import package_info
-
-    monkeypatch.setattr(package_info, "__version__", "0.17.0")
-    with pytest.raises(ConfigError) as err:  # a fault in the user's environment: one line, exit 2
-        cpu_compat.check_version()
-    msg = str(err.value)
-    assert cpu_compat.MEGATRON_CORE_VERSION in msg and "0.17.0" in msg
-    assert f"megatron-core=={cpu_compat.MEGATRON_CORE_VERSION}" in msg  # the fix: pin back...
-    assert "tests/test_cpu_compat.py" in msg  # ...or update the patches and re-run this file
+# (a) version pin (tests/test_patching.py checks the pin itself)
 
 
 def test_apply_refuses_other_megatron_core_before_patching(monkeypatch):
@@ -932,7 +913,7 @@ def test_patches_are_restored_after_the_no_op_tests(patched):
 
     for name in ("_build_model_and_main_param_groups", "_set_main_param_and_optimizer_states", "load_state_dict"):
         method = DistributedOptimizer.__dict__[name]
-        assert getattr(getattr(method, "__func__", method), cpu_compat._WRAPPED), name
+        assert getattr(getattr(method, "__func__", method), patching.WRAPPED), name
 
 
 # ----------------------------------------------------------------------------------------------
