@@ -1,6 +1,8 @@
 """How goku_megatron patches megatron-core: the version pin and the two ways a patch is made.
 
-Every goku module that patches megatron-core (cpu_compat.py) goes through here. The rules:
+Three modules patch megatron-core, each for its own reason: cpu_compat.py (device placement, CPU
+only), checkpoint_writer.py (the writers' results queue) and optim.py (torch's AdamW under the
+distributed optimizer). They share these rules:
 - A patch is written for one megatron-core version; ``check_version`` refuses another in one line
   (exit 2), so that an upgrade fails at start-up instead of somewhere inside a training step.
 - A patch either replaces one attribute of a megatron module (``patch_attr``) or wraps one method
@@ -34,7 +36,8 @@ def check_version() -> None:
         raise ConfigError(
             f"goku_megatron's megatron-core patches were written for megatron-core {MEGATRON_CORE_VERSION} but "
             f"{package_info.__version__} is installed: install megatron-core=={MEGATRON_CORE_VERSION} "
-            f"or update the patches (goku_megatron/patching.py lists them) and run tests/test_cpu_compat.py"
+            f"or update the patches (goku_megatron/patching.py lists them) and run tests/test_cpu_compat.py, "
+            f"tests/test_checkpoint_writer.py and tests/test_optim.py"
         )
 
 

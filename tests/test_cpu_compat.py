@@ -23,6 +23,7 @@ from numerics import EPS32, assert_close_to_scale
 from torch.distributed.device_mesh import DeviceMesh
 
 from goku_megatron import cpu_compat, patching
+from goku_megatron.checkpoint_writer import install_in_process_results_queue
 from goku_megatron.config import ConfigError
 
 # A real CUDA dependency in a module's source: torch.cuda.<x>, device="cuda", or tensor.cuda().
@@ -699,7 +700,14 @@ def _load(path):
     return loaded
 
 
-def test_dist_checkpointing_save_load_round_trip(patched, tmp_path):
+@pytest.fixture
+def results_in_process(patched):
+    """megatron's writers report through goku's in-process queue, as in any goku save (a
+    Checkpointer installs it; these tests call dist_checkpointing.save themselves)."""
+    install_in_process_results_queue()
+
+
+def test_dist_checkpointing_save_load_round_trip(results_in_process, tmp_path):
     from megatron.core import dist_checkpointing
 
     values = _values(0)
@@ -712,7 +720,7 @@ def test_dist_checkpointing_save_load_round_trip(patched, tmp_path):
         assert loaded[k].dtype == v.dtype and torch.equal(loaded[k], v), k
 
 
-def test_dist_checkpointing_async_save_round_trip(patched, tmp_path):
+def test_dist_checkpointing_async_save_round_trip(results_in_process, tmp_path):
     """Async save as goku runs it: megatron's AsyncCallsQueue (async_utils, completion agreed over
     gloo with CPU tensors) with goku's writer thread, which reports through the in-process results
     queue (filesystem_async)."""
@@ -738,7 +746,7 @@ def test_dist_checkpointing_async_save_round_trip(patched, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# The distributed optimizer (distrib_optimizer) and the checkpoint writers' results queue
+# The distributed optimizer (distrib_optimizer)
 
 
 def _distributed(seed: int = 0):
@@ -793,77 +801,17 @@ def test_distributed_optimizer_needs_the_type_patch(patched, monkeypatch):
         _distributed()
 
 
-def _reload(path, optimizer_source, seed):
-    """Save optimizer_source's state fully_reshardable to ``path`` and load it into a fresh one."""
-    from megatron.core import dist_checkpointing
-
-    metadata = {"distrib_optim_sharding_type": "fully_reshardable",
-                "distrib_optim_fully_reshardable_mem_efficient": True}
-    model, source = optimizer_source
-    dist_checkpointing.save({**model.sharded_state_dict(),
-                             "optimizer": source.sharded_state_dict(model.sharded_state_dict(), metadata=metadata)},
-                            str(path))
-    fresh_model, _, fresh = _distributed(seed)
-    for part in fresh.chained_optimizers:
-        part._init_optimizer_states_with_dummy_values()
-    template = fresh.sharded_state_dict(fresh_model.sharded_state_dict(), is_loading=True, metadata=metadata)
-    fresh.load_state_dict(dist_checkpointing.load({"optimizer": template}, str(path))["optimizer"])
-    return fresh
-
-
-@pytest.mark.parametrize("patch", ["all", "without_keep_step", "without_own_steps"])
-def test_fully_reshardable_load_restores_torch_adam_steps(patched, monkeypatch, tmp_path, patch):
-    """Loading restores moments and a step per parameter: without keep_torch_adam_step the load
-    fails on AdamW's 'step'; without own_torch_adam_steps all parameters share one step tensor
-    (which AdamW then increments once per parameter)."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    name = {"without_keep_step": "_set_main_param_and_optimizer_states",
-            "without_own_steps": "load_state_dict"}.get(patch)
-    if name:
-        monkeypatch.setattr(DistributedOptimizer, name, DistributedOptimizer.__dict__[name].__wrapped__)
-    model, ddp, optimizer = _distributed()
-    _adam_step(ddp, optimizer)
-    _adam_step(ddp, optimizer, seed=4)
-    if patch == "without_keep_step":
-        with pytest.raises(KeyError, match="step"):
-            _reload(tmp_path, (model, optimizer), seed=1)
-        return
-    fresh = _reload(tmp_path, (model, optimizer), seed=1)
-    saved, loaded = optimizer.chained_optimizers[0].optimizer, fresh.chained_optimizers[0].optimizer
-    steps = [s["step"] for s in loaded.state.values()]
-    assert [float(s) for s in steps] == [2.0] * len(steps)
-    assert len({id(s) for s in steps}) == (1 if patch == "without_own_steps" else len(steps))
-    for a, b in zip(saved.state.values(), loaded.state.values()):
-        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
-
-
-def test_checkpoint_writers_report_through_an_in_process_queue(patched):
-    import queue as queues
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    assert filesystem_async._get_write_results_queue is cpu_compat.in_process_write_results_queue
-    queue = filesystem_async._get_write_results_queue()
-    assert isinstance(queue, queues.Queue)  # thread-safe, no process behind it
-    assert filesystem_async._get_write_results_queue() is queue  # one per process
-    queue.put({"rank": 0})
-    assert queue.get(timeout=10) == {"rank": 0}
-    assert 'get_context("spawn")' in inspect.getsource(filesystem_async), (
-        "megatron's results queue is no longer a spawned Manager's: drop in_process_write_results_queue")
-
-
 # ----------------------------------------------------------------------------------------------
 # The no-op rule: GPU runs use megatron-core untouched
 
 
 def _patch_targets():
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from megatron.core.distributed import torch_fully_sharded_data_parallel
     from megatron.core.optimizer import optimizer
     from megatron.core.tensor_parallel import random as mrandom
 
     return [(mrandom, "_get_cuda_rng_state"), (mrandom, "_set_cuda_rng_state"),
-            (optimizer, "clip_grad_by_total_norm_fp32"), (filesystem_async, "_get_write_results_queue")]
+            (optimizer, "clip_grad_by_total_norm_fp32"), (torch_fully_sharded_data_parallel, "DeviceMesh")]
 
 
 def _unpatch(monkeypatch):
@@ -911,9 +859,8 @@ def test_patches_are_restored_after_the_no_op_tests(patched):
     assert optimizer.clip_grad_by_total_norm_fp32 is cpu_compat.clip_grad_by_total_norm
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    for name in ("_build_model_and_main_param_groups", "_set_main_param_and_optimizer_states", "load_state_dict"):
-        method = DistributedOptimizer.__dict__[name]
-        assert getattr(getattr(method, "__func__", method), patching.WRAPPED), name
+    method = DistributedOptimizer.__dict__["_build_model_and_main_param_groups"]
+    assert getattr(method.__func__, patching.WRAPPED)
 
 
 # ----------------------------------------------------------------------------------------------
