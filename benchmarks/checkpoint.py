@@ -9,9 +9,13 @@ The state is what goku-train checkpoints: weights, fp32 EMA, and the distributed
 main weights and Adam moments (after one optimizer step, so that they exist). "MB" is the size on
 disk. Each figure is the median over ``--repeats`` runs; the first call also pays one-time
 set-up (planning caches; for the async saves the allocation of the snapshot's buffers) and is
-shown apart. The async saves go to one Checkpointer each, as in a run: its snapshot buffers are
-allocated by the first save and reused by the next. "until complete" is the async save's
-blocking part plus the wait for its writer thread. The "no checksums" rows save with the
+shown apart. The process's first checkpoint save is an async one, as in goku-train, so the first
+async save's blocking time also holds whatever a process pays once for its first save (megatron's
+results queue was a spawned Manager process on GPU before goku installed its own everywhere); a
+line sets it beside the later ones and says how many processes the first save left running. The
+async saves go to one Checkpointer each, as in a run: its snapshot buffers are allocated by the
+first save and reused by the next. "until complete" is the async save's blocking part plus the
+wait for its writer thread. The "no checksums" rows save with the
 hashing switched off, so the "checksums add" line is what hashing adds to the time a save
 blocks training (an async save's writer thread hashes the files it wrote; a sync save hashes
 them in line). The optimizer-step rows time an AdamW step plus the EMA update (random
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import multiprocessing
 import os
 import shutil
 import statistics
@@ -124,18 +129,22 @@ def main() -> None:
     async_ck = Checkpointer(root / "async", keep_last=1, async_save=True)
     bare_async_ck = Checkpointer(root / "bare_async", keep_last=1, async_save=True)
     step = 0
+    children_before = len(multiprocessing.active_children())
+    children_started = 0
     for repeat in range(args.repeats + 1):
         results["torch_save"].append(timed(lambda: _fsynced_save(plain, plain_path)))
         results["torch_load"].append(timed(lambda: torch.load(plain_path, map_location="cpu")))
         step += 1
-        sync_run = root / f"sync{repeat}"
-        results["sync_save"].append(timed(lambda: Checkpointer(sync_run).save(step, state, cfg.to_dict(),
-                                                                             blocking=True)))
         blocked: list[float] = []
         results["async_total"].append(timed(lambda: (blocked.append(async_ck.save(step, state, cfg.to_dict())),
                                                      async_ck.wait())))
         results["async_block"].append(blocked[0])
         results["async_snapshot"].append(async_ck.last_snapshot_s)
+        if repeat == 0:  # the process's first checkpoint save
+            children_started = len(multiprocessing.active_children()) - children_before
+        sync_run = root / f"sync{repeat}"
+        results["sync_save"].append(timed(lambda: Checkpointer(sync_run).save(step, state, cfg.to_dict(),
+                                                                             blocking=True)))
         results["load"].append(timed(lambda: load_checkpoint(sync_run / "checkpoints" / f"iter_{step:07d}", state)))
         results["opt_step"].append(timed(optimizer_step))
         async_ck.save(step, state, cfg.to_dict())  # the same step again: its writer runs beside the next step
@@ -185,6 +194,9 @@ def main() -> None:
               f"{snapshot_mb.item():.1f} MB per rank (at most, over ranks) from one async save to the next")
         print(f"checksums add {100 * (med['async_block'] / med['async_block_nohash'] - 1):+.1f}% to an async "
               f"save's blocking time and {100 * (med['sync_save'] / med['sync_save_nohash'] - 1):+.1f}% to a sync save")
+        print(f"the first async save (this process's first checkpoint save) blocked training "
+              f"{first['async_block']:.3f} s, later ones {med['async_block']:.3f} s (median of {args.repeats}); "
+              f"processes the first save left running on rank 0: {children_started}")
     torch.distributed.barrier()
     if rank == 0 and not args.dir:
         shutil.rmtree(root, ignore_errors=True)

@@ -63,7 +63,13 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from torch.distributed.checkpoint import CheckpointException
 
-from goku_megatron.checkpoint_writer import Snapshot, WriterQueue, WriterTimeout, in_writer_thread
+from goku_megatron.checkpoint_writer import (
+    Snapshot,
+    WriterQueue,
+    WriterTimeout,
+    in_writer_thread,
+    install_in_process_results_queue,
+)
 from goku_megatron.config import Config, ConfigError
 from goku_megatron.ema import EMA, EMA_PREFIX, MODEL_PREFIX
 from goku_megatron.model.fsdp import describe_weights, is_sharded, local, local_shard, replica_index
@@ -455,10 +461,13 @@ class Checkpointer:
     is written by a thread. At most one async save is in flight: a new save first waits for the
     previous one, so there is one snapshot. A writer that fails, or has not finished
     ``write_timeout_s`` after a save started waiting for it, ends in a ConfigError (one line).
+    Building one makes megatron's writers report in this process (checkpoint_writer.
+    install_in_process_results_queue), on every device.
     """
 
     def __init__(self, run_dir: Path, keep_last: int = 0, async_save: bool = False, interval: int = 0,
                  last_step: int = 0, write_timeout_s: float = WRITE_TIMEOUT_S) -> None:
+        install_in_process_results_queue()
         self.run_dir = Path(run_dir)
         self.root = self.run_dir / "checkpoints"
         self.keep_last = keep_last

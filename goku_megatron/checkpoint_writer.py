@@ -19,6 +19,10 @@ optimizer state; a tensor two entries share, like the fp32 weights that are also
 optimizer's main weights, is copied once). It stays allocated between saves. A save first waits
 for the previous one to finish writing (Checkpointer.save calls wait), so there is never a
 second snapshot.
+
+Results: megatron's writers report through ``filesystem_async._get_write_results_queue``, a queue
+of a spawned Manager process; ``install_in_process_results_queue`` makes it a plain queue of this
+process, on every device (the writer is a thread, sync saves run in the training process).
 """
 
 from __future__ import annotations
@@ -37,7 +41,12 @@ from megatron.core.dist_checkpointing.mapping import is_main_replica
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCaller, AsyncCallsQueue, AsyncRequest
 from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 
+from goku_megatron.patching import check_version, patch_attr
+from goku_megatron.platform import has_cuda
+
 log = logging.getLogger(__name__)
+
+_results_queue: queue.Queue | None = None
 
 
 class WriterTimeout(RuntimeError):
@@ -59,7 +68,7 @@ class Snapshot:
         """``sharded_state_dict`` with the data of each ShardedTensor this rank writes (main
         replicas) replaced by a host copy; other entries as they are. Training may change the
         original tensors as soon as this returns."""
-        pinned = torch.cuda.is_available()
+        pinned = has_cuda()  # page-locked buffers: the device-to-host copies run asynchronously
         buffers: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
         copies: dict[tuple[Any, ...], torch.Tensor] = {}  # by the memory copied: shared tensors once
 
@@ -128,6 +137,37 @@ def in_writer_thread(request: AsyncRequest, after: Callable[[], None]) -> AsyncR
     if use_msc:
         raise RuntimeError("the checkpoint writer thread writes to local files only (multi-storage client is on)")
     return request._replace(async_fn=functools.partial(write_buckets, transforms, after))
+
+
+def in_process_write_results_queue() -> queue.Queue:
+    """Replacement for filesystem_async._get_write_results_queue: the queue through which
+    checkpoint writers report their results, in this process (one per process)."""
+    global _results_queue
+    if _results_queue is None:
+        _results_queue = queue.Queue()
+    return _results_queue
+
+
+def install_in_process_results_queue() -> None:
+    """Have megatron's checkpoint writers report through ``in_process_write_results_queue``.
+
+    megatron asks for the queue in every save, sync or async (FileSystemWriterAsync.
+    prepare_write_data, inside dist_checkpointing.save), and its own queue is a spawned Manager's,
+    because its async writer is a forked process: the first save starts a fresh interpreter that
+    imports torch and re-imports the main module (the first async save of a run on an H200 blocked
+    training 8-13 s without this; seconds on a busy CPU; a hang for a torchrun script without an
+    ``if __name__ == "__main__"`` guard). goku's results never cross a process: async saves are written by
+    ``WriterThread``, sync ones by the training process, so a plain queue does, on every device.
+    (A forked Manager would also share the training process's memory copy-on-write for the rest of
+    the run.) megatron's own forked writer (TemporalAsyncCaller) cannot report through it.
+
+    Called where a ``checkpoint.Checkpointer`` is built: every goku save is made by one, and
+    megatron asks for the queue only inside a save, so this precedes every use on every device
+    and costs programs that never save nothing. Idempotent.
+    """
+    check_version()
+    patch_attr("megatron.core.dist_checkpointing.strategies.filesystem_async", "_get_write_results_queue",
+               in_process_write_results_queue)
 
 
 class WriterThread(AsyncCaller):

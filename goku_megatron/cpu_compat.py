@@ -1,4 +1,4 @@
-"""The one place where megatron-core is adapted to run on CPU with gloo.
+"""The one place where megatron-core is adapted to run on CPU with gloo: device placement only.
 
 megatron-core targets CUDA: it allocates communication buffers on ``torch.cuda.current_device()``,
 creates a few tensors with ``device="cuda"``, reads the CUDA RNG for its model-parallel RNG tracker
@@ -8,16 +8,20 @@ the same schedules, DDP buffers, optimizer wrappers and tensor-parallel layers r
 
 Rules that keep this module honest:
 - ``apply()`` is a no-op when CUDA is available: GPU runs use megatron-core untouched.
-- It refuses any megatron-core version but the one it was written for, so that an upgrade fails
-  here, loudly, instead of somewhere inside a training step. tests/test_cpu_compat.py has one test
-  per patch; re-run it and revisit each patch when bumping the pin in setup.py.
+- Device placement only: where tensors live, what a CUDA-only call (RNG state, synchronize) means
+  on the CPU, the device of FSDP2's mesh and the CUDA tensor types megatron asserts. What a GPU run
+  needs as well is not here but with the code it serves, installed on every device (the checkpoint
+  writers' results queue in checkpoint_writer.py, torch AdamW's step under the distributed
+  optimizer in optim.py). Besides, before megatron-core is imported, ``disable_jit_fuser_on_cpu``
+  turns megatron's JIT fuser off on CPU: start-up time, not behaviour.
+- It refuses any megatron-core version but the one it was written for (``patching.check_version``),
+  so that an upgrade fails here, loudly, instead of somewhere inside a training step.
+  tests/test_cpu_compat.py has one test per patch; re-run it and revisit each patch when bumping
+  the pin in setup.py.
 - No megatron code is copied: patches either swap the ``torch`` name a module sees (``_CpuTorch``),
-  replace one small function with a CPU equivalent written here, or wrap one method so that it
-  gets what it expects (``_wrap_method``; the wrapper calls megatron's original).
-
-Without Transformer Engine or apex (always the case on CPU) megatron-core falls back to torch's
-AdamW, whose per-parameter ``step`` tensor the distributed optimizer's checkpoint code does not
-expect; two wrappers below close that gap, so they live here too.
+  replace one small function with a CPU equivalent written here (``patching.patch_attr``), or wrap
+  one method so that it gets what it expects (``patching.wrap_method``; the wrapper calls
+  megatron's original).
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ import importlib
 import importlib.abc
 import importlib.machinery
 import logging
-import queue
 import sys
 import types
 from typing import Any, Callable, Iterable, Iterator
@@ -36,11 +39,9 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 
-from goku_megatron.config import ConfigError
+from goku_megatron.patching import MEGATRON_CORE_VERSION, check_version, patch_attr, wrap_method
 
 log = logging.getLogger(__name__)
-
-MEGATRON_CORE_VERSION = "0.16.1"
 
 # Modules whose CUDA-only tensor placement is redirected, and what in each needs it (0.16.1).
 REDIRECTED_MODULES: dict[str, str] = {
@@ -60,9 +61,6 @@ REDIRECTED_MODULES: dict[str, str] = {
     "megatron.core.dist_checkpointing.strategies.state_dict_saver": "failure flag on current_device()",
     "megatron.core.optimizer.distrib_optimizer": "dummy Adam state on current_device() when loading",
 }
-
-# Marks a method wrapped by _wrap_method, so that apply() never wraps a wrapper.
-_WRAPPED = "_goku_cpu_compat_wrapped"
 
 _applied = False
 
@@ -176,9 +174,6 @@ def clip_grad_by_total_norm(
         torch._foreach_mul_(grads, clip_coeff)
 
 
-_write_results_queue: queue.Queue | None = None
-
-
 class CpuDeviceMesh:
     """What ``DeviceMesh`` means to megatron's FSDP2 wrapper on CPU: the mesh of its process group
     on the CPU (the wrapper asks for a "cuda" mesh; FSDP2 itself runs on gloo)."""
@@ -186,25 +181,6 @@ class CpuDeviceMesh:
     @staticmethod
     def from_group(group: Any, device_type: str, *args: Any, **kwargs: Any) -> Any:
         return DeviceMesh.from_group(group, "cpu", *args, **kwargs)
-
-
-def in_process_write_results_queue() -> queue.Queue:
-    """Replacement for filesystem_async._get_write_results_queue: the queue through which
-    checkpoint writers report their results, in this process.
-
-    megatron spawns a Manager process for it, because its async writer is a forked process: a
-    fresh interpreter that imports torch and re-imports the main module, seconds of the first save
-    on a busy CPU (and a hang for a torchrun script without an ``if __name__ == "__main__"``
-    guard). goku writes async checkpoints from a thread (goku_megatron/checkpoint_writer.py) and
-    sync ones from the training process itself, so results never cross a process: a plain queue
-    does. (A forked Manager would share the training process's memory copy-on-write for the rest
-    of the run: each page training writes after the first save would be copied once, on the
-    training thread.) megatron's own forked writer (TemporalAsyncCaller) cannot report through it.
-    """
-    global _write_results_queue
-    if _write_results_queue is None:
-        _write_results_queue = queue.Queue()
-    return _write_results_queue
 
 
 def _reported_type(name: str, tensor: torch.Tensor, dtype: Any = None, non_blocking: bool = False,
@@ -260,85 +236,6 @@ def cpu_float16_params_report_cuda_types(init: Callable[..., Any]) -> Callable[.
             init(self, optimizer, *args, **kwargs)
 
     return float16_optimizer_init
-
-
-def keep_torch_adam_step(set_states: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrapper for DistributedOptimizer._set_main_param_and_optimizer_states.
-
-    Loading a ``fully_reshardable`` checkpoint hands it the param, exp_avg and exp_avg_sq of a
-    parameter and copies into every state the optimizer holds; torch's AdamW also holds a 'step'
-    (megatron restores it separately, from the param groups), so the copy fails with KeyError.
-    The wrapper passes the optimizer's own step along, which leaves it as it is.
-    """
-
-    def set_main_param_and_optimizer_states(self: Any, model_param: torch.nn.Parameter,
-                                            tensors: dict[str, torch.Tensor]) -> Any:
-        if "step" not in tensors:
-            group_index, group_order = self.model_param_group_index_map[model_param]
-            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
-            state = self.optimizer.state[main_param]
-            if "step" in state:
-                tensors = {**tensors, "step": state["step"]}
-        return set_states(self, model_param, tensors)
-
-    return set_main_param_and_optimizer_states
-
-
-def own_torch_adam_steps(load_state_dict: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrapper for DistributedOptimizer.load_state_dict.
-
-    For torch's AdamW it gives every parameter the *same* 'step' tensor. AdamW increments each
-    parameter's step in place, so after a resume the shared tensor advanced once per parameter
-    per optimizer step and Adam's bias correction was wrong from then on. The wrapper gives each
-    parameter its own copy of the loaded step.
-    """
-
-    def load(self: Any, state_dict: dict[str, Any]) -> None:
-        load_state_dict(self, state_dict)
-        for state in self.optimizer.state.values():
-            if isinstance(state.get("step"), torch.Tensor):
-                state["step"] = state["step"].clone()
-
-    return load
-
-
-def _wrap_method(owner: type, name: str, make_wrapper: Callable[[Callable[..., Any]], Any]) -> None:
-    """Replace ``owner.name`` by ``make_wrapper(original)``, once (a wrapper is never rewrapped)."""
-    if name not in owner.__dict__:
-        raise RuntimeError(
-            f"cpu_compat: {owner.__module__}.{owner.__name__}.{name} is gone; "
-            f"update goku_megatron/cpu_compat.py"
-        )
-    current = owner.__dict__[name]
-    function = current.__func__ if isinstance(current, classmethod) else current
-    if getattr(function, _WRAPPED, False):
-        return
-    wrapped = make_wrapper(function)
-    wrapper = wrapped.__func__ if isinstance(wrapped, classmethod) else wrapped
-    setattr(wrapper, _WRAPPED, True)
-    wrapper.__wrapped__ = function  # megatron's original, for tests/test_cpu_compat.py
-    setattr(owner, name, wrapped)
-
-
-def _patch_attr(module_name: str, attr: str, replacement: Any) -> None:
-    module = importlib.import_module(module_name)
-    if not hasattr(module, attr):
-        raise RuntimeError(
-            f"cpu_compat: {module_name}.{attr} is gone; update goku_megatron/cpu_compat.py"
-        )
-    setattr(module, attr, replacement)
-
-
-def check_version() -> None:
-    """Refuse a megatron-core these patches were not written (and tested) for."""
-    from megatron.core import package_info
-
-    if package_info.__version__ != MEGATRON_CORE_VERSION:
-        raise ConfigError(
-            f"goku_megatron.cpu_compat was written for megatron-core {MEGATRON_CORE_VERSION} but "
-            f"{package_info.__version__} is installed: install megatron-core=={MEGATRON_CORE_VERSION} "
-            f"or update the patches and run tests/test_cpu_compat.py"
-        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -415,19 +312,15 @@ def apply(force: bool = False) -> bool:
         return False
     check_version()
     _redirect_cuda(REDIRECTED_MODULES)
-    _patch_attr("megatron.core.tensor_parallel.random", "_get_cuda_rng_state", _cpu_rng_state)
-    _patch_attr("megatron.core.tensor_parallel.random", "_set_cuda_rng_state", _set_cpu_rng_state)
-    _patch_attr("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32", clip_grad_by_total_norm)
-    _patch_attr("megatron.core.dist_checkpointing.strategies.filesystem_async", "_get_write_results_queue",
-                in_process_write_results_queue)
-    _patch_attr("megatron.core.distributed.torch_fully_sharded_data_parallel", "DeviceMesh", CpuDeviceMesh)
+    patch_attr("megatron.core.tensor_parallel.random", "_get_cuda_rng_state", _cpu_rng_state)
+    patch_attr("megatron.core.tensor_parallel.random", "_set_cuda_rng_state", _set_cpu_rng_state)
+    patch_attr("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32", clip_grad_by_total_norm)
+    patch_attr("megatron.core.distributed.torch_fully_sharded_data_parallel", "DeviceMesh", CpuDeviceMesh)
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 
-    _wrap_method(DistributedOptimizer, "_build_model_and_main_param_groups", cpu_params_report_cuda_types)
-    _wrap_method(Float16OptimizerWithFloat16Params, "__init__", cpu_float16_params_report_cuda_types)
-    _wrap_method(DistributedOptimizer, "_set_main_param_and_optimizer_states", keep_torch_adam_step)
-    _wrap_method(DistributedOptimizer, "load_state_dict", own_torch_adam_steps)
+    wrap_method(DistributedOptimizer, "_build_model_and_main_param_groups", cpu_params_report_cuda_types)
+    wrap_method(Float16OptimizerWithFloat16Params, "__init__", cpu_float16_params_report_cuda_types)
     _applied = True
     log.debug("megatron-core %s adapted to CPU (the backends: line says so too)", MEGATRON_CORE_VERSION)
     return True

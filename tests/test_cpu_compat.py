@@ -22,7 +22,8 @@ import torch
 from numerics import EPS32, assert_close_to_scale
 from torch.distributed.device_mesh import DeviceMesh
 
-from goku_megatron import cpu_compat
+from goku_megatron import cpu_compat, patching
+from goku_megatron.checkpoint_writer import install_in_process_results_queue
 from goku_megatron.config import ConfigError
 
 # A real CUDA dependency in a module's source: torch.cuda.<x>, device="cuda", or tensor.cuda().
@@ -124,26 +125,7 @@ def _torch_twin(model):
 
 
 # ----------------------------------------------------------------------------------------------
-# (a) version pin
-
-
-def test_installed_megatron_core_is_the_pinned_version():
-    from megatron.core import package_info
-
-    assert package_info.__version__ == cpu_compat.MEGATRON_CORE_VERSION
-    cpu_compat.check_version()
-
-
-def test_check_version_refuses_other_megatron_core(monkeypatch):
-    from megatron.core import package_info
-
-    monkeypatch.setattr(package_info, "__version__", "0.17.0")
-    with pytest.raises(ConfigError) as err:  # a fault in the user's environment: one line, exit 2
-        cpu_compat.check_version()
-    msg = str(err.value)
-    assert cpu_compat.MEGATRON_CORE_VERSION in msg and "0.17.0" in msg
-    assert f"megatron-core=={cpu_compat.MEGATRON_CORE_VERSION}" in msg  # the fix: pin back...
-    assert "tests/test_cpu_compat.py" in msg  # ...or update the patches and re-run this file
+# (a) version pin (tests/test_patching.py checks the pin itself)
 
 
 def test_apply_refuses_other_megatron_core_before_patching(monkeypatch):
@@ -718,7 +700,14 @@ def _load(path):
     return loaded
 
 
-def test_dist_checkpointing_save_load_round_trip(patched, tmp_path):
+@pytest.fixture
+def results_in_process(patched):
+    """megatron's writers report through goku's in-process queue, as in any goku save (a
+    Checkpointer installs it; these tests call dist_checkpointing.save themselves)."""
+    install_in_process_results_queue()
+
+
+def test_dist_checkpointing_save_load_round_trip(results_in_process, tmp_path):
     from megatron.core import dist_checkpointing
 
     values = _values(0)
@@ -731,7 +720,7 @@ def test_dist_checkpointing_save_load_round_trip(patched, tmp_path):
         assert loaded[k].dtype == v.dtype and torch.equal(loaded[k], v), k
 
 
-def test_dist_checkpointing_async_save_round_trip(patched, tmp_path):
+def test_dist_checkpointing_async_save_round_trip(results_in_process, tmp_path):
     """Async save as goku runs it: megatron's AsyncCallsQueue (async_utils, completion agreed over
     gloo with CPU tensors) with goku's writer thread, which reports through the in-process results
     queue (filesystem_async)."""
@@ -757,7 +746,7 @@ def test_dist_checkpointing_async_save_round_trip(patched, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# The distributed optimizer (distrib_optimizer) and the checkpoint writers' results queue
+# The distributed optimizer (distrib_optimizer)
 
 
 def _distributed(seed: int = 0):
@@ -812,64 +801,57 @@ def test_distributed_optimizer_needs_the_type_patch(patched, monkeypatch):
         _distributed()
 
 
-def _reload(path, optimizer_source, seed):
-    """Save optimizer_source's state fully_reshardable to ``path`` and load it into a fresh one."""
-    from megatron.core import dist_checkpointing
+def _bf16_ddp():
+    """The tiny model in bf16 under megatron DDP without the distributed optimizer."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    metadata = {"distrib_optim_sharding_type": "fully_reshardable",
-                "distrib_optim_fully_reshardable_mem_efficient": True}
-    model, source = optimizer_source
-    dist_checkpointing.save({**model.sharded_state_dict(),
-                             "optimizer": source.sharded_state_dict(model.sharded_state_dict(), metadata=metadata)},
-                            str(path))
-    fresh_model, _, fresh = _distributed(seed)
-    for part in fresh.chained_optimizers:
-        part._init_optimizer_states_with_dummy_values()
-    template = fresh.sharded_state_dict(fresh_model.sharded_state_dict(), is_loading=True, metadata=metadata)
-    fresh.load_state_dict(dist_checkpointing.load({"optimizer": template}, str(path))["optimizer"])
-    return fresh
+    config = _tiny_transformer_config()
+    model = _tiny_model(config, 0).to(torch.bfloat16)
+    return model, DistributedDataParallel(config=config, module=model, ddp_config=DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False))
 
 
-@pytest.mark.parametrize("patch", ["all", "without_keep_step", "without_own_steps"])
-def test_fully_reshardable_load_restores_torch_adam_steps(patched, monkeypatch, tmp_path, patch):
-    """Loading restores moments and a step per parameter: without keep_torch_adam_step the load
-    fails on AdamW's 'step'; without own_torch_adam_steps all parameters share one step tensor
-    (which AdamW then increments once per parameter)."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+def _bf16_optimizer(ddp):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    name = {"without_keep_step": "_set_main_param_and_optimizer_states",
-            "without_own_steps": "load_state_dict"}.get(patch)
-    if name:
-        monkeypatch.setattr(DistributedOptimizer, name, DistributedOptimizer.__dict__[name].__wrapped__)
-    model, ddp, optimizer = _distributed()
-    _adam_step(ddp, optimizer)
-    _adam_step(ddp, optimizer, seed=4)
-    if patch == "without_keep_step":
-        with pytest.raises(KeyError, match="step"):
-            _reload(tmp_path, (model, optimizer), seed=1)
-        return
-    fresh = _reload(tmp_path, (model, optimizer), seed=1)
-    saved, loaded = optimizer.chained_optimizers[0].optimizer, fresh.chained_optimizers[0].optimizer
-    steps = [s["step"] for s in loaded.state.values()]
-    assert [float(s) for s in steps] == [2.0] * len(steps)
-    assert len({id(s) for s in steps}) == (1 if patch == "without_own_steps" else len(steps))
-    for a, b in zip(saved.state.values(), loaded.state.values()):
-        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    return get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=0.1, weight_decay=0.0, clip_grad=0.0, bf16=True,
+                        params_dtype=torch.bfloat16, use_distributed_optimizer=False), [ddp])
 
 
-def test_checkpoint_writers_report_through_an_in_process_queue(patched):
-    import queue as queues
+def test_megatrons_bf16_optimizer_keeps_fp32_main_weights_of_cpu_params(patched):
+    """Float16OptimizerWithFloat16Params sorts CPU parameters as it sorts CUDA ones (their CUDA type
+    names reported while it does): each bf16 parameter gets an fp32 main copy, which the optimizer
+    steps, and the bf16 weight is that copy rounded."""
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    model, ddp = _bf16_ddp()
+    optimizer = _bf16_optimizer(ddp)
+    (inner,) = optimizer.chained_optimizers if hasattr(optimizer, "chained_optimizers") else (optimizer,)
+    assert isinstance(inner, Float16OptimizerWithFloat16Params)
+    for p in model.parameters():
+        assert "type" not in p.__dict__ and p.type() == "torch.BFloat16Tensor"
+    main = [m for group in inner.fp32_from_float16_groups for m in group]
+    assert main and {m.dtype for m in main} == {torch.float32}
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    ddp.zero_grad_buffer()
+    optimizer.zero_grad()
+    ddp(x).float().pow(2).sum().backward()
+    ddp.finish_grad_sync()
+    ok, _, _ = optimizer.step()
+    assert ok
+    for p, m in zip([p for group in inner.float16_groups for p in group], main):
+        assert torch.equal(p.detach(), m.detach().to(torch.bfloat16))
 
-    assert filesystem_async._get_write_results_queue is cpu_compat.in_process_write_results_queue
-    queue = filesystem_async._get_write_results_queue()
-    assert isinstance(queue, queues.Queue)  # thread-safe, no process behind it
-    assert filesystem_async._get_write_results_queue() is queue  # one per process
-    queue.put({"rank": 0})
-    assert queue.get(timeout=10) == {"rank": 0}
-    assert 'get_context("spawn")' in inspect.getsource(filesystem_async), (
-        "megatron's results queue is no longer a spawned Manager's: drop in_process_write_results_queue")
+
+def test_megatrons_bf16_optimizer_needs_the_type_patch(patched, monkeypatch):
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    _, ddp = _bf16_ddp()
+    monkeypatch.setattr(Float16OptimizerWithFloat16Params, "__init__",
+                        Float16OptimizerWithFloat16Params.__init__.__wrapped__)
+    with pytest.raises(TypeError, match="Received torch.BFloat16Tensor"):
+        _bf16_optimizer(ddp)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -877,12 +859,12 @@ def test_checkpoint_writers_report_through_an_in_process_queue(patched):
 
 
 def _patch_targets():
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from megatron.core.distributed import torch_fully_sharded_data_parallel
     from megatron.core.optimizer import optimizer
     from megatron.core.tensor_parallel import random as mrandom
 
     return [(mrandom, "_get_cuda_rng_state"), (mrandom, "_set_cuda_rng_state"),
-            (optimizer, "clip_grad_by_total_norm_fp32"), (filesystem_async, "_get_write_results_queue")]
+            (optimizer, "clip_grad_by_total_norm_fp32"), (torch_fully_sharded_data_parallel, "DeviceMesh")]
 
 
 def _unpatch(monkeypatch):
@@ -930,9 +912,11 @@ def test_patches_are_restored_after_the_no_op_tests(patched):
     assert optimizer.clip_grad_by_total_norm_fp32 is cpu_compat.clip_grad_by_total_norm
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    for name in ("_build_model_and_main_param_groups", "_set_main_param_and_optimizer_states", "load_state_dict"):
-        method = DistributedOptimizer.__dict__[name]
-        assert getattr(getattr(method, "__func__", method), cpu_compat._WRAPPED), name
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    method = DistributedOptimizer.__dict__["_build_model_and_main_param_groups"]
+    assert getattr(method.__func__, patching.WRAPPED)
+    assert getattr(Float16OptimizerWithFloat16Params.__init__, patching.WRAPPED)
 
 
 # ----------------------------------------------------------------------------------------------
