@@ -37,7 +37,9 @@ setup(
     ],
     extras_require={
         "data": DATA,
-        "test": ["pytest>=8", "pytest-timeout", "pytest-xdist", *DATA],
+        # Weights & Biases beside TensorBoard (train.wandb_project); training never needs it.
+        "wandb": ["wandb"],
+        "test": ["pytest>=8", "pytest-timeout", "pytest-xdist", *DATA, "wandb"],
         # Installed from NVIDIA's channels / NGC containers, never by CI: transformer-engine[pytorch],
         # flash-attn, apex (NVIDIA's, not the PyPI package of that name).
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],

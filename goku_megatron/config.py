@@ -47,6 +47,7 @@ CP_COMM_TYPES = ("p2p", "a2a", "a2a+p2p")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 FP8_FORMATS = ("", "e4m3", "hybrid")
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+WANDB_MODES = ("online", "offline", "disabled")
 
 
 @dataclass
@@ -284,6 +285,14 @@ class TrainConfig:
     # loss at fixed timesteps and noise, as eval/* scalars (goku_megatron/evaluation.py).
     eval_interval: int = 0
     eval_samples_per_prompt: int = 1
+    # Weights & Biases beside TensorBoard (rank 0; pip install 'goku-megatron[wandb]'): every
+    # metrics.jsonl record, the resolved config and the samples go to this W&B project; "": off.
+    # A restart in the same run_dir continues the W&B run named in <run_dir>/wandb_run_id; W&B's
+    # own files go under <run_dir>/wandb/. The API key comes from WANDB_API_KEY, never the config.
+    wandb_project: str = ""
+    wandb_entity: str = ""  # "": the API key's default entity
+    wandb_run_name: str = ""  # "": the run directory's name
+    wandb_mode: str = "online"  # offline: written to <run_dir>/wandb/ for `wandb sync`; disabled: no W&B
 
 
 RESUME_MODES = ("auto", "")
@@ -729,6 +738,10 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> None:
     _one_of(t.precision, PRECISIONS, "train.precision")
     _require(t.log_interval > 0, f"train.log_interval must be positive, got {t.log_interval}")
     _require(t.save_interval >= 0, f"train.save_interval must be >= 0, got {t.save_interval}")
+    _one_of(t.wandb_mode, WANDB_MODES, "train.wandb_mode")
+    _require(bool(t.wandb_project) or not (t.wandb_entity or t.wandb_run_name),
+             "train.wandb_entity and train.wandb_run_name name a W&B run, but W&B is off: set "
+             "train.wandb_project (or leave them empty)")
     if t.sample_interval:
         _require(t.sample_interval > 0, f"train.sample_interval must be >= 0 (0: no samples), got {t.sample_interval}")
         _require(bool(t.sample_prompts), "train.sample_interval needs prompts: set train.sample_prompts, e.g. "

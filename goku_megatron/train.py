@@ -178,8 +178,7 @@ def run(cfg: Config, source: PackedBatches | ReadAhead | None = None) -> list[St
             # megatron's distributed optimizer runs gc.collect() at every save; with the set-up
             # objects (modules, model, data) frozen out of collection it takes milliseconds.
             gc.freeze()
-        metrics = MetricsLogger(run_dir, t.steps, enabled=rank == 0, interval=t.log_interval)
-        cleanup.callback(metrics.close)
+        metrics = cleanup.enter_context(MetricsLogger(run_dir, cfg, enabled=rank == 0))
 
         def save(step: int, blocking: bool) -> float:
             """Checkpoint the state after ``step`` (the last step run: ``consumed`` counts its

@@ -208,6 +208,11 @@ INVALID = [
     (["parallel.fsdp_shard_size=2"], 2, False, "parallel.fsdp_shard_size", r"set parallel.fsdp=true"),
     (["parallel.fsdp=true", "optim.distributed_optimizer=false", "parallel.fsdp_shard_size=-1"], 2, False,
      "parallel.fsdp_shard_size", r"must be >= 0"),
+    # Weights & Biases (README, "Watching a run")
+    (["train.wandb_project=goku", "train.wandb_mode=cloud"], 1, False, "train.wandb_mode",
+     r"'cloud' is not one of online, offline, disabled"),
+    (["train.wandb_entity=my-team"], 1, False, "train.wandb_project",
+     r"name a W&B run, but W&B is off: set train.wandb_project"),
 ]
 
 

@@ -23,12 +23,12 @@ from goku_megatron.logs import setup_logging
 PACKAGE = REPO / "goku_megatron"
 
 # What may be imported inside a function: optional packages a CPU install lacks (GPU kernels, the
-# data extra's DALI / transformers / diffusers, the resiliency launcher), each behind a clean
-# fallback; and megatron-core inside cpu_compat and patching (which cpu_compat imports), which
-# goku_megatron/__init__.py imports before megatron-core is ever imported (its JIT hook must be in
-# place first).
+# data extra's DALI / transformers / diffusers, the resiliency launcher, the wandb extra), each
+# behind a clean fallback; and megatron-core inside cpu_compat and patching (which cpu_compat
+# imports), which goku_megatron/__init__.py imports before megatron-core is ever imported (its JIT
+# hook must be in place first).
 OPTIONAL = ("transformer_engine", "flash_attn", "nvidia.dali", "nvidia_resiliency_ext", "transformers",
-            "diffusers", "wds2idx", "megatron.core.extensions.transformer_engine")
+            "diffusers", "wds2idx", "megatron.core.extensions.transformer_engine", "wandb")
 ORDERED = {"goku_megatron/cpu_compat.py": ("megatron.core",), "goku_megatron/patching.py": ("megatron.core",)}
 
 

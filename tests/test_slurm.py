@@ -68,3 +68,14 @@ def test_bad_layout_fails_the_dry_run():
                              capture_output=True, text=True, timeout=120)
     assert planned.returncode != 0
     assert "parallel.auto: no layout of 1 GPUs x 80 GiB fits goku-8b at 65536 tokens per pack" in planned.stderr
+
+
+def test_the_wandb_api_key_is_passed_by_name_only():
+    """WANDB_API_KEY reaches the container by name (pyxis --container-env) and its value is in
+    nothing the script prints; without it the option is left out."""
+    key = "0123456789abcdef0123456789abcdef01234567"
+    out = _dry_run("goku8b.sh", "train.wandb_project=goku-8b", WANDB_API_KEY=key)
+    srun = out.splitlines()[2]
+    assert "--container-env=WANDB_API_KEY " in srun and "train.wandb_project=goku-8b" in srun
+    assert key not in out
+    assert "--container-env" not in _dry_run("goku8b.sh", WANDB_API_KEY="").splitlines()[2]

@@ -10,6 +10,11 @@
 # which saves a checkpoint and exits with PREEMPT_EXIT_CODE; the job then requeues itself and the
 # requeued job resumes from RUN_DIR's latest checkpoint. LAUNCHER=torchrun runs one torchrun per
 # node with c10d rendezvous and --max-restarts instead (restarts after a crashed rank).
+#
+# Weights & Biases: add train.wandb_project=NAME to the overrides and export WANDB_API_KEY before
+# sbatch. The key travels by name only (pyxis --container-env=WANDB_API_KEY: the submitting
+# environment's value wins over the image's), so it is never on a command line, in the dry run,
+# in the logs or in the run directory; a requeued job continues the same W&B run.
 set -euo pipefail
 
 : "${RECIPE:?set RECIPE before sourcing launch.sh}"
@@ -59,9 +64,11 @@ else
     echo "launch.sh: LAUNCHER=$LAUNCHER: use srun or torchrun" >&2
     exit 2
 fi
+CONTAINER_ENV=()
+[[ -n "${WANDB_API_KEY:-}" ]] && CONTAINER_ENV=(--container-env=WANDB_API_KEY)
 SRUN=(srun --nodes "$NNODES" "${SRUN_TASKS[@]}" --kill-on-bad-exit=1
       "--container-image=$CONTAINER_IMAGE" "--container-mounts=$CONTAINER_MOUNTS"
-      "--container-workdir=$CONTAINER_WORKDIR" --output "$LOG_DIR/%x-%j-%t.log"
+      "--container-workdir=$CONTAINER_WORKDIR" "${CONTAINER_ENV[@]}" --output "$LOG_DIR/%x-%j-%t.log"
       bash -c "$INNER")
 
 if [[ -n "${DRY_RUN:-}" ]]; then
