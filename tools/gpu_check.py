@@ -342,7 +342,8 @@ def stages(device: str, quick: bool, work: Path) -> list[Stage]:
               [_py(str(Path(__file__).resolve()), "env")], 90, environment_figures),
         Stage("pytest-gpu", "tests/test_gpu.py: what only a GPU shows",
               [_py("-m", "pytest", "-q", "-n", "0", "-m", "gpu", "-rfE", "-o", "junit_logging=system-out",
-                   f"--junitxml={work / PYTEST_XML}", "tests/test_gpu.py")], 200, pytest_figures),
+                   f"--junitxml={work / PYTEST_XML}", f"--basetemp={work / 'pytest'}", "tests/test_gpu.py")], 200,
+              pytest_figures),
         *[Stage(f"throughput-{name}", "Goku layers fwd+bwd: ours vs the plain PyTorch block, TFLOP/s and MFU",
                 [_py("benchmarks/throughput.py", *args, *precision)], 100, throughput_figures)
           for name, args in shapes.throughput.items()],
