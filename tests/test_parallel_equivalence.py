@@ -10,9 +10,7 @@ checkpoint each layout saves loads into one unsharded model and holds the single
 
 from __future__ import annotations
 
-
 import pytest
-import torch
 from conftest import FSDP, WEIGHT_ULPS, assert_same_run, build_stage, layout_runner, run_equivalence
 from numerics import assert_close_to_scale
 

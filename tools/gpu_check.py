@@ -183,6 +183,8 @@ class Stage:
 
 @dataclass
 class StageResult:
+    """What the report says of one stage (gpu-report.json holds these as they are)."""
+
     name: str
     what: str
     commands: list[str]
@@ -196,6 +198,7 @@ class StageResult:
 
 
 def _py(*args: str) -> list[str]:
+    """A command of this interpreter: on the GPU machine the one that holds torch."""
     return [sys.executable, *args]
 
 
@@ -225,11 +228,13 @@ def markdown_rows(output: str) -> list[dict[str, str]]:
 
 
 def throughput_figures(output: str, work: Path) -> dict:
+    """benchmarks/throughput.py: its table's rows and its '#' lines (device, versions, skips)."""
     notes = [line[2:] for line in output.splitlines() if line.startswith("# ")]
     return {"rows": markdown_rows(output), "notes": notes}
 
 
 def step_time_figures(output: str, work: Path) -> dict:
+    """benchmarks/step_time.py: its run's key=value line, the step time, peak memory and plan."""
     figures: dict = {}
     if m := re.search(r"^preset=.*$", output, re.M):
         figures.update(dict(kv.split("=", 1) for kv in m[0].split()))
@@ -264,6 +269,7 @@ def main_job_figures(output: str, work: Path) -> dict:
 
 
 def dali_figures(output: str, work: Path) -> dict:
+    """benchmarks/data_throughput.py: frames/s per decode path beside PyAV's, and what it skipped."""
     rows = [dict(zip(("path", "codec", "frames_per_s", "vs_pyav", "frames_per_cpu_s", "cpu_vs_pyav"),
                      (m[1].strip(), *m.groups()[1:])))
             for m in re.finditer(r"^(.{34}) (\S+)\s+(\d+)\s+([\d.]+)x\s+(\d+)\s+([\d.]+)x$", output, re.M)]
@@ -271,6 +277,7 @@ def dali_figures(output: str, work: Path) -> dict:
 
 
 def environment_figures(output: str, work: Path) -> dict:
+    """The ``env`` verb's JSON line."""
     return json.loads(output.strip().splitlines()[-1])
 
 
@@ -414,6 +421,7 @@ def run_stage(stage: Stage, env: dict[str, str], deadline: float, work: Path, lo
 
 
 def _children_cpu_s() -> float:
+    """CPU seconds of this process's waited-for children so far (every stage's processes)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
 
@@ -452,6 +460,7 @@ def _cell(value: object) -> str:
 
 
 def _figures_markdown(figures: dict) -> list[str]:
+    """A stage's figures as Markdown: lists of rows as tables, mappings as lists, the rest as lines."""
     lines: list[str] = []
     for key, value in figures.items():
         if isinstance(value, list) and value and isinstance(value[0], dict):
@@ -504,6 +513,7 @@ def run(out: Path, device: str, quick: bool, budget_s: float, work: Path | None)
 
 
 def _no_cuda(results: list[StageResult]) -> bool:
+    """Whether the environment stage ran and found no CUDA device: a GPU run would measure nothing."""
     env = next((r for r in results if r.name == "environment"), None)
     return env is not None and env.status == "pass" and "capability" not in env.figures
 
