@@ -77,6 +77,7 @@ from goku_megatron.flops import forward_flops
 GIB = 1024**3
 ADAM_BYTES = {"bf16": 12, "fp32": 8}  # optimizer state per parameter (see the module doc)
 WEIGHT_BYTES = {"bf16": 2, "fp32": 4}
+HEADROOM = 0.9  # the share of a GPU's memory a layout may plan to fill (the rest: allocator, NCCL, spikes)
 
 
 @dataclass(frozen=True)
@@ -259,7 +260,7 @@ def candidate_layouts(model: ModelConfig, work: Workload, gpus: int, gpus_per_no
     return out
 
 
-def plan(model: ModelConfig, work: Workload, hw: Hardware, headroom: float = 0.9, fsdp: bool = True,
+def plan(model: ModelConfig, work: Workload, hw: Hardware, headroom: float = HEADROOM, fsdp: bool = True,
          reshard_after_forward: bool = True) -> list[tuple[Estimate, bool]]:
     """All candidates (FSDP ones unless ``fsdp`` is false), fastest first, each with whether it fits
     ``headroom`` x GPU memory. At equal step times the smaller TP wins, then megatron DDP over FSDP

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import logging
 import os
 import subprocess
@@ -12,6 +14,7 @@ import pytest
 import torch
 
 import goku_megatron  # noqa: F401  before megatron-core: cpu_compat.disable_jit_fuser_on_cpu
+from numerics import assert_close_to_scale
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))  # tests/reference_goku.py
@@ -42,6 +45,17 @@ def megatron_world():
     init_distributed(cfg, choose_backends(cfg))
     seed_everything(0)
     yield
+
+
+@functools.cache
+def script_module(path: Path):
+    """A script of benchmarks/ or tools/ as a module, loaded once (and registered, so that its
+    dataclasses resolve)."""
+    spec = importlib.util.spec_from_file_location(f"{path.parent.name}_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def build_stage(cfg):
@@ -77,6 +91,26 @@ def run_equivalence(tmp_path_factory, name: str, nproc: int, overrides: list[str
     return merged
 
 
+# Another layout computes the same sums in another order (split over TP/CP ranks, reduced over DP,
+# handed between PP stages), so results agree to rounding relative to each tensor's scale: the loss
+# and grad norm to a few tens of ulps; gradients, summed over more terms, and weights after two
+# Adam steps (which divide by the square root of the squared gradients) to a few hundred.
+LOSS_ULPS, GRAD_ULPS, WEIGHT_ULPS = 64, 512, 512
+
+
+def assert_same_run(rec: dict, ref_rec: dict, got: dict, ref: dict) -> None:
+    """Losses, grad norms, both steps' gradients and the final weights of a layout equal the reference's."""
+    assert len(rec["loss"]) == len(ref_rec["loss"]) == 2
+    for key in ("loss", "grad_norm"):
+        for value, expected in zip(rec[key], ref_rec[key]):
+            assert_close_to_scale(torch.tensor(value), torch.tensor(expected), ulps=LOSS_ULPS, msg=key)
+    for kind in ("grads1", "grads2", "weights"):
+        assert got[kind].keys() == ref[kind].keys(), kind
+        for name, value in ref[kind].items():
+            assert_close_to_scale(got[kind][name], value, ulps=WEIGHT_ULPS if kind == "weights" else GRAD_ULPS,
+                                  msg=f"{kind} {name}")
+
+
 def layout_runner(tmp_path_factory, layouts: dict[str, tuple[int, list[str]]], prefix: str = ""):
     """``run(name)``: the equivalence run of ``layouts[name]`` (processes, overrides), run once for
     every test that inspects it."""
@@ -90,6 +124,9 @@ def layout_runner(tmp_path_factory, layouts: dict[str, tuple[int, list[str]]], p
 
     return run
 
+
+# FSDP (megatron's FSDP2 wrapper) in place of megatron DDP and the distributed optimizer.
+FSDP = ["parallel.fsdp=true", "optim.distributed_optimizer=false"]
 
 # Checkpoint and restart tests (test_checkpoint*.py, test_resilience.py): the toy recipe, shrunk.
 TOY_CHECKPOINT_RUN = ["model.hidden_size=64", "model.ffn_hidden_size=256", "data.toy_clips=32",
@@ -111,3 +148,18 @@ def toy_data(tmp_path_factory):
     ensure_toy_dataset(path, clips=d.toy_clips, images=d.toy_images, size=d.toy_size, frames=d.toy_frames,
                        seed=load_config("toy", TOY_CHECKPOINT_RUN).train.seed)
     return path
+
+
+# A bf16 toy run end to end (tests/test_bf16.py on CPU, tests/test_gpu.py on a GPU): TOY_CHECKPOINT_RUN
+# in bf16 for BF16_TOY_STEPS steps, saving every BF16_TOY_SAVE, sampling one prompt at the end.
+BF16 = "train.precision=bf16"
+BF16_TOY_STEPS, BF16_TOY_SAVE = 12, 6
+QUIET_ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+
+
+def bf16_toy_cmd(toy_data: Path, run_dir: Path, *overrides: str) -> list[str]:
+    """goku-train's command line for the bf16 toy run in ``run_dir``."""
+    return [sys.executable, "-m", "goku_megatron.cli.train", *TOY_CHECKPOINT_RUN, BF16, f"data.path={toy_data}",
+            f"train.run_dir={run_dir}", f"train.steps={BF16_TOY_STEPS}", f"train.save_interval={BF16_TOY_SAVE}",
+            f"train.sample_interval={BF16_TOY_STEPS}", "train.sample_prompts=[a red square moving right]",
+            "flow.sample_steps=2", *overrides]

@@ -80,7 +80,7 @@ def main() -> None:
     from goku_megatron.checkpoint import gather_weights, save_checkpoint
     from goku_megatron.config import load_config, validate
     from goku_megatron.model.goku import iter_stage_models
-    from goku_megatron.platform import world_size_from_env
+    from goku_megatron.platform import local_device, world_size_from_env
     from goku_megatron.batch import num_tokens
     from goku_megatron.data.pipeline import noised_pack
     from goku_megatron.data.text_encoder import HashTextEncoder
@@ -131,7 +131,8 @@ def main() -> None:
             mbs = cfg.train.micro_batch_size
             budget = mbs * num_tokens(CLIP_SHAPE, cfg.model.patch_size)
             packs = [noised_pack(mine[i:i + mbs], step, budget, cfg, encoder) for i in range(0, local, mbs)]
-        result = train_step(packs, model, optimizer, scheduler)
+        # On a GPU (tests/test_gpu.py) the packs go where the model is, as goku-train's loader sends them.
+        result = train_step([p.to(local_device()) for p in packs], model, optimizer, scheduler)
         record["loss"].append(result.loss)
         record["grad_norm"].append(result.grad_norm)
         if dump_rank:

@@ -22,7 +22,7 @@ import time
 import pytest
 import torch
 from checkpoint_utils import assert_same_tensors, checkpoint_tensors, losses, metrics
-from conftest import REPO, TOY_CHECKPOINT_RUN, layout_runner
+from conftest import BF16, BF16_TOY_SAVE, BF16_TOY_STEPS, FSDP, QUIET_ENV, REPO, bf16_toy_cmd, layout_runner
 from numerics import assert_within_bf16_rounding
 
 from goku_megatron.batch import pack_batch
@@ -33,8 +33,6 @@ from goku_megatron.model.goku import GokuModel
 from goku_megatron.platform import choose_backends
 from goku_megatron.sample import config_for_one_process, unsharded_model
 
-BF16 = "train.precision=bf16"
-FSDP = ["parallel.fsdp=true", "optim.distributed_optimizer=false"]
 LAYOUTS = {  # tests/dist_equivalence.py: two optimizer steps of the tiny model at lr 1e-3
     "fp32": (1, []),
     "bf16": (1, [BF16]),
@@ -143,24 +141,14 @@ def test_a_model_whose_weights_are_loaded_next_initialises_none(monkeypatch, meg
 # ----------------------------------------------------------------------------------------------
 # A bf16 toy run end to end
 
-STEPS, SAVE = 12, 6
-
-
-def _train_cmd(toy_data, run_dir) -> list[str]:
-    return [sys.executable, "-m", "goku_megatron.cli.train", *TOY_CHECKPOINT_RUN, BF16, f"data.path={toy_data}",
-            f"train.run_dir={run_dir}", f"train.steps={STEPS}", f"train.save_interval={SAVE}",
-            f"train.sample_interval={STEPS}", "train.sample_prompts=[a red square moving right]",
-            "flow.sample_steps=2"]
-
-
-ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+STEPS, SAVE = BF16_TOY_STEPS, BF16_TOY_SAVE
 
 
 @pytest.fixture(scope="module")
 def bf16_run(toy_data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("bf16-toy") / "run"
-    proc = subprocess.run(_train_cmd(toy_data, run_dir), cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env=ENV)
+    proc = subprocess.run(bf16_toy_cmd(toy_data, run_dir), cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=QUIET_ENV)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "precision=bf16" in proc.stdout
     return run_dir
@@ -183,8 +171,8 @@ def test_a_bf16_toy_run_learns_and_saves_bf16_weights_with_fp32_main_weights(bf1
 @pytest.mark.slow
 def test_a_bf16_run_killed_after_a_checkpoint_resumes_bitwise(toy_data, bf16_run, tmp_path, megatron_world):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(_train_cmd(toy_data, run_dir), cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=ENV)
+    proc = subprocess.Popen(bf16_toy_cmd(toy_data, run_dir), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=QUIET_ENV)
     deadline = time.monotonic() + 300
     while not (run_dir / "checkpoints" / "latest").is_file():
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
@@ -192,8 +180,8 @@ def test_a_bf16_run_killed_after_a_checkpoint_resumes_bitwise(toy_data, bf16_run
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
     assert max(r["step"] for r in metrics(run_dir)) < STEPS  # killed part way
-    done = subprocess.run(_train_cmd(toy_data, run_dir), cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env=ENV)
+    done = subprocess.run(bf16_toy_cmd(toy_data, run_dir), cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=QUIET_ENV)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"iter_{SAVE:07d}" in done.stdout  # it resumed from the checkpoint, not from scratch
     assert losses(run_dir) == losses(bf16_run)

@@ -10,10 +10,8 @@ checkpoint each layout saves loads into one unsharded model and holds the single
 
 from __future__ import annotations
 
-
 import pytest
-import torch
-from conftest import build_stage, layout_runner, run_equivalence
+from conftest import FSDP, WEIGHT_ULPS, assert_same_run, build_stage, layout_runner, run_equivalence
 from numerics import assert_close_to_scale
 
 from goku_megatron.checkpoint import latest_checkpoint, load_model_weights
@@ -38,7 +36,6 @@ def baseline(single_process):
     return single_process(False)
 
 
-FSDP = ["parallel.fsdp=true", "optim.distributed_optimizer=false"]
 LAYOUTS = {  # name: (processes, overrides); "--packed" trains on packs
     "tp2": (2, ["parallel.tp=2"]),
     "pp2": (2, ["parallel.pp=2"]),
@@ -66,26 +63,6 @@ LAYOUTS = {  # name: (processes, overrides); "--packed" trains on packs
     "tp2_fsdp2_recompute": (4, ["parallel.tp=2", "model.recompute=true", *FSDP,
                                 "parallel.fsdp_reshard_after_forward=false"]),
 }
-
-
-# Another layout computes the same sums in another order (split over TP/CP ranks, reduced over DP,
-# handed between PP stages), so results agree to rounding relative to each tensor's scale: the loss
-# and grad norm to a few tens of ulps; gradients, summed over more terms, and weights after two
-# Adam steps (which divide by the square root of the squared gradients) to a few hundred.
-LOSS_ULPS, GRAD_ULPS, WEIGHT_ULPS = 64, 512, 512
-
-
-def assert_same_run(rec: dict, ref_rec: dict, got: dict, ref: dict) -> None:
-    """Losses, grad norms, both steps' gradients and the final weights of a layout equal the reference's."""
-    assert len(rec["loss"]) == len(ref_rec["loss"]) == 2
-    for key in ("loss", "grad_norm"):
-        for value, expected in zip(rec[key], ref_rec[key]):
-            assert_close_to_scale(torch.tensor(value), torch.tensor(expected), ulps=LOSS_ULPS, msg=key)
-    for kind in ("grads1", "grads2", "weights"):
-        assert got[kind].keys() == ref[kind].keys(), kind
-        for name, value in ref[kind].items():
-            assert_close_to_scale(got[kind][name], value, ulps=WEIGHT_ULPS if kind == "weights" else GRAD_ULPS,
-                                  msg=f"{kind} {name}")
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,6 @@ plain PyTorch block is the Goku layer. FP8 numerics, TE's checkpoint and every t
 from __future__ import annotations
 
 import contextlib
-import functools
-import importlib.util
 import math
 import os
 import subprocess
@@ -17,7 +15,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, build_stage
+from conftest import REPO, build_stage, script_module
 from numerics import assert_as_accurate, assert_close_to_scale
 from reference_goku import ReferenceGokuBlock
 
@@ -26,16 +24,6 @@ from goku_megatron.batch import PackSample, build_pack, pack_batch
 from goku_megatron.platform import check_fp8_recipe, choose_backends
 
 BENCHMARK = REPO / "benchmarks" / "throughput.py"
-
-
-@functools.cache
-def _benchmark_module():
-    """benchmarks/throughput.py as a module (registered, so that its dataclasses resolve)."""
-    spec = importlib.util.spec_from_file_location("throughput_benchmark", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,7 +273,7 @@ def test_plain_block_is_the_goku_layer(megatron_world):
     config = TransformerConfig(num_layers=1, hidden_size=d, num_attention_heads=heads, ffn_hidden_size=ffn,
                                use_cpu_initialization=True, layernorm_epsilon=1e-6)
     ours = build_module(local_layer_spec("sdpa"), config=config)
-    plain = _benchmark_module().PlainGokuBlock(d, heads, ffn)
+    plain = script_module(BENCHMARK).PlainGokuBlock(d, heads, ffn)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for param in ours.parameters():
@@ -324,7 +312,7 @@ def test_throughput_benchmark_prints_table():
                and "flash-attn not available" in line for line in header), proc.stdout
     table = [line for line in lines if line.startswith("|")]
     columns = [c.strip() for c in table[0].strip("|").split("|")]
-    assert columns == _benchmark_module().COLUMNS
+    assert columns == script_module(BENCHMARK).COLUMNS
     rows = [dict(zip(columns, (c.strip() for c in line.strip("|").split("|")))) for line in table[2:]]
     assert [(r["impl"], r["precision"]) for r in rows] == [("goku (local)", "fp32"), ("plain torch", "fp32")]
     for row in rows:
@@ -335,5 +323,5 @@ def test_throughput_benchmark_prints_table():
 
 def test_benchmark_resolutions():
     """The issue's token counts: 33 frames are 9 latent frames; 480p and 720p in 1x2x2 patches."""
-    resolutions = _benchmark_module().RESOLUTIONS
+    resolutions = script_module(BENCHMARK).RESOLUTIONS
     assert {name: math.prod(grid) for name, grid in resolutions.items()} == {"480p": 14580, "720p": 32400}
