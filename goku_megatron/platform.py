@@ -30,6 +30,22 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def local_device() -> torch.device:
+    """The device this process computes on: with CUDA its local rank's GPU ($LOCAL_RANK, set by
+    torchrun and the SLURM launcher), else the CPU."""
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if has_cuda() else torch.device("cpu")
+
+
+def use_local_device() -> torch.device:
+    """Makes ``local_device()`` the calling thread's CUDA device (a no-op on CPU) and returns it.
+    CUDA's current device is per thread: a thread this process starts (the data pool's decoders)
+    works on GPU 0, whatever the main thread chose, until it sets its own."""
+    device = local_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
 def _importable(name: str) -> bool:
     try:
         return importlib.util.find_spec(name) is not None
@@ -220,16 +236,15 @@ def init_distributed(cfg: Config, backends: Backends) -> None:
     """
     if not torch.distributed.is_initialized():
         cuda = backends.device == "cuda"
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         connections = cuda_device_max_connections(cfg, os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS"),
-                                                  torch.cuda.get_device_capability(local_rank) if cuda else None)
+                                                  torch.cuda.get_device_capability(local_device()) if cuda else None)
         if connections is not None:
             os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = connections
             if cuda:
                 log.info("CUDA_DEVICE_MAX_CONNECTIONS=%s: tensor/context-parallel communication overlaps the "
                          "GEMMs it was launched before", connections)
         if cuda:
-            torch.cuda.set_device(local_rank)
+            use_local_device()
         timeout = datetime.timedelta(minutes=10)
         restart_store = torchrun_restart_store(timeout)
         if restart_store is not None:

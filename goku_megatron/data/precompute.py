@@ -72,11 +72,6 @@ class RankStats:
                 f"{seconds:.1f} s")
 
 
-def local_device() -> torch.device:
-    """This process's GPU (torchrun's $LOCAL_RANK), or the CPU without one."""
-    return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-
-
 def load_job(vae: str | Path, spec: FrameSpec, decoder: str, device: torch.device,
              text_encoder: str | Path | None = None,
              max_text_tokens: int = DEFAULT_MAX_TEXT_TOKENS) -> Job:
