@@ -44,6 +44,16 @@ def local_device() -> torch.device:
     return torch.device("cuda", local_rank()) if has_cuda() else torch.device("cpu")
 
 
+def use_local_device() -> torch.device:
+    """Makes ``local_device()`` the calling thread's CUDA device (a no-op on CPU) and returns it.
+    CUDA's current device is per thread: a thread this process starts (the data pool's decoders)
+    works on GPU 0, whatever the main thread chose, until it sets its own."""
+    device = local_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
 def _importable(name: str) -> bool:
     try:
         return importlib.util.find_spec(name) is not None
@@ -250,8 +260,7 @@ def init_distributed(cfg: Config, backends: Backends) -> None:
         # the group uses it; gloo groups are not bound to a device.
         device_id = None
         if cuda:
-            device_id = backends.torch_device()
-            torch.cuda.set_device(device_id)
+            device_id = use_local_device()
         timeout = datetime.timedelta(minutes=10)
         restart_store = torchrun_restart_store(timeout)
         if restart_store is not None:

@@ -1,23 +1,28 @@
 """Read-ahead (data.workers): the same packs, states and bad-sample counts as the inline data path
 for any number of workers; the loader state is the one of the steps handed out; a stop ends a wait
-at once; an error in the thread is raised at its step; nothing waits without end."""
+at once; an error in the thread is raised at its step; nothing waits without end; the pool's
+threads decode each sample into its own caption's frames, on this process's device."""
 
 from __future__ import annotations
 
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 from tiny_models import write_latent_shards
 
-from goku_megatron.config import ConfigError, load_config, validate
-from goku_megatron.data import decode
+from goku_megatron import platform
+from goku_megatron.config import ConfigError, StageConfig, load_config, validate
+from goku_megatron.data import dali, decode
+from goku_megatron.data.encoders import PixelSpace
 from goku_megatron.data.loader import SampleStream
 from goku_megatron.data.pipeline import (DataWaitStopped, PackedBatches, ReadAhead, data_workers,
-                                         load_latent_sample, read_latent_sample)
-from goku_megatron.data.shards import BadSamples, find_shards
+                                         encode_raw_sample, load_latent_sample, read_latent_sample)
+from goku_megatron.data.shards import BadSamples, ShardWriter, find_shards, list_samples
 from goku_megatron.data.text_encoder import HashTextEncoder
+from goku_megatron.data.toy import encode_webm
 
 SIZES = [(1, 4, 4), (3, 4, 4), (3, 6, 4), (1, 8, 8), (5, 4, 6)]
 STEPS = 8
@@ -226,3 +231,86 @@ def test_close_does_not_wait_for_a_decode_that_never_ends(latent_shards, monkeyp
         ahead.close()
     assert time.perf_counter() - start < 5 and "still decoding" in caplog.text
     never.set()  # let the abandoned decodes end
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding on the pool's threads
+
+CLIPS = 48  # ids 0..63 fit the colour code below
+
+
+def _colour_of(clip: int) -> np.ndarray:
+    """Clip ``clip``'s one colour: red and green in steps of 32, so codecs and DALI's resize
+    cannot move it to a neighbour's."""
+    return np.array([32 * (clip % 8) + 16, 32 * (clip // 8) + 16, 128], np.uint8)
+
+
+def _clip_of(pixels: torch.Tensor) -> int:
+    """The clip id of decoded pixels [3, T, H, W] in [-1, 1]."""
+    red, green, _ = ((pixels.mean(dim=(1, 2, 3)) + 1.0) * 127.5 - 16.0) / 32.0
+    return int(red.round()) + 8 * int(green.round())
+
+
+@pytest.fixture(scope="module")
+def colour_clips(tmp_path_factory):
+    """Raw shards of CLIPS lossless VP9 clips (DALI's CPU decoder takes VP9): clip i is one colour
+    throughout and its caption names i."""
+    with ShardWriter(tmp_path_factory.mktemp("colours"), samples_per_shard=16) as writer:
+        for i in range(CLIPS):
+            frames = np.broadcast_to(_colour_of(i), (8, 16, 16, 3))
+            writer.write(f"clip{i:03d}", {"webm": encode_webm(frames, 8, "yuv444p"), "txt": f"clip {i}".encode()})
+    bad = BadSamples()
+    return [ref for shard in writer.written for ref in list_samples(shard, bad)]
+
+
+needs_dali = pytest.mark.skipif(not dali.available(), reason=f"needs {dali.PIP_PACKAGE}")
+
+
+# A decoder shared by the threads mostly deadlocks inside DALI rather than mixing samples up: the
+# timeout (method "thread" ends the process with every thread's stack) makes that a failure too.
+@pytest.mark.timeout(60, method="thread")
+@pytest.mark.parametrize("decoder", [pytest.param("dali", marks=needs_dali), "pyav"])
+def test_pool_threads_decode_every_sample_with_its_own_caption(colour_clips, decoder):
+    """Four pool threads prepare rounds of 48 clips as read-ahead does (raw-data path, identity
+    VAE), through DALI's CPU decoder (data.decoder=dali) and PyAV: every sample's frames are the
+    clip its caption names."""
+    cfg = load_config(None, ["data.cache_mb=0"])
+    bad = BadSamples(quiet=True)
+    source = PackedBatches(cfg, {}, encode_raw_sample(decoder, PixelSpace(), bad), HashTextEncoder(), bad,
+                           workers=4)
+    stage = StageConfig(fps=8, frames=4, height=16, width=16)
+    try:
+        rounds = [source._prepare_all(colour_clips, stage) for _ in range(2)]
+    finally:
+        source.close()
+    assert not bad.counts
+    for prepared in rounds:
+        assert [_clip_of(p.latent) for p in prepared] == [int(p.caption.split()[1]) for p in prepared]
+        assert [p.caption for p in prepared] == [f"clip {i}" for i in range(CLIPS)]
+
+
+def test_pool_threads_work_on_the_local_ranks_gpu(latent_shards, monkeypatch):
+    """Each pool thread makes the local rank's GPU (platform.local_device: $LOCAL_RANK) its CUDA
+    device before it prepares a sample: a thread left alone would decode on GPU 0 in every rank."""
+    monkeypatch.setattr(platform, "has_cuda", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    chosen: dict[str, torch.device] = {}
+    monkeypatch.setattr(torch.cuda, "set_device",
+                        lambda device: chosen.setdefault(threading.current_thread().name, device))
+    prepared_on: set[str] = set()
+
+    def recording(bad):
+        prepare = read_latent_sample(bad)
+
+        def on_thread(raw, stage):
+            prepared_on.add(threading.current_thread().name)
+            return prepare(raw, stage)
+        return on_thread
+
+    source = _inline(_cfg(latent_shards), workers=3, make_prepare=recording)
+    try:
+        source.next_step(1)
+    finally:
+        source.close()
+    assert prepared_on and all(name.startswith("goku-data") for name in prepared_on)
+    assert prepared_on <= set(chosen) and set(chosen.values()) == {torch.device("cuda", 3)}

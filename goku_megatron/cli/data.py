@@ -24,11 +24,10 @@ from goku_megatron.config import DECODERS, StageConfig
 from goku_megatron.convert import export_checkpoint, import_checkpoint
 from goku_megatron.data.curation import REPORT_NAME, STAGES, RawFilter, curate_folder
 from goku_megatron.data.frames import FrameSpec
-from goku_megatron.data.precompute import (DEFAULT_MAX_TEXT_TOKENS, input_shards, load_job,
-                                           precompute_latents)
+from goku_megatron.data.precompute import DEFAULT_MAX_TEXT_TOKENS, input_shards, load_job, precompute_latents
 from goku_megatron.data.toy import PIX_FMTS, ToyDatasetSpec, make_toy_dataset
 from goku_megatron.logs import setup_logging
-from goku_megatron.platform import local_device
+from goku_megatron.platform import use_local_device
 from goku_megatron.resilience import EXIT_CONFIG_ERROR
 
 PROG = "goku-data"
@@ -89,7 +88,7 @@ def precompute(args: argparse.Namespace) -> int:
     try:
         spec = FrameSpec(args.fps, args.frames, args.height, args.width)
         shards = input_shards(args.input, args.output)
-        job = load_job(args.vae, spec, args.decoder, local_device(), args.text_encoder, args.max_text_tokens)
+        job = load_job(args.vae, spec, args.decoder, use_local_device(), args.text_encoder, args.max_text_tokens)
     except (FileNotFoundError, ValueError) as err:
         return fail(err)
     stats = precompute_latents(shards, args.output, job, rank=rank, world=world,

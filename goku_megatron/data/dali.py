@@ -13,7 +13,7 @@ clamped to the clip's real length (``frames.sample_frame_indices`` does).
 from __future__ import annotations
 
 import importlib.util
-from functools import lru_cache
+import threading
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -22,6 +22,7 @@ import torch
 
 from goku_megatron.data.frames import FrameSpec
 from goku_megatron.data.shards import CAPTION_EXT, INDEX_SUFFIX, split_key
+from goku_megatron.platform import local_device
 
 PIP_PACKAGE = "nvidia-dali-cuda120"
 DEVICES = ("cpu", "gpu")
@@ -50,6 +51,15 @@ def _dali() -> tuple[Any, Any, Any]:
 def _check_device(device: str) -> None:
     if device not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+
+
+def _device_id(device: str, device_id: int | None) -> int | None:
+    """The GPU a pipeline runs on: ``device_id`` when given, else for "gpu" this process's local
+    rank's GPU (``platform.local_device``, not the calling thread's current device: a pool
+    thread's is GPU 0); None for "cpu" (DALI runs CPU-only pipelines without a device)."""
+    if device == "gpu" and device_id is None:
+        return local_device().index
+    return device_id
 
 
 def _resize_crop_normalize(fn: Any, types: Any, frames: Any, height: int, width: int,
@@ -82,7 +92,7 @@ class SampleDecoder:
     size, in batches of up to ``max_batch_size``.
 
     One pipeline per kind (video, image) is built on first use and reused: building costs far
-    more than decoding a small clip. Samples come in through ``external_source``; clip frames are
+    more than decoding a small clip. Not thread-safe: one decoder per thread (``sample_decoder``). Samples come in through ``external_source``; clip frames are
     chosen by index (``frames.sample_frame_indices``), so resampling and the short-clip policy are
     the caller's and the same as on the PyAV path. A batch with one bad sample fails as a whole
     (ValueError); decode one sample per call where that matters (``decode.decode_sample`` does).
@@ -94,10 +104,7 @@ class SampleDecoder:
         self.height, self.width, self.device = height, width, device
         self.max_batch_size = max_batch_size
         self.num_threads = num_threads
-        # DALI runs CPU-only pipelines with device_id=None; mixed ones need the GPU's index.
-        if device == "gpu" and device_id is None:
-            device_id = torch.cuda.current_device()
-        self.device_id = device_id
+        self.device_id = _device_id(device, device_id)
         self._pipes: dict[str, Any] = {}
 
     def _pipeline(self, kind: str) -> Any:
@@ -167,11 +174,26 @@ def _dali_reason(lines: list[str]) -> str:
     return lines[-1].strip() if lines else "unknown error"
 
 
-@lru_cache(maxsize=None)
+_decoders = threading.local()  # per thread: (height, width, device) -> SampleDecoder
+
+
 def sample_decoder(height: int, width: int, device: str) -> SampleDecoder:
-    """The process's decoder for one output size and device, built once. DALI pipelines hold
-    threads: build them in the process that uses them (after a DataLoader fork, not before)."""
-    return SampleDecoder(height, width, device)
+    """The calling thread's decoder for one output size and device, built on its first use.
+
+    One per thread rather than one per process behind a lock. A decode is two calls on one
+    pipeline (``feed_input``, then ``run``, which first releases the pipeline's single output
+    buffer), so threads sharing it deadlock in ``run`` (four read-ahead threads did,
+    tests/test_read_ahead.py), and a ``run`` that does return may have decoded the clip another
+    thread fed: frames under the wrong caption. A lock would make sharing safe but would
+    serialise the decoding the read-ahead pool exists to run in parallel. The price is one
+    pipeline per pool thread (data.workers: at most 8 by default), each built once and freed with
+    its thread. DALI pipelines hold threads: build them in the process that uses them (after a
+    DataLoader fork, not before)."""
+    cache: dict[tuple[int, int, str], SampleDecoder] = vars(_decoders).setdefault("by_spec", {})
+    key = (height, width, device)
+    if key not in cache:
+        cache[key] = SampleDecoder(height, width, device)
+    return cache[key]
 
 
 class WebDatasetClipReader:
@@ -205,9 +227,7 @@ class WebDatasetClipReader:
         dali, fn, types = _dali()
         self.batch_size = batch_size
         self.device = device
-        if device == "gpu" and device_id is None:
-            device_id = torch.cuda.current_device()
-        self.device_id = device_id
+        self.device_id = _device_id(device, device_id)
         paths = [str(p) for p in shards]
         indexes = [str(Path(p).with_suffix(INDEX_SUFFIX)) for p in paths]
         # Without its .idx files DALI indexes the tars itself at start-up (slower, same result).

@@ -31,6 +31,7 @@ from goku_megatron.config import DECODERS
 from goku_megatron.data import dali
 from goku_megatron.data.frames import FrameSpec, resize_geometry, sample_frame_indices
 from goku_megatron.data.shards import CAPTION_EXT, IMAGE_EXTS, META_EXT, VIDEO_EXTS, BadSamples
+from goku_megatron.platform import has_cuda
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +254,7 @@ def _route(codec: str, backend: str) -> str:
         chosen, why = ("pil" if image else "pyav"), "backend=pyav"
     elif not dali.available():
         chosen, why = ("pil" if image else "pyav"), f"DALI missing (pip install {dali.PIP_PACKAGE})"
-    elif torch.cuda.is_available():
+    elif has_cuda():
         chosen, why = "dali-gpu", "CUDA available: DALI mixed (NVDEC / nvJPEG)"
     elif image:
         chosen, why = "pil", "no GPU: images decode with PIL"

@@ -50,6 +50,7 @@ from goku_megatron.data.encoders import PixelSpace, VideoVAE, pack_text, pad_tex
 from goku_megatron.data.loader import SampleStream
 from goku_megatron.data.shards import BadSamples, SampleRef, find_shards, read_sample
 from goku_megatron.data.toy import ensure_toy_dataset, read_manifest
+from goku_megatron.platform import barrier, use_local_device
 
 log = logging.getLogger(__name__)
 
@@ -215,8 +216,10 @@ class PackedBatches:
         self.draws = 0
         self._stage_index = -1
         self.cache = PreparedCache(cfg.data.cache_mb * 2**20)
-        # Threads that read and prepare a round of draws at once (None: one draw at a time).
-        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="goku-data") if workers else None
+        # Threads that read and prepare a round of draws at once (None: one draw at a time), each
+        # on this process's GPU (a new thread's is GPU 0) and with its own decoders (dali.sample_decoder).
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="goku-data",
+                                       initializer=use_local_device) if workers else None
         # The trainer's stop flag (a signal number, 0: none), checked before every draw.
         self.stop_requested: Callable[[], int] = lambda: 0
 
@@ -542,7 +545,7 @@ def ensure_toy_data(cfg: Config) -> None:
     if torch.distributed.get_rank() == 0 and d.create_if_missing:
         ensure_toy_dataset(Path(d.path), clips=d.toy_clips, images=d.toy_images, size=d.toy_size,
                            frames=d.toy_frames, seed=cfg.train.seed)
-    torch.distributed.barrier()
+    barrier()
     try:
         read_manifest(Path(d.path))
     except (FileNotFoundError, ValueError) as err:
