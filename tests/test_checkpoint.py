@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from checkpoint_utils import adam_steps, assert_same_tensors, checkpoint_tensors, losses, metrics
-from conftest import TOY_CHECKPOINT_RUN, build_stage
+from conftest import TOY_CHECKPOINT_RUN, build_stage, one_process_world
 from numerics import assert_close_to_scale
 
 from goku_megatron.checkpoint import (
@@ -38,6 +38,8 @@ from goku_megatron.checkpoint import (
 )
 from goku_megatron.config import ConfigError, load_config, validate
 from goku_megatron.resilience import Diverged, Preempted
+
+pytestmark = pytest.mark.usefixtures("megatron_world")  # goku-train's loop in this process's one-rank world
 
 
 def _cfg(toy_data: Path, run_dir: Path, *extra: str):
@@ -106,8 +108,9 @@ def _nan(packs):
 
 
 @pytest.fixture(scope="module")
-def reference(toy_data, tmp_path_factory, megatron_world):
+def reference(toy_data, tmp_path_factory):
     """Six uninterrupted steps, checkpoints at 3 and 6."""
+    one_process_world()
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     results = _run(_cfg(toy_data, run_dir))
     assert [r.skipped for r in results] == [False] * 6
