@@ -7,7 +7,7 @@ tests/test_checkpoint_dist.py does the same across processes (DP=2, TP=2, PP=2, 
 from __future__ import annotations
 
 import dataclasses
-
+import errno
 import logging
 import math
 import os
@@ -490,6 +490,76 @@ def test_a_failed_write_ends_in_one_line_and_publishes_nothing(tmp_path, megatro
     checkpointer.save(3, state, cfg.to_dict())  # the next save works
     checkpointer.close()
     assert latest_checkpoint(tmp_path) == checkpoint_dir(tmp_path, 3)
+
+
+def _full_disk(monkeypatch, free: int) -> None:
+    """The run directory's file system reports ``free`` bytes free (shutil.disk_usage)."""
+    usage = shutil.disk_usage("/")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=free))
+
+
+FULL_DISK_ERRORS = {  # where a full disk shows: a writer's OSError, or torch.save's zip writer without errno
+    "writer_enospc": OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+    "writer_zip": RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),
+    "loader_state_enospc": OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),  # in the training thread
+}
+
+
+@pytest.mark.parametrize("where", FULL_DISK_ERRORS)
+def test_a_full_disk_is_named_with_the_space_needed_and_free(tmp_path, megatron_world, monkeypatch, caplog, where):
+    """A save that runs out of space says so in one line, with what a checkpoint needs (the last
+    one's size) and what is free; its partial directory is gone and latest stays. The space is
+    checked before each save: one warning for the run."""
+    from goku_megatron import checkpoint, checkpoint_writer
+    from goku_megatron.checkpoint import _size, read_manifest
+
+    cfg, training, state = _training()
+    checkpointer = Checkpointer(tmp_path, async_save=True)
+    checkpointer.save(1, state, cfg.to_dict(), loader_state={})
+    checkpointer.wait()
+    needed = sum(f["size"] for f in read_manifest(checkpoint_dir(tmp_path, 1))["files"].values())
+    _full_disk(monkeypatch, free=4096)
+
+    def fails(*args, **kwargs):
+        raise FULL_DISK_ERRORS[where]
+
+    monkeypatch.setattr(*((checkpoint, "_write_atomically") if where.startswith("loader") else
+                          (checkpoint_writer, "write_buckets")), fails)
+    says = (f"the disk is full: a checkpoint needs about {_size(needed)}, {tmp_path / 'checkpoints'} has "
+            "4.1 kB free; the partial save was removed and the newest complete checkpoint stays latest")
+    for step, blocking in ((2, False), (3, True)):
+        with caplog.at_level(logging.WARNING, "goku_megatron.checkpoint"), pytest.raises(ConfigError) as err:
+            checkpointer.save(step, state, cfg.to_dict(), loader_state={}, blocking=blocking)
+            checkpointer.wait()
+        assert "\n" not in str(err.value) and str(err.value).startswith(f"checkpoint iter_000000{step}: {says}")
+        assert not checkpoint_dir(tmp_path, step).with_name(f"iter_000000{step}.partial").exists()
+        assert latest_checkpoint(tmp_path) == checkpoint_dir(tmp_path, 1)
+    warnings = [r.getMessage() for r in caplog.records if "will likely fail" in r.getMessage()]
+    assert warnings == [f"checkpoint iter_0000002: {tmp_path / 'checkpoints'} has 4.1 kB free, a checkpoint takes "
+                        f"about {_size(needed)}: this save will likely fail; free space there"]
+    monkeypatch.undo()  # space again
+    checkpointer.save(4, state, cfg.to_dict())
+    checkpointer.close()
+    assert latest_checkpoint(tmp_path) == checkpoint_dir(tmp_path, 4)
+
+
+def test_a_failed_write_with_space_left_is_no_full_disk(tmp_path, megatron_world, monkeypatch):
+    """torch.save's zip writer fails without an errno; with room for a checkpoint that is not a
+    full disk, and the line says what failed."""
+    from goku_megatron import checkpoint_writer
+
+    cfg, training, state = _training()
+
+    def fails(*args, **kwargs):
+        raise FULL_DISK_ERRORS["writer_zip"]
+
+    monkeypatch.setattr(checkpoint_writer, "write_buckets", fails)
+    with pytest.raises(ConfigError) as err:
+        Checkpointer(tmp_path).save(1, state, cfg.to_dict(), blocking=True)
+    assert str(err.value).startswith("checkpoint iter_0000001: writing failed (RuntimeError: [enforce fail at "
+                                     "inline_container.cc:672] . unexpected pos 704 vs 598); the partial save was "
+                                     "removed")
+    assert not (tmp_path / "checkpoints" / "iter_0000001.partial").exists()
 
 
 def test_a_writer_that_does_not_finish_is_given_up_in_one_line(tmp_path, megatron_world, monkeypatch):
