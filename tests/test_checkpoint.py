@@ -810,6 +810,23 @@ def test_sigterm_during_a_data_wait_saves_the_last_step_and_the_resume_is_exact(
     _same_run(run_dir, reference, steps=range(1, 7))
 
 
+def test_a_shard_deleted_mid_run_is_skipped_and_the_run_goes_on(tmp_path, megatron_world):
+    """The toy run read without its cache, one of its four shards deleted after step 2's samples
+    were drawn: the run trains to the end and counts the shard's samples it skipped."""
+    from goku_megatron.data.toy import make_toy_dataset
+
+    data = tmp_path / "toy"
+    base = load_config("toy", TOY_CHECKPOINT_RUN).data
+    shards = make_toy_dataset(data, clips=base.toy_clips, images=0, size=base.toy_size, frames=base.toy_frames,
+                              shard_size=8)
+    cfg = _cfg(data, tmp_path / "run", "data.cache_mb=0", "data.workers=0", "data.create_if_missing=false",
+               "train.save_interval=0")
+    results = _run(cfg, _Interfere(cfg, {2: lambda packs: shards[1].unlink()}))
+    assert len(results) == 6 and all(math.isfinite(r.loss) for r in results)
+    rows = metrics(tmp_path / "run")
+    assert rows[1]["bad/unreadable_shard"] == 0 and rows[-1]["bad/unreadable_shard"] > 0
+
+
 # ----------------------------------------------------------------------------------------------
 # Non-finite steps
 
