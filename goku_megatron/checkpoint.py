@@ -582,8 +582,9 @@ class Checkpointer:
             latest = latest_checkpoint(self.run_dir)
             if torch.distributed.get_rank() == 0 and latest is not None and validate_checkpoint(latest) is None:
                 self._needed = _checkpoint_bytes(read_manifest(latest))
-        free = free_bytes(self.root)
-        if torch.distributed.get_rank() == 0 and not self._space_warned and free < self._needed:
+        if torch.distributed.get_rank() != 0 or self._space_warned:
+            return
+        if (free := free_bytes(self.root)) < self._needed:
             self._space_warned = True
             log.warning("checkpoint %s: %s has %s free, a checkpoint takes about %s: this save will likely fail; "
                         "free space there", name, self.root, _size(free), _size(self._needed))
