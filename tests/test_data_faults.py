@@ -313,3 +313,14 @@ def test_a_resume_whose_buffered_samples_lie_in_a_vanished_shard_goes_on(tmp_pat
     for step in range(4, 8):
         resumed.next_step(step)
     assert {s for s, _ in resumed.bad.seen["unreadable_shard"]} == {gone}
+
+
+def test_a_shard_that_cannot_even_be_listed_is_counted_once(tmp_path, sleeps):
+    """A restart finds a directory where a shard was (or an unreachable file): its listing is
+    retried, then the shard counts as one unreadable_shard entry (key "*") and the others train."""
+    root = write_latent_shards(tmp_path / "latents", SIZES, count=12, samples_per_shard=6)
+    (root / "shard-00002.tar").mkdir()
+    source = _latent_source(_latent_cfg(root))
+    source.next_step(1)
+    assert source.bad.seen == {"unreadable_shard": {(str(root / "shard-00002.tar"), "*")}}
+    assert sleeps == [0.5, 1.0]
