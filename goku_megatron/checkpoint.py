@@ -36,7 +36,9 @@ while training goes on.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import functools
 import json
 import logging
@@ -50,14 +52,14 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
 from megatron.core.dist_checkpointing.dict_utils import nested_values
-from megatron.core.dist_checkpointing.mapping import ShardedBase
+from megatron.core.dist_checkpointing.mapping import ShardedBase, is_main_replica
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
@@ -480,6 +482,8 @@ class Checkpointer:
         self._strategy: TorchDistSaveShardedStrategy | None = None  # see _planning
         self._structure: int | None = None
         self.last_snapshot_s = 0.0  # how long the last async save's snapshot took
+        self._needed: int | None = None  # bytes a checkpoint takes (see _check_space)
+        self._space_warned = False
 
     def due(self, step: int, stopping: bool = False) -> bool:
         """The training loop's question: save after ``step``? Every ``interval`` steps, at the
@@ -519,11 +523,6 @@ class Checkpointer:
         self.wait()
         final = checkpoint_dir(self.run_dir, step)
         partial = final.with_name(final.name + PARTIAL_SUFFIX)
-        if torch.distributed.get_rank() == 0:
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
-        barrier()
-
         model_sd = _model_sharded_state_dict(state.model)
         sharded: dict[str, Any] = dict(model_sd)
         parts = {"optimizer": False, "ema": state.ema is not None, "scheduler": state.scheduler is not None}
@@ -539,39 +538,93 @@ class Checkpointer:
         sharded["step"] = step
         sharded["config"] = config
         sharded["train_state"] = train_state or {}
+        with self._named_write_errors(final.name, partial):
+            self._check_space(final.name, sharded)
+            if torch.distributed.get_rank() == 0:
+                shutil.rmtree(partial, ignore_errors=True)
+                partial.mkdir(parents=True)
+            barrier()
 
-        use_async = self.async_save and not blocking
-        if use_async:  # from here on training may change the tensors: the writer has its copies
-            snapshot_start = time.perf_counter()
-            sharded = self._snapshot.take(sharded)
-            self.last_snapshot_s = time.perf_counter() - snapshot_start
-        # Always megatron's async request: run by the writer thread, or here for a sync save (the
-        # same writes; megatron's sync path would fork writer processes, and a fork write-protects
-        # every page of the training process until it is written again).
-        strategy, validate = self._planning(sharded)
-        request = dist_checkpointing.save(
-            sharded, str(partial), strategy, validate_access_integrity=validate, async_sharded_save=True,
-            preprocess_common_before_consistancy_check=_drop_optimizer_from_consistency_check)
-        # The loader state differs per DP rank and is the same on its TP/CP/PP peers: one file each.
-        if loader_state is not None and parallel_state.get_tensor_model_parallel_rank() == 0 \
-                and parallel_state.get_pipeline_model_parallel_rank() == 0 \
-                and parallel_state.get_context_parallel_rank() == 0:
-            _write_atomically(loader_state_path(partial, parallel_state.get_data_parallel_rank()),
-                              json.dumps(loader_state))
-        manifest = {"format": FORMAT, "step": step, "layout": layout(), "parts": parts, "config": config}
-        finalize = functools.partial(self._finalize, partial, final, manifest)
-        # The writer hashes the tensor files it wrote, once they are written.
-        request = in_writer_thread(request, functools.partial(_record_checksums, partial, torch.distributed.get_rank()))
-        request.add_finalize_fn(finalize)
-        if use_async:
-            self._in_flight = final
-            self._async_queue().schedule_async_request(request)
-        else:
-            try:
+            use_async = self.async_save and not blocking
+            if use_async:  # from here on training may change the tensors: the writer has its copies
+                snapshot_start = time.perf_counter()
+                sharded = self._snapshot.take(sharded)
+                self.last_snapshot_s = time.perf_counter() - snapshot_start
+            # Always megatron's async request: run by the writer thread, or here for a sync save (the
+            # same writes; megatron's sync path would fork writer processes, and a fork write-protects
+            # every page of the training process until it is written again).
+            strategy, validate = self._planning(sharded)
+            request = dist_checkpointing.save(
+                sharded, str(partial), strategy, validate_access_integrity=validate, async_sharded_save=True,
+                preprocess_common_before_consistancy_check=_drop_optimizer_from_consistency_check)
+            # The loader state differs per DP rank and is the same on its TP/CP/PP peers: one file each.
+            if loader_state is not None and parallel_state.get_tensor_model_parallel_rank() == 0 \
+                    and parallel_state.get_pipeline_model_parallel_rank() == 0 \
+                    and parallel_state.get_context_parallel_rank() == 0:
+                _write_atomically(loader_state_path(partial, parallel_state.get_data_parallel_rank()),
+                                  json.dumps(loader_state))
+            manifest = {"format": FORMAT, "step": step, "layout": layout(), "parts": parts, "config": config}
+            finalize = functools.partial(self._finalize, partial, final, manifest)
+            # The writer hashes the tensor files it wrote, once they are written.
+            request = in_writer_thread(request, functools.partial(_record_checksums, partial, torch.distributed.get_rank()))
+            request.add_finalize_fn(finalize)
+            if use_async:
+                self._in_flight = final
+                self._async_queue().schedule_async_request(request)
+            else:
                 request.execute_sync()
-            except CheckpointException as err:
-                raise ConfigError(_write_failed(final.name, err, self.root)) from None
         return time.perf_counter() - start
+
+    def _check_space(self, name: str, sharded: dict[str, Any]) -> None:
+        """Warn once (rank 0) when the run directory's file system has less free space than a
+        checkpoint takes: the last one's size (its manifest), or before there is one an estimate,
+        the bytes of the tensors every rank writes (collective, on a Checkpointer's first save)."""
+        if self._needed is None:
+            mine = sum(v.data.nbytes for v in nested_values(sharded)
+                       if isinstance(v, ShardedTensor) and is_main_replica(v.replica_id))
+            written = torch.tensor([mine], dtype=torch.int64, device=_device())
+            torch.distributed.all_reduce(written)
+            self._needed = int(written.item())
+            latest = latest_checkpoint(self.run_dir)
+            if torch.distributed.get_rank() == 0 and latest is not None and validate_checkpoint(latest) is None:
+                self._needed = _checkpoint_bytes(read_manifest(latest))
+        if torch.distributed.get_rank() != 0 or self._space_warned:
+            return
+        if (free := free_bytes(self.root)) < self._needed:
+            self._space_warned = True
+            log.warning("checkpoint %s: %s has %s free, a checkpoint takes about %s: this save will likely fail; "
+                        "free space there", name, self.root, _size(free), _size(self._needed))
+
+    @contextlib.contextmanager
+    def _named_write_errors(self, name: str, partial: Path) -> Iterator[None]:
+        """A write of checkpoint ``name`` that fails in the block ends in one ConfigError."""
+        try:
+            yield
+        except (CheckpointException, OSError, RuntimeError) as err:
+            if (error := self._write_error(name, partial, err)) is None:
+                raise
+            raise error from None
+
+    def _write_error(self, name: str, partial: Path, err: BaseException) -> ConfigError | None:
+        """The one line for a save whose writing failed, its ``partial`` directory removed (the
+        newest complete checkpoint stays latest); None when ``err`` is no write failure.
+
+        A full disk is named with the bytes a checkpoint needs and those free: found by ENOSPC
+        (or a quota's EDQUOT) anywhere in the error, or, as torch.save's zip writer reports a full
+        disk only as "unexpected pos ...", by the space the save had (free now plus what it wrote)
+        being less than a checkpoint takes."""
+        if not (isinstance(err, (CheckpointException, OSError)) or any(w in str(err) for w in _ZIP_WRITER)):
+            return None
+        wrote = sum(p.stat().st_size for p in partial.rglob("*") if p.is_file()) if partial.is_dir() else 0
+        needed = self._needed or 0
+        full = _out_of_space(err) or free_bytes(self.root) + wrote < needed
+        shutil.rmtree(partial, ignore_errors=True)
+        if not full:
+            return ConfigError(_write_failed(name, err, self.root))
+        return ConfigError(f"checkpoint {name}: the disk is full: a checkpoint needs about {_size(needed)}, "
+                           f"{self.root} has {_size(free_bytes(self.root))} free; the partial save was removed and "
+                           "the newest complete checkpoint stays latest: free space there (older iter_N "
+                           "directories than latest may go), then restart")
 
     def _planning(self, sharded: dict[str, Any]) -> tuple[TorchDistSaveShardedStrategy, bool]:
         """How dist_checkpointing plans this save: (its sharded strategy, whether to validate).
@@ -622,13 +675,13 @@ class Checkpointer:
         if self._queue is None or not self._queue.get_num_unfinalized_calls():
             return
         name = self._in_flight.name if self._in_flight is not None else "in flight"
+        partial = self.root / (name + PARTIAL_SUFFIX)
         try:
-            self._queue.maybe_finalize_async_calls(blocking=blocking)
+            with self._named_write_errors(name, partial):
+                self._queue.maybe_finalize_async_calls(blocking=blocking)
         except WriterTimeout as err:
             raise ConfigError(f"checkpoint {name}: the background writer is {err} (a stalled disk?); the "
                               f"newest complete checkpoint in {self.root} stays latest") from None
-        except CheckpointException as err:
-            raise ConfigError(_write_failed(name, err, self.root)) from None
 
     def _finalize(self, partial: Path, final: Path, manifest: dict[str, Any]) -> None:
         """Every rank finished writing: publish the checkpoint (collective; rank 0 does the work)."""
@@ -643,6 +696,7 @@ class Checkpointer:
                     name = str(p.relative_to(partial))
                     files[name] = {"size": p.stat().st_size, "crc32": hashed.get(name) or file_crc32(p)}
             _write_atomically(partial / MANIFEST, json.dumps({**manifest, "files": files}, indent=1))
+            self._needed = _checkpoint_bytes({"files": files})  # what the next save will take
             if final.exists():  # the same step saved again (a run resumed from before it)
                 shutil.rmtree(final)
             os.replace(partial, final)
@@ -690,17 +744,68 @@ def _record_checksums(directory: Path, rank: int) -> None:
     _write_atomically(directory / CHECKSUMS.format(rank=rank), json.dumps(hashes))
 
 
-def _write_failed(name: str, err: CheckpointException, root: Path) -> str:
-    """One line for a failed write that megatron's finalisation reported on every rank (rank 0
-    has every rank's exception; the others learn only that a writer failed)."""
+def _write_failed(name: str, err: BaseException, root: Path) -> str:
+    """One line for a failed write: for one that megatron's finalisation reported on every rank,
+    rank 0 has every rank's exception; the others learn only that a writer failed."""
     reason = "a writer failed; rank 0's error says which and why"
-    for failure in err.failures.values():  # (exception, traceback summary) per failed rank
-        cause = failure[0] if isinstance(failure, tuple) else failure
+    for cause in _failures(err):
         text = str(cause).splitlines()[0] if str(cause) else ""
         reason = f"{cause.__class__.__name__}: {text}" if text else cause.__class__.__name__
         break
-    return (f"checkpoint {name}: writing failed ({reason}); the newest complete checkpoint in {root} stays "
-            "latest: check free space and permissions there")
+    return (f"checkpoint {name}: writing failed ({reason}); the partial save was removed and the newest complete "
+            f"checkpoint in {root} stays latest: check free space and permissions there")
+
+
+def _failures(err: BaseException) -> list[BaseException]:
+    """The ranks' exceptions a CheckpointException carries ((exception, traceback summary) per
+    failed rank), or ``err`` itself."""
+    if not isinstance(err, CheckpointException):
+        return [err]
+    return [f[0] if isinstance(f, tuple) else f for f in err.failures.values()]
+
+
+# What a full disk looks like in a failed write: the errno of an OSError, or its text where
+# megatron's writer reports a worker's OSError as a RuntimeError ("Worker failure: [Errno 28] ...").
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_FULL_TEXT = tuple(os.strerror(code) for code in _FULL)
+# torch.save's zip writer: its errors carry no errno ("[enforce fail at inline_container.cc:672]
+# . unexpected pos 704 vs 598" on a full disk).
+_ZIP_WRITER = ("inline_container", "PytorchStreamWriter", "Worker failure")
+
+
+def _out_of_space(err: BaseException) -> bool:
+    """Whether ``err``, its causes or the ranks' failures it carries say the disk is full."""
+    pending, seen = [err], set()
+    while pending:
+        e = pending.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if (isinstance(e, OSError) and e.errno in _FULL) or any(text in str(e) for text in _FULL_TEXT):
+            return True
+        pending += [e.__cause__, e.__context__, *(_failures(e) if isinstance(e, CheckpointException) else [])]
+    return False
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes of the file system that holds ``path`` (or its nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _size(n: int) -> str:
+    """``n`` bytes in decimal units, as df -H prints them: 956.2 MB."""
+    units = ("bytes", "kB", "MB", "GB", "TB", "PB")
+    power = min(len(units) - 1, int(math.log10(n) // 3)) if n >= 1000 else 0
+    return f"{n / 1000 ** power:.1f} {units[power]}" if power else f"{n} bytes"
+
+
+def _checkpoint_bytes(manifest: dict[str, Any]) -> int:
+    """What a checkpoint takes on disk: the sizes of the files its manifest lists (format 1
+    lists bare sizes)."""
+    return sum(entry["size"] if isinstance(entry, dict) else entry for entry in manifest["files"].values())
 
 
 def _write_atomically(path: Path, text: str) -> None:

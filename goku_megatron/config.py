@@ -374,18 +374,26 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def resolve_recipe(name_or_path: str) -> Path:
-    """A recipe is a YAML path or the name of a packaged recipe (goku_megatron/recipes/NAME.yaml)."""
+    """A recipe is a YAML file or the name of a packaged recipe (goku_megatron/recipes/NAME.yaml).
+
+    A packaged name means that recipe unless the path is an existing YAML file: a run directory
+    called ``goku-2b`` or a folder ``toy/`` in the working directory must not shadow it, on every
+    requeue of the job. An existing file without a YAML suffix is read as YAML when no packaged
+    recipe has its name; a directory is never a recipe."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"{path}: recipe file not found; pass an existing YAML file or one of "
-                              f"{', '.join(available_recipes())}")
+    packaged = name_or_path in available_recipes()
+    yaml_suffix = path.suffix in (".yaml", ".yml")
+    if path.is_file() and (yaml_suffix or not packaged):
         return path
-    packaged = RECIPES_DIR / f"{name_or_path}.yaml"
-    if not packaged.is_file():
-        raise ConfigError(f"unknown recipe '{name_or_path}': use a YAML path or one of "
+    if packaged:
+        return RECIPES_DIR / f"{name_or_path}.yaml"
+    if yaml_suffix or path.exists():
+        found = ("a directory, not a recipe file" if path.is_dir() else "not a regular file, so not a recipe file"
+                 if path.exists() else "recipe file not found (no such file or directory)")
+        raise ConfigError(f"{path}: {found}; pass an existing YAML file or one of "
                           f"{', '.join(available_recipes())}")
-    return packaged
+    raise ConfigError(f"unknown recipe '{name_or_path}': use a YAML path or one of "
+                      f"{', '.join(available_recipes())}")
 
 
 def available_recipes() -> list[str]:

@@ -43,6 +43,7 @@ from goku_megatron.model.goku import iter_stage_models
 from goku_megatron.optim import build_optimizer
 from goku_megatron.platform import Backends, choose_backends, dp_sum, init_distributed, seed_everything, sharding
 from goku_megatron.resilience import Diverged, FaultTolerance, Preempted, StepGuard, StopSignals
+from goku_megatron.run_lock import run_dir_lock
 from goku_megatron.sample import LiveSampler, TrainingSamples
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,9 @@ def run(cfg: Config, source: PackedBatches | ReadAhead | None = None) -> list[St
         with fault_tolerance.section("setup"):
             backends = choose_backends(cfg)
             init_distributed(cfg, backends)
+            # One writer per run directory, refused before anything is read, built or written.
+            run_dir = resolve_run_dir(cfg)
+            cleanup.enter_context(run_dir_lock(run_dir))
             device = backends.torch_device()
             # Inputs first: missing encoder weights, a missing or empty data path or validation
             # split fail in one line before the model is built.
@@ -154,7 +158,6 @@ def run(cfg: Config, source: PackedBatches | ReadAhead | None = None) -> list[St
             evaluator = Evaluator(cfg)
             state = setup(cfg, backends)
             rank = torch.distributed.get_rank()
-            run_dir = resolve_run_dir(cfg)
             log.info("backends: %s", backends.describe())
             log.info("layout: world=%d tp=%d pp=%d cp=%d dp=%d (%s) | run dir %s", torch.distributed.get_world_size(),
                      cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp, cfg.parallel.dp, sharding(cfg), run_dir)

@@ -1,4 +1,7 @@
-"""Shared fixtures: a one-process megatron world (gloo, TP=PP=1) and a torchrun launcher."""
+"""Shared fixtures: a one-process megatron world (gloo, TP=PP=1), a torchrun launcher, and the
+rule that makes every test independent of the others: a test gets the process-group state it asks
+for (``megatron_world``, or none at all) and fails if it leaves that state changed. So a test
+passes alone, by file, in any ``-k`` selection and in reverse order (``--reverse``)."""
 
 from __future__ import annotations
 
@@ -20,6 +23,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))  # tests/reference_goku.py
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--reverse", action="store_true",
+                     help="run the selected tests in reverse order: each builds the state it needs, so any order passes")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--reverse"):
+        items.reverse()
+
+
 @pytest.fixture(autouse=True)
 def _logging_as_found():
     """Commands run in-process (goku_megatron.cli.*.main) call logs.setup_logging; logging is put
@@ -33,18 +46,101 @@ def _logging_as_found():
     logging.captureWarnings(False)
 
 
-@pytest.fixture(scope="session")
-def megatron_world():
-    """torch.distributed + megatron parallel_state for one process, as goku-train sets them up."""
+def one_process_world() -> None:
+    """torch.distributed + megatron parallel_state for one process, as goku-train sets them up;
+    kept when intact, built again when missing or half torn down. For module-scoped fixtures that
+    build or train something once; a test asks for ``megatron_world`` instead."""
     from goku_megatron import cpu_compat
     from goku_megatron.config import Config
-    from goku_megatron.platform import choose_backends, init_distributed, seed_everything
+    from goku_megatron.platform import choose_backends, init_distributed, shutdown_distributed
 
     cpu_compat.apply()
-    cfg = Config()
-    init_distributed(cfg, choose_backends(cfg))
-    seed_everything(0)
+    if not _one_process_world_is_intact():
+        shutdown_distributed()
+        cfg = Config()
+        init_distributed(cfg, choose_backends(cfg))
+
+
+def _one_process_world_is_intact() -> bool:
+    from megatron.core import parallel_state
+
+    return (torch.distributed.is_initialized() and torch.distributed.get_world_size() == 1
+            and parallel_state.model_parallel_is_initialized()
+            and _live_groups(parallel_state.get_context_parallel_group(check_initialized=False)) != ())
+
+
+def _live_groups(value: object) -> tuple[int, ...]:
+    """The ids of the live process groups in ``value`` (a group, or a list or dict of them)."""
+    if isinstance(value, torch.distributed.ProcessGroup):
+        return (id(value),) if value in torch.distributed.distributed_c10d._world.pg_map else ()
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return tuple(i for v in value for i in _live_groups(v))
+    return ()
+
+
+def _world_state() -> tuple:
+    """What a test must leave as it found it: torch.distributed's default group, and megatron's
+    parallel_state: its live process groups (by identity), memory buffers and size/rank settings.
+    Groups destroyed with their world do not count: megatron's destroy_model_parallel leaves
+    some of them (and rank lists) behind, where a fresh import has none."""
+    world = torch.distributed.group.WORLD if torch.distributed.is_initialized() else None
+    megatron = sys.modules.get("megatron.core.parallel_state")  # never imported: nothing to change
+    state = []
+    for name, value in sorted(vars(megatron).items()) if megatron else ():
+        if not (name.startswith("_") and name.isupper()) or value is None:
+            continue
+        if isinstance(value, (int, float, str)):
+            state.append((name, value))
+        elif not isinstance(value, (list, tuple, dict, torch.distributed.ProcessGroup)):
+            state.append((name, id(value)))
+        elif groups := _live_groups(value):
+            state.append((name, groups))
+    return (None if world is None else id(world)), tuple(state)
+
+
+def _left_changed(request: pytest.FixtureRequest, what: str) -> None:
+    """Fail the test that changed the process-group state, after tearing it down, so the next test
+    starts from a known state and the failure stays with the test that caused it."""
+    from goku_megatron.platform import shutdown_distributed
+
+    shutdown_distributed()
+    pytest.fail(f"{request.node.nodeid} {what}: build and tear down process groups in a fixture (tests/conftest.py)",
+                pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _no_process_group_unless_asked(request):
+    """A test that does not ask for ``megatron_world`` runs without torch.distributed or megatron
+    state (an earlier test's world is torn down first) and must leave none behind: so no test
+    passes only after another one, in any selection or order."""
+    if "megatron_world" in request.fixturenames:
+        yield
+        return
+    if torch.distributed.is_initialized() or "megatron.core.parallel_state" in sys.modules:
+        from goku_megatron.platform import shutdown_distributed
+
+        shutdown_distributed()
+    found = _world_state()
     yield
+    if _world_state() != found:
+        _left_changed(request, "left torch.distributed or megatron parallel_state behind")
+
+
+@pytest.fixture
+def megatron_world(request):
+    """torch.distributed + megatron parallel_state for one process, as goku-train sets them up
+    (kept from the test before when intact), host RNGs and megatron's RNG tracker seeded. The
+    test must leave the world as it found it."""
+    from goku_megatron.platform import seed_everything
+
+    one_process_world()
+    seed_everything(0)
+    found = _world_state()
+    yield
+    if _world_state() != found:
+        _left_changed(request, "changed the megatron_world it was given (tore down or rebuilt its groups)")
 
 
 @functools.cache

@@ -7,7 +7,7 @@ tests/test_checkpoint_dist.py does the same across processes (DP=2, TP=2, PP=2, 
 from __future__ import annotations
 
 import dataclasses
-
+import errno
 import logging
 import math
 import os
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from checkpoint_utils import adam_steps, assert_same_tensors, checkpoint_tensors, losses, metrics
-from conftest import TOY_CHECKPOINT_RUN, build_stage
+from conftest import TOY_CHECKPOINT_RUN, build_stage, one_process_world
 from numerics import assert_close_to_scale
 
 from goku_megatron.checkpoint import (
@@ -38,6 +38,8 @@ from goku_megatron.checkpoint import (
 )
 from goku_megatron.config import ConfigError, load_config, validate
 from goku_megatron.resilience import Diverged, Preempted
+
+pytestmark = pytest.mark.usefixtures("megatron_world")  # goku-train's loop in this process's one-rank world
 
 
 def _cfg(toy_data: Path, run_dir: Path, *extra: str):
@@ -106,8 +108,9 @@ def _nan(packs):
 
 
 @pytest.fixture(scope="module")
-def reference(toy_data, tmp_path_factory, megatron_world):
+def reference(toy_data, tmp_path_factory):
     """Six uninterrupted steps, checkpoints at 3 and 6."""
+    one_process_world()
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     results = _run(_cfg(toy_data, run_dir))
     assert [r.skipped for r in results] == [False] * 6
@@ -489,6 +492,76 @@ def test_a_failed_write_ends_in_one_line_and_publishes_nothing(tmp_path, megatro
     assert latest_checkpoint(tmp_path) == checkpoint_dir(tmp_path, 3)
 
 
+def _full_disk(monkeypatch, free: int) -> None:
+    """The run directory's file system reports ``free`` bytes free (shutil.disk_usage)."""
+    usage = shutil.disk_usage("/")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=free))
+
+
+FULL_DISK_ERRORS = {  # where a full disk shows: a writer's OSError, or torch.save's zip writer without errno
+    "writer_enospc": OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+    "writer_zip": RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),
+    "loader_state_enospc": OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),  # in the training thread
+}
+
+
+@pytest.mark.parametrize("where", FULL_DISK_ERRORS)
+def test_a_full_disk_is_named_with_the_space_needed_and_free(tmp_path, megatron_world, monkeypatch, caplog, where):
+    """A save that runs out of space says so in one line, with what a checkpoint needs (the last
+    one's size) and what is free; its partial directory is gone and latest stays. The space is
+    checked before each save: one warning for the run."""
+    from goku_megatron import checkpoint, checkpoint_writer
+    from goku_megatron.checkpoint import _size, read_manifest
+
+    cfg, training, state = _training()
+    checkpointer = Checkpointer(tmp_path, async_save=True)
+    checkpointer.save(1, state, cfg.to_dict(), loader_state={})
+    checkpointer.wait()
+    needed = sum(f["size"] for f in read_manifest(checkpoint_dir(tmp_path, 1))["files"].values())
+    _full_disk(monkeypatch, free=4096)
+
+    def fails(*args, **kwargs):
+        raise FULL_DISK_ERRORS[where]
+
+    monkeypatch.setattr(*((checkpoint, "_write_atomically") if where.startswith("loader") else
+                          (checkpoint_writer, "write_buckets")), fails)
+    says = (f"the disk is full: a checkpoint needs about {_size(needed)}, {tmp_path / 'checkpoints'} has "
+            "4.1 kB free; the partial save was removed and the newest complete checkpoint stays latest")
+    for step, blocking in ((2, False), (3, True)):
+        with caplog.at_level(logging.WARNING, "goku_megatron.checkpoint"), pytest.raises(ConfigError) as err:
+            checkpointer.save(step, state, cfg.to_dict(), loader_state={}, blocking=blocking)
+            checkpointer.wait()
+        assert "\n" not in str(err.value) and str(err.value).startswith(f"checkpoint iter_000000{step}: {says}")
+        assert not checkpoint_dir(tmp_path, step).with_name(f"iter_000000{step}.partial").exists()
+        assert latest_checkpoint(tmp_path) == checkpoint_dir(tmp_path, 1)
+    warnings = [r.getMessage() for r in caplog.records if "will likely fail" in r.getMessage()]
+    assert warnings == [f"checkpoint iter_0000002: {tmp_path / 'checkpoints'} has 4.1 kB free, a checkpoint takes "
+                        f"about {_size(needed)}: this save will likely fail; free space there"]
+    monkeypatch.undo()  # space again
+    checkpointer.save(4, state, cfg.to_dict())
+    checkpointer.close()
+    assert latest_checkpoint(tmp_path) == checkpoint_dir(tmp_path, 4)
+
+
+def test_a_failed_write_with_space_left_is_no_full_disk(tmp_path, megatron_world, monkeypatch):
+    """torch.save's zip writer fails without an errno; with room for a checkpoint that is not a
+    full disk, and the line says what failed."""
+    from goku_megatron import checkpoint_writer
+
+    cfg, training, state = _training()
+
+    def fails(*args, **kwargs):
+        raise FULL_DISK_ERRORS["writer_zip"]
+
+    monkeypatch.setattr(checkpoint_writer, "write_buckets", fails)
+    with pytest.raises(ConfigError) as err:
+        Checkpointer(tmp_path).save(1, state, cfg.to_dict(), blocking=True)
+    assert str(err.value).startswith("checkpoint iter_0000001: writing failed (RuntimeError: [enforce fail at "
+                                     "inline_container.cc:672] . unexpected pos 704 vs 598); the partial save was "
+                                     "removed")
+    assert not (tmp_path / "checkpoints" / "iter_0000001.partial").exists()
+
+
 def test_a_writer_that_does_not_finish_is_given_up_in_one_line(tmp_path, megatron_world, monkeypatch):
     cfg, training, state = _training()
     held = _HeldWriter(monkeypatch)
@@ -735,6 +808,23 @@ def test_sigterm_during_a_data_wait_saves_the_last_step_and_the_resume_is_exact(
     _run(cfg)
     assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4, 5, 6]
     _same_run(run_dir, reference, steps=range(1, 7))
+
+
+def test_a_shard_deleted_mid_run_is_skipped_and_the_run_goes_on(tmp_path, megatron_world):
+    """The toy run read without its cache, one of its four shards deleted after step 2's samples
+    were drawn: the run trains to the end and counts the shard's samples it skipped."""
+    from goku_megatron.data.toy import make_toy_dataset
+
+    data = tmp_path / "toy"
+    base = load_config("toy", TOY_CHECKPOINT_RUN).data
+    shards = make_toy_dataset(data, clips=base.toy_clips, images=0, size=base.toy_size, frames=base.toy_frames,
+                              shard_size=8)
+    cfg = _cfg(data, tmp_path / "run", "data.cache_mb=0", "data.workers=0", "data.create_if_missing=false",
+               "train.save_interval=0")
+    results = _run(cfg, _Interfere(cfg, {2: lambda packs: shards[1].unlink()}))
+    assert len(results) == 6 and all(math.isfinite(r.loss) for r in results)
+    rows = metrics(tmp_path / "run")
+    assert rows[1]["bad/unreadable_shard"] == 0 and rows[-1]["bad/unreadable_shard"] > 0
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import yaml
 
 from goku_megatron.config import (
     MODEL_PRESETS,
+    RECIPES_DIR,
     Config,
     ConfigError,
     available_recipes,
@@ -500,9 +501,31 @@ def test_unknown_recipe_lists_valid(tmp_path):
         load_config("no-such-recipe", [])
     assert all(name in _error(e) for name in available_recipes())
     missing = tmp_path / "missing.yaml"
-    with pytest.raises(ConfigError, match=r"recipe file not found; pass an existing YAML file or one of "
-                       + re.escape(", ".join(available_recipes()))):
+    with pytest.raises(ConfigError, match=r"missing.yaml: recipe file not found \(no such file or directory\); "
+                       r"pass an existing YAML file or one of " + re.escape(", ".join(available_recipes()))):
         load_config(str(missing), [])
+
+
+def test_a_directory_named_like_a_recipe_does_not_shadow_it(tmp_path, monkeypatch):
+    """A folder toy/ or a run directory goku-2b/ in the working directory (a job that restarts
+    with --config goku-2b next to its run dir) still means the packaged recipe; so does a file
+    without a YAML suffix. An existing YAML file is the user's recipe."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "toy").mkdir()
+    (tmp_path / "goku-2b" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "toy-shapes").write_text("train:\n  steps: 3\n")
+    for name in ("toy", "goku-2b", "toy-shapes"):
+        assert load_config(name, []).to_dict() == load_config(str(RECIPES_DIR / f"{name}.yaml"), []).to_dict(), name
+    (tmp_path / "toy.yaml").write_text("train:\n  steps: 3\n")
+    assert load_config("toy.yaml", []).train.steps == 3
+
+
+def test_a_directory_is_not_a_recipe_file(tmp_path):
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(ConfigError) as e:
+        load_config(str(tmp_path / "runs"), [])
+    assert _error(e).startswith(f"{tmp_path / 'runs'}: a directory, not a recipe file; pass an existing YAML "
+                                "file or one of goku-2b")
 
 
 @pytest.mark.parametrize("section", ["train", "parallel", "optim", "flow", "data"])

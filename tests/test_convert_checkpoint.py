@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_stage
+from conftest import build_stage, one_process_world
 from reference_goku import ReferenceGokuBlock
 from safetensors.torch import load_file, save_file
 
@@ -17,7 +17,8 @@ from goku_megatron.sample import Sampler
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory, megatron_world):
+def source(tmp_path_factory):
+    one_process_world()
     out = tmp_path_factory.mktemp("src")
     cfg = load_config(None, ["model.zero_init=false", "model.cross_attn_rope_q=false"])
     validate(cfg, 1)
@@ -26,7 +27,7 @@ def source(tmp_path_factory, megatron_world):
     return out, cfg, stage
 
 
-def test_round_trip_is_exact(source, tmp_path):
+def test_round_trip_is_exact(source, tmp_path, megatron_world):
     run_dir, cfg, stage = source
     first = export_checkpoint(run_dir, tmp_path / "a.safetensors")
     imported = tmp_path / "imported"
@@ -42,7 +43,7 @@ def test_round_trip_is_exact(source, tmp_path):
     assert not Sampler(imported).cfg.model.cross_attn_rope_q  # the config travelled too
 
 
-def test_exported_blocks_load_into_the_reference_block(source, tmp_path):
+def test_exported_blocks_load_into_the_reference_block(source, tmp_path, megatron_world):
     run_dir, cfg, stage = source
     weights = load_file(str(export_checkpoint(run_dir, tmp_path / "m.safetensors")))
     m = cfg.model

@@ -9,6 +9,7 @@ import json
 import logging
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -216,3 +217,110 @@ def test_a_missing_validation_split_fails_in_one_line_before_the_model(toy_data,
     assert str(err.value).startswith(f"train.eval_interval=2 evaluates on the toy validation split: "
                                      f"{tmp_path / 'toy' / 'val' / 'manifest.json'} missing")
     assert "\n" not in str(err.value) and not (tmp_path / "run").exists()  # nothing set up
+
+
+# ------------------------------------------------------------------------------------------------
+# Shards that cannot be read while the run reads them (data/shards.py: with_retries)
+
+
+@pytest.fixture
+def sleeps(monkeypatch):
+    """The back-off of shard retries, recorded instead of slept."""
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    return slept
+
+
+def _spoil(shard, how: str) -> None:
+    if how == "deleted":
+        shard.unlink()
+    elif how == "replaced_by_a_directory":  # tests run as root: chmod 000 would not stop a read
+        shard.unlink()
+        shard.mkdir()
+    else:  # cut short: members its listing found lie past the new end
+        shard.write_bytes(shard.read_bytes()[:1024])
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced_by_a_directory", "cut_short"])
+def test_a_shard_that_goes_bad_mid_run_is_retried_then_skipped_and_counted(tmp_path, sleeps, caplog, how):
+    root = write_latent_shards(tmp_path / "latents", SIZES, count=24, samples_per_shard=6)
+    cfg = _latent_cfg(root)
+    source = _latent_source(cfg)
+    source.next_step(1)
+    shard = find_shards(root)[2]
+    _spoil(shard, how)
+    with caplog.at_level(logging.WARNING, logger="goku_megatron"):
+        for step in range(2, 20):  # several epochs: every sample of the shard is drawn again
+            source.next_step(step)
+    skipped = source.bad.seen["unreadable_shard"]
+    assert {s for s, _ in skipped} == {str(shard)} and len(skipped) >= (6 if how != "cut_short" else 5)
+    assert source.bad.as_metrics()["bad/unreadable_shard"] == len(skipped)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and lines[0].startswith(f"shard {shard} cannot be read (")
+    assert lines[0].endswith("3 tries over 1.5 s): its samples are skipped and counted as bad/unreadable_shard")
+    assert sleeps == [0.5, 1.0]  # retried once with a back-off; its later samples are skipped at once
+
+
+def test_a_shard_read_that_fails_briefly_is_retried_and_the_sample_kept(tmp_path, sleeps, monkeypatch):
+    from goku_megatron.data import shards
+
+    root = write_latent_shards(tmp_path / "latents", SIZES, count=12, samples_per_shard=6)
+    cfg = _latent_cfg(root)
+    reference = _latent_source(cfg)
+    want = [[p.keys for p in reference.next_step(step)] for step in (1, 2)]
+    failures = [OSError(5, "Input/output error")] * 2  # a file server's hiccup
+
+    def flaky_open(path, *args, **kwargs):
+        if failures:
+            raise failures.pop()
+        return open(path, *args, **kwargs)
+
+    source = _latent_source(cfg)
+    source.next_step(1)
+    monkeypatch.setattr(shards, "open", flaky_open, raising=False)
+    assert [p.keys for p in source.next_step(2)] == want[1]
+    assert sleeps == [0.5, 1.0] and not source.bad.counts
+
+
+def test_a_data_path_whose_shards_all_vanish_stops_in_one_line(tmp_path, sleeps):
+    root = write_latent_shards(tmp_path / "latents", SIZES, count=12, samples_per_shard=6)
+    source = _latent_source(_latent_cfg(root))
+    source.next_step(1)
+    for shard in find_shards(root):
+        shard.unlink()
+    with pytest.raises(ConfigError) as err:
+        for step in range(2, 10):
+            source.next_step(step)
+    assert "\n" not in str(err.value)
+    assert str(err.value).startswith(f"stage 0 (unnamed): none of the 12 samples of dp rank 0 in {root} could be "
+                                     "used (distinct bad samples so far: unreadable_shard=")
+    assert len(sleeps) == 2 * 2  # each shard retried once
+
+
+def test_a_resume_whose_buffered_samples_lie_in_a_vanished_shard_goes_on(tmp_path, sleeps):
+    """The loader state names the shards of the samples waiting in the packing buffer; one of them
+    gone must not stop the resume (every restart would meet it again)."""
+    root = write_latent_shards(tmp_path / "latents", SIZES, count=24, samples_per_shard=6)
+    cfg = _latent_cfg(root)
+    source = _latent_source(cfg)
+    for step in range(1, 4):
+        source.next_step(step)
+    state = json.loads(json.dumps(source.state_dict()))
+    gone = state["buffer"][0]["shard"]
+    Path(gone).unlink()
+    resumed = _latent_source(cfg)
+    resumed.load_state_dict(state)
+    for step in range(4, 8):
+        resumed.next_step(step)
+    assert {s for s, _ in resumed.bad.seen["unreadable_shard"]} == {gone}
+
+
+def test_a_shard_that_cannot_even_be_listed_is_counted_once(tmp_path, sleeps):
+    """A restart finds a directory where a shard was (or an unreachable file): its listing is
+    retried, then the shard counts as one unreadable_shard entry (key "*") and the others train."""
+    root = write_latent_shards(tmp_path / "latents", SIZES, count=12, samples_per_shard=6)
+    (root / "shard-00002.tar").mkdir()
+    source = _latent_source(_latent_cfg(root))
+    source.next_step(1)
+    assert source.bad.seen == {"unreadable_shard": {(str(root / "shard-00002.tar"), "*")}}
+    assert sleeps == [0.5, 1.0]

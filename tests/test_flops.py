@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import build_stage
+from conftest import build_stage, one_process_world
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -17,7 +17,8 @@ from goku_megatron.flops import (forward_flops, gpu_peak_flops, layer_forward_fl
 
 
 @pytest.fixture(scope="module")
-def setup(megatron_world):
+def setup():
+    one_process_world()
     cfg = load_config(None, ["model.zero_init=false", "model.in_channels=4", "model.patch_size=[1,2,2]"])
     validate(cfg, 1)
     return cfg, build_stage(cfg)
@@ -30,7 +31,7 @@ def _counted(fn) -> int:
     return counter.get_total_flops()
 
 
-def test_equal_clips_forward_matches_torch_count(setup):
+def test_equal_clips_forward_matches_torch_count(setup, megatron_world):
     cfg, model = setup
     b, t, h, w, length = 2, 3, 8, 6, 5
     s = t * (h // 2) * (w // 2)
@@ -40,7 +41,7 @@ def test_equal_clips_forward_matches_torch_count(setup):
     assert counted == forward_flops(cfg.model, [s] * b, [length] * b)
 
 
-def test_packed_forward_matches_torch_count(setup):
+def test_packed_forward_matches_torch_count(setup, megatron_world):
     cfg, model = setup
     # Samples of equal size attend their captions in one batch, keys padded to the longest caption:
     # equal caption lengths there, so that no padded key adds FLOPs the formula does not count.

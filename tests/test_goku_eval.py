@@ -7,7 +7,7 @@ import json
 import math
 
 import pytest
-from conftest import build_stage
+from conftest import build_stage, one_process_world
 from numerics import EPS32
 
 from goku_megatron.checkpoint import save_checkpoint
@@ -21,8 +21,9 @@ SIZE, FRAMES = 8, 4
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, megatron_world):
+def run_dir(tmp_path_factory):
     """A toy checkpoint of 8x8x4 clips whose config names its dataset (val/ holds 32 clips)."""
+    one_process_world()
     tmp = tmp_path_factory.mktemp("eval")
     make_toy_dataset(tmp / "data", clips=1, images=0, size=SIZE, frames=FRAMES, val_clips=32)
     cfg = load_config("toy", ["model.zero_init=false", f"data.toy_size={SIZE}", f"data.toy_frames={FRAMES}",
@@ -32,7 +33,7 @@ def run_dir(tmp_path_factory, megatron_world):
     return tmp / "run"
 
 
-def test_shapes_writes_the_report(run_dir, tmp_path, capsys):
+def test_shapes_writes_the_report(run_dir, tmp_path, capsys, megatron_world):
     out = tmp_path / "reports" / "shapes.json"
     assert main(["shapes", "--checkpoint", str(run_dir), "--out", str(out), "--samples-per-prompt", "2",
                  "--steps", "2", "--cfg-scale", "3", "--seed", "4"]) == 0
@@ -61,7 +62,7 @@ def test_shapes_writes_the_report(run_dir, tmp_path, capsys):
     assert "held-out" in printed and "val_loss" in printed and f"wrote {out}" in printed
 
 
-def test_shapes_errors_are_one_line(run_dir, tmp_path, capsys):
+def test_shapes_errors_are_one_line(run_dir, tmp_path, capsys, megatron_world):
     def error(*args: str) -> str:
         assert main(["shapes", *args]) == 2
         err = capsys.readouterr().err.strip()

@@ -173,7 +173,7 @@ def test_finetune_starts_from_the_text_to_video_weights(finetune, megatron_world
     assert [r["step"] for r in records] == [1, 2, 3]
 
 
-def test_sample_from_a_first_frame(finetune, tmp_path, capsys):
+def test_sample_from_a_first_frame(finetune, tmp_path, capsys, megatron_world):
     tmp, _ = finetune
     frame = np.zeros((8, 8, 3), dtype=np.uint8)
     frame[2:6, 2:6] = (255, 0, 0)

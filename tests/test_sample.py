@@ -9,7 +9,7 @@ import av
 import numpy as np
 import pytest
 import torch
-from conftest import build_stage
+from conftest import build_stage, one_process_world
 from numerics import assert_close_to_scale
 
 from goku_megatron.checkpoint import save_checkpoint
@@ -20,7 +20,8 @@ from goku_megatron.sample import SampleSpec, Sampler
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, megatron_world):
+def run_dir(tmp_path_factory):
+    one_process_world()
     out = tmp_path_factory.mktemp("run")
     cfg = load_config("toy", ["model.zero_init=false", "data.toy_size=8", "data.toy_frames=4"])
     validate(cfg, 1)
@@ -28,7 +29,7 @@ def run_dir(tmp_path_factory, megatron_world):
     return out
 
 
-def test_sampler_reloads_the_saved_weights(run_dir):
+def test_sampler_reloads_the_saved_weights(run_dir, megatron_world):
     sampler = Sampler(run_dir)
     assert sampler.step == 3 and sampler.cfg.data.toy_size == 8
     reference = build_stage(sampler.cfg)
@@ -37,7 +38,7 @@ def test_sampler_reloads_the_saved_weights(run_dir):
             assert torch.equal(a, b), name
 
 
-def test_samples_are_deterministic_and_independent_of_other_prompts(run_dir):
+def test_samples_are_deterministic_and_independent_of_other_prompts(run_dir, megatron_world):
     sampler = Sampler(run_dir)
     spec = SampleSpec(frames=4, height=8, width=8, steps=3, cfg_scale=3.0, seed=7)
     both = sampler.sample(["a red square moving left", "a blue circle moving up"], spec)
@@ -65,7 +66,7 @@ def test_png_for_one_frame(tmp_path):
     assert path.suffix == ".png" and path.is_file()
 
 
-def test_cli_writes_one_file_per_prompt(run_dir, tmp_path, capsys):
+def test_cli_writes_one_file_per_prompt(run_dir, tmp_path, capsys, megatron_world):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a green square moving right\n\na yellow circle moving down\n")
     assert main(["--checkpoint", str(run_dir), "--prompts-file", str(prompts), "--prompt", "a red circle",

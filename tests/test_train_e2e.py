@@ -140,7 +140,7 @@ def test_toy_run_evaluates_periodically(toy_run):
     assert f"step {STEPS} eval | seen color" in stdout
 
 
-def test_goku_eval_on_the_run_is_above_chance_on_seen_prompts(toy_run, tmp_path):
+def test_goku_eval_on_the_run_is_above_chance_on_seen_prompts(toy_run, tmp_path, megatron_world):
     """goku-eval on the run's checkpoint: the report's structure, and colour (the factor learnt
     first) well above chance on the seen prompts."""
     run_dir, _ = toy_run

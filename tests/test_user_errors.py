@@ -1,4 +1,4 @@
-"""Ten user mistakes, each answered by goku-train with one line that names the field or file and
+"""User mistakes, each answered by goku-train with one line that names the field or file and
 the fix, exit code resilience.EXIT_CONFIG_ERROR, and no traceback (the table in docs/errors.md)."""
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ MISTAKES = [
     ("a world size the layout does not divide", ["--dry-run", "--world-size", "3", "parallel.tp=2"],
      "world size 3 is not divisible by tp*pp*cp=2; launch a multiple of 2 processes"),
     ("an unknown recipe", ["--config", "goku-9b"], "unknown recipe 'goku-9b': use a YAML path or one of goku-2b"),
+    ("a directory as the recipe", ["--config", "{tmp}/empty"],
+     "{tmp}/empty: a directory, not a recipe file; pass an existing YAML file or one of goku-2b"),
     ("an empty data directory", ["data.path={tmp}/empty", "data.create_if_missing=false"],
      "no toy dataset in {tmp}/empty, or an incomplete one; make it with 'goku-data make-toy --out {tmp}/empty'"),
     ("a VAE path with no VAE", ["--config", "goku-2b", "parallel.auto=false", "data.vae_path={tmp}/novae"],
@@ -55,7 +57,7 @@ def test_a_user_mistake_is_one_line_and_exit_2(mistake, args, says, tmp_path):
     assert not (tmp_path / "runs").exists()  # nothing was started
 
 
-def test_the_docs_table_lists_the_ten_mistakes():
+def test_the_docs_table_lists_the_mistakes():
     """docs/errors.md shows each mistake's line; keep it in step with MISTAKES."""
     table = (Path(__file__).resolve().parents[1] / "docs" / "errors.md").read_text()
     for _, _, says in MISTAKES:

@@ -48,7 +48,7 @@ from goku_megatron.data.decode import decode_sample, one_line
 from goku_megatron.data.frames import FrameSpec
 from goku_megatron.data.encoders import PixelSpace, VideoVAE, pack_text, pad_text, run_text_encoder, run_vae
 from goku_megatron.data.loader import SampleStream
-from goku_megatron.data.shards import BadSamples, SampleRef, find_shards, read_sample
+from goku_megatron.data.shards import BadSamples, SampleRef, find_shards, read_sample_or_skip
 from goku_megatron.data.toy import ensure_toy_dataset, read_manifest
 from goku_megatron.platform import barrier, use_local_device
 
@@ -276,7 +276,8 @@ class PackedBatches:
         return results
 
     def _read_and_prepare(self, ref: SampleRef, stage: StageConfig) -> Prepared | None:
-        return self.prepare(read_sample(ref), stage)
+        raw = read_sample_or_skip(ref, self.bad)
+        return None if raw is None else self.prepare(raw, stage)
 
     def _check_fits(self, ref: SampleRef, prepared: Prepared, stage: StageConfig) -> None:
         channels = prepared.latent.shape[0]

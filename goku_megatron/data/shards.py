@@ -7,7 +7,10 @@ a key form one sample. Next to ``name.tar`` lies ``name.idx``, DALI's index for
 
 Reading never stops for one bad sample: a truncated tar yields its complete samples, a sample
 without caption or media is skipped, and each distinct bad sample is counted once by kind in
-``BadSamples``, with a log line naming the shard and the key (rate-limited).
+``BadSamples``, with a log line naming the shard and the key (rate-limited). Nor for one bad
+shard: a shard that cannot be opened or read (deleted, replaced, cut short or unreachable while
+the run reads it) is tried READ_ATTEMPTS times with a doubling back-off, then given up for the
+rest of the process with one log line; its samples are skipped and counted as unreadable_shard.
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ import io
 import logging
 import os
 import tarfile
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +44,19 @@ BAD_KINDS = (
     "zero_frames",  # a video stream without a decodable frame
     "unreadable_image",
     "unreadable_latent",  # latent.pth or t5.pth that torch.load cannot read
+    "unreadable_shard",  # its shard could not be opened or read (READ_ATTEMPTS tries); key "*": not even listed
 )
 # Faults that are counted (bad/<kind>) but do not cost the sample: its metadata is advisory.
 ADVISORY_KINDS = ("unreadable_json",)
 # Skips logged one line each; after that, one summary line every LOG_EVERY skips.
 LOG_FIRST = 20
 LOG_EVERY = 1000
+# A shard read that fails (OSError) is tried this often, READ_BACKOFF_S, then twice that, apart:
+# long enough for a file server's hiccup, short enough that a vanished shard costs 1.5 s once.
+READ_ATTEMPTS = 3
+READ_BACKOFF_S = 0.5
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -63,18 +74,21 @@ class BadSamples:
     attempts: int = 0
     seen: dict[str, set[tuple[str, str]]] = field(default_factory=dict)
     quiet: bool = False
+    # Shards given up in this process (not in the state: a restart tries them again).
+    unreadable_shards: set[str] = field(default_factory=set)
 
     @property
     def counts(self) -> Counter:
         """Distinct bad samples per kind."""
         return Counter({kind: len(keys) for kind, keys in self.seen.items()})
 
-    def record(self, kind: str, shard: str | Path, key: str, detail: str = "") -> None:
+    def record(self, kind: str, shard: str | Path, key: str, detail: str = "", quiet: bool = False) -> None:
+        """Count the skip of sample ``key`` of ``shard``; ``quiet``: without a log line."""
         if kind not in BAD_KINDS + ADVISORY_KINDS:
             raise ValueError(f"unknown bad-sample kind {kind!r}; expected one of {BAD_KINDS + ADVISORY_KINDS}")
         self.seen.setdefault(kind, set()).add((str(shard), key))
         self.attempts += 1
-        if self.quiet:
+        if self.quiet or quiet:
             return
         what = "unreadable .json, sample kept" if kind in ADVISORY_KINDS else f"skipped bad sample ({kind})"
         if self.attempts <= LOG_FIRST:
@@ -83,6 +97,18 @@ class BadSamples:
         elif self.attempts % LOG_EVERY == 0:
             log.warning("bad samples: %d skips so far, distinct by kind %s; last %s in shard %s key %s",
                         self.attempts, self.summary(), kind, shard, key)
+
+    def record_unreadable_shard(self, shard: str | Path, key: str, error: OSError | None) -> None:
+        """Count sample ``key`` of a shard that could not be read. The first time a shard fails
+        (``error``: its last error), one line names it whatever the rate limit, and the shard is
+        given up for this process; its later samples are counted without a line."""
+        first = str(shard) not in self.unreadable_shards
+        self.unreadable_shards.add(str(shard))
+        self.record("unreadable_shard", shard, key, quiet=True)
+        if first and not self.quiet:
+            log.warning("shard %s cannot be read (%s: %s, %d tries over %.1f s): its samples are skipped and counted "
+                        "as bad/unreadable_shard", shard, type(error).__name__, error, READ_ATTEMPTS,
+                        READ_BACKOFF_S * (2 ** (READ_ATTEMPTS - 1) - 1))
 
     def is_bad(self, shard: str | Path, key: str) -> bool:
         """Whether this sample was skipped before (an advisory fault does not make it bad)."""
@@ -210,8 +236,33 @@ def list_samples(shard: Path, bad: BadSamples) -> list[SampleRef]:
     """The complete samples of a shard in tar order, from the tar headers alone (no data read).
 
     A tar cut short keeps the samples whose members all lie before the cut; the sample that was
-    cut, and any sample without caption or media, is recorded in ``bad`` and left out.
+    cut, and any sample without caption or media, is recorded in ``bad`` and left out. A shard
+    that cannot be read lists no sample (recorded as unreadable_shard, key "*").
     """
+    try:
+        size, groups, error = with_retries(lambda: _read_headers(shard))
+    except OSError as err:
+        bad.record_unreadable_shard(shard, "*", err)
+        return []
+    if error:
+        # The cut may have removed later members of the last sample read, so it is dropped too.
+        cut = groups.popitem()[0] if groups else "(none)"
+        bad.record("truncated_tar", shard, cut, f"{size} bytes, {error}")
+    refs = []
+    media_exts = VIDEO_EXTS + IMAGE_EXTS + LATENT_EXTS
+    for key, members in groups.items():
+        if not any(ext in members for ext in media_exts):
+            bad.record("missing_media", shard, key, f"members {sorted(members)}")
+        elif CAPTION_EXT not in members:
+            bad.record("missing_caption", shard, key)
+        else:
+            refs.append(SampleRef(str(shard), key, members))
+    return refs
+
+
+def _read_headers(shard: Path) -> tuple[int, dict[str, dict[str, tuple[int, int]]], str]:
+    """(file size, members per key, why the tar is cut short or "") from the tar headers; OSError
+    when the shard cannot be opened or read."""
     groups: dict[str, dict[str, tuple[int, int]]] = {}
     size = shard.stat().st_size
     end = 0  # where the last complete member's data (padded to 512-byte blocks) ends
@@ -234,30 +285,47 @@ def list_samples(shard: Path, bad: BadSamples) -> list[SampleRef]:
             trailer = f.read(1024)
         if len(trailer) < 1024 or trailer.strip(b"\0"):
             error = f"no end-of-archive marker after byte {end}"
-    if error:
-        # The cut may have removed later members of the last sample read, so it is dropped too.
-        cut = groups.popitem()[0] if groups else "(none)"
-        bad.record("truncated_tar", shard, cut, f"{size} bytes, {error}")
-    refs = []
-    media_exts = VIDEO_EXTS + IMAGE_EXTS + LATENT_EXTS
-    for key, members in groups.items():
-        if not any(ext in members for ext in media_exts):
-            bad.record("missing_media", shard, key, f"members {sorted(members)}")
-        elif CAPTION_EXT not in members:
-            bad.record("missing_caption", shard, key)
-        else:
-            refs.append(SampleRef(str(shard), key, members))
-    return refs
+    return size, groups, error
 
 
 def read_sample(ref: SampleRef) -> dict[str, Any]:
-    """The sample's bytes per extension plus ``__key__`` and ``__url__`` (WebDataset's layout)."""
+    """The sample's bytes per extension plus ``__key__`` and ``__url__`` (WebDataset's layout).
+    OSError when the shard cannot be opened, or ends before a member its listing found (it was
+    cut short or replaced since)."""
     sample: dict[str, Any] = {"__key__": ref.key, "__url__": ref.shard}
     with open(ref.shard, "rb") as f:
         for ext, (offset, size) in ref.members.items():
             f.seek(offset)
             sample[ext] = f.read(size)
+            if len(sample[ext]) != size:
+                raise OSError(f"{ref.shard} ends inside member {ref.key}.{ext}, which its listing found: "
+                              "cut short or replaced since")
     return sample
+
+
+def with_retries(read: Callable[[], T]) -> T:
+    """``read()``, tried READ_ATTEMPTS times while it raises OSError, with a doubling back-off
+    from READ_BACKOFF_S; the last OSError is raised."""
+    for attempt in range(READ_ATTEMPTS - 1):
+        try:
+            return read()
+        except OSError:
+            time.sleep(READ_BACKOFF_S * 2 ** attempt)
+    return read()
+
+
+def read_sample_or_skip(ref: SampleRef, bad: BadSamples) -> dict[str, Any] | None:
+    """``read_sample`` that never stops the run for a shard it cannot read: after READ_ATTEMPTS
+    tries (at once for a shard already given up) the sample is counted as unreadable_shard and
+    None returned, like any bad sample."""
+    if ref.shard in bad.unreadable_shards:
+        bad.record_unreadable_shard(ref.shard, ref.key, None)
+        return None
+    try:
+        return with_retries(lambda: read_sample(ref))
+    except OSError as err:
+        bad.record_unreadable_shard(ref.shard, ref.key, err)
+        return None
 
 
 def find_shards(path: str | Path | Sequence[str | Path]) -> list[Path]:
