@@ -582,7 +582,7 @@ class Checkpointer:
         if self._needed is None:
             mine = sum(v.data.nbytes for v in nested_values(sharded)
                        if isinstance(v, ShardedTensor) and is_main_replica(v.replica_id))
-            written = torch.tensor([mine], dtype=torch.int64, device=_device())
+            written = torch.tensor([mine], dtype=torch.int64, device=local_device())
             torch.distributed.all_reduce(written)
             self._needed = int(written.item())
             latest = latest_checkpoint(self.run_dir)
