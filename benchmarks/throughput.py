@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Callable
 import torch
 import torch.nn.functional as F
 
+from goku_megatron.model.rope import Rotation, apply_rope, rope_angles, rope_rotation
+
 if TYPE_CHECKING:
     from goku_megatron.config import Config
 
@@ -69,16 +71,14 @@ class PlainAttention(torch.nn.Module):
             torch.nn.Linear(dim, dim, bias=False) for _ in range(4))
         self.q_norm, self.k_norm = PlainRMSNorm(dim, eps), PlainRMSNorm(dim, eps)
 
-    def forward(self, x: torch.Tensor, kv: torch.Tensor, angles: torch.Tensor, rope_k: bool) -> torch.Tensor:
-        from goku_megatron.model.rope import apply_rope
-
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, rotation: Rotation, rope_k: bool) -> torch.Tensor:
         b, s, d = x.shape
         q = self.q_norm(self.q_proj(x)).view(b, s, self.heads, -1)
         k = self.k_norm(self.k_proj(kv)).view(b, kv.shape[1], self.heads, -1)
         v = self.v_proj(kv).view(b, kv.shape[1], self.heads, -1)
-        q = apply_rope(q, angles)
+        q = apply_rope(q, rotation)
         if rope_k:
-            k = apply_rope(k, angles)
+            k = apply_rope(k, rotation)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return self.o_proj(out.transpose(1, 2).reshape(b, s, d))
 
@@ -105,14 +105,14 @@ class PlainGokuBlock(torch.nn.Module):
         self.mlp.fc2 = torch.nn.Linear(ffn, dim)
 
     def forward(self, x: torch.Tensor, silu_temb: torch.Tensor, context: torch.Tensor,
-                angles: torch.Tensor) -> torch.Tensor:
-        """x [B, S, D], silu_temb [B, D], context [B, L, D], angles [1, S, head_dim / 2]."""
+                rotation: Rotation) -> torch.Tensor:
+        """x [B, S, D], silu_temb [B, D], context [B, L, D], rotation (cos, sin) [1, S, 1, head_dim / 2]."""
         mod = self.norm1.linear(silu_temb).float().unsqueeze(1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
         h = F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps)
         h = (h * (1 + scale_msa) + shift_msa).to(x.dtype)
-        x = (x.float() + gate_msa * self.attn1(h, h, angles, rope_k=True).float()).to(x.dtype)
-        x = x + self.attn2(self.norm2(x), context, angles, rope_k=False)
+        x = (x.float() + gate_msa * self.attn1(h, h, rotation, rope_k=True).float()).to(x.dtype)
+        x = x + self.attn2(self.norm2(x), context, rotation, rope_k=False)
         h = (self.norm3(x).float() * (1 + scale_mlp) + shift_mlp).to(x.dtype)
         h = self.mlp.fc2(F.gelu(self.mlp.fc1(h), approximate="tanh"))
         return (x.float() + gate_mlp * h.float()).to(x.dtype)
@@ -176,7 +176,6 @@ def run_ours(cfg: Config, base_precision: str, grid: tuple[int, int, int], budge
     from goku_megatron.model.build import build_stage, build_transformer_config
     from goku_megatron.model.goku import iter_stage_models
     from goku_megatron.model.layer import LayerInputs
-    from goku_megatron.model.rope import rope_angles
     from goku_megatron.platform import choose_backends
 
     m = cfg.model
@@ -197,8 +196,8 @@ def run_ours(cfg: Config, base_precision: str, grid: tuple[int, int, int], budge
     context = torch.cat([torch.randn(text_tokens, d, device=device), torch.zeros(1, d, device=device)])
     start, end = shard.text_range
     inputs = LayerInputs(context=context[start:end].unsqueeze(1).to(dtype),
-                         rope=rope_angles(shard.positions, m.head_dim, m.rope_theta).unsqueeze(1),
-                         sample_index=shard.sample_index, packed_self=shard.packed_self,
+                         rope=rope_rotation(rope_angles(shard.positions, m.head_dim, m.rope_theta).unsqueeze(1)),
+                         rows=shard.rows, packed_self=shard.packed_self,
                          packed_cross=shard.packed_cross)
     silu_temb = F.silu(torch.randn(pack.num_samples, d, device=device, dtype=dtype))
     x = torch.randn(shard.source.shape[0], 1, d, device=device, dtype=dtype, requires_grad=True)
@@ -212,13 +211,11 @@ def run_ours(cfg: Config, base_precision: str, grid: tuple[int, int, int], budge
 def run_plain(cfg: Config, dtype: torch.dtype, budget: int, text_tokens: int, args: argparse.Namespace,
               device: torch.device) -> tuple[float, float | None]:
     """The plain PyTorch blocks on the same padded sequence as one dense SDPA sequence."""
-    from goku_megatron.model.rope import rope_angles
-
     m = cfg.model
     blocks = torch.nn.ModuleList(PlainGokuBlock(m.hidden_size, m.num_heads, m.ffn_hidden_size, m.norm_eps)
                                  for _ in range(m.num_layers)).to(device=device, dtype=dtype)
     positions = torch.zeros(budget, 3, dtype=torch.long, device=device)
-    angles = rope_angles(positions, m.head_dim, m.rope_theta).unsqueeze(0)
+    rotation = rope_rotation(rope_angles(positions, m.head_dim, m.rope_theta).unsqueeze(0))
     x = torch.randn(1, budget, m.hidden_size, device=device, dtype=dtype, requires_grad=True)
     silu_temb = F.silu(torch.randn(1, m.hidden_size, device=device, dtype=dtype))
     context = torch.randn(1, text_tokens, m.hidden_size, device=device, dtype=dtype)
@@ -226,7 +223,7 @@ def run_plain(cfg: Config, dtype: torch.dtype, budget: int, text_tokens: int, ar
     def step() -> torch.Tensor:
         h = x
         for block in blocks:
-            h = block(h, silu_temb, context, angles)
+            h = block(h, silu_temb, context, rotation)
         return h
 
     return time_fwd_bwd(step, [x, *blocks.parameters()], args.warmup, args.iters, device)

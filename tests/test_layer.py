@@ -8,15 +8,15 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from numerics import assert_as_accurate
 from reference_goku import ReferenceGokuBlock, grid_positions
 
+from goku_megatron.model.context_parallel import RowRuns, packed_segments
 from goku_megatron.model.layer import LayerInputs
-from goku_megatron.model.rope import rope_angles
+from goku_megatron.model.rope import rope_angles, rope_rotation
 from goku_megatron.model.specs import local_layer_spec
-from megatron.core.transformer.spec_utils import build_module
 
 D, HEADS, FFN = 64, 4, 160
 
@@ -50,7 +50,7 @@ def test_layer_matches_reference(megatron_world, cross_attn_rope_q):
 
     expected = ref(x, temb, context, pos, context_mask=mask)
     exact = copy.deepcopy(ref).double()(*_float64(x, temb, context), pos, context_mask=mask)
-    inputs = LayerInputs(context=context.transpose(0, 1), rope=rope_angles(pos[0], D // HEADS).unsqueeze(1),
+    inputs = LayerInputs(context=context.transpose(0, 1), rope=rope_rotation(rope_angles(pos[0], D // HEADS).unsqueeze(1)),
                          context_mask=mask)
     got = ours(x.transpose(0, 1), inputs, F.silu(temb)).transpose(0, 1)
     assert_as_accurate(got, expected, exact)
@@ -72,18 +72,12 @@ def test_layer_packed_per_sample_timesteps_match_reference(megatron_world):
     x64, temb64, context64 = _float64(x, temb, context)
     exact = copy.deepcopy(ref).double().forward_packed(x64, temb64, lens, context64, ctx_lens, pos)
 
-    def cu(ls):
-        return torch.tensor([0, *torch.tensor(ls).cumsum(0).tolist()], dtype=torch.int32)
-
-    packed_self = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu(lens), cu_seqlens_kv=cu(lens),
-                                  max_seqlen_q=max(lens), max_seqlen_kv=max(lens))
-    packed_cross = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu(lens), cu_seqlens_kv=cu(ctx_lens),
-                                   max_seqlen_q=max(lens), max_seqlen_kv=max(ctx_lens))
-    sample_index = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
-    inputs = LayerInputs(context=context.transpose(0, 1), rope=rope_angles(pos[0], D // HEADS).unsqueeze(1),
-                         sample_index=sample_index, packed_self=packed_self, packed_cross=packed_cross)
+    inputs = LayerInputs(context=context.transpose(0, 1), rope=rope_rotation(rope_angles(pos[0], D // HEADS).unsqueeze(1)),
+                         rows=RowRuns(tuple(enumerate(lens))),
+                         packed_self=packed_segments(lens), packed_cross=packed_segments(lens, ctx_lens))
     got = ours(x.transpose(0, 1), inputs, F.silu(temb)).transpose(0, 1)
     assert_as_accurate(got, expected, exact)
     # The per-sample modulation matters: one shared timestep gives a different result.
     shared = ours(x.transpose(0, 1), inputs, F.silu(temb[:1].expand(len(lens), -1))).transpose(0, 1)
     assert not torch.allclose(shared, expected, atol=1e-3)
+
