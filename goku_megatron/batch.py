@@ -4,8 +4,9 @@ Every micro-batch the model sees is a ``Pack``, in training (toy, raw and latent
 sampling and evaluation: the samples' patch tokens back to back, zero-padded to exactly ``budget``
 tokens. The length is fixed so pipeline-parallel stages exchange activations of one shape
 ([budget, 1, D]) and nothing is recompiled or reallocated per step. Attention never crosses
-samples (varlen segments given by ``cu_seqlens``); the padding is a segment of its own, so it
-attends only to padding and no real token attends to it, and the loss ignores it. A toy step of B
+samples (varlen segments given by ``cu_seqlens``); the padding is a segment of its own, so no
+real token attends to it, and the loss ignores it (what its tokens hold is never read: the SDPA
+backend lets its queries attend the last sample's keys, sparing a call). A toy step of B
 same-size clips is a pack of B equal segments, which the SDPA backend attends as one batch.
 
 This is a leaf module (torch only): data/ builds packs, model/ consumes them, and neither imports

@@ -57,15 +57,22 @@ class SDPAAttention(torch.nn.Module):
         """Segment by segment, from the segments' host lengths: consecutive segments of equal query
         and key lengths are one batched call on views of q, k and v (a toy pack of B same-size
         clips is one call, as a dense batch of B was). No segment is copied or masked, so SDPA
-        keeps its fused kernels. The padding segment is not attended: its output is zero."""
-        lengths_q, lengths_kv = packed.lengths_q, packed.lengths_kv
-        attended = len(lengths_q) - packed.padding
+        keeps its fused kernels. The padding's queries join the last sample's segment (they attend
+        its keys; no real token attends theirs): their output is never read, and the sample and its
+        padding are one call whose output needs no concatenation."""
+        lengths_q, lengths_kv = list(packed.lengths_q), list(packed.lengths_kv)
+        if packed.padding:
+            pad = lengths_q.pop()
+            lengths_kv.pop()
+            if not lengths_q:  # a CP share of padding alone
+                return torch.zeros_like(q)
+            lengths_q[-1] += pad
         outputs: list[torch.Tensor] = []
         i = start_q = start_kv = 0
-        while i < attended:
+        while i < len(lengths_q):
             lq, lkv = lengths_q[i], lengths_kv[i]
             n = 1
-            while i + n < attended and (lengths_q[i + n], lengths_kv[i + n]) == (lq, lkv):
+            while i + n < len(lengths_q) and (lengths_q[i + n], lengths_kv[i + n]) == (lq, lkv):
                 n += 1
             qs, ks, vs = (_batch(_rows(t, start, n * length), n) for t, start, length in
                           ((q, start_q, lq), (k, start_kv, lkv), (v, start_kv, lkv)))
@@ -73,11 +80,7 @@ class SDPAAttention(torch.nn.Module):
             outputs.append(out.permute(2, 0, 1, 3) if n == 1 else
                            out.transpose(1, 2).reshape(n * lq, 1, *q.shape[2:]))
             i, start_q, start_kv = i + n, start_q + n * lq, start_kv + n * lkv
-        if len(outputs) == 1:
-            return F.pad(outputs[0], (0, 0, 0, 0, 0, 0, 0, q.shape[0] - start_q)) if packed.padding else outputs[0]
-        if packed.padding:
-            outputs.append(q.new_zeros(q.shape[0] - start_q, *q.shape[1:]))
-        return torch.cat(outputs)
+        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
 
 def _batch(t: torch.Tensor, n: int) -> torch.Tensor:
