@@ -5,7 +5,8 @@ pack, computed when it was built (goku_megatron/op_trace.py says which ops wait 
 The step runs as goku-train runs it (train.train_step, megatron's schedule, the loss) on packs of
 differently sized samples with padding and on a pack of equal clips, at TP=1 and at CP=2 over gloo
 (torchrun; this file doubles as the worker). On CPU nothing waits, but the ops that would on a
-GPU are the same ops, so OpTrace finds them here."""
+GPU are the same ops, so OpTrace finds them here; on a GPU machine the worker runs on CUDA and
+also catches copies to the host and pageable copies to the device."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def _worker(out_dir: Path) -> None:
     from goku_megatron import cpu_compat
     from goku_megatron.batch import PackSample, build_pack, pack_batch
     from goku_megatron.config import load_config, validate
-    from goku_megatron.platform import world_size_from_env
+    from goku_megatron.platform import choose_backends, world_size_from_env
 
     cpu_compat.apply()
     world = world_size_from_env()
@@ -58,7 +59,8 @@ def _worker(out_dir: Path) -> None:
                              "train.global_batch_size=2", "train.micro_batch_size=1", f"parallel.cp={world}",
                              "optim.warmup_steps=0"])
     validate(cfg, world)
-    training = train.setup(cfg)
+    backends = choose_backends(cfg)
+    training = train.setup(cfg, backends)
     g = torch.Generator().manual_seed(0)
     text_dim = cfg.model.text_dim
 
@@ -87,7 +89,8 @@ def _worker(out_dir: Path) -> None:
         return run
 
     train.get_forward_backward_func = traced_schedule
-    result = train.train_step([mixed, equal], training.model, training.optimizer, training.scheduler)
+    packs = [p.to(backends.torch_device()) for p in (mixed, equal)]  # as train.run moves them
+    result = train.train_step(packs, training.model, training.optimizer, training.scheduler)
     if torch.distributed.get_rank() == 0:
         torch.save({"syncs": [s for t in traces for s in t.syncs], "ops": sum(t.total for t in traces),
                     "loss": result.loss, "cp": parallel_state.get_context_parallel_world_size()},
