@@ -4,8 +4,9 @@ Every micro-batch the model sees is a ``Pack``, in training (toy, raw and latent
 sampling and evaluation: the samples' patch tokens back to back, zero-padded to exactly ``budget``
 tokens. The length is fixed so pipeline-parallel stages exchange activations of one shape
 ([budget, 1, D]) and nothing is recompiled or reallocated per step. Attention never crosses
-samples (varlen segments given by ``cu_seqlens``); the padding is a segment of its own, so it
-attends only to padding and no real token attends to it, and the loss ignores it. A toy step of B
+samples (varlen segments given by ``cu_seqlens``); the padding is a segment of its own, so no
+real token attends to it, and the loss ignores it (what its tokens hold is never read: the SDPA
+backend lets its queries attend the last sample's keys, sparing a call). A toy step of B
 same-size clips is a pack of B equal segments, which the SDPA backend attends as one batch.
 
 This is a leaf module (torch only): data/ builds packs, model/ consumes them, and neither imports
@@ -150,6 +151,11 @@ class Pack:
     text_mask: Tensor  # [n, L] bool
     cu_seqlens_text: Tensor  # [segments + 1] int32 over the valid text tokens; padding gets 1 (null)
     max_seqlen_text: int
+    # The valid caption tokens of text.flatten(0, 1), in order: [sum(text_lengths)] long. Indexing
+    # with it packs the captions back to back (cu_seqlens_text) without a boolean mask, whose
+    # result size the device would have to report to the host.
+    text_index: Tensor
+    text_lengths: tuple[int, ...]  # per sample, the valid caption tokens (host ints)
     grids: list[tuple[int, int, int]]  # per sample (T', H', W')
     frames: list[int]  # per sample latent T before time padding
     keys: list[str]
@@ -174,10 +180,35 @@ class Pack:
         """Number of padding tokens at the end."""
         return self.budget - sum(math.prod(grid) for grid in self.grids)
 
+    @property
+    def segment_lengths(self) -> tuple[int, ...]:
+        """Video tokens per segment, the samples' then the padding's (if any): ``cu_seqlens`` as
+        host ints, which the model's host-side work (CP shards, attention segments) reads without
+        asking the device."""
+        samples = tuple(math.prod(grid) for grid in self.grids)
+        return samples + (self.padding,) * (self.padding > 0)
+
+    @property
+    def text_segment_lengths(self) -> tuple[int, ...]:
+        """Caption tokens per segment (the padding segment's one null token): ``cu_seqlens_text``
+        as host ints."""
+        return self.text_lengths + (1,) * (self.padding > 0)
+
     def to(self, device: torch.device | str) -> Pack:
-        moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+        """The pack on ``device``. To a GPU, host tensors are copied from pinned memory without
+        blocking, so the copies overlap the work already queued and the host runs on."""
+        moved = {f.name: to_device(getattr(self, f.name), device) for f in dataclasses.fields(self)
                  if isinstance(getattr(self, f.name), Tensor)}
         return dataclasses.replace(self, **moved)
+
+
+def to_device(tensor: Tensor, device: torch.device | str) -> Tensor:
+    """``tensor`` on ``device``; a host tensor bound for a GPU is copied from pinned memory without
+    blocking (a pageable copy would wait for the GPU's queue to drain: a host sync)."""
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def _offsets(lengths: Sequence[int], device: torch.device) -> Tensor:
@@ -196,7 +227,7 @@ def build_pack(samples: Sequence[PackSample], budget: int, patch: Patch) -> Pack
     if pad < 0:
         raise ValueError(f"samples hold {sum(lengths)} tokens, over the token budget of {budget}; "
                          f"split them with plan_packs")
-    text_lens = [int(s.text_mask.sum()) for s in samples]
+    text_lens = [int(s.text_mask.sum()) for s in samples]  # host work of the data path, not of a step
     if min(text_lens) == 0:
         raise ValueError(f"sample {samples[text_lens.index(0)].key!r} has no valid text token; "
                          f"encode an empty caption as a null token (HashTextEncoder does)")
@@ -214,6 +245,7 @@ def build_pack(samples: Sequence[PackSample], budget: int, patch: Patch) -> Pack
     text_width = max(s.text.shape[0] for s in samples)
     segments = lengths + [pad] * (pad > 0)
     text_segments = text_lens + [1] * (pad > 0)
+    text_mask = torch.stack([F.pad(s.text_mask.bool(), (0, text_width - s.text_mask.shape[0])) for s in samples])
     return Pack(
         noisy=tokens([s.noisy for s in samples]),
         target=None if samples[0].target is None else tokens([s.target for s in samples]),
@@ -226,10 +258,11 @@ def build_pack(samples: Sequence[PackSample], budget: int, patch: Patch) -> Pack
         timesteps=torch.stack([torch.as_tensor(s.timestep, dtype=torch.float32).reshape(())
                                for s in samples]).to(device),
         text=torch.stack([F.pad(s.text, (0, 0, 0, text_width - s.text.shape[0])) for s in samples]),
-        text_mask=torch.stack([F.pad(s.text_mask.bool(), (0, text_width - s.text_mask.shape[0]))
-                               for s in samples]),
+        text_mask=text_mask,
         cu_seqlens_text=_offsets(text_segments, device),
         max_seqlen_text=max(text_segments),
+        text_index=text_mask.flatten().nonzero().flatten(),
+        text_lengths=tuple(text_lens),
         grids=grids,
         frames=[s.noisy.shape[1] for s in samples],
         keys=[s.key for s in samples],
@@ -252,10 +285,12 @@ def unpack(pack: Pack, tokens: Tensor) -> list[Tensor]:
     """
     tokens = tokens.reshape(pack.budget, -1)
     channels = tokens.shape[1] // math.prod(pack.patch)
-    cu = pack.cu_seqlens.tolist()
     latents = []
-    for i, (grid, frames) in enumerate(zip(pack.grids, pack.frames)):
-        x = unpatchify(tokens[cu[i]:cu[i + 1], None], pack.patch, channels, grid)[0]
+    start = 0
+    for grid, frames in zip(pack.grids, pack.frames):
+        end = start + math.prod(grid)
+        x = unpatchify(tokens[start:end, None], pack.patch, channels, grid)[0]
+        start = end
         latents.append(x[:, x.shape[1] - frames:])
     return latents
 

@@ -89,6 +89,11 @@ class ModelConfig:
     fp8_bf16_layers: int = 0
     attention_backend: str = "auto"
     linear_backend: str = "auto"
+    # torch.compile each Goku layer (fullgraph, as torchtitan compiles each block): fused
+    # elementwise kernels around the GEMMs and attention; the first step compiles (minutes).
+    # compile_backend: torch.compile's backend ("aot_eager" traces without generating kernels).
+    compile: bool = False
+    compile_backend: str = "inductor"
 
     @property
     def head_dim(self) -> int:
@@ -607,6 +612,10 @@ def _validate_performance(cfg: Config, has_cuda: bool) -> None:
     _require(m.fp8_bf16_layers >= 0, f"model.fp8_bf16_layers must be >= 0, got {m.fp8_bf16_layers}")
     _require(o.ddp_bucket_size >= 0, f"optim.ddp_bucket_size must be >= 0 (0: megatron's default), "
                                      f"got {o.ddp_bucket_size}")
+    _require(not (m.compile and p.tp > 1),
+             f"model.compile=true with parallel.tp={p.tp}: megatron's tensor-parallel linears all-reduce "
+             f"their input gradient asynchronously, which torch.compile cannot trace; set parallel.tp=1 "
+             f"or model.compile=false")
     if m.fp8:
         _require(has_cuda, f"model.fp8={m.fp8} needs a GPU with Transformer Engine; set model.fp8='' on CPU")
         _require(m.linear_backend in ("auto", "te"),

@@ -14,11 +14,10 @@ Memory per GPU (bytes), for a pipeline stage holding L / PP layers:
     activations                   (L / PP) x min(PP, m) x (S / CP) x a x e
         S = tokens per micro-batch (one pack), m = micro-batches per step and DP rank (1F1B keeps
         up to PP of them in flight on the first stage), e = bytes per element,
-        a = 22 D + (15 D + 2 F) / TP elements per token and layer without recompute (the
-            per-token adaLN modulation of a pack is saved too); 2 D with full recompute (the layer
-            input), plus one layer's a for the recomputed layer.
+        a = 14 D + (15 D + 2 F) / TP elements per token and layer without recompute; 2 D with
+            full recompute (the layer input), plus one layer's a for the recomputed layer.
 
-``a`` was measured on this code (torch.distributed._tools.MemTracker, tiny CPU runs, fp32: 37 D +
+``a`` was measured on this code (torch.distributed._tools.MemTracker, tiny CPU runs, fp32: 29 D +
 2 F per token and layer at TP=1, within 5% for D = 64..256,
 F = 2D..8D; about 2 D with recompute; tests/test_planner.py keeps them honest). The TP split
 (what stays replicated: the residual stream, norms and modulation) is read from the code, not
@@ -161,7 +160,7 @@ def activation_elements(model: ModelConfig, tp: int, recompute: bool) -> float:
     d, f = model.hidden_size, model.ffn_hidden_size
     if recompute:
         return 2 * d
-    return 22 * d + (15 * d + 2 * f) / tp
+    return 14 * d + (15 * d + 2 * f) / tp
 
 
 def stage_params(model: ModelConfig, tp: int, pp: int) -> float:

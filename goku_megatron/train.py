@@ -85,6 +85,8 @@ def train_step(packs: list[Pack], model: list[torch.nn.Module], optimizer, sched
     optimizer.zero_grad()
     # megatron divides seq_length by cp for the p2p shape: the CP-local sequence.
     packs, seq_length = align_packs(packs, next(iter_stage_models(model)).cp_layout)
+    for stage in iter_stage_models(model):  # host work and asynchronous copies, before any kernel runs
+        stage.prepare(packs)
     losses = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(packs), model=model, num_microbatches=len(packs),
         seq_length=seq_length, micro_batch_size=1, forward_only=False)

@@ -32,6 +32,7 @@ from goku_megatron.batch import (
 from goku_megatron.config import load_config
 from goku_megatron.flow import flow_loss
 from goku_megatron.model.attention import SDPAAttention
+from goku_megatron.model.context_parallel import RowRuns, packed_segments
 from goku_megatron.model.goku import GokuModel
 from goku_megatron.model.layer import LayerInputs
 
@@ -281,50 +282,65 @@ def test_time_padding_repeats_the_first_frame():
 # Equal segments: the fast paths equal the general ones
 
 
-def _segments(lengths: list[int], device: str = "cpu") -> torch.Tensor:
-    return torch.tensor([0, *lengths]).cumsum(0).int()
-
-
 @pytest.mark.parametrize("q_lengths, kv_lengths", [
     ([6, 6, 6], [6, 6, 6]),  # a toy pack's self-attention: one reshape, one call
-    ([6, 6, 6], [3, 1, 5]),  # its cross-attention: captions of other lengths, keys masked
-    ([6, 2, 6, 1], [3, 2, 3, 1]),  # samples of other sizes: grouped by length
+    ([6, 6, 6], [3, 1, 5]),  # its cross-attention: captions of other lengths, one call each
+    ([6, 2, 2, 6, 1], [3, 2, 2, 3, 1]),  # samples of other sizes: consecutive equal ones together
 ])
 def test_sdpa_equal_segments_match_the_segment_loop(q_lengths, kv_lengths):
-    from megatron.core.packed_seq_params import PackedSeqParams
-
     g = torch.Generator().manual_seed(3)
     heads, dim = 2, 8
     q = torch.randn(sum(q_lengths), 1, heads, dim, generator=g, dtype=torch.float64)
     k, v = (torch.randn(sum(kv_lengths), 1, heads, dim, generator=g, dtype=torch.float64) for _ in range(2))
-    cu_q, cu_kv = _segments(q_lengths), _segments(kv_lengths)
-    packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_q, cu_seqlens_kv=cu_kv,
-                             max_seqlen_q=max(q_lengths), max_seqlen_kv=max(kv_lengths))
+    cu_q, cu_kv = ([0, *torch.tensor(lengths).cumsum(0).tolist()] for lengths in (q_lengths, kv_lengths))
     attention = SDPAAttention()
     loop = torch.cat([attention(q[cu_q[i]:cu_q[i + 1]], k[cu_kv[i]:cu_kv[i + 1]], v[cu_kv[i]:cu_kv[i + 1]])
                       for i in range(len(q_lengths))])
-    # float64 on both sides: batched and masked kernels against one call per segment
+    packed = packed_segments(q_lengths, kv_lengths)
+    # float64 on both sides: batched kernels against one call per segment
     torch.testing.assert_close(attention(q, k, v, packed=packed), loop, rtol=0, atol=1e-12)
     fp32 = attention(q.float(), k.float(), v.float(), packed=packed)
     assert_close_to_scale(fp32, loop, ulps=16)
 
 
-def test_per_token_rows_broadcast_over_the_segment_view_equals_the_gather():
-    """Equal segments: rows [N, 1, F] broadcast over the tokens viewed as [N, L, F] give what the
-    general path's per-token gather gives, in value and in the rows' gradient."""
-    rows = torch.randn(3, 5, requires_grad=True)
-    tokens = torch.randn(12, 1, 5)
-    index = torch.arange(3).repeat_interleave(4)
-    general = LayerInputs(context=torch.zeros(1), rope=torch.zeros(1), sample_index=index)
-    equal = LayerInputs(context=torch.zeros(1), rope=torch.zeros(1), sample_index=index, segment_length=4)
-    assert equal.segments(tokens).shape == (3, 4, 5) and general.segments(tokens) is tokens
-    gathered = general.segments(tokens) * general.per_token(rows)
-    broadcast = (equal.segments(tokens) * equal.per_token(rows)).view_as(tokens)
-    assert torch.equal(broadcast, gathered)
-    weights = torch.randn(12, 1, 5)
-    (grad_g,) = torch.autograd.grad((gathered * weights).sum(), rows)
-    (grad_b,) = torch.autograd.grad((broadcast * weights).sum(), rows)
-    assert_close_to_scale(grad_b, grad_g, ulps=4)  # four-term sums, maybe in another order
+@pytest.mark.parametrize("runs, blocks", [
+    (((0, 4), (1, 4), (2, 4)), ((0, 3, 4),)),  # equal clips: one [3, 4, F] view, rows[0:3]
+    (((1, 12),), ((1, 1, 12),)),  # one sample (a CP share inside sample 1): one row over all tokens
+    (((0, 4), (1, 4), (2, 7)), ((0, 2, 4), (2, 1, 7))),  # equal clips, the last with the padding
+    (((0, 3), (1, 5), (2, 4)), ((0, 1, 3), (1, 1, 5), (2, 1, 4))),  # samples of other sizes
+    (((2, 4), (0, 4), (1, 4)), ((2, 1, 4), (0, 2, 4))),  # out of order (as in a zigzag CP share)
+])
+def test_per_sample_rows_broadcast_per_block_as_the_index_does(runs, blocks):
+    """Each block of runs views its tokens as [k, L, F] and broadcasts rows [k, 1, F] over them;
+    this gives what indexing the rows by each token's sample gives, in value and in the rows'
+    gradient, and the backward is sums over views, never a scatter (IndexBackward: index_put)."""
+    rows = torch.randn(3, 1, 5, dtype=torch.float64, requires_grad=True)  # AdaLNModulation's form
+    index = torch.cat([torch.full((n,), row) for row, n in runs])
+    tokens = torch.randn(len(index), 1, 5, dtype=torch.float64)
+    inputs = LayerInputs(context=torch.zeros(1), rope=(torch.zeros(1), torch.zeros(1)), rows=RowRuns(runs))
+    assert inputs.rows.blocks == blocks
+    got = inputs.per_sample(lambda x, r: x * r, tokens, rows)
+    expected = tokens * rows[index]
+    assert torch.equal(got, expected)
+    assert _graph_ops(expected, "Index") and not _graph_ops(got, "Index")  # the check can fail
+    weights = torch.randn(len(index), 1, 5, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((got * weights).sum(), rows)
+    (grad_expected,) = torch.autograd.grad((expected * weights).sum(), rows)
+    torch.testing.assert_close(grad, grad_expected, rtol=0, atol=1e-12)  # float64: sums in another order
+
+
+def _graph_ops(output: torch.Tensor, name: str) -> list[str]:
+    """Names of the backward nodes of ``output``'s autograd graph that contain ``name``."""
+    seen, stack, found = set(), [output.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if name in type(node).__name__:
+            found.append(type(node).__name__)
+        stack += [next_node for next_node, _ in node.next_functions]
+    return found
 
 
 def test_a_pack_of_equal_clips_takes_the_fast_path_and_equals_the_general_one(megatron_world):
@@ -337,11 +353,11 @@ def test_a_pack_of_equal_clips_takes_the_fast_path_and_equals_the_general_one(me
     text = torch.randn(n, L, TEXT_DIM, generator=g)
     mask = torch.arange(L)[None] < torch.tensor([[2], [6], [1], [4]])
     full = pack_batch(x, torch.rand(n, generator=g), text, mask, (1, 2, 2), target=torch.randn(n, *shape, generator=g))
-    assert model.pack_shard(full).segment_length == 8
+    assert model.pack_shard(full).rows.blocks == ((0, 4, 8),)
     padded = build_pack([PackSample(full_x, t, float(ts), e, m, str(i)) for i, (full_x, t, ts, e, m) in
                          enumerate(zip(x, unpack(full, full.target), full.timesteps, text, mask))], full.budget + 3,
                         (1, 2, 2))
-    assert model.pack_shard(padded).segment_length == 0
+    assert model.pack_shard(padded).rows.blocks == ((0, 3, 8), (3, 1, 11))
     results = []
     for pack in (full, padded):
         model.zero_grad()

@@ -180,6 +180,7 @@ INVALID = [
     (["model.fp8=e4m3", "data.toy_size=6", "data.toy_frames=1", "train.micro_batch_size=1"], 1, True, "data.toy_size",
      r"the toy pack .*=9: FP8 GEMMs \(delayed\) need a multiple of 16"),
     (["model.fp8_bf16_layers=1"], 1, True, "model.fp8_bf16_layers", r"keeps layers out of FP8 training; set model.fp8"),
+    (["model.compile=true", "parallel.tp=2"], 2, False, "model.compile", r"torch.compile cannot trace; set parallel.tp=1"),
     (["model.fp8=e4m3", "model.fp8_bf16_layers=1"], 1, True, "model.fp8_bf16_layers",
      r"needs an FP8 context per layer, which the delayed recipe's amax reduction does not allow; "
      r"use model.fp8_recipe=tensorwise"),

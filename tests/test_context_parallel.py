@@ -16,17 +16,18 @@ import torch
 import torch.nn.functional as F
 from conftest import run_torchrun
 from numerics import assert_close_to_scale
-from megatron.core.packed_seq_params import PackedSeqParams
 
 from goku_megatron.batch import PackSample, build_pack
 from goku_megatron.flow import flow_loss
 from goku_megatron.model import context_parallel
 from goku_megatron.model.attention import SDPAAttention
 from goku_megatron.model.context_parallel import (
+    PackedSegments,
     align_packs,
-    contiguous_index,
+    contiguous_chunks,
+    packed_segments,
     shard_pack,
-    zigzag_index,
+    zigzag_chunks,
     zigzag_length,
 )
 
@@ -44,6 +45,16 @@ def _pack(budget: int = 24, seed: int = 0):
     return build_pack(samples, budget, (1, 2, 2))
 
 
+def chunk_index(chunks: list[tuple[int, int]]) -> torch.Tensor:
+    """The positions a rank's layout chunks hold, in order."""
+    return torch.cat([torch.arange(start, start + length) for start, length in chunks])
+
+
+def _row_index(shard: context_parallel.PackShard) -> torch.Tensor:
+    """The sample whose modulation each of the shard's tokens takes, from its host runs."""
+    return torch.cat([torch.full((n,), row) for row, n in shard.rows.runs])
+
+
 def _shards(pack, layout: str, cp: int) -> list[context_parallel.PackShard]:
     return [shard_pack(pack, layout, cp, rank) for rank in range(cp)]
 
@@ -53,18 +64,18 @@ def _shards(pack, layout: str, cp: int) -> list[context_parallel.PackShard]:
 
 
 def test_contiguous_index_splits_in_rank_order():
-    assert [contiguous_index(12, 3, r).tolist() for r in range(3)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    assert [chunk_index(contiguous_chunks(12, 3, r)).tolist() for r in range(3)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
     with pytest.raises(ValueError, match="13 tokens does not split over 2"):
-        contiguous_index(13, 2, 0)
+        contiguous_chunks(13, 2, 0)
 
 
 def test_zigzag_index_is_te_load_balanced_layout():
     """Each sequence in 2*cp chunks; rank r holds chunks r and 2*cp-1-r of every sequence."""
-    assert zigzag_index([8, 4], 2, 0).tolist() == [0, 1, 6, 7, 8, 11]
-    assert zigzag_index([8, 4], 2, 1).tolist() == [2, 3, 4, 5, 9, 10]
-    assert zigzag_index([12], 3, 1).tolist() == [2, 3, 8, 9]
+    assert chunk_index(zigzag_chunks([8, 4], 2, 0)).tolist() == [0, 1, 6, 7, 8, 11]
+    assert chunk_index(zigzag_chunks([8, 4], 2, 1)).tolist() == [2, 3, 4, 5, 9, 10]
+    assert chunk_index(zigzag_chunks([12], 3, 1)).tolist() == [2, 3, 8, 9]
     with pytest.raises(ValueError, match="6 tokens does not split into 2\\*cp=4 chunks"):
-        zigzag_index([6], 2, 0)
+        zigzag_chunks([6], 2, 0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -78,7 +89,7 @@ def test_contiguous_shards_cover_the_pack_in_order(cp):
     source = torch.cat([s.source for s in shards])
     assert source.tolist() == list(range(pack.budget))
     for s in shards:
-        assert torch.equal(s.sample_index, pack.sample_index[s.source])
+        assert torch.equal(_row_index(s), pack.sample_index[s.source])
         assert torch.equal(s.positions, pack.positions[s.source])
         # Ulysses attends the whole pack after its all-to-all: the pack's own segments.
         assert torch.equal(s.packed_self.cu_seqlens_q, pack.cu_seqlens)
@@ -98,7 +109,9 @@ def test_contiguous_cross_attention_segments_per_rank():
     assert [s.text_range for s in shards] == [(0, 3), (0, 8), (3, 11)]
     assert [s.packed_cross.cu_seqlens_kv.tolist() for s in shards] == [[0, 3], [0, 3, 8], [0, 5, 7, 8]]
     assert [s.packed_cross.max_seqlen_kv for s in shards] == [3, 5, 5]
-    assert shards[2].sample_index.tolist() == [1, 1, 2, 2, 2, 2, 2, 2]  # padding: the last sample's
+    assert _row_index(shards[2]).tolist() == [1, 1, 2, 2, 2, 2, 2, 2]  # padding: the last sample's
+    assert [s.rows.runs for s in shards] == [((0, 8),), ((0, 4), (1, 4)), ((1, 2), (2, 6))]
+    assert [s.rows.blocks for s in shards] == [((0, 1, 8),), ((0, 2, 4),), ((1, 1, 2), (2, 1, 6))]
 
 
 def test_zigzag_shard_pads_each_sample_to_2cp():
@@ -115,7 +128,8 @@ def test_zigzag_shard_pads_each_sample_to_2cp():
     # Rank 0: chunks 0 and 3 of every segment (chunk = segment / 4).
     assert shards[0].source.tolist() == [0, 1, 2, 9, 10, 11, 12, 13, -1, -1, 18, -1, -1, -1]
     assert shards[1].source.tolist() == [3, 4, 5, 6, 7, 8, 14, 15, 16, 17, -1, -1, -1, -1]
-    assert shards[0].sample_index.tolist() == [0] * 6 + [1] * 4 + [2] * 4
+    assert _row_index(shards[0]).tolist() == [0] * 6 + [1] * 4 + [2] * 4
+    assert shards[0].packed_self.lengths_q == (12, 6, 1, 4)  # the host copy of cu_seqlens_q
     real = torch.cat([s.source for s in shards])
     assert sorted(real[real >= 0].tolist()) == list(range(19))
     for s in shards:
@@ -158,8 +172,7 @@ def test_align_packs_gives_every_pack_the_longest_layout(monkeypatch):
 
 def _cross_reference(pack, q, context):
     """Cross-attention of the whole pack: every token against its own sample's caption."""
-    packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=pack.cu_seqlens, cu_seqlens_kv=pack.cu_seqlens_text,
-                             max_seqlen_q=pack.max_seqlen, max_seqlen_kv=pack.max_seqlen_text)
+    packed = packed_segments(pack.segment_lengths, pack.text_segment_lengths)
     return SDPAAttention()(q, context, context, packed=packed)
 
 
@@ -167,7 +180,8 @@ def _cross_reference(pack, q, context):
                                                 ("zigzag", 2, 28), ("zigzag", 3, 24)])
 def test_cross_attention_on_a_share_equals_the_whole_pack(layout, cp, budget):
     """Each rank's queries, with the rank's cu_seqlens against its slice of the caption tokens,
-    get exactly the outputs those tokens get in the whole pack: a query sees its own caption only."""
+    get exactly the outputs those tokens get in the whole pack: a query sees its own caption only.
+    (Real tokens: what the padding's queries get is never read, and SDPA does not compute it.)"""
     pack = _pack(budget)
     g = torch.Generator().manual_seed(3)
     q = torch.randn(pack.budget, 1, 2, 4, generator=g)
@@ -177,7 +191,7 @@ def test_cross_attention_on_a_share_equals_the_whole_pack(layout, cp, budget):
     for s in _shards(pack, layout, cp):
         kv = context[s.text_range[0]:s.text_range[1]]
         local = SDPAAttention()(s.gather(q), kv, kv, packed=s.packed_cross)
-        keep = s.source >= 0
+        keep = (s.source >= 0) & pack.loss_mask[s.source.clamp_min(0)]
         assert_close_to_scale(local[keep], whole[s.source[keep]], ulps=16)  # softmax over another key count
     # A query attending another sample's caption would change: the reference is not trivial.
     other = SDPAAttention()(q[:12], context[3:8], context[3:8])
@@ -209,13 +223,11 @@ def test_zigzag_self_attention_segments_match_the_pack(cp, budget):
     padded = params.cu_seqlens_q_padded.diff().tolist()
     laid = torch.zeros(3, length, 2, 4)
     for rank, s in enumerate(shards):
-        laid[:, zigzag_index(padded, cp, rank)] = s.gather(qkv.transpose(0, 1)).transpose(0, 1)
+        laid[:, chunk_index(zigzag_chunks(padded, cp, rank))] = s.gather(qkv.transpose(0, 1)).transpose(0, 1)
     got = _te_semantics_attention(*laid, params.cu_seqlens_q.tolist(), params.cu_seqlens_q_padded.tolist())
-    whole = SDPAAttention()(*qkv[:, :, None], packed=PackedSeqParams(
-        qkv_format="thd", cu_seqlens_q=pack.cu_seqlens, cu_seqlens_kv=pack.cu_seqlens,
-        max_seqlen_q=pack.max_seqlen, max_seqlen_kv=pack.max_seqlen))[:, 0]
+    whole = SDPAAttention()(*qkv[:, :, None], packed=packed_segments(pack.segment_lengths))[:, 0]
     for rank, s in enumerate(shards):
-        index = zigzag_index(padded, cp, rank)
+        index = chunk_index(zigzag_chunks(padded, cp, rank))
         keep = (s.source >= 0) & (s.source < pack.budget - pack.padding)
         assert_close_to_scale(got[index][keep], whole[s.source[keep]], ulps=16)
 
@@ -276,9 +288,8 @@ def _attention_inputs() -> dict[str, torch.Tensor]:
             for name in ("q", "k", "v", "w", "q_unpacked", "k_unpacked", "v_unpacked", "w_unpacked")}
 
 
-def _packed_params() -> PackedSeqParams:
-    cu = torch.tensor(CU_PACK, dtype=torch.int32)
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=7, max_seqlen_kv=7)
+def _packed_params() -> PackedSegments:
+    return packed_segments([b - a for a, b in zip(CU_PACK[:-1], CU_PACK[1:])])
 
 
 def _worker(out_dir: Path) -> None:
@@ -294,7 +305,7 @@ def _worker(out_dir: Path) -> None:
     parallel_state.initialize_model_parallel(context_parallel_size=CP)
     group = parallel_state.get_context_parallel_group()
     rank = parallel_state.get_context_parallel_rank()
-    mine = contiguous_index(S, CP, rank)
+    mine = chunk_index(contiguous_chunks(S, CP, rank))
     heads = slice(rank * HEADS // CP, (rank + 1) * HEADS // CP)
     data = _attention_inputs()
     result: dict = {}
@@ -333,9 +344,9 @@ def test_all_to_all_moves_heads_and_round_trips(ulysses_ranks):
     for rank, got in enumerate(ulysses_ranks):
         heads = slice(rank * HEADS // CP, (rank + 1) * HEADS // CP)
         assert torch.equal(got["spread"], data["q"][:, :, heads])  # whole sequence, this rank's heads
-        assert torch.equal(got["round_trip"], data["q"][contiguous_index(S, CP, rank)])
+        assert torch.equal(got["round_trip"], data["q"][chunk_index(contiguous_chunks(S, CP, rank))])
         # d/d(local) of sum(w[:, my heads] * spread) over all ranks is w at my tokens, all heads.
-        assert torch.equal(got["spread_grad"], data["w"][contiguous_index(S, CP, rank)])
+        assert torch.equal(got["spread_grad"], data["w"][chunk_index(contiguous_chunks(S, CP, rank))])
 
 
 @pytest.mark.slow
@@ -350,7 +361,7 @@ def test_ulysses_attention_equals_whole_sequence_attention(ulysses_ranks, kind):
     if kind == "packed":  # the segments matter: one sequence attention would differ
         assert not torch.allclose(SDPAAttention()(*qkv), whole, atol=1e-3)
     for rank, got in enumerate(ulysses_ranks):
-        mine = contiguous_index(S, CP, rank)
+        mine = chunk_index(contiguous_chunks(S, CP, rank))
         out, grads = got[kind]
         # the rank attends its heads over the whole sequence: the same sums, on other shapes
         assert_close_to_scale(out, whole.detach()[mine], ulps=16)

@@ -1,5 +1,6 @@
 """The megatron Goku layer equals the independent plain-PyTorch reference block (tests/reference_goku.py):
-its fp32 output is as close to the reference block's float64 run as the reference's own fp32 run is."""
+its fp32 output is as close to the reference block's float64 run as the reference's own fp32 run is.
+Compiled (model.compile), it is one graph with the eager layer's numbers."""
 
 from __future__ import annotations
 
@@ -8,15 +9,19 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from megatron.core.packed_seq_params import PackedSeqParams
+from conftest import build_stage
+from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
-from numerics import assert_as_accurate
+from numerics import assert_as_accurate, assert_close_to_scale
 from reference_goku import ReferenceGokuBlock, grid_positions
 
+from goku_megatron.batch import PackSample, build_pack
+from goku_megatron.config import load_config
+from goku_megatron.flow import flow_loss
+from goku_megatron.model.context_parallel import RowRuns, packed_segments
 from goku_megatron.model.layer import LayerInputs
-from goku_megatron.model.rope import rope_angles
+from goku_megatron.model.rope import rope_angles, rope_rotation
 from goku_megatron.model.specs import local_layer_spec
-from megatron.core.transformer.spec_utils import build_module
 
 D, HEADS, FFN = 64, 4, 160
 
@@ -50,7 +55,7 @@ def test_layer_matches_reference(megatron_world, cross_attn_rope_q):
 
     expected = ref(x, temb, context, pos, context_mask=mask)
     exact = copy.deepcopy(ref).double()(*_float64(x, temb, context), pos, context_mask=mask)
-    inputs = LayerInputs(context=context.transpose(0, 1), rope=rope_angles(pos[0], D // HEADS).unsqueeze(1),
+    inputs = LayerInputs(context=context.transpose(0, 1), rope=rope_rotation(rope_angles(pos[0], D // HEADS).unsqueeze(1)),
                          context_mask=mask)
     got = ours(x.transpose(0, 1), inputs, F.silu(temb)).transpose(0, 1)
     assert_as_accurate(got, expected, exact)
@@ -72,18 +77,38 @@ def test_layer_packed_per_sample_timesteps_match_reference(megatron_world):
     x64, temb64, context64 = _float64(x, temb, context)
     exact = copy.deepcopy(ref).double().forward_packed(x64, temb64, lens, context64, ctx_lens, pos)
 
-    def cu(ls):
-        return torch.tensor([0, *torch.tensor(ls).cumsum(0).tolist()], dtype=torch.int32)
-
-    packed_self = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu(lens), cu_seqlens_kv=cu(lens),
-                                  max_seqlen_q=max(lens), max_seqlen_kv=max(lens))
-    packed_cross = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu(lens), cu_seqlens_kv=cu(ctx_lens),
-                                   max_seqlen_q=max(lens), max_seqlen_kv=max(ctx_lens))
-    sample_index = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
-    inputs = LayerInputs(context=context.transpose(0, 1), rope=rope_angles(pos[0], D // HEADS).unsqueeze(1),
-                         sample_index=sample_index, packed_self=packed_self, packed_cross=packed_cross)
+    inputs = LayerInputs(context=context.transpose(0, 1), rope=rope_rotation(rope_angles(pos[0], D // HEADS).unsqueeze(1)),
+                         rows=RowRuns(tuple(enumerate(lens))),
+                         packed_self=packed_segments(lens), packed_cross=packed_segments(lens, ctx_lens))
     got = ours(x.transpose(0, 1), inputs, F.silu(temb)).transpose(0, 1)
     assert_as_accurate(got, expected, exact)
     # The per-sample modulation matters: one shared timestep gives a different result.
     shared = ours(x.transpose(0, 1), inputs, F.silu(temb[:1].expand(len(lens), -1))).transpose(0, 1)
     assert not torch.allclose(shared, expected, atol=1e-3)
+
+
+def test_compiled_layers_are_whole_graphs_with_eager_numbers(megatron_world):
+    """model.compile: every layer is torch.compile'd in place with fullgraph=True (a graph break
+    raises), forward and backward, on a mixed pack (several samples, padding: the block and segment
+    loops); parameter names, outputs and gradients are the eager model's. aot_eager traces the same
+    graphs and their backward as inductor without generating kernels (inductor takes minutes on two
+    CPU cores; benchmarks/throughput.py --compile times it)."""
+    base = ["model.zero_init=false", "model.in_channels=4", "model.num_layers=2"]
+    eager = build_stage(load_config(None, base))
+    compiled = build_stage(load_config(None, [*base, "model.compile=true", "model.compile_backend=aot_eager"]))
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+    g = torch.Generator().manual_seed(2)
+    samples = [PackSample(noisy=torch.randn(4, *shape, generator=g), target=torch.randn(4, *shape, generator=g),
+                          timestep=0.3 * (i + 1), text=torch.randn(5, 32, generator=g), text_mask=torch.arange(5) < 2 + i)
+               for i, shape in enumerate([(2, 4, 4), (1, 4, 4), (1, 2, 6)])]
+    pack = build_pack(samples, 24, (1, 2, 2))  # 8 + 4 + 3 tokens and padding: three blocks of rows
+    results = []
+    for model in (eager, compiled):
+        out = model(pack)
+        flow_loss(out, pack).backward()
+        results.append((out.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (out_eager, grads_eager), (out_compiled, grads_compiled) = results
+    assert all(layer._compiled_call_impl is not None for layer in compiled.layers)
+    assert_close_to_scale(out_compiled, out_eager, ulps=16)  # the same ops, decomposed by AOTAutograd
+    for name, grad in grads_eager.items():
+        assert_close_to_scale(grads_compiled[name], grad, ulps=64, msg=name)

@@ -5,7 +5,7 @@ run on packs of differently sized samples (and DP=2 x CP=2 on packs of equal cli
 single-process run of the same data. DP=2 with optim.overlap_grad_reduce and overlap_param_gather
 (gloo runs megatron's asynchronous bucket reductions and all-gathers) matches too, and so does FSDP
 over 4 ranks, hybrid 2 x 2, FSDP x CP=2 (sharded over all four, or over each CP pair and
-replicated across DP) and TP=2 x FSDP over 2 with recompute. The distributed
+replicated across DP) and TP=2 x FSDP over 2 with recompute, and CP=2 with compiled layers. The distributed
 checkpoint each layout saves loads into one unsharded model and holds the single-process run's weights, so checkpoints do not depend on the parallel layout."""
 
 from __future__ import annotations
@@ -62,6 +62,12 @@ LAYOUTS = {  # name: (processes, overrides); "--packed" trains on packs
     "hsdp_cp2_packed": (4, ["--packed", "parallel.cp=2", *FSDP, "parallel.fsdp_shard_size=2"]),  # shard: CP pair
     "tp2_fsdp2_recompute": (4, ["parallel.tp=2", "model.recompute=true", *FSDP,
                                 "parallel.fsdp_reshard_after_forward=false"]),
+    # model.compile: every layer one graph, the Ulysses all-to-alls traced into it, recompiled as
+    # the packs' layouts change (aot_eager: the graphs inductor would take, without generating
+    # kernels, which takes minutes on two CPU cores). Not TP: megatron's column-parallel linear
+    # all-reduces its input gradient with async_op=True, which dynamo cannot trace.
+    "cp2_compiled_packed": (2, ["--packed", "parallel.cp=2", "model.compile=true",
+                                "model.compile_backend=aot_eager"]),
 }
 
 

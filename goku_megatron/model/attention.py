@@ -1,11 +1,13 @@
 """Core attention (softmax(QK^T)V) backends, for unpacked batches and packed (THD) sequences.
 
 Inputs follow megatron's [s, b, heads, head_dim] layout. Packing is described by megatron's
-``PackedSeqParams`` (cu_seqlens of queries and keys): attention never crosses sample boundaries.
+``PackedSeqParams`` (cu_seqlens of queries and keys on the device) with the same lengths as host
+ints (``PackedSegments``): attention never crosses sample boundaries.
 
 - ``SDPAAttention``: torch's scaled_dot_product_attention; runs everywhere (CPU included). Packed
-  sequences are attended segment by segment, segments of equal lengths in one batched call, so
-  memory stays O(sum of squared sample lengths) and a pack of equal clips is one call.
+  sequences (``PackedSegments``, whose host lengths it reads) are attended segment by segment on
+  views, consecutive segments of equal lengths in one batched call, so memory stays O(sum of
+  squared sample lengths) and a pack of equal clips is one call.
 - ``FlashAttention``: flash-attn's varlen kernel on GPU, imported lazily.
 
 Self-attention under context parallelism (goku_megatron.model.context_parallel) goes through one of:
@@ -23,12 +25,11 @@ import math
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
-from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from goku_megatron.model.context_parallel import heads_to_sequence, sequence_to_heads
+from goku_megatron.model.context_parallel import PackedSegments, heads_to_sequence, sequence_to_heads
 
 
 class SDPAAttention(torch.nn.Module):
@@ -40,7 +41,7 @@ class SDPAAttention(torch.nn.Module):
         k: torch.Tensor,
         v: torch.Tensor,
         key_mask: torch.Tensor | None = None,
-        packed: PackedSeqParams | None = None,
+        packed: PackedSegments | None = None,
     ) -> torch.Tensor:
         """q [sq, b, h, d], k/v [skv, b, h, d]; key_mask [b, skv] (True = attend); -> [sq, b, h, d]."""
         if packed is not None:
@@ -51,47 +52,47 @@ class SDPAAttention(torch.nn.Module):
         )
         return out.permute(2, 0, 1, 3)
 
-    def _packed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedSeqParams) -> torch.Tensor:
-        """Segment by segment; segments of equal query length are attended as one batch (their keys
-        padded to the longest and masked when their lengths differ), so a toy pack of B same-size
-        clips costs one SDPA call per attention, as a dense batch of B did."""
-        cu_q = packed.cu_seqlens_q.tolist()
-        cu_kv = packed.cu_seqlens_kv.tolist()
-        groups: dict[int, list[int]] = {}
-        for i in range(len(cu_q) - 1):
-            groups.setdefault(cu_q[i + 1] - cu_q[i], []).append(i)
-        if len(groups) == 1:  # equal query segments back to back: a reshape, no copy
-            ((lq, members),) = groups.items()
-            qs = q[:, 0].reshape(len(members), lq, *q.shape[2:])
-            return self._batched(qs, k, v, cu_kv, members).reshape(q.shape)
-        pieces: list[torch.Tensor] = [q.new_empty(0)] * (len(cu_q) - 1)
-        for lq, members in groups.items():
-            out = self._batched(torch.stack([q[cu_q[i] : cu_q[i] + lq, 0] for i in members]), k, v, cu_kv, members)
-            for i, o in zip(members, out.unbind(0)):
-                pieces[i] = o
-        return torch.cat(pieces).unsqueeze(1)
-
     @staticmethod
-    def _batched(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_kv: list[int], members: list[int]) -> torch.Tensor:
-        """Queries q [n, sq, h, d] of segments ``members`` against their keys and values in k/v
-        [skv, 1, h, d] (segment offsets ``cu_kv``) -> [n, sq, h, d]."""
-        lengths = [cu_kv[i + 1] - cu_kv[i] for i in members]
-        longest = max(lengths)
-        contiguous = members == list(range(members[0], members[0] + len(members)))
-        if contiguous and min(lengths) == longest:  # a reshape of the keys, no mask
-            lo, hi = cu_kv[members[0]], cu_kv[members[-1] + 1]
-            ks, vs = (t[lo:hi, 0].reshape(len(members), longest, *t.shape[2:]) for t in (k, v))
-            mask = None
-        else:
-            offsets = torch.arange(longest, device=q.device)
-            starts = torch.tensor([cu_kv[i] for i in members], device=q.device)
-            valid = offsets[None] < torch.tensor(lengths, device=q.device)[:, None]  # [n, skv]
-            index = torch.where(valid, starts[:, None] + offsets[None], starts[:, None])
-            ks, vs = k[index, 0], v[index, 0]
-            mask = valid[:, None, None, :]
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2),
-                                             attn_mask=mask)
-        return out.transpose(1, 2)
+    def _packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedSegments) -> torch.Tensor:
+        """Segment by segment, from the segments' host lengths: consecutive segments of equal query
+        and key lengths are one batched call on views of q, k and v (a toy pack of B same-size
+        clips is one call, as a dense batch of B was). No segment is copied or masked, so SDPA
+        keeps its fused kernels. The padding's queries join the last sample's segment (they attend
+        its keys; no real token attends theirs): their output is never read, and the sample and its
+        padding are one call whose output needs no concatenation."""
+        lengths_q, lengths_kv = list(packed.lengths_q), list(packed.lengths_kv)
+        if packed.padding:
+            pad = lengths_q.pop()
+            lengths_kv.pop()
+            if not lengths_q:  # a CP share of padding alone
+                return torch.zeros_like(q)
+            lengths_q[-1] += pad
+        outputs: list[torch.Tensor] = []
+        i = start_q = start_kv = 0
+        while i < len(lengths_q):
+            lq, lkv = lengths_q[i], lengths_kv[i]
+            n = 1
+            while i + n < len(lengths_q) and (lengths_q[i + n], lengths_kv[i + n]) == (lq, lkv):
+                n += 1
+            qs, ks, vs = (_batch(_rows(t, start, n * length), n) for t, start, length in
+                          ((q, start_q, lq), (k, start_kv, lkv), (v, start_kv, lkv)))
+            out = F.scaled_dot_product_attention(qs, ks, vs)  # [n, h, lq, d]
+            outputs.append(out.permute(2, 0, 1, 3) if n == 1 else
+                           out.transpose(1, 2).reshape(n * lq, 1, *q.shape[2:]))
+            i, start_q, start_kv = i + n, start_q + n * lq, start_kv + n * lkv
+        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+
+def _batch(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Tokens t [n * L, 1, h, d] of n segments of L tokens as SDPA's [n, h, L, d] (views)."""
+    if n == 1:
+        return t.permute(1, 2, 0, 3)
+    return t.reshape(n, t.shape[0] // n, *t.shape[2:]).transpose(1, 2)
+
+
+def _rows(t: torch.Tensor, start: int, length: int) -> torch.Tensor:
+    """Rows [start, start + length) of t: t itself when they are all of it (no slicing op)."""
+    return t if (start, length) == (0, t.shape[0]) else t[start:start + length]
 
 
 class FlashAttention(torch.nn.Module):
@@ -110,7 +111,7 @@ class FlashAttention(torch.nn.Module):
         k: torch.Tensor,
         v: torch.Tensor,
         key_mask: torch.Tensor | None = None,
-        packed: PackedSeqParams | None = None,
+        packed: PackedSegments | None = None,
     ) -> torch.Tensor:
         sq, b, h, d = q.shape
         scale = 1.0 / math.sqrt(d)
@@ -162,7 +163,7 @@ class UlyssesAttention(torch.nn.Module):
         k: torch.Tensor,
         v: torch.Tensor,
         key_mask: torch.Tensor | None = None,
-        packed: PackedSeqParams | None = None,
+        packed: PackedSegments | None = None,
     ) -> torch.Tensor:
         """q/k/v [S/cp, b, heads, d] (this rank's tokens) -> [S/cp, b, heads, d]."""
         if self.cp == 1:
@@ -199,7 +200,7 @@ class TECoreAttention(torch.nn.Module):
         k: torch.Tensor,
         v: torch.Tensor,
         key_mask: torch.Tensor | None = None,
-        packed: PackedSeqParams | None = None,
+        packed: PackedSegments | None = None,
     ) -> torch.Tensor:
         """q/k/v [s, b, heads, d] (packed: b = 1, THD segments in ``packed``) -> [s, b, heads, d]."""
         if key_mask is not None:

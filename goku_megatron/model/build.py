@@ -80,6 +80,9 @@ def build_stage(cfg: Config, backends: Backends, tc: TransformerConfig, seed: in
                           pre_process=pre_process, post_process=post_process)
     if seed is not None:
         stage.init_weights(seed)
+    if cfg.model.compile:  # in place: parameter and checkpoint names stay those of the eager layer
+        for layer in stage.layers:
+            layer.compile(fullgraph=True, backend=cfg.model.compile_backend)
     module: MegatronModule = stage.to(backends.torch_device())
     return Float16Module(tc, module) if tc.bf16 else module
 

@@ -30,6 +30,7 @@ the gradients are the CP=1 gradients; train.forward_step reports the sum over CP
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, replace
 from typing import Literal, Sequence
 
@@ -38,7 +39,7 @@ from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 from torch import Tensor
 
-from goku_megatron.batch import Pack
+from goku_megatron.batch import Pack, to_device
 
 Layout = Literal["contiguous", "zigzag"]
 
@@ -102,33 +103,35 @@ def heads_to_sequence(x: Tensor, group: torch.distributed.ProcessGroup) -> Tenso
 # Token layouts
 
 
-def contiguous_index(length: int, cp: int, rank: int, device: torch.device | None = None) -> Tensor:
+Chunks = list[tuple[int, int]]  # (start, length) ranges of a laid-out sequence, in a rank's order
+
+
+def contiguous_chunks(length: int, cp: int, rank: int) -> Chunks:
     """Rank ``rank``'s tokens [rank*length/cp, (rank+1)*length/cp) of a sequence."""
     if length % cp:
         raise ValueError(f"a sequence of {length} tokens does not split over {cp} context-parallel ranks")
     share = length // cp
-    return torch.arange(rank * share, (rank + 1) * share, device=device)
+    return [(rank * share, share)]
 
 
-def zigzag_index(segments: Sequence[int], cp: int, rank: int, device: torch.device | None = None) -> Tensor:
+def zigzag_chunks(segments: Sequence[int], cp: int, rank: int) -> Chunks:
     """TE's load-balanced CP layout of back-to-back sequences of the given (padded) lengths: each
     split into 2*cp equal chunks, rank r holding chunks r and 2*cp-1-r of every sequence, in order."""
-    parts, offset = [], 0
+    chunks, offset = [], 0
     for n in segments:
         if n % (2 * cp):
             raise ValueError(f"a sequence of {n} tokens does not split into 2*cp={2 * cp} chunks")
         chunk = n // (2 * cp)
-        for c in (rank, 2 * cp - 1 - rank):
-            parts.append(torch.arange(offset + c * chunk, offset + (c + 1) * chunk, device=device))
+        chunks += [(offset + c * chunk, chunk) for c in (rank, 2 * cp - 1 - rank)]
         offset += n
-    return torch.cat(parts)
+    return chunks
 
 
 def zigzag_length(pack: Pack, cp: int) -> int:
     """Tokens of a pack laid out for TE's CP attention: each sample padded to a multiple of 2*cp,
     then at least the budget (the rest is one padding segment), a multiple of 2*cp."""
     multiple = 2 * cp
-    samples = pack.cu_seqlens.diff()[: pack.num_samples].tolist()
+    samples = pack.segment_lengths[: pack.num_samples]
     return _round_up(max(pack.budget, sum(_round_up(n, multiple) for n in samples)), multiple)
 
 
@@ -146,8 +149,69 @@ def align_packs(packs: list[Pack], layout: Layout) -> tuple[list[Pack], int]:
 
 
 @dataclass
+class PackedSegments(PackedSeqParams):
+    """megatron's PackedSeqParams (cu_seqlens on the device, for flash-attn's and TE's varlen
+    kernels) with the same segments' lengths as host ints, so that a backend that works segment by
+    segment (SDPA) never reads cu_seqlens back from the device: that read is a host sync."""
+
+    lengths_q: tuple[int, ...] = ()
+    lengths_kv: tuple[int, ...] = ()
+    # The last segment is the pack's padding: what attention gives its queries is never read (it
+    # reaches no real token and no loss), so a backend may leave it zero instead of computing it.
+    padding: bool = False
+
+
+def packed_segments(lengths_q: Sequence[int], lengths_kv: Sequence[int] | None = None,
+                    device: torch.device | str = "cpu", padded: Sequence[int] | None = None,
+                    padding: bool = False) -> PackedSegments:
+    """Segments of queries (and of keys, by default the same) given as host ints; ``padded``: TE's
+    laid-out segment lengths (``cu_seqlens_*_padded``, which also set the max lengths); ``padding``:
+    the last segment is the pack's padding."""
+    lengths_kv = lengths_q if lengths_kv is None else lengths_kv
+    cu_q, cu_kv = _offsets(lengths_q, device), _offsets(lengths_kv, device)
+    params = PackedSegments(qkv_format="thd", cu_seqlens_q=cu_q, cu_seqlens_kv=cu_kv,
+                            max_seqlen_q=max(padded or lengths_q), max_seqlen_kv=max(padded or lengths_kv),
+                            lengths_q=tuple(lengths_q), lengths_kv=tuple(lengths_kv), padding=padding)
+    if padded is not None:
+        cu_padded = _offsets(padded, device)
+        params = replace(params, cu_seqlens_q_padded=cu_padded, cu_seqlens_kv_padded=cu_padded)
+    return params
+
+
+Block = tuple[int, int, int]  # (first row r0, rows k, tokens per row L)
+
+
+@dataclass(frozen=True)
+class RowRuns:
+    """Which per-sample row (adaLN modulation) each of a shard's tokens takes, as host ints.
+
+    ``runs``: (row, tokens) for consecutive tokens taking the same row, merged (the padding takes
+    the last sample's row, so one clip and its padding are one run). ``blocks``: the runs grouped
+    into maximal blocks of consecutive rows r0, r0+1, ..., r0+k-1 of L tokens each: a block's
+    tokens view as [k, L, F] and rows[r0:r0+k] broadcast over them, as over a dense batch. A pack
+    of equal clips, one clip and its padding, or a CP share inside one sample is one block; equal
+    clips then padding, two.
+    """
+
+    runs: tuple[tuple[int, int], ...]
+
+    @property
+    def blocks(self) -> tuple[Block, ...]:
+        blocks: list[Block] = []
+        for row, length in self.runs:
+            if blocks and (row, length) == (blocks[-1][0] + blocks[-1][1], blocks[-1][2]):
+                first, count, _ = blocks[-1]
+                blocks[-1] = (first, count + 1, length)
+            else:
+                blocks.append((row, 1, length))
+        return tuple(blocks)
+
+
+@dataclass
 class PackShard:
-    """This CP rank's share of a pack, and the attention segments for it.
+    """This CP rank's share of a pack, and the attention segments for it, worked out on the host
+    from the pack's host ints (``Pack.segment_lengths``): building one asks nothing of the device,
+    and its tensors reach the pack's device by asynchronous copies (batch.to_device).
 
     ``source`` maps each local token to its pack token (-1: a filler the layout inserted). The
     self-attention segments are those of the whole laid-out sequence (Ulysses attends it whole after
@@ -158,23 +222,43 @@ class PackShard:
     """
 
     source: Tensor  # [S_local] long
-    sample_index: Tensor  # [S_local] long, the sample whose modulation a token takes
     positions: Tensor  # [S_local, 3] long, zero on fillers
-    packed_self: PackedSeqParams
-    packed_cross: PackedSeqParams
+    packed_self: PackedSegments
+    packed_cross: PackedSegments
     text_range: tuple[int, int]
-    segment_length: int = 0  # > 0: the shard is the whole pack, samples of this many tokens each
-
+    rows: RowRuns
+    whole: bool = False  # the shard is the whole pack in order (cp = 1): source is the identity
 
     def gather(self, tokens: Tensor) -> Tensor:
         """Pack tokens [budget, ...] -> this rank's tokens [S_local, ...], zero on fillers."""
+        if self.whole:
+            return tokens
         keep = (self.source >= 0).view(-1, *[1] * (tokens.dim() - 1))
         return torch.where(keep, tokens[self.source.clamp_min(0)], torch.zeros((), dtype=tokens.dtype,
                                                                                 device=tokens.device))
 
 
-def _offsets(lengths: Sequence[int], device: torch.device) -> Tensor:
-    return torch.tensor([0, *lengths], device=device).cumsum(0).int()
+def _offsets(lengths: Sequence[int], device: torch.device | str) -> Tensor:
+    """cu_seqlens (int32) of segments of the given host lengths, copied to ``device`` asynchronously."""
+    return to_device(torch.tensor([0, *lengths]).cumsum(0).int(), device)
+
+
+def _pieces(chunks: Sequence[tuple[int, int]], padded: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Laid-out token ranges (start, length), in order, cut at segment boundaries: (segment, offset
+    in the segment, tokens) for each piece."""
+    starts = [0]
+    for n in padded:
+        starts.append(starts[-1] + n)
+    pieces = []
+    for start, length in chunks:
+        end = start + length
+        segment = bisect.bisect_right(starts, start) - 1
+        while start < end:
+            stop = min(end, starts[segment + 1])
+            if stop > start:
+                pieces.append((segment, start - starts[segment], stop - start))
+            start, segment = stop, segment + 1
+    return pieces
 
 
 def shard_pack(pack: Pack, layout: Layout, cp: int, rank: int) -> PackShard:
@@ -185,17 +269,18 @@ def shard_pack(pack: Pack, layout: Layout, cp: int, rank: int) -> PackShard:
     rest of the laid-out length (its tokens are all fillers). A rank's tokens cover a consecutive
     run of segments in order (contiguous: one slice of the sequence; zigzag: two chunks of every
     segment), which is what makes its cross-attention segments a slice of the caption tokens.
+    Everything is host arithmetic on ``pack.segment_lengths``; only ``positions`` is gathered on the
+    pack's device.
     """
     if cp == 1:  # one rank holds the pack in order; padding samples to 2*cp only serves the split
         layout = "contiguous"
-    device = pack.cu_seqlens.device
+    device = pack.noisy.device
     n = pack.num_samples
-    cu = pack.cu_seqlens.tolist()
-    real = [b - a for a, b in zip(cu[:-1], cu[1:])]
-    starts_in_pack = cu[:-1]
+    real = list(pack.segment_lengths)
+    starts_in_pack = [sum(real[:j]) for j in range(len(real))]
     if layout == "contiguous":
-        padded, attended, length = real, real, pack.budget
-        local = contiguous_index(length, cp, rank, device)
+        padded, attended = real, real
+        chunks = contiguous_chunks(pack.budget, cp, rank)
     elif layout == "zigzag":
         length = pack.layout_length or zigzag_length(pack, cp)
         padded = [_round_up(m, 2 * cp) for m in real[:n]]
@@ -205,45 +290,47 @@ def shard_pack(pack: Pack, layout: Layout, cp: int, rank: int) -> PackShard:
                              f"multiples of 2*cp (at least {sum(padded)}); use align_packs")
         attended = real[:n] + [tail] * (tail > 0)  # TE's actual cu_seqlens: fillers of a sample excluded
         real = real[:n] + [0] * (tail > 0)  # the padding segment holds only fillers
-        starts_in_pack = cu[:n] + [0] * (tail > 0)
+        starts_in_pack = starts_in_pack[:n] + [0] * (tail > 0)
         padded = padded + [tail] * (tail > 0)
-        local = zigzag_index(padded, cp, rank, device)
+        chunks = zigzag_chunks(padded, cp, rank)
     else:
         raise ValueError(f"unknown context-parallel layout {layout!r}")
 
-    # Per laid-out position: its segment, and the pack token it holds (-1: filler).
-    starts = _offsets(padded, device).long()
-    segment = torch.repeat_interleave(torch.arange(len(padded), device=device),
-                                      torch.tensor(padded, device=device))[local]
-    offset = local - starts[segment]
-    real_t = torch.tensor(real, device=device)
-    pack_start = torch.tensor(starts_in_pack, device=device)
-    source = torch.where(offset < real_t[segment], pack_start[segment] + offset, -1)
-    positions = torch.where((source >= 0)[:, None], pack.positions[source.clamp_min(0)], 0)
+    # Per piece of the local tokens: the pack tokens it holds (-1: fillers) and its sample's row.
+    pieces = _pieces(chunks, padded)
+    source, runs = [], []
+    for segment, offset, count in pieces:
+        held = max(0, min(count, real[segment] - offset))
+        source += [torch.arange(starts_in_pack[segment] + offset, starts_in_pack[segment] + offset + held),
+                   torch.full((count - held,), -1)]
+        row = min(segment, n - 1)  # padding takes the last sample's modulation
+        if runs and runs[-1][0] == row:
+            runs[-1] = (row, runs[-1][1] + count)
+        else:
+            runs.append((row, count))
+    whole = cp == 1
+    source_t = to_device(torch.cat(source), device)
+    rows = RowRuns(tuple(runs))
+    positions = pack.positions if whole else torch.where(
+        (source_t >= 0)[:, None], pack.positions[source_t.clamp_min(0)], 0)
 
     # Cross-attention: local queries, grouped by segment, against their caption tokens.
-    cu_text = pack.cu_seqlens_text.tolist()[: n + 1]
-    cu_text = cu_text + [cu_text[-1] + 1]  # segment n (padding) -> the null token
-    present, counts = torch.unique_consecutive(segment, return_counts=True)
-    first, last = int(present[0]), int(present[-1])
-    text_lengths = [cu_text[j + 1] - cu_text[j] for j in range(first, last + 1)]
-    packed_cross = PackedSeqParams(
-        qkv_format="thd", cu_seqlens_q=_offsets(counts.tolist(), device),
-        cu_seqlens_kv=_offsets(text_lengths, device), max_seqlen_q=int(counts.max()),
-        max_seqlen_kv=max(text_lengths),
-    )
-    cu_self = _offsets(attended, device)
-    packed_self = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_self, cu_seqlens_kv=cu_self,
-                                  max_seqlen_q=max(padded), max_seqlen_kv=max(padded))
-    if layout == "zigzag":
-        cu_padded = _offsets(padded, device)
-        packed_self = replace(packed_self, cu_seqlens_q_padded=cu_padded, cu_seqlens_kv_padded=cu_padded)
-    whole_equal = cp == 1 and pack.padding == 0 and len(set(real)) == 1
-    return PackShard(
-        source=source, sample_index=segment.clamp_max(n - 1), positions=positions,
-        packed_self=packed_self, packed_cross=packed_cross, text_range=(cu_text[first], cu_text[last + 1]),
-        segment_length=real[0] if whole_equal else 0,
-    )
+    text_lengths = list(pack.text_lengths) + [1]  # segment n (padding) -> the null token
+    present: list[list[int]] = []  # [segment, local tokens]
+    for segment, _, count in pieces:
+        if present and present[-1][0] == segment:
+            present[-1][1] += count
+        else:
+            present.append([segment, count])
+    first, last = present[0][0], present[-1][0]
+    text_start = sum(text_lengths[:first])
+    kv_lengths = [text_lengths[min(j, n)] for j in range(first, last + 1)]
+    packed_cross = packed_segments([count for _, count in present], kv_lengths, device, padding=last == n)
+    packed_self = packed_segments(attended, device=device, padded=padded if layout == "zigzag" else None,
+                                  padding=len(attended) > n)
+    return PackShard(source=source_t, positions=positions, packed_self=packed_self,
+                     packed_cross=packed_cross, text_range=(text_start, text_start + sum(kv_lengths)), rows=rows,
+                     whole=whole)
 
 
 def gather_pack(local: Tensor, shard: PackShard, budget: int) -> Tensor:

@@ -11,7 +11,7 @@ sliced for this rank: the model starts from the same weights under any TP/PP/DP 
 
 The input is always a Patch n' Pack sequence (goku_megatron/batch.py): samples with their own grids,
 timesteps and captions, where attention stays inside each sample through cu_seqlens and adaLN
-modulation is per token. A batch of same-shape clips is a pack of equal segments.
+modulation is per sample. A batch of same-shape clips is a pack of equal segments.
 
 Context parallelism: every CP rank receives the whole pack and runs the layers on its share of the
 tokens (goku_megatron.model.context_parallel); the last stage returns that share's velocity
@@ -41,7 +41,7 @@ from goku_megatron.batch import Pack
 from goku_megatron.config import ModelConfig
 from goku_megatron.model import context_parallel
 from goku_megatron.model.layer import LayerInputs, modulate
-from goku_megatron.model.rope import rope_angles
+from goku_megatron.model.rope import rope_angles, rope_rotation
 from goku_megatron.model.specs import cp_layout
 
 
@@ -90,10 +90,9 @@ class FinalLayer(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, silu_temb: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
         """x [S, 1, D]; silu_temb [N, D] per sample; ``inputs`` maps packed tokens to samples."""
-        mod = inputs.per_token(self.adaln(silu_temb).float())
-        shift, scale = mod.chunk(2, dim=-1)
+        shift, scale = self.adaln(silu_temb).float().unsqueeze(1).chunk(2, dim=-1)
         h = F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-        return self.linear(modulate(inputs.segments(h), shift, scale).view_as(x))
+        return self.linear(inputs.per_sample(modulate, h, shift, scale))
 
 
 class GokuModel(MegatronModule):
@@ -142,7 +141,7 @@ class GokuModel(MegatronModule):
         if post_process:
             self.final_layer = FinalLayer(hidden, patch_dim, config.layernorm_epsilon)
         self.input_tensor: torch.Tensor | None = None
-        self._last_shard: tuple[Pack, context_parallel.PackShard] | None = None
+        self._shards: dict[int, tuple[Pack, context_parallel.PackShard]] = {}
 
     def set_input_tensor(self, input_tensor: torch.Tensor | list[torch.Tensor]) -> None:
         """Called by megatron's schedules with the activation received from the previous stage."""
@@ -150,14 +149,21 @@ class GokuModel(MegatronModule):
             input_tensor = input_tensor[0]
         self.input_tensor = input_tensor
 
+    def prepare(self, packs: list[Pack]) -> None:
+        """Work out this CP rank's share of each of a step's packs (host arithmetic, asynchronous
+        copies) before the step's forward passes, so that they find it ready (``pack_shard``)."""
+        cp, rank = context_parallel.cp_world()
+        self._shards = {id(p): (p, context_parallel.shard_pack(p, self.cp_layout, cp, rank)) for p in packs}
+
     def pack_shard(self, pack: Pack) -> context_parallel.PackShard:
         """This CP rank's share of a pack (the whole pack without CP). The forward pass and the
-        loss (or the sampler's gather) of one micro-batch ask for the same pack's share: the last
-        one is kept, so it is worked out once."""
-        if self._last_shard is None or self._last_shard[0] is not pack:
-            cp, rank = context_parallel.cp_world()
-            self._last_shard = (pack, context_parallel.shard_pack(pack, self.cp_layout, cp, rank))
-        return self._last_shard[1]
+        loss (or the sampler's gather) of one micro-batch ask for the same pack's share: the shares
+        of the packs last ``prepare``d, or else of the last pack asked for, are kept, so each is
+        worked out once."""
+        kept = self._shards.get(id(pack))
+        if kept is None or kept[0] is not pack:
+            self.prepare([pack])
+        return self._shards[id(pack)][1]
 
     def forward(self, pack: Pack) -> torch.Tensor:
         """Predict the velocity of every token of a packed sequence of ``pack.budget`` tokens.
@@ -193,23 +199,25 @@ class GokuModel(MegatronModule):
         return self.image_cond(torch.cat([tokens.to(dtype), cond_tokens.to(dtype)], dim=-1))
 
     def _packed_inputs(self, pack: Pack, shard: context_parallel.PackShard) -> LayerInputs:
-        """Per-token RoPE from each sample's own grid; varlen self- and cross-attention segments.
+        """Per-token RoPE from each sample's own grid (its cos and sin once, for every layer);
+        varlen self- and cross-attention segments.
 
-        The captions' valid tokens are packed back to back (``pack.cu_seqlens_text``), so each
-        sample's video tokens see only their own caption; the shard picks the captions of the
-        samples its tokens belong to. The padding segment gets a single all-zero text token
+        The captions' valid tokens are packed back to back (picked by ``pack.text_index``, not by
+        a boolean mask, whose result size the host would have to wait for; offsets
+        ``pack.cu_seqlens_text``), so each sample's video tokens see only their own caption; the
+        shard picks the captions of the samples its tokens belong to. The padding segment gets a single all-zero text token
         appended after the captions: a segment needs a key for its softmax, and a zero key and
         value (the projections have no bias, RMSNorm keeps 0 at 0) make that cross-attention output
         exactly zero.
         """
-        context = self.caption_embedder(pack.text[pack.text_mask])
+        text = pack.text.flatten(0, 1).index_select(0, pack.text_index)
+        context = self.caption_embedder(text)
         context = torch.cat([context, context.new_zeros(1, context.shape[-1])])
         start, end = shard.text_range
-        rope = rope_angles(shard.positions, self.config.hidden_size // self.config.num_attention_heads,
-                           self.model_cfg.rope_theta).unsqueeze(1)
-        return LayerInputs(context=context[start:end].unsqueeze(1), rope=rope, sample_index=shard.sample_index,
-                           packed_self=shard.packed_self, packed_cross=shard.packed_cross,
-                           segment_length=shard.segment_length)
+        angles = rope_angles(shard.positions, self.config.hidden_size // self.config.num_attention_heads,
+                             self.model_cfg.rope_theta)
+        return LayerInputs(context=context[start:end].unsqueeze(1), rope=rope_rotation(angles.unsqueeze(1)),
+                           rows=shard.rows, packed_self=shard.packed_self, packed_cross=shard.packed_cross)
 
     def _run_layers(self, x: torch.Tensor, inputs: LayerInputs, silu_temb: torch.Tensor) -> torch.Tensor:
         """The stage's layers in megatron's FP8 context (model.fp8), each one recomputed in the

@@ -12,13 +12,13 @@ self-attention core communicates (goku_megatron.model.context_parallel).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedStateDict
 from megatron.core.fp8_utils import get_fp8_align_size
-from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.module import MegatronModule
@@ -29,7 +29,8 @@ from megatron.core.transformer.utils import (
     make_sharded_tensors_for_checkpoint,
 )
 
-from goku_megatron.model.rope import apply_rope
+from goku_megatron.model.context_parallel import PackedSegments, RowRuns
+from goku_megatron.model.rope import Rotation, apply_rope
 
 
 @dataclass
@@ -37,37 +38,44 @@ class LayerInputs:
     """Everything a layer needs besides the hidden states and the (per-sample) timestep embedding,
     computed once per micro-batch.
 
-    ``sample_index`` ([S] long) maps each token of a packed sequence to its sample, so each sample's
-    modulation is repeated over its own tokens. Without packing it is None and the timestep
-    embedding has one row per batch element. ``rope`` holds the rotation angles [S, B or 1, hd/2].
-    With context parallelism S is this rank's tokens; ``packed_self`` describes the sequence the
-    self-attention core attends (see its backend) and ``packed_cross`` this rank's queries against
-    ``context``.
+    ``rows`` (host ints) says which sample each token of a packed sequence belongs to, so each
+    sample's modulation applies to its own tokens (``per_sample``). Without packing it is None and
+    the timestep embedding has one row per batch element. ``rope`` holds the rotation's (cos,
+    sin), [S, B or 1, 1, hd/2]. With context parallelism S is this rank's tokens; ``packed_self``
+    describes the sequence the self-attention core attends (see its backend) and ``packed_cross``
+    this rank's queries against ``context``.
     """
 
     context: torch.Tensor
-    rope: torch.Tensor
+    rope: Rotation
     context_mask: torch.Tensor | None = None
-    sample_index: torch.Tensor | None = None
-    packed_self: PackedSeqParams | None = None
-    packed_cross: PackedSeqParams | None = None
-    # > 0 when the tokens are that many tokens of each sample in turn, with nothing else (a toy pack
-    # of equal clips without CP): the tokens are then viewed as [N, segment_length, F] and
-    # per-sample rows broadcast over that view, as over a dense batch, instead of being gathered
-    # (the gather's backward is a scatter-add) or expanded to one row per token (a copy).
-    segment_length: int = 0
+    rows: RowRuns | None = None
+    packed_self: PackedSegments | None = None
+    packed_cross: PackedSegments | None = None
 
-    def per_token(self, rows: torch.Tensor) -> torch.Tensor:
-        """Per-sample rows [N, F] in the form that broadcasts against ``segments(x)``: [N, 1, F]
-        for equal segments, each token's row of its sample [S, 1, F] otherwise."""
-        if self.segment_length:
-            return rows[:, None]
-        return rows[self.sample_index].unsqueeze(1)
+    def per_sample(self, fn: Callable[..., torch.Tensor], x: torch.Tensor, *rows: torch.Tensor) -> torch.Tensor:
+        """``fn(tokens, *rows)``, an elementwise function of tokens and of per-sample rows, with
+        every token against its own sample's rows: x [S, B, F] and rows [N, 1, F] -> [S, B, F].
 
-    def segments(self, x: torch.Tensor) -> torch.Tensor:
-        """Tokens x [S, 1, F] as the view ``per_token`` rows broadcast against ([N, L, F] for equal
-        segments, x itself otherwise); ``.view_as(x)`` turns a result back into tokens."""
-        return x.view(-1, self.segment_length, x.shape[-1]) if self.segment_length else x
+        Packed (B = 1), each block of ``rows.blocks`` views its tokens as [k, L, F] and
+        broadcasts rows[r0:r0+k] over them, as a dense batch would: nothing per token is gathered
+        or materialised, and the rows' gradient is a sum over each view (a segment sum, not a
+        scatter). Several blocks (equal clips then padding: two) are concatenated. Unpacked, row b
+        applies to batch element b.
+        """
+        if self.rows is None:
+            return fn(x, *(r.transpose(0, 1) for r in rows))
+        blocks = self.rows.blocks
+        outputs, start = [], 0
+        for first, count, length in blocks:
+            tokens = x if len(blocks) == 1 else x[start:start + count * length]
+            if count > 1:
+                tokens = tokens.reshape(count, length, x.shape[-1])
+            picked = [r if (first, count) == (0, r.shape[0]) else r[first:first + count] for r in rows]
+            out = fn(tokens, *picked)
+            outputs.append(out.reshape(count * length, 1, out.shape[-1]) if count > 1 else out)
+            start += count * length
+        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -122,18 +130,21 @@ class RMSNorm(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        sq_sum = xf.pow(2).sum(-1, keepdim=True)
-        count = xf.shape[-1]
-        if self.tensor_parallel:
-            sq_sum = _AllReduceSum.apply(sq_sum)
-            count *= parallel_state.get_tensor_model_parallel_world_size()
-        out = xf * torch.rsqrt(sq_sum / count + self.eps) * self.weight.float()
+        mean_sq = xf.pow(2).mean(-1, keepdim=True)
+        if self.tensor_parallel:  # every rank holds as many features: the mean of the ranks' means
+            mean_sq = _AllReduceSum.apply(mean_sq) / parallel_state.get_tensor_model_parallel_world_size()
+        out = xf * torch.rsqrt(mean_sq + self.eps) * self.weight.float()
         return out.to(x.dtype)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x * (1 + scale) + shift in float32 (docs/model.md, "The block": modulation math in fp32)."""
     return (x.float() * (1 + scale) + shift).to(x.dtype)
+
+
+def gated(h: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """gate * h in float32, the branch a gated residual adds (in float32 too)."""
+    return gate * h.float()
 
 
 @dataclass
@@ -162,10 +173,11 @@ class AdaLNModulation(MegatronModule):
             init_method=config.init_method, bias=True, gather_output=True,
         )
 
-    def forward(self, silu_temb: torch.Tensor, inputs: LayerInputs) -> list[torch.Tensor]:
-        """silu_temb [N, D] -> chunks in ``inputs.per_token`` form, float32."""
+    def forward(self, silu_temb: torch.Tensor) -> list[torch.Tensor]:
+        """silu_temb [N, D] -> ``chunks`` per-sample rows [N, 1, D] (``LayerInputs.per_sample``'s
+        form), float32."""
         mod, _ = self.linear(silu_temb)
-        return list(inputs.per_token(mod.float()).chunk(self.chunks, dim=-1))
+        return list(mod.float().unsqueeze(1).chunk(self.chunks, dim=-1))
 
 
 class GokuAttention(MegatronModule):
@@ -203,9 +215,9 @@ class GokuAttention(MegatronModule):
         self,
         x: torch.Tensor,
         kv: torch.Tensor,
-        rope: torch.Tensor,
+        rope: Rotation,
         key_mask: torch.Tensor | None = None,
-        packed: PackedSeqParams | None = None,
+        packed: PackedSegments | None = None,
     ) -> torch.Tensor:
         q = self.q_norm(self.q_proj(x)[0])
         k, v = self._project_kv(kv)
@@ -240,8 +252,9 @@ class GokuAttention(MegatronModule):
         """
         n = kv.shape[0]
         pad = -n % get_fp8_align_size(self.config.fp8_recipe) if self.config.fp8 else 0
-        if pad:
-            kv = F.pad(kv, (0, 0, 0, 0, 0, pad))
+        if not pad:
+            return self.k_proj(kv)[0], self.v_proj(kv)[0]
+        kv = F.pad(kv, (0, 0, 0, 0, 0, pad))
         return self.k_proj(kv)[0][:n], self.v_proj(kv)[0][:n]
 
 
@@ -291,16 +304,15 @@ class GokuLayer(MegatronModule):
 
     def forward(self, x: torch.Tensor, inputs: LayerInputs, silu_temb: torch.Tensor) -> torch.Tensor:
         """x [S, B, D]; silu_temb = SiLU(timestep embedding), [N, D] per sample."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(silu_temb, inputs)
-        seg = inputs.segments  # modulation and gates apply per sample, on this view of the tokens
-        h = F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-        h = modulate(seg(h), shift_msa, scale_msa).view_as(x)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(silu_temb)
+        each = inputs.per_sample  # modulation and gates apply per sample
+        h = each(modulate, F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype), shift_msa, scale_msa)
         h = self.attn1(h, h, inputs.rope, packed=inputs.packed_self)
-        x = (seg(x).float() + gate_msa * seg(h).float()).view_as(x).to(x.dtype)
+        x = (x.float() + each(gated, h, gate_msa)).to(x.dtype)
         h = self.attn2(self.norm2(x), inputs.context, inputs.rope, key_mask=inputs.context_mask,
                        packed=inputs.packed_cross)
         x = x + h
-        h = self.mlp(modulate(seg(self.norm3(x)), shift_mlp, scale_mlp).view_as(x))
-        # The same sums as above, ending in an add: the output is not a view (FSDP2 hooks each
-        # layer's output for its backward and warns about views).
-        return (x.float() + (gate_mlp * seg(h).float()).view_as(x)).to(x.dtype)
+        h = self.mlp(each(modulate, self.norm3(x), shift_mlp, scale_mlp))
+        # Ends in an add, so the output is not a view (FSDP2 hooks each layer's output for its
+        # backward and warns about views).
+        return (x.float() + each(gated, h, gate_mlp)).to(x.dtype)

@@ -29,13 +29,21 @@ def rope_angles(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) 
     return torch.cat(parts, dim=-1)
 
 
-def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x [s, b, heads, head_dim] by angles [s, b, head_dim // 2].
+Rotation = tuple[torch.Tensor, torch.Tensor]
+
+
+def rope_rotation(angles: torch.Tensor) -> Rotation:
+    """cos and sin of angles [s, b, head_dim // 2] as float32 [s, b, 1, head_dim // 2] (broadcast
+    over heads): computed once per micro-batch, every layer's Q and K rotations share them."""
+    return angles.cos().unsqueeze(-2), angles.sin().unsqueeze(-2)
+
+
+def apply_rope(x: torch.Tensor, rotation: Rotation) -> torch.Tensor:
+    """Rotate interleaved pairs of x [s, b, heads, head_dim] by ``rope_rotation``'s (cos, sin).
 
     The rotation is computed in float32 and returned in x's dtype.
     """
-    cos = angles.cos().unsqueeze(-2)
-    sin = angles.sin().unsqueeze(-2)
+    cos, sin = rotation
     xf = x.float()
     a, b = xf[..., 0::2], xf[..., 1::2]
     out = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)

@@ -10,6 +10,7 @@ when cp = 1). Cross-attention never communicates; with ``te`` it runs on torch S
 
 from __future__ import annotations
 
+import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.spec_utils import ModuleSpec
 
@@ -17,6 +18,15 @@ from goku_megatron.model.attention import FlashAttention, SDPAAttention, TECoreA
 from goku_megatron.model.layer import GokuLayer, GokuLayerSubmodules
 
 CORE_ATTENTION = {"sdpa": SDPAAttention, "flash": FlashAttention}
+
+
+class LocalRowParallelLinear(RowParallelLinear):
+    """megatron's RowParallelLinear, handing its own TP group to its matmul: megatron-core 0.16
+    hands None, whose fallback warns (a DeprecationWarning) on every call, and torch.compile cannot
+    trace a warning, so a compiled layer would break its graph there."""
+
+    def _forward_impl(self, input: torch.Tensor, weight: torch.Tensor, *args, tp_group=None, **kwargs):
+        return super()._forward_impl(input, weight, *args, tp_group=self.tp_group, **kwargs)
 
 
 def _attention(attention: str) -> dict[str, type | ModuleSpec]:
@@ -31,7 +41,7 @@ def local_layer_spec(attention: str = "sdpa") -> ModuleSpec:
         module=GokuLayer,
         submodules=GokuLayerSubmodules(
             column_linear=ColumnParallelLinear,
-            row_linear=RowParallelLinear,
+            row_linear=LocalRowParallelLinear,
             **_attention(attention),
         ),
     )
