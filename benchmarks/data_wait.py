@@ -7,8 +7,9 @@ Runs goku-train (the toy recipe with data.cache_mb=0, so that every step reads, 
 its clips through the raw-data path: toy shards are raw shards whose "VAE" is the identity) once
 per data.workers value, then reads metrics.jsonl: the mean step time, the mean data_wait_s (the
 time each step waited for its packs) and their ratio, over the steps after the first five and
-before the last (which saves a checkpoint). The final losses must agree: read-ahead changes when
-data is prepared, not what. Not a test: figures depend on the machine.
+before the last (which saves a checkpoint), and the median step time, which a few steps slowed by
+other processes on a shared machine do not move. The final losses must agree: read-ahead changes
+when data is prepared, not what. Not a test: figures depend on the machine.
 """
 
 from __future__ import annotations
@@ -44,15 +45,16 @@ def main() -> None:
         data = Path(tmp) / "toy"
         print(f"toy recipe, data.cache_mb=0, {args.steps} steps, overrides {args.overrides or 'none'}; "
               f"means over steps 6..{args.steps - 1}; {os.cpu_count()} cores")
-        print(f"{'data.workers':>12} {'step s':>8} {'data_wait s':>12} {'wait/step':>10} {'samples/s':>10} "
-              f"{'final loss':>11}")
+        print(f"{'data.workers':>12} {'step s':>8} {'median s':>9} {'data_wait s':>12} {'wait/step':>10} "
+              f"{'samples/s':>10} {'final loss':>11}")
         for workers in args.workers:
             records = run(workers, args.steps, data, Path(tmp), args.overrides)
             kept = [r for r in records if 5 < r["step"] < args.steps]
             step = statistics.mean(r["step_time_s"] for r in kept)
+            median = statistics.median(r["step_time_s"] for r in kept)
             wait = statistics.mean(r["data_wait_s"] for r in kept)
             rate = statistics.mean(r["samples_per_s"] for r in kept)
-            print(f"{workers:>12} {step:>8.3f} {wait:>12.4f} {wait / step:>9.1%} {rate:>10.1f} "
+            print(f"{workers:>12} {step:>8.3f} {median:>9.3f} {wait:>12.4f} {wait / step:>9.1%} {rate:>10.1f} "
                   f"{records[-1]['loss']:>11.6f}")
 
 

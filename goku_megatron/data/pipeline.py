@@ -512,7 +512,7 @@ def data_workers(setting: int, cuda: bool) -> int:
     """data.workers: -1 picks, on a GPU, one thread per core this process has beyond the training
     thread (the cores the process may use, shared by torchrun's local ranks), at least 1, at most
     8; on CPU 0, since the step's torch threads use every core already and read-ahead would only
-    move work between threads (docs/data.md: 5% slower on 2 cores)."""
+    move work between threads (docs/data.md: the step 5% to 32% slower on 2 cores)."""
     if setting >= 0:
         return setting
     if not cuda:
