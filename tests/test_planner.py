@@ -214,7 +214,7 @@ def test_ranking_picks_fsdp_where_only_fsdp_fits():
 
 
 def test_resolve_layout_writes_fsdp():
-    cfg = load_config("goku-8b")
+    cfg = load_config("goku-8b-t2i")
     layout = recommend(cfg, 256)
     assert layout.fsdp_shard and layout.fsdp_replicas > 1  # hybrid: docs/recipes.md
     resolve_layout(cfg, 256)
