@@ -61,7 +61,8 @@ def forward_step(data_iterator: Iterator[Pack], model: torch.nn.Module) -> tuple
     output = model(pack)
 
     def loss_func(output_tensor: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        loss = flow.flow_loss(output_tensor, pack, tokens=pipeline_stage.pack_shard(pack).source)
+        shard = pipeline_stage.pack_shard(pack)
+        loss = flow.flow_loss(output_tensor, pack, tokens=None if shard.whole else shard.source)
         reported = loss.detach().clone()
         torch.distributed.all_reduce(reported, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
         reported /= parallel_state.get_data_parallel_world_size()

@@ -163,6 +163,21 @@ def build_stage(cfg):
     return build(cfg, backends, build_transformer_config(cfg, backends), cfg.train.seed)
 
 
+def backward_nodes(output: torch.Tensor, name: str) -> list[str]:
+    """Names of the nodes of ``output``'s autograd graph that contain ``name`` (e.g. "Index": a
+    gather whose backward is a scatter, IndexBackward0 / IndexPutBackward0)."""
+    seen, stack, found = set(), [output.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if name in type(node).__name__:
+            found.append(type(node).__name__)
+        stack += [next_node for next_node, _ in node.next_functions]
+    return found
+
+
 def run_torchrun(nproc: int, module_args: list[str], timeout: int = 600, env: dict | None = None) -> str:
     """Run ``torchrun --nproc-per-node nproc -m ...`` on CPU; fail the test with its output."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),

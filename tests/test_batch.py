@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_stage, run_torchrun
+from conftest import backward_nodes, build_stage, run_torchrun
 from numerics import assert_close_to_scale
 
 from goku_megatron.batch import (
@@ -322,25 +322,11 @@ def test_per_sample_rows_broadcast_per_block_as_the_index_does(runs, blocks):
     got = inputs.per_sample(lambda x, r: x * r, tokens, rows)
     expected = tokens * rows[index]
     assert torch.equal(got, expected)
-    assert _graph_ops(expected, "Index") and not _graph_ops(got, "Index")  # the check can fail
+    assert backward_nodes(expected, "Index") and not backward_nodes(got, "Index")  # the check can fail
     weights = torch.randn(len(index), 1, 5, dtype=torch.float64)
     (grad,) = torch.autograd.grad((got * weights).sum(), rows)
     (grad_expected,) = torch.autograd.grad((expected * weights).sum(), rows)
     torch.testing.assert_close(grad, grad_expected, rtol=0, atol=1e-12)  # float64: sums in another order
-
-
-def _graph_ops(output: torch.Tensor, name: str) -> list[str]:
-    """Names of the backward nodes of ``output``'s autograd graph that contain ``name``."""
-    seen, stack, found = set(), [output.grad_fn], []
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if name in type(node).__name__:
-            found.append(type(node).__name__)
-        stack += [next_node for next_node, _ in node.next_functions]
-    return found
 
 
 def test_a_pack_of_equal_clips_takes_the_fast_path_and_equals_the_general_one(megatron_world):

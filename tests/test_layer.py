@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_stage
+from conftest import backward_nodes, build_stage
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from numerics import assert_as_accurate, assert_close_to_scale
@@ -82,6 +82,9 @@ def test_layer_packed_per_sample_timesteps_match_reference(megatron_world):
                          packed_self=packed_segments(lens), packed_cross=packed_segments(lens, ctx_lens))
     got = ours(x.transpose(0, 1), inputs, F.silu(temb)).transpose(0, 1)
     assert_as_accurate(got, expected, exact)
+    # Each sample's modulation (norm1.linear's rows) broadcasts over its tokens: the backward holds
+    # no scatter.
+    assert not backward_nodes(got, "Index")
     # The per-sample modulation matters: one shared timestep gives a different result.
     shared = ours(x.transpose(0, 1), inputs, F.silu(temb[:1].expand(len(lens), -1))).transpose(0, 1)
     assert not torch.allclose(shared, expected, atol=1e-3)

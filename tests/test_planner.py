@@ -214,13 +214,13 @@ def test_ranking_picks_fsdp_where_only_fsdp_fits():
 
 
 def test_resolve_layout_writes_fsdp():
-    cfg = load_config("goku-8b-t2i")
-    layout = recommend(cfg, 256)
+    cfg = load_config("goku-8b")
+    layout = recommend(cfg, 64)
     assert layout.fsdp_shard and layout.fsdp_replicas > 1  # hybrid: docs/recipes.md
-    resolve_layout(cfg, 256)
+    resolve_layout(cfg, 64)
     assert (cfg.parallel.fsdp, cfg.parallel.fsdp_shard_size, cfg.optim.distributed_optimizer) == \
         (True, layout.fsdp_shard, False)
-    validate(cfg, 256, has_cuda=True)
+    validate(cfg, 64, has_cuda=True)
     # a layout without FSDP leaves the FSDP and optimizer fields as they were
     cfg = load_config("goku-2b-t2i")
     assert not recommend(cfg, 1024).fsdp_shard
