@@ -60,14 +60,14 @@ def _plain_state(training) -> dict[str, torch.Tensor]:
 @contextlib.contextmanager
 def _no_checksums():
     """Saves without the per-file CRC32 (the manifest records empty checksums)."""
-    from goku_megatron import checkpoint
+    from goku_megatron.checkpoint import save
 
-    saved = checkpoint._record_checksums, checkpoint.file_crc32
-    checkpoint._record_checksums, checkpoint.file_crc32 = (lambda directory, rank: None), (lambda path: "")
+    saved = save.record_checksums, save.file_crc32
+    save.record_checksums, save.file_crc32 = (lambda directory, rank: None), (lambda path: "")
     try:
         yield
     finally:
-        checkpoint._record_checksums, checkpoint.file_crc32 = saved
+        save.record_checksums, save.file_crc32 = saved
 
 
 def _fsynced_save(state: dict, path: Path) -> None:

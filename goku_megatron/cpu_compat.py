@@ -11,7 +11,7 @@ Rules that keep this module honest:
 - Device placement only: where tensors live, what a CUDA-only call (RNG state, synchronize) means
   on the CPU, the device of FSDP2's mesh and the CUDA tensor types megatron asserts. What a GPU run
   needs as well is not here but with the code it serves, installed on every device (the checkpoint
-  writers' results queue in checkpoint_writer.py, torch AdamW's step under the distributed
+  writers' results queue in checkpoint/writer.py, torch AdamW's step under the distributed
   optimizer in optim.py). Besides, before megatron-core is imported, ``disable_jit_fuser_on_cpu``
   turns megatron's JIT fuser off on CPU: start-up time, not behaviour.
 - It refuses any megatron-core version but the one it was written for (``patching.check_version``),

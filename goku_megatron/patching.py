@@ -1,7 +1,7 @@
 """How goku_megatron patches megatron-core: the version pin and the two ways a patch is made.
 
 Three modules patch megatron-core, each for its own reason: cpu_compat.py (device placement, CPU
-only), checkpoint_writer.py (the writers' results queue) and optim.py (torch's AdamW under the
+only), checkpoint/writer.py (the writers' results queue) and optim.py (torch's AdamW under the
 distributed optimizer). They share these rules:
 - A patch is written for one megatron-core version; ``check_version`` refuses another in one line
   (exit 2), so that an upgrade fails at start-up instead of somewhere inside a training step.

@@ -16,6 +16,8 @@ import torch
 
 def main() -> None:
     from goku_megatron import checkpoint, cpu_compat
+    from goku_megatron.checkpoint import optimizer_state
+    from goku_megatron.checkpoint import save as checkpoint_save
     from goku_megatron.config import load_config, validate
     from goku_megatron.platform import shutdown_distributed, world_size_from_env
     from goku_megatron.train import setup
@@ -32,8 +34,8 @@ def main() -> None:
         training.optimizer.step()
     state = checkpoint.TrainingState(training.model, training.optimizer, training.scheduler)
     checkpoint.Checkpointer(out / "own").save(1, state, cfg.to_dict(), blocking=True)
-    checkpoint._optimizer_sharded_state_dict = lambda optimizer, model_sd: checkpoint._unwrapped(
-        optimizer).sharded_state_dict(model_sd, metadata=checkpoint._optimizer_metadata())
+    checkpoint_save.optimizer_sharded_state_dict = lambda optimizer, model_sd: optimizer_state.unwrapped(
+        optimizer).sharded_state_dict(model_sd, metadata=optimizer_state.optimizer_metadata())
     checkpoint.Checkpointer(out / "gathered").save(1, state, cfg.to_dict(), blocking=True)
     shutdown_distributed()
 

@@ -239,10 +239,10 @@ def _optimizer_step(training, seed: int) -> None:
 
 def _optimizer_tensors(training) -> dict[str, torch.Tensor]:
     """The optimizer's main weights and Adam state, by position."""
-    from goku_megatron.checkpoint import _optimizer_parts
+    from goku_megatron.checkpoint.optimizer_state import optimizer_parts
 
     out = {}
-    for i, part in enumerate(_optimizer_parts(training.optimizer)):
+    for i, part in enumerate(optimizer_parts(training.optimizer)):
         for g, group in enumerate(part.optimizer.param_groups):
             for j, param in enumerate(group["params"]):
                 out[f"{i}.{g}.{j}.param"] = param.detach()
@@ -259,19 +259,20 @@ def _copy_of(training) -> dict[str, torch.Tensor]:
 
 
 def test_the_distributed_optimizer_checkpoint_is_megatrons_without_its_gather(tmp_path, megatron_world, monkeypatch):
-    """Each rank writes its own shards (checkpoint._own_shards_fully_reshardable): the checkpoint
-    holds what megatron's gathered fully_reshardable format holds, bit for bit, and each loads the
+    """Each rank writes its own shards (checkpoint/optimizer_state.py, _own_shards_fully_reshardable):
+    the checkpoint holds what megatron's gathered fully_reshardable format holds, bit for bit, and each loads the
     other's (tests/test_checkpoint_dist.py checks DP=2 and TP=2)."""
     from megatron.core import dist_checkpointing
 
-    from goku_megatron import checkpoint
+    from goku_megatron.checkpoint import optimizer_state
+    from goku_megatron.checkpoint import save as checkpoint_save
 
     cfg, training, state = _training()
     _optimizer_step(training, seed=1)
     Checkpointer(tmp_path / "own").save(2, state, cfg.to_dict(), blocking=True)
     with monkeypatch.context() as patch:
-        patch.setattr(checkpoint, "_optimizer_sharded_state_dict", lambda optimizer, model_sd: checkpoint._unwrapped(
-            optimizer).sharded_state_dict(model_sd, metadata=checkpoint._optimizer_metadata()))
+        patch.setattr(checkpoint_save, "optimizer_sharded_state_dict", lambda optimizer, model_sd: optimizer_state.unwrapped(
+            optimizer).sharded_state_dict(model_sd, metadata=optimizer_state.optimizer_metadata()))
         Checkpointer(tmp_path / "gathered").save(2, state, cfg.to_dict(), blocking=True)
     own, gathered = checkpoint_dir(tmp_path / "own", 2), checkpoint_dir(tmp_path / "gathered", 2)
     assert_same_tensors(checkpoint_tensors(own), checkpoint_tensors(gathered))
@@ -291,7 +292,8 @@ def test_plain_and_distributed_optimizer_checkpoints_load_into_each_other(tmp_pa
     distributed optimizer, whose checkpoint resumes it back, every tensor and the Adam step exact.
     A checkpoint in megatron's own plain-optimizer format (what goku wrote before) still resumes a
     plain optimizer exactly, and the distributed optimizer refuses it in one line."""
-    from goku_megatron import checkpoint
+    from goku_megatron.checkpoint import optimizer_state
+    from goku_megatron.checkpoint import save as checkpoint_save
 
     cfg, plain, plain_state = _training("optim.distributed_optimizer=false")
     _optimizer_step(plain, seed=1)
@@ -312,8 +314,8 @@ def test_plain_and_distributed_optimizer_checkpoints_load_into_each_other(tmp_pa
     assert all(torch.equal(loaded[k], v) for k, v in at_save.items())
 
     with monkeypatch.context() as patch:  # megatron's own format for a plain optimizer
-        patch.setattr(checkpoint, "_optimizer_sharded_state_dict", lambda optimizer, model_sd: checkpoint._unwrapped(
-            optimizer).sharded_state_dict(model_sd, metadata=checkpoint._optimizer_metadata()))
+        patch.setattr(checkpoint_save, "optimizer_sharded_state_dict", lambda optimizer, model_sd: optimizer_state.unwrapped(
+            optimizer).sharded_state_dict(model_sd, metadata=optimizer_state.optimizer_metadata()))
         Checkpointer(tmp_path / "legacy").save(2, plain_state, cfg.to_dict(), blocking=True)
     legacy = checkpoint_dir(tmp_path / "legacy", 2)
     _, old, old_state = _training("optim.distributed_optimizer=false")
@@ -356,7 +358,7 @@ class _HeldWriter:
     ``name`` until ``release`` is set (at most ``limit`` seconds: a test never waits forever)."""
 
     def __init__(self, monkeypatch, name: str = "", limit: float = 120.0):
-        from goku_megatron import checkpoint_writer
+        from goku_megatron.checkpoint import writer as checkpoint_writer
 
         self.name, self.limit = name, limit
         self.writing, self.release, self.done = threading.Event(), threading.Event(), threading.Event()
@@ -410,7 +412,7 @@ def test_an_async_checkpoint_holds_the_state_it_was_taken_at_while_training_chan
 def test_a_save_waits_for_the_writer_before_it_and_reuses_its_snapshot(tmp_path, megatron_world, monkeypatch):
     """No two snapshots: the second save waits until the first one's writer is done, then copies
     into the same buffers. The snapshot is what the rank writes, each tensor once."""
-    from goku_megatron.checkpoint_writer import Snapshot
+    from goku_megatron.checkpoint.writer import Snapshot
 
     cfg, training, state = _training()
     held = _HeldWriter(monkeypatch, name="iter_0000001")
@@ -467,7 +469,7 @@ def _complete(run_dir: Path) -> list[Path]:
 
 
 def test_a_failed_write_ends_in_one_line_and_publishes_nothing(tmp_path, megatron_world, monkeypatch):
-    from goku_megatron import checkpoint_writer
+    from goku_megatron.checkpoint import writer as checkpoint_writer
 
     cfg, training, state = _training()
     write = checkpoint_writer.write_buckets
@@ -510,8 +512,10 @@ def test_a_full_disk_is_named_with_the_space_needed_and_free(tmp_path, megatron_
     """A save that runs out of space says so in one line, with what a checkpoint needs (the last
     one's size) and what is free; its partial directory is gone and latest stays. The space is
     checked before each save: one warning for the run."""
-    from goku_megatron import checkpoint, checkpoint_writer
-    from goku_megatron.checkpoint import _size, read_manifest
+    from goku_megatron.checkpoint import read_manifest
+    from goku_megatron.checkpoint import save as checkpoint_save
+    from goku_megatron.checkpoint import writer as checkpoint_writer
+    from goku_megatron.checkpoint.save import _size
 
     cfg, training, state = _training()
     checkpointer = Checkpointer(tmp_path, async_save=True)
@@ -523,7 +527,7 @@ def test_a_full_disk_is_named_with_the_space_needed_and_free(tmp_path, megatron_
     def fails(*args, **kwargs):
         raise FULL_DISK_ERRORS[where]
 
-    monkeypatch.setattr(*((checkpoint, "_write_atomically") if where.startswith("loader") else
+    monkeypatch.setattr(*((checkpoint_save, "write_atomically") if where.startswith("loader") else
                           (checkpoint_writer, "write_buckets")), fails)
     says = (f"the disk is full: a checkpoint needs about {_size(needed)}, {tmp_path / 'checkpoints'} has "
             "4.1 kB free; the partial save was removed and the newest complete checkpoint stays latest")
@@ -546,7 +550,7 @@ def test_a_full_disk_is_named_with_the_space_needed_and_free(tmp_path, megatron_
 def test_a_failed_write_with_space_left_is_no_full_disk(tmp_path, megatron_world, monkeypatch):
     """torch.save's zip writer fails without an errno; with room for a checkpoint that is not a
     full disk, and the line says what failed."""
-    from goku_megatron import checkpoint_writer
+    from goku_megatron.checkpoint import writer as checkpoint_writer
 
     cfg, training, state = _training()
 

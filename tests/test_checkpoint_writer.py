@@ -15,7 +15,8 @@ import torch
 from conftest import build_stage
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-from goku_megatron import checkpoint_writer, cpu_compat
+from goku_megatron import cpu_compat
+from goku_megatron.checkpoint import writer as checkpoint_writer
 from goku_megatron.checkpoint import Checkpointer, TrainingState, latest_checkpoint
 from goku_megatron.config import load_config, validate
 

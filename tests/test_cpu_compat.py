@@ -23,7 +23,7 @@ from numerics import EPS32, assert_close_to_scale
 from torch.distributed.device_mesh import DeviceMesh
 
 from goku_megatron import cpu_compat, patching
-from goku_megatron.checkpoint_writer import install_in_process_results_queue
+from goku_megatron.checkpoint.writer import install_in_process_results_queue
 from goku_megatron.config import ConfigError
 
 # A real CUDA dependency in a module's source: torch.cuda.<x>, device="cuda", or tensor.cuda().
@@ -726,7 +726,7 @@ def test_dist_checkpointing_async_save_round_trip(results_in_process, tmp_path):
     queue (filesystem_async)."""
     from megatron.core import dist_checkpointing
 
-    from goku_megatron.checkpoint_writer import WriterQueue, in_writer_thread
+    from goku_megatron.checkpoint.writer import WriterQueue, in_writer_thread
 
     values = _values(0)
     queue = WriterQueue(timeout_s=60)

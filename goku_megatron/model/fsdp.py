@@ -15,7 +15,7 @@ layer to torch's ``fully_shard`` (FSDP2), which runs on gloo and NCCL alike. gok
 
 Every weight, gradient and Adam state is then a DTensor sharded along dim 0 over the shard group
 (torch.chunk's split: the first ranks hold ceil(rows / N) rows each). Checkpoints store the same
-global tensors as every other layout and reshard between them (checkpoint.py): ``describe_weights``
+global tensors as every other layout and reshard between them (checkpoint/state.py): ``describe_weights``
 gives each weight's checkpoint entry the DTensor and its tensor-parallel place, and ``local_shard``
 cuts an entry to the rows this rank holds. (megatron-core 0.16 describes FSDP2 weights itself, but
 as even splits over the whole DP x CP group: wrong for uneven rows and for hybrid sharding.)

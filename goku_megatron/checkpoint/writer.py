@@ -1,6 +1,6 @@
 """The background writer of async checkpoints: a snapshot of this rank's shards, then a thread.
 
-An async save (checkpoint.Checkpointer.save) blocks training only while ``Snapshot.take`` copies
+An async save (save.Checkpointer.save) blocks training only while ``Snapshot.take`` copies
 every tensor this rank writes into a host buffer: a device-to-host copy on GPU (pinned buffers),
 a memory copy on CPU. The buffers are kept for the next save, so once the first save has
 allocated them a snapshot is a plain copy. Everything else runs in the writer thread
@@ -132,7 +132,7 @@ def in_writer_thread(request: AsyncRequest, after: Callable[[], None]) -> AsyncR
     if not (isinstance(write, functools.partial)
             and write.func is FileSystemWriterAsync.write_preloaded_data_multiproc and len(write.args) == 2):
         raise RuntimeError("megatron-core's async save request is not FileSystemWriterAsync's; update "
-                           "goku_megatron/checkpoint_writer.py for this megatron-core version")
+                           "goku_megatron/checkpoint/writer.py for this megatron-core version")
     transforms, use_msc = write.args
     if use_msc:
         raise RuntimeError("the checkpoint writer thread writes to local files only (multi-storage client is on)")
@@ -161,7 +161,7 @@ def install_in_process_results_queue() -> None:
     (A forked Manager would also share the training process's memory copy-on-write for the rest of
     the run.) megatron's own forked writer (TemporalAsyncCaller) cannot report through it.
 
-    Called where a ``checkpoint.Checkpointer`` is built: every goku save is made by one, and
+    Called where a ``save.Checkpointer`` is built: every goku save is made by one, and
     megatron asks for the queue only inside a save, so this precedes every use on every device
     and costs programs that never save nothing. Idempotent.
     """

@@ -1,0 +1,199 @@
+"""Loading checkpoints: a whole training state (resume), or the weights alone (sampling, finetuning).
+
+Tensors are stored by global name and offset, so a checkpoint loads into any TP/PP/DP/FSDP layout
+(resharding); RNG states and the data loader's state belong to one layout and are restored only
+into that one. ``init_weights_from`` starts a finetune from another run's weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing import ShardedTensor
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+from goku_megatron.checkpoint.integrity import SHAPE_FIELDS, check_compatible, validate_checkpoint, verify_checkpoint
+from goku_megatron.checkpoint.layout import load_loader_state, read_manifest, resolve_checkpoint
+from goku_megatron.checkpoint.optimizer_state import (load_plain_optimizer, optimizer_metadata, optimizer_parts,
+                                                      plain_fully_reshardable, prepare_optimizer_for_loading,
+                                                      saved_by_megatrons_plain_optimizer, unwrapped)
+from goku_megatron.checkpoint.state import (TrainingState, fsdp_rows, model_sharded_state_dict, parallel_layout,
+                                            rng_sharded, rng_state, set_rng_state, stage_of)
+from goku_megatron.config import Config, ConfigError
+from goku_megatron.ema import EMA_PREFIX, MODEL_PREFIX
+from goku_megatron.model.fsdp import is_sharded, local
+
+log = logging.getLogger(__name__)
+
+# Layers a finetune (checkpoint.init_from) may add to the model it starts from: they keep their
+# initialisation. model.i2v's image_cond starts as the identity on the noisy tokens.
+NEW_LAYERS = ("image_cond.",)
+
+
+def load_checkpoint(path: Path, state: TrainingState) -> dict[str, Any]:
+    """Load every part of ``state`` that ``path`` holds, resharding weights, optimizer and EMA to
+    this layout. RNG states are restored only in the layout they were saved in. Returns the common
+    part: step, config, train_state, and ``same_layout``."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    same_layout = manifest["layout"] == parallel_layout()
+    model_sd = model_sharded_state_dict(state.model)
+    template: dict[str, Any] = dict(model_sd)
+    ema_template: dict[str, ShardedTensor] = {}
+    if state.ema is not None and manifest["parts"]["ema"]:
+        ema_template = state.ema.sharded_state_dict(model_sd)
+        template.update(ema_template)
+    template = fsdp_rows(template)
+    has_ema = bool(ema_template)
+    ema_template = {key: template[key] for key in ema_template if key in template}
+    load_optimizer = state.optimizer is not None and manifest["parts"]["optimizer"]
+    parts = optimizer_parts(state.optimizer) if load_optimizer else []
+    plain = load_optimizer and not any(isinstance(p, DistributedOptimizer) for p in parts)
+    legacy = load_optimizer and saved_by_megatrons_plain_optimizer(path)
+    fsdp = any(is_sharded(param) for param in stage_of(state.model).parameters())
+    if legacy and (fsdp or not plain):
+        raise ConfigError(f"{path}: its optimizer state is megatron's plain-optimizer format, which only a run "
+                          f"with optim.distributed_optimizer=false and parallel.fsdp=false reads; resume with "
+                          f"those, or start a new optimizer from its weights with checkpoint.init_from={path}")
+    if plain and not legacy:
+        (part,) = parts
+        template["optimizer"] = plain_fully_reshardable(part, model_sd, loading=True)
+    elif load_optimizer:
+        optimizer = unwrapped(state.optimizer)
+        prepare_optimizer_for_loading(optimizer)
+        template["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True,
+                                                             metadata=optimizer_metadata())
+    if same_layout:
+        template["rng_state"] = rng_sharded(rng_state())
+
+    loaded = dist_checkpointing.load(template, str(path))
+
+    _load_weights(state.model, loaded, MODEL_PREFIX)
+    if plain and not legacy:
+        load_plain_optimizer(part, loaded["optimizer"])
+    elif load_optimizer:
+        unwrapped(state.optimizer).load_state_dict(loaded["optimizer"])
+    if state.scheduler is not None and "scheduler" in loaded:
+        state.scheduler.load_state_dict(loaded["scheduler"])
+    with torch.no_grad():
+        for key, sharded in ema_template.items():
+            sharded.data.copy_(loaded[key])
+    if state.ema is not None and not has_ema:
+        state.ema.restart()
+        log.info("%s has no EMA: the EMA starts from its weights", path.name)
+    if same_layout:
+        set_rng_state(loaded["rng_state"])
+    else:
+        log.info("resharding %s from %s to %s: weights, optimizer and EMA are exact; RNG states restart "
+                 "from the seed", path.name, _describe(manifest["layout"]), _describe(parallel_layout()))
+    return {"step": loaded["step"], "config": loaded["config"], "train_state": loaded.get("train_state", {}),
+            "same_layout": same_layout}
+
+
+def restore(path: Path, state: TrainingState, guard: Any, loader: Any) -> tuple[int, int]:
+    """Resume a run: load checkpoint ``path`` into the training state, the step guard
+    (resilience.StepGuard) and the data loader (data.pipeline.PackedBatches); returns (step,
+    consumed samples). The loader continues exactly when the data-parallel size is the one it was
+    saved with; otherwise it starts over (one line says so)."""
+    info = load_checkpoint(path, state)
+    train_state = info["train_state"]
+    if "guard" in train_state:
+        guard.load_state_dict(train_state["guard"])
+    saved_dp = read_manifest(path)["layout"]["dp"]
+    loader_state = load_loader_state(path, parallel_state.get_data_parallel_rank())
+    if saved_dp != parallel_state.get_data_parallel_world_size():
+        log.warning("%s was saved with dp=%d, this run has dp=%d: the data order starts over",
+                    path.name, saved_dp, parallel_state.get_data_parallel_world_size())
+    elif loader_state is None:
+        log.warning("%s holds no data loader state: the data order starts over", path.name)
+    else:
+        loader.load_state_dict(loader_state)
+    log.info("resumed from %s: step %d, %d samples consumed", path, info["step"],
+             train_state.get("consumed_samples", 0))
+    return int(info["step"]), int(train_state.get("consumed_samples", 0))
+
+
+def _describe(lay: dict[str, int]) -> str:
+    return " ".join(f"{k}={v}" for k, v in lay.items())
+
+
+def _load_weights(model: list[torch.nn.Module], loaded: dict[str, Any], prefix: str,
+                  new_layers: tuple[str, ...] = ()) -> None:
+    stage = stage_of(model)
+    weights = {_local_name(stage, k[len(prefix):]): v for k, v in loaded.items()
+               if isinstance(k, str) and k.startswith(prefix)}
+    params = dict(stage.named_parameters())
+    if any(is_sharded(param) for param in params.values()):  # parallel.fsdp: this rank's rows of each
+        missing = []
+        with torch.no_grad():
+            for name, param in params.items():
+                if name in weights:
+                    local(param).copy_(weights[name])
+                elif local(param).numel():
+                    missing.append(name)
+    else:
+        missing, _ = stage.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state") and not k.startswith(new_layers)]
+    if missing:
+        raise ConfigError(f"the checkpoint lacks weights for {missing[:3]}: it holds another model.* shape; "
+                          "use a checkpoint of this model")
+
+
+def _local_name(stage: Any, global_key: str) -> str:
+    if global_key.startswith("layers."):
+        _, idx, rest = global_key.split(".", 2)
+        return f"layers.{int(idx) - stage.layer_offset}.{rest}"
+    return global_key
+
+
+def load_model_weights(path: Path, model: list[torch.nn.Module], ema: bool = False,
+                       new_layers: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Load only the weights (any TP/PP layout), or with ``ema`` the EMA weights in their place;
+    returns step and config. Parameters whose names start with one of ``new_layers`` may be
+    missing from the checkpoint and then keep their current values."""
+    model_sd = fsdp_rows(model_sharded_state_dict(model))
+    if new_layers:
+        saved = dist_checkpointing.load_tensors_metadata(str(path))
+        model_sd = {k: v for k, v in model_sd.items() if not (
+            isinstance(v, ShardedTensor) and v.key.startswith(tuple(MODEL_PREFIX + n for n in new_layers))
+            and (EMA_PREFIX + v.key[len(MODEL_PREFIX):] if ema else v.key) not in saved)}
+    if ema:
+        if not read_manifest(path)["parts"]["ema"]:
+            raise ConfigError(f"{path}: no EMA weights in this checkpoint (checkpoint.ema_decay was 0); "
+                              "load its trained weights instead (checkpoint.init_from_ema=false)")
+        template = {EMA_PREFIX + k[len(MODEL_PREFIX):]: dataclasses.replace(
+            sh, key=EMA_PREFIX + sh.key[len(MODEL_PREFIX):], data=torch.empty_like(sh.data, dtype=torch.float32),
+            dtype=torch.float32) for k, sh in model_sd.items() if isinstance(sh, ShardedTensor)}
+    else:
+        template = dict(model_sd)
+    template["step"] = 0
+    template["config"] = {}
+    loaded = dist_checkpointing.load(template, str(path))
+    _load_weights(model, loaded, EMA_PREFIX if ema else MODEL_PREFIX, new_layers)
+    return {"step": loaded["step"], "config": loaded["config"]}
+
+
+def init_weights_from(path: Path, state: TrainingState, cfg: Config, ema: bool = False) -> Path:
+    """Finetuning: a fresh run's weights from ``path`` (a run directory or checkpoints/iter_N),
+    optimizer, schedule and step starting anew. Layers of this model that the checkpoint lacks
+    (NEW_LAYERS, e.g. the I2V condition layer of a T2V checkpoint) keep their initialisation; the
+    optimizer's fp32 main weights and the EMA restart from the loaded weights."""
+    try:
+        checkpoint = resolve_checkpoint(Path(path))
+    except FileNotFoundError as err:
+        raise ConfigError(f"checkpoint.init_from: {err}") from None
+    reason = validate_checkpoint(checkpoint) or verify_checkpoint(checkpoint)
+    if reason is not None:
+        raise ConfigError(f"checkpoint.init_from={path}: {reason}; pass a sound checkpoint")
+    # The I2V layer may be new (NEW_LAYERS): every other shape must match.
+    check_compatible(read_manifest(checkpoint), cfg, checkpoint, fields=[f for f in SHAPE_FIELDS if f != "i2v"])
+    load_model_weights(checkpoint, state.model, ema=ema, new_layers=NEW_LAYERS)
+    unwrapped(state.optimizer).reload_model_params()
+    if state.ema is not None:
+        state.ema.restart()
+    return checkpoint
