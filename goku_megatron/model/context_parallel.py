@@ -39,7 +39,7 @@ from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 from torch import Tensor
 
-from goku_megatron.batch import Pack, to_device
+from goku_megatron.batch import Pack, segment_offsets, to_device
 
 Layout = Literal["contiguous", "zigzag"]
 
@@ -168,12 +168,12 @@ def packed_segments(lengths_q: Sequence[int], lengths_kv: Sequence[int] | None =
     laid-out segment lengths (``cu_seqlens_*_padded``, which also set the max lengths); ``padding``:
     the last segment is the pack's padding."""
     lengths_kv = lengths_q if lengths_kv is None else lengths_kv
-    cu_q, cu_kv = _offsets(lengths_q, device), _offsets(lengths_kv, device)
+    cu_q, cu_kv = segment_offsets(lengths_q, device), segment_offsets(lengths_kv, device)
     params = PackedSegments(qkv_format="thd", cu_seqlens_q=cu_q, cu_seqlens_kv=cu_kv,
                             max_seqlen_q=max(padded or lengths_q), max_seqlen_kv=max(padded or lengths_kv),
                             lengths_q=tuple(lengths_q), lengths_kv=tuple(lengths_kv), padding=padding)
     if padded is not None:
-        cu_padded = _offsets(padded, device)
+        cu_padded = segment_offsets(padded, device)
         params = replace(params, cu_seqlens_q_padded=cu_padded, cu_seqlens_kv_padded=cu_padded)
     return params
 
@@ -236,11 +236,6 @@ class PackShard:
         keep = (self.source >= 0).view(-1, *[1] * (tokens.dim() - 1))
         return torch.where(keep, tokens[self.source.clamp_min(0)], torch.zeros((), dtype=tokens.dtype,
                                                                                 device=tokens.device))
-
-
-def _offsets(lengths: Sequence[int], device: torch.device | str) -> Tensor:
-    """cu_seqlens (int32) of segments of the given host lengths, copied to ``device`` asynchronously."""
-    return to_device(torch.tensor([0, *lengths]).cumsum(0).int(), device)
 
 
 def _pieces(chunks: Sequence[tuple[int, int]], padded: Sequence[int]) -> list[tuple[int, int, int]]:
