@@ -597,10 +597,12 @@ def _validate_checkpoint(c: CheckpointConfig) -> None:
              "nvidia-resiliency-ext and launch with its ft_launcher, or set checkpoint.fault_tolerance=false")
 
 
-# Tokens per rank and micro-batch that TE's FP8 GEMMs need a multiple of, per recipe
-# (megatron.core.fp8_utils.get_fp8_align_size).
-FP8_ALIGN = {"mxfp8": 32}
-FP8_ALIGN_DEFAULT = 16
+def fp8_align_size(recipe: str) -> int:
+    """Rows that TE's FP8 GEMMs need a multiple of under ``recipe`` (model.fp8_recipe): what
+    megatron.core.fp8_utils.get_fp8_align_size says, defined here because config.py imports no
+    megatron (its errors come before the heavy imports); tests/test_performance.py holds the two
+    equal. Validation asks it of token budgets, model/layer.py of caption rows."""
+    return 32 if recipe == "mxfp8" else 16
 
 
 def _validate_performance(cfg: Config, has_cuda: bool) -> None:
@@ -621,7 +623,7 @@ def _validate_performance(cfg: Config, has_cuda: bool) -> None:
         _require(m.linear_backend in ("auto", "te"),
                  f"model.fp8={m.fp8} runs in Transformer Engine's linears; set model.linear_backend=te "
                  f"(or auto), or model.fp8=''")
-        align = FP8_ALIGN.get(m.fp8_recipe, FP8_ALIGN_DEFAULT)
+        align = fp8_align_size(m.fp8_recipe)
         for i, stage in enumerate(d.stages):
             _require(stage.token_budget % (align * p.cp) == 0,
                      f"{_budget_name(d, i)}={stage.token_budget}: FP8 GEMMs ({m.fp8_recipe}) need a "
