@@ -48,12 +48,11 @@ import torch.nn.functional as F
 from goku_megatron import cpu_compat
 from goku_megatron.batch import PackSample, build_pack
 from goku_megatron.config import (
-    FP8_ALIGN,
-    FP8_ALIGN_DEFAULT,
     FP8_RECIPES,
     MODEL_PRESETS,
     Config,
     ModelConfig,
+    fp8_align_size,
     load_config,
     validate,
 )
@@ -226,10 +225,6 @@ def time_fwd_bwd(runners: list[Runner], args: argparse.Namespace, device: torch.
             ops = trace.total / runner.layers
         timings.append(Timing(min(seconds), mem, ops))
     return timings
-
-
-def fp8_align(recipe: str) -> int:
-    return FP8_ALIGN.get(recipe, FP8_ALIGN_DEFAULT)
 
 
 def clip_pack(cfg: Config, grid: tuple[int, int, int], budget: int, text_tokens: int, device: torch.device):
@@ -451,7 +446,7 @@ def main(argv: list[str] | None = None) -> None:
     peak = gpu_peak_flops(torch.cuda.get_device_name()) if cuda else None
     fp8_ok = "fp8" in precisions and cuda and has_transformer_engine()
     # Every row runs the same padded sequence: FP8 GEMMs need a multiple of the recipe's alignment.
-    align = max(fp8_align(r) for r in args.fp8_recipe) if fp8_ok else 1
+    align = max(fp8_align_size(r) for r in args.fp8_recipe) if fp8_ok else 1
     multiple = math.lcm(args.budget_multiple, align)
     if args.tokens:
         budget = -(-args.tokens // align) * align

@@ -211,8 +211,11 @@ def to_device(tensor: Tensor, device: torch.device | str) -> Tensor:
     return tensor.to(device)
 
 
-def _offsets(lengths: Sequence[int], device: torch.device) -> Tensor:
-    return F.pad(torch.tensor(lengths, device=device).cumsum(0), (1, 0)).int()
+def segment_offsets(lengths: Sequence[int], device: torch.device | str) -> Tensor:
+    """cu_seqlens (int32) of back-to-back segments of the given host lengths, built on the host
+    and copied to ``device`` asynchronously (``to_device``), so a pack or a CP shard built on the
+    training device costs no host sync."""
+    return to_device(torch.tensor([0, *lengths]).cumsum(0).int(), device)
 
 
 def build_pack(samples: Sequence[PackSample], budget: int, patch: Patch) -> Pack:
@@ -253,13 +256,13 @@ def build_pack(samples: Sequence[PackSample], budget: int, patch: Patch) -> Pack
         sample_index=F.pad(torch.repeat_interleave(torch.arange(n, device=device), lengths_t), (0, pad),
                            value=n - 1),
         positions=F.pad(torch.cat([grid_positions(*g, device=device) for g in grids]), (0, 0, 0, pad)),
-        cu_seqlens=_offsets(segments, device),
+        cu_seqlens=segment_offsets(segments, device),
         max_seqlen=max(segments),
         timesteps=torch.stack([torch.as_tensor(s.timestep, dtype=torch.float32).reshape(())
                                for s in samples]).to(device),
         text=torch.stack([F.pad(s.text, (0, 0, 0, text_width - s.text.shape[0])) for s in samples]),
         text_mask=text_mask,
-        cu_seqlens_text=_offsets(text_segments, device),
+        cu_seqlens_text=segment_offsets(text_segments, device),
         max_seqlen_text=max(text_segments),
         text_index=text_mask.flatten().nonzero().flatten(),
         text_lengths=tuple(text_lens),

@@ -4,6 +4,8 @@ Resolution order: dataclass defaults < ``model.preset`` < recipe YAML < command-
 a ``model.preset`` given on the command line replaces the recipe's preset-defined shape fields.
 Everything is validated before any heavy import or allocation, and every rule fails with a one-line
 ``ConfigError`` that names the field (and the file, when a file is involved) and how to fix it.
+A config saved with a run (checkpoints, exported weights) comes back through the same coercion
+(``config_from_dict``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,15 @@ RECIPES_DIR = Path(__file__).parent / "recipes"
 
 class ConfigError(ValueError):
     """A bad configuration value; the message is one line that names the field and the fix."""
+
+
+class UnknownKeyError(ConfigError):
+    """A key that names no field. ``key`` is its dotted name, so that a saved config (which nobody
+    mistyped: another version wrote it) words its own line instead of suggesting a spelling."""
+
+    def __init__(self, message: str, key: str) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 # Paper Table 1 (docs/model.md, "Model sizes"). Shared: latent channels 16, patch 1x2x2, FLAN-T5 XL
@@ -437,7 +448,10 @@ def _recipe_values(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     return _merge(inherited, values)
 
 
-def _coerce(value: Any, typ: Any, where: str) -> Any:
+def _coerce(value: Any, typ: Any, dotted: str, source: str) -> Any:
+    """``value`` as a field of type ``typ``, or a one-line ConfigError naming ``source`` (the file or
+    checkpoint, "" for the command line) and the field ``dotted``."""
+    where = f"{source}{dotted}"
     origin = get_origin(typ)
     if origin is list:
         if not isinstance(value, (list, tuple)):
@@ -448,9 +462,9 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             for i, v in enumerate(value):
                 if not isinstance(v, Mapping):
                     raise ConfigError(f"{where}[{i}] must be a mapping of {item_type.__name__} fields")
-                items.append(_build(item_type, v, f"{where}[{i}].", ""))
+                items.append(_build(item_type, v, f"{dotted}[{i}].", source))
             return items
-        return [_coerce(v, item_type, where) for v in value]
+        return [_coerce(v, item_type, dotted, source) for v in value]
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -484,14 +498,14 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str, source: str) -> An
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f"; valid: {', '.join(names)}"
-            raise ConfigError(f"{source}unknown key '{dotted}'{hint}")
+            raise UnknownKeyError(f"{source}unknown key '{dotted}'{hint}", dotted)
         typ = hints[key]
         if dataclasses.is_dataclass(typ):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{source}'{dotted}' is a section: give it as {dotted}.FIELD=VALUE")
             kwargs[key] = _build(typ, value, f"{dotted}.", source)
         else:
-            kwargs[key] = _coerce(value, typ, f"{source}{dotted}")
+            kwargs[key] = _coerce(value, typ, dotted, source)
     return cls(**kwargs)
 
 
@@ -511,6 +525,31 @@ def load_config(recipe: str | None = None, overrides: Sequence[str] = ()) -> Con
                                       if k not in MODEL_PRESETS[cli_preset]}}
     values = _merge(values, cli)
     return _build(Config, _with_preset(values, ""), "", "")
+
+
+def config_from_dict(saved: Any, source: str, overrides: Mapping[str, Any] | None = None) -> Config:
+    """A saved ``Config.to_dict()`` (a checkpoint's, an exported file's metadata) as a Config, through
+    the coercion and checks that recipes and ``key=value`` overrides go through:
+    ``config_from_dict(cfg.to_dict(), ...) == cfg``. ``overrides``, sections of fields as in
+    ``to_dict()``, replace saved values (goku-sample's one-process layout). Not validated, like
+    load_config's result: a caller that runs the config validates it.
+
+    A saved config is resolved, so its ``model.preset`` is a name and not expanded; a field added
+    since it was saved takes its default (new fields default to the behaviour before them). A
+    key this version does not know, or a value of the wrong type, is refused in one line that
+    names ``source`` and the field: it was saved by another version of goku-megatron (or edited),
+    which is the version to load it with."""
+    where = f"{source}: saved config"
+    if not isinstance(saved, Mapping):
+        raise ConfigError(f"{where} is a {type(saved).__name__}, not a mapping of sections (model, train, ...); "
+                          f"goku-train did not write it: load a checkpoint or file that goku-megatron saved")
+    fix = "another version of goku-megatron saved it (or it was edited): load it with the version that saved it"
+    try:
+        return _build(Config, _merge(dict(saved), overrides or {}), "", f"{where}: ")
+    except UnknownKeyError as err:
+        raise ConfigError(f"{where}: unknown key '{err.key}', a field this version does not have; {fix}") from None
+    except ConfigError as err:
+        raise ConfigError(f"{err}; {fix}") from None
 
 
 def _with_preset(values: dict[str, Any], source: str) -> dict[str, Any]:
@@ -597,10 +636,12 @@ def _validate_checkpoint(c: CheckpointConfig) -> None:
              "nvidia-resiliency-ext and launch with its ft_launcher, or set checkpoint.fault_tolerance=false")
 
 
-# Tokens per rank and micro-batch that TE's FP8 GEMMs need a multiple of, per recipe
-# (megatron.core.fp8_utils.get_fp8_align_size).
-FP8_ALIGN = {"mxfp8": 32}
-FP8_ALIGN_DEFAULT = 16
+def fp8_align_size(recipe: str) -> int:
+    """Rows that TE's FP8 GEMMs need a multiple of under ``recipe`` (model.fp8_recipe): what
+    megatron.core.fp8_utils.get_fp8_align_size says, defined here because config.py imports no
+    megatron (its errors come before the heavy imports); tests/test_performance.py holds the two
+    equal. Validation asks it of token budgets, model/layer.py of caption rows."""
+    return 32 if recipe == "mxfp8" else 16
 
 
 def _validate_performance(cfg: Config, has_cuda: bool) -> None:
@@ -621,7 +662,7 @@ def _validate_performance(cfg: Config, has_cuda: bool) -> None:
         _require(m.linear_backend in ("auto", "te"),
                  f"model.fp8={m.fp8} runs in Transformer Engine's linears; set model.linear_backend=te "
                  f"(or auto), or model.fp8=''")
-        align = FP8_ALIGN.get(m.fp8_recipe, FP8_ALIGN_DEFAULT)
+        align = fp8_align_size(m.fp8_recipe)
         for i, stage in enumerate(d.stages):
             _require(stage.token_budget % (align * p.cp) == 0,
                      f"{_budget_name(d, i)}={stage.token_budget}: FP8 GEMMs ({m.fp8_recipe}) need a "

@@ -74,7 +74,7 @@ def import_checkpoint(weights: Path, run_dir: Path) -> Path:
         raise ValueError(f"{weights}: no {CONFIG_KEY} metadata; export it with "
                          "'goku-data convert-checkpoint export'")
     saved: dict[str, Any] = json.loads(meta[CONFIG_KEY])
-    model, _ = unsharded_model(config_for_one_process(saved))
+    model, _ = unsharded_model(config_for_one_process(saved, f"{weights} ({CONFIG_KEY} metadata)"))
     (stage,) = iter_stage_models([model])
     missing, unexpected = stage.load_state_dict(from_reference_names(load_file(str(weights))), strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]

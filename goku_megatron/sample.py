@@ -23,7 +23,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from goku_megatron import cpu_compat, flow
 from goku_megatron.batch import Pack, pack_batch, unpack
 from goku_megatron.checkpoint import load_model_weights, resolve_checkpoint
-from goku_megatron.config import Config, StageConfig, load_config, toy_stage
+from goku_megatron.config import Config, config_from_dict, toy_stage
 from goku_megatron.data.encoders import run_text_encoder, run_vae
 from goku_megatron.model.build import build_unsharded_model
 from goku_megatron.model.context_parallel import align_packs, gather_pack
@@ -46,26 +46,26 @@ class SampleSpec:
     fps: int = 8
 
 
+# One unsharded process, whatever layout trained the run (dist_checkpointing reshards): hybrid
+# FSDP's shard groups need DP x CP ranks, and the process-group backend follows this machine.
+ONE_PROCESS: dict[str, dict[str, Any]] = {
+    "parallel": {"tp": 1, "pp": 1, "cp": 1, "dp": 1, "fsdp": False, "fsdp_shard_size": 0,
+                 "distributed_backend": "auto"},
+}
+
+
 def checkpoint_config(path: Path) -> Config:
     """The run's resolved config, stored with the checkpoint, set up for one process."""
-    return config_for_one_process(dist_checkpointing.load_common_state_dict(str(path))["config"])
+    return config_for_one_process(dist_checkpointing.load_common_state_dict(str(path))["config"], str(path))
 
 
-def config_for_one_process(saved: dict[str, Any]) -> Config:
-    """A saved ``Config.to_dict()`` as a Config for one unsharded process (TP=PP=CP=DP=1, no FSDP),
-    in the run's precision (``auto`` resolves on this machine as it did for training)."""
-    cfg = load_config(None, [])
-    for section, values in saved.items():
-        target = getattr(cfg, section, None)
-        for key, value in values.items():
-            if target is not None and hasattr(target, key):
-                setattr(target, key, value)
-    cfg.data.stages = [StageConfig(**s) for s in saved["data"].get("stages", [])]
+def config_for_one_process(saved: dict[str, Any], source: str = "a run") -> Config:
+    """A saved ``Config.to_dict()`` (from ``source``, named in errors) as a Config for one unsharded
+    process (``ONE_PROCESS``), in the run's precision (``auto`` resolves on this machine as it did
+    for training)."""
+    cfg = config_from_dict(saved, source, overrides=ONE_PROCESS)
     if cfg.data.kind == "toy":  # derived from the toy fields, as validate does (older runs saved none)
         cfg.data.stages = [toy_stage(cfg.data, cfg.train.steps, cfg.train.micro_batch_size, cfg.model.patch_size)]
-    cfg.parallel.tp = cfg.parallel.pp = cfg.parallel.cp = cfg.parallel.dp = 1
-    cfg.parallel.fsdp, cfg.parallel.fsdp_shard_size = False, 0  # hybrid FSDP's groups need DP x CP ranks
-    cfg.parallel.distributed_backend = "auto"
     return cfg
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -13,6 +14,7 @@ from goku_megatron.config import (
     Config,
     ConfigError,
     available_recipes,
+    config_from_dict,
     load_config,
     parse_overrides,
     validate,
@@ -540,6 +542,92 @@ def test_section_given_a_scalar(section):
 def test_model_section_given_a_scalar(override):
     with pytest.raises(ConfigError, match=r"model"):
         load_config(None, [override])
+
+
+# --------------------------------------------------------------------------------------------
+# Saved configs (checkpoints, exported weights): back through the loader's coercion
+
+SAVED = "runs/a/checkpoints/iter_0000003"
+ANOTHER_VERSION = ("another version of goku-megatron saved it (or it was edited): load it with the version "
+                   "that saved it")
+
+
+@pytest.mark.parametrize("recipe", available_recipes())
+def test_a_saved_config_round_trips(recipe):
+    """cfg.to_dict() (a checkpoint's common state, and as JSON an exported file's metadata) back to
+    a Config gives cfg, stages and all."""
+    cfg = load_config(recipe, [])
+    assert config_from_dict(cfg.to_dict(), SAVED) == cfg
+    assert config_from_dict(json.loads(json.dumps(cfg.to_dict())), SAVED) == cfg
+
+
+def test_a_validated_config_round_trips():
+    cfg = load_config("toy", [])
+    validate(cfg, 1)  # fills parallel.dp and the toy's derived stage, as a saved run's config has them
+    assert config_from_dict(cfg.to_dict(), SAVED) == cfg
+
+
+@pytest.mark.parametrize("section, key, value", [
+    ("train", "steps", "20"),  # a string where an int belongs: refused
+    ("model", "zero_init", "false"),
+    ("model", "patch_size", [1, "2", 2]),
+    ("optim", "lr", "1e-4"),  # a number as a string: coerced, as YAML's 1e-4 is
+    ("data", "stages", [{"steps": 1, "fps": "8"}]),
+])
+def test_a_saved_config_is_coerced_as_yaml_is(tmp_path, section, key, value):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({section: {key: value}}))
+    saved = Config().to_dict()
+    saved[section][key] = value
+    try:
+        from_yaml = load_config(str(recipe), [])
+    except ConfigError as err:
+        with pytest.raises(ConfigError) as excinfo:
+            config_from_dict(saved, SAVED)
+        assert _error(excinfo) == f"{SAVED}: saved config: {str(err)[len(f'{recipe}: '):]}; {ANOTHER_VERSION}"
+    else:
+        assert config_from_dict(saved, SAVED) == from_yaml
+
+
+@pytest.mark.parametrize("where, dotted", [
+    (("model",), "model.fp8_margin"),
+    (("data", "stages", 0), "data.stages[0].fp8_margin"),
+    ((), "fp8_margin"),
+])
+def test_an_unknown_key_from_another_version_is_one_line(where, dotted):
+    """A key this version does not have (a field since removed, or one a newer version added) is
+    refused in one line naming the checkpoint, the key and what to do; no spelling is suggested."""
+    cfg = load_config("toy", [])
+    validate(cfg, 1)
+    saved = cfg.to_dict()
+    node = saved
+    for step in where:
+        node = node[step]
+    node["fp8_margin"] = 0
+    with pytest.raises(ConfigError) as excinfo:
+        config_from_dict(saved, SAVED)
+    assert _error(excinfo) == (f"{SAVED}: saved config: unknown key '{dotted}', a field this version does not "
+                               f"have; {ANOTHER_VERSION}")
+
+
+def test_a_field_added_since_a_config_was_saved_takes_its_default():
+    saved = Config().to_dict()
+    del saved["model"]["i2v"], saved["train"]["wandb_mode"]
+    assert config_from_dict(saved, SAVED) == Config()
+
+
+def test_saved_config_overrides_replace_saved_values():
+    saved = load_config(None, ["parallel.tp=2", "parallel.fsdp=true"]).to_dict()
+    cfg = config_from_dict(saved, SAVED, overrides={"parallel": {"tp": 1, "fsdp": False}})
+    assert (cfg.parallel.tp, cfg.parallel.fsdp) == (1, False)
+    with pytest.raises(ConfigError, match=r"saved config: parallel.tp must be an integer, got 'one'"):
+        config_from_dict(saved, SAVED, overrides={"parallel": {"tp": "one"}})
+
+
+def test_a_saved_config_that_is_not_a_mapping():
+    with pytest.raises(ConfigError) as excinfo:
+        config_from_dict([1, 2], "m.safetensors (goku_config metadata)")
+    assert _error(excinfo).startswith("m.safetensors (goku_config metadata): saved config is a list, not a mapping")
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import build_stage, one_process_world
@@ -62,3 +64,17 @@ def test_import_refuses_foreign_files(tmp_path, capsys):
     assert goku_data.main(["convert-checkpoint", "import", str(foreign), str(tmp_path / "r")]) == EXIT_CONFIG_ERROR
     assert capsys.readouterr().err == (f"goku-data: error: {foreign}: no goku_config metadata; export it "
                                        "with 'goku-data convert-checkpoint export'\n")
+
+
+def test_import_refuses_a_config_this_version_cannot_read(tmp_path, capsys):
+    """The file's config goes through the loader's coercion: a key this version lacks is one line."""
+    saved = load_config(None, []).to_dict()
+    saved["model"]["fp8_margin"] = 0
+    weights = tmp_path / "old.safetensors"
+    save_file({"x": torch.zeros(1)}, str(weights), metadata={"goku_config": json.dumps(saved)})
+    assert goku_data.main(["convert-checkpoint", "import", str(weights), str(tmp_path / "r")]) == EXIT_CONFIG_ERROR
+    assert capsys.readouterr().err == (
+        f"goku-data: error: {weights} (goku_config metadata): saved config: unknown key 'model.fp8_margin', a field "
+        "this version does not have; another version of goku-megatron saved it (or it was edited): load it with "
+        "the version that saved it\n")
+    assert not (tmp_path / "r").exists()

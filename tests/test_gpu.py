@@ -40,7 +40,7 @@ from numerics import assert_within_bf16_rounding
 from goku_megatron import flow
 from goku_megatron.batch import Pack, PackSample, build_pack, pack_batch
 from goku_megatron.checkpoint import checkpoint_dir
-from goku_megatron.config import FP8_ALIGN, FP8_ALIGN_DEFAULT, FP8_RECIPES, ConfigError, load_config
+from goku_megatron.config import FP8_RECIPES, ConfigError, fp8_align_size, load_config
 from goku_megatron.model.goku import iter_stage_models
 from goku_megatron.platform import check_fp8_recipe
 
@@ -235,7 +235,7 @@ def test_each_fp8_recipe_runs_forward_and_backward_or_is_refused(megatron_world,
             "train.precision=bf16"]
     bf16 = build_stage(load_config(None, base))
     fp8 = build_stage(load_config(None, [*base, "model.fp8=hybrid", f"model.fp8_recipe={recipe}"]))
-    pack = _pack(load_config(None, base), mixed=True, tokens_multiple=FP8_ALIGN.get(recipe, FP8_ALIGN_DEFAULT))
+    pack = _pack(load_config(None, base), mixed=True, tokens_multiple=fp8_align_size(recipe))
     pack = pack.to("cuda")
     for _ in range(3):
         loss = _loss(fp8, pack)

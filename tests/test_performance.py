@@ -19,7 +19,7 @@ from conftest import REPO, build_stage, script_module
 from numerics import assert_as_accurate, assert_close_to_scale
 from reference_goku import ReferenceGokuBlock
 
-from goku_megatron.config import FP8_ALIGN, FP8_ALIGN_DEFAULT, FP8_RECIPES, Config, ConfigError, load_config, validate
+from goku_megatron.config import FP8_RECIPES, Config, ConfigError, fp8_align_size, load_config, validate
 from goku_megatron.batch import PackSample, build_pack, pack_batch
 from goku_megatron.platform import check_fp8_recipe, choose_backends
 
@@ -203,7 +203,7 @@ def test_fp8_alignment_matches_megatron():
     from megatron.core.fp8_utils import get_fp8_align_size
 
     for recipe in FP8_RECIPES:
-        assert FP8_ALIGN.get(recipe, FP8_ALIGN_DEFAULT) == get_fp8_align_size(Fp8Recipe(recipe)), recipe
+        assert fp8_align_size(recipe) == get_fp8_align_size(Fp8Recipe(recipe)), recipe
 
 
 # --------------------------------------------------------------------------------------------

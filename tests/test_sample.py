@@ -16,7 +16,7 @@ from goku_megatron.checkpoint import save_checkpoint
 from goku_megatron.config import load_config, validate
 from goku_megatron.cli.sample import main
 from goku_megatron.media import to_uint8, write_media
-from goku_megatron.sample import SampleSpec, Sampler
+from goku_megatron.sample import SampleSpec, Sampler, config_for_one_process
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +82,33 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert err.count("\n") == 0 and "not a goku-train checkpoint" in err
     assert main(["--checkpoint", str(tmp_path)]) == 2
     assert "no prompt" in capsys.readouterr().err
+
+
+def test_one_process_config_whatever_layout_trained():
+    saved = load_config(None, ["parallel.tp=2", "parallel.cp=2", "parallel.dp=2", "parallel.fsdp=true",
+                               "parallel.fsdp_shard_size=2", "parallel.distributed_backend=gloo"]).to_dict()
+    p = config_for_one_process(saved).parallel
+    assert (p.tp, p.pp, p.cp, p.dp, p.fsdp, p.fsdp_shard_size, p.distributed_backend) == (1, 1, 1, 1, False, 0, "auto")
+
+
+@pytest.mark.parametrize("section, key, value, named", [
+    ("model", "fp8_margin", 0, "unknown key 'model.fp8_margin', a field this version does not have"),
+    ("train", "steps", "3", "train.steps must be an integer, got '3'"),
+], ids=["unknown_key", "string_for_int"])
+def test_a_checkpoint_whose_config_no_longer_loads_is_one_line(tmp_path, capsys, megatron_world, section, key,
+                                                                value, named):
+    """A checkpoint saved by another version (a key this one lacks, a value of another type) is
+    refused in one line naming the checkpoint, the field and what to do, not half-loaded."""
+    cfg = load_config("toy", ["data.toy_size=8", "data.toy_frames=4"])
+    validate(cfg, 1)
+    saved = cfg.to_dict()
+    saved[section][key] = value
+    save_checkpoint(tmp_path, 3, [build_stage(cfg)], saved)
+    assert main(["--checkpoint", str(tmp_path), "--prompt", "x", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"goku-sample: error: {tmp_path / 'checkpoints' / 'iter_0000003'}: saved config: {named}; "
+                   "another version of goku-megatron saved it (or it was edited): load it with the version that "
+                   "saved it\n")
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from goku_megatron.model.context_parallel import PackedSegments, heads_to_sequence, sequence_to_heads
+from goku_megatron.model.context_parallel import PackedSegments, equal_runs, heads_to_sequence, sequence_to_heads
 
 
 class SDPAAttention(torch.nn.Module):
@@ -68,18 +68,14 @@ class SDPAAttention(torch.nn.Module):
                 return torch.zeros_like(q)
             lengths_q[-1] += pad
         outputs: list[torch.Tensor] = []
-        i = start_q = start_kv = 0
-        while i < len(lengths_q):
-            lq, lkv = lengths_q[i], lengths_kv[i]
-            n = 1
-            while i + n < len(lengths_q) and (lengths_q[i + n], lengths_kv[i + n]) == (lq, lkv):
-                n += 1
+        start_q = start_kv = 0
+        for _, n, (lq, lkv) in equal_runs(list(zip(lengths_q, lengths_kv))):
             qs, ks, vs = (_batch(_rows(t, start, n * length), n) for t, start, length in
                           ((q, start_q, lq), (k, start_kv, lkv), (v, start_kv, lkv)))
             out = F.scaled_dot_product_attention(qs, ks, vs)  # [n, h, lq, d]
             outputs.append(out.permute(2, 0, 1, 3) if n == 1 else
                            out.transpose(1, 2).reshape(n * lq, 1, *q.shape[2:]))
-            i, start_q, start_kv = i + n, start_q + n * lq, start_kv + n * lkv
+            start_q, start_kv = start_q + n * lq, start_kv + n * lkv
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
 

@@ -31,15 +31,16 @@ the gradients are the CP=1 gradients; train.forward_step reports the sum over CP
 from __future__ import annotations
 
 import bisect
+import itertools
 from dataclasses import dataclass, replace
-from typing import Literal, Sequence
+from typing import Literal, Sequence, TypeVar
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 from torch import Tensor
 
-from goku_megatron.batch import Pack, to_device
+from goku_megatron.batch import Pack, segment_offsets, to_device
 
 Layout = Literal["contiguous", "zigzag"]
 
@@ -168,14 +169,30 @@ def packed_segments(lengths_q: Sequence[int], lengths_kv: Sequence[int] | None =
     laid-out segment lengths (``cu_seqlens_*_padded``, which also set the max lengths); ``padding``:
     the last segment is the pack's padding."""
     lengths_kv = lengths_q if lengths_kv is None else lengths_kv
-    cu_q, cu_kv = _offsets(lengths_q, device), _offsets(lengths_kv, device)
+    cu_q, cu_kv = segment_offsets(lengths_q, device), segment_offsets(lengths_kv, device)
     params = PackedSegments(qkv_format="thd", cu_seqlens_q=cu_q, cu_seqlens_kv=cu_kv,
                             max_seqlen_q=max(padded or lengths_q), max_seqlen_kv=max(padded or lengths_kv),
                             lengths_q=tuple(lengths_q), lengths_kv=tuple(lengths_kv), padding=padding)
     if padded is not None:
-        cu_padded = _offsets(padded, device)
+        cu_padded = segment_offsets(padded, device)
         params = replace(params, cu_seqlens_q_padded=cu_padded, cu_seqlens_kv_padded=cu_padded)
     return params
+
+
+K = TypeVar("K")
+
+
+def equal_runs(keys: Sequence[K]) -> list[tuple[int, int, K]]:
+    """Maximal runs of consecutive equal ``keys`` as (start, count, key): the one grouping of
+    equal neighbours behind attention's batched equal segments (SDPAAttention), the per-sample
+    blocks of modulation rows (RowRuns.blocks) and a CP shard's merged pieces (shard_pack)."""
+    runs: list[tuple[int, int, K]] = []
+    start = 0
+    for key, group in itertools.groupby(keys):
+        count = sum(1 for _ in group)
+        runs.append((start, count, key))
+        start += count
+    return runs
 
 
 Block = tuple[int, int, int]  # (first row r0, rows k, tokens per row L)
@@ -197,14 +214,9 @@ class RowRuns:
 
     @property
     def blocks(self) -> tuple[Block, ...]:
-        blocks: list[Block] = []
-        for row, length in self.runs:
-            if blocks and (row, length) == (blocks[-1][0] + blocks[-1][1], blocks[-1][2]):
-                first, count, _ = blocks[-1]
-                blocks[-1] = (first, count + 1, length)
-            else:
-                blocks.append((row, 1, length))
-        return tuple(blocks)
+        # Runs r0, r0+1, ... of L tokens each share the key (row - index, L).
+        keys = [(row - i, length) for i, (row, length) in enumerate(self.runs)]
+        return tuple((self.runs[start][0], count, length) for start, count, (_, length) in equal_runs(keys))
 
 
 @dataclass
@@ -236,11 +248,6 @@ class PackShard:
         keep = (self.source >= 0).view(-1, *[1] * (tokens.dim() - 1))
         return torch.where(keep, tokens[self.source.clamp_min(0)], torch.zeros((), dtype=tokens.dtype,
                                                                                 device=tokens.device))
-
-
-def _offsets(lengths: Sequence[int], device: torch.device | str) -> Tensor:
-    """cu_seqlens (int32) of segments of the given host lengths, copied to ``device`` asynchronously."""
-    return to_device(torch.tensor([0, *lengths]).cumsum(0).int(), device)
 
 
 def _pieces(chunks: Sequence[tuple[int, int]], padded: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -296,32 +303,29 @@ def shard_pack(pack: Pack, layout: Layout, cp: int, rank: int) -> PackShard:
     else:
         raise ValueError(f"unknown context-parallel layout {layout!r}")
 
-    # Per piece of the local tokens: the pack tokens it holds (-1: fillers) and its sample's row.
+    # Per piece of the local tokens: the pack tokens it holds (-1: fillers).
     pieces = _pieces(chunks, padded)
-    source, runs = [], []
+    source: list[Tensor] = []
     for segment, offset, count in pieces:
         held = max(0, min(count, real[segment] - offset))
         source += [torch.arange(starts_in_pack[segment] + offset, starts_in_pack[segment] + offset + held),
                    torch.full((count - held,), -1)]
-        row = min(segment, n - 1)  # padding takes the last sample's modulation
-        if runs and runs[-1][0] == row:
-            runs[-1] = (row, runs[-1][1] + count)
-        else:
-            runs.append((row, count))
+    counts = [count for _, _, count in pieces]
+
+    def tokens_per_run(keys: list[int]) -> list[tuple[int, int]]:
+        """(key, local tokens) of the pieces' consecutive equal keys, merged."""
+        return [(key, sum(counts[start:start + k])) for start, k, key in equal_runs(keys)]
+
     whole = cp == 1
     source_t = to_device(torch.cat(source), device)
-    rows = RowRuns(tuple(runs))
+    # Each piece's sample's modulation row; the padding segment takes the last sample's.
+    rows = RowRuns(tuple(tokens_per_run([min(segment, n - 1) for segment, _, _ in pieces])))
     positions = pack.positions if whole else torch.where(
         (source_t >= 0)[:, None], pack.positions[source_t.clamp_min(0)], 0)
 
     # Cross-attention: local queries, grouped by segment, against their caption tokens.
     text_lengths = list(pack.text_lengths) + [1]  # segment n (padding) -> the null token
-    present: list[list[int]] = []  # [segment, local tokens]
-    for segment, _, count in pieces:
-        if present and present[-1][0] == segment:
-            present[-1][1] += count
-        else:
-            present.append([segment, count])
+    present = tokens_per_run([segment for segment, _, _ in pieces])  # (segment, local tokens)
     first, last = present[0][0], present[-1][0]
     text_start = sum(text_lengths[:first])
     kv_lengths = [text_lengths[min(j, n)] for j in range(first, last + 1)]

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedStateDict
-from megatron.core.fp8_utils import get_fp8_align_size
 from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.module import MegatronModule
@@ -29,6 +28,7 @@ from megatron.core.transformer.utils import (
     make_sharded_tensors_for_checkpoint,
 )
 
+from goku_megatron.config import fp8_align_size
 from goku_megatron.model.context_parallel import PackedSegments, RowRuns
 from goku_megatron.model.rope import Rotation, apply_rope
 
@@ -251,7 +251,7 @@ class GokuAttention(MegatronModule):
         pad it for the projections, which have no bias and so map them to zero, and are dropped.
         """
         n = kv.shape[0]
-        pad = -n % get_fp8_align_size(self.config.fp8_recipe) if self.config.fp8 else 0
+        pad = -n % fp8_align_size(self.config.fp8_recipe) if self.config.fp8 else 0
         if not pad:
             return self.k_proj(kv)[0], self.v_proj(kv)[0]
         kv = F.pad(kv, (0, 0, 0, 0, 0, pad))

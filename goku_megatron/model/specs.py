@@ -29,35 +29,30 @@ class LocalRowParallelLinear(RowParallelLinear):
         return super()._forward_impl(input, weight, *args, tp_group=self.tp_group, **kwargs)
 
 
-def _attention(attention: str) -> dict[str, type | ModuleSpec]:
+def _goku_layer(column_linear: type, row_linear: type, attention: str) -> ModuleSpec:
+    """The Goku layer with the given linear leaves and attention backend: with ``te``, TE's CP
+    attention for self-attention and SDPA for cross-attention; otherwise Ulysses around the
+    backend for self-attention and the backend itself for cross-attention."""
     if attention == "te":
-        return {"self_attention": TECoreAttention, "cross_attention": SDPAAttention}
-    return {"self_attention": ModuleSpec(module=UlyssesAttention, submodules=CORE_ATTENTION[attention]),
-            "cross_attention": CORE_ATTENTION[attention]}
+        self_attention, cross_attention = TECoreAttention, SDPAAttention
+    else:
+        self_attention = ModuleSpec(module=UlyssesAttention, submodules=CORE_ATTENTION[attention])
+        cross_attention = CORE_ATTENTION[attention]
+    return ModuleSpec(module=GokuLayer, submodules=GokuLayerSubmodules(
+        column_linear=column_linear, row_linear=row_linear, self_attention=self_attention,
+        cross_attention=cross_attention))
 
 
 def local_layer_spec(attention: str = "sdpa") -> ModuleSpec:
-    return ModuleSpec(
-        module=GokuLayer,
-        submodules=GokuLayerSubmodules(
-            column_linear=ColumnParallelLinear,
-            row_linear=LocalRowParallelLinear,
-            **_attention(attention),
-        ),
-    )
+    """megatron's local linears: CPU, or a GPU without Transformer Engine."""
+    return _goku_layer(ColumnParallelLinear, LocalRowParallelLinear, attention)
 
 
 def te_layer_spec(attention: str = "flash") -> ModuleSpec:
+    """Transformer Engine's linears (GPU); TE is imported only here."""
     from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
 
-    return ModuleSpec(
-        module=GokuLayer,
-        submodules=GokuLayerSubmodules(
-            column_linear=TEColumnParallelLinear,
-            row_linear=TERowParallelLinear,
-            **_attention(attention),
-        ),
-    )
+    return _goku_layer(TEColumnParallelLinear, TERowParallelLinear, attention)
 
 
 def layer_spec(linear: str, attention: str) -> ModuleSpec:
