@@ -1,4 +1,4 @@
-"""checkpoint_writer.py's patch of megatron-core, on every device: megatron's checkpoint writers
+"""checkpoint/writer.py's patch of megatron-core, on every device: megatron's checkpoint writers
 report through a queue of this process, not through the queue of a Manager process that megatron
 spawns at the first save (a GPU run's first async save blocked training 8-13 s on it). The writer
 thread itself is tested with the Checkpointer (tests/test_checkpoint.py)."""

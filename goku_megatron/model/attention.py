@@ -21,6 +21,7 @@ Self-attention under context parallelism (goku_megatron.model.context_parallel) 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,28 +33,35 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from goku_megatron.model.context_parallel import PackedSegments, equal_runs, heads_to_sequence, sequence_to_heads
 
 
-class SDPAAttention(torch.nn.Module):
+class CoreAttention(torch.nn.Module):
+    """What every attention core computes: q [sq, b, h, d] and k/v [skv, b, h, d] -> [sq, b, h, d],
+    either dense (``key_mask`` [b, skv], True = attend, or None) or over the THD segments of a pack
+    (b = 1, ``packed``); a backend implements the two cases."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None,
+                packed: PackedSegments | None = None) -> torch.Tensor:
+        if packed is not None:
+            return self.packed(q, k, v, packed)
+        return self.dense(q, k, v, key_mask)
+
+    def dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def packed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedSegments) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class SDPAAttention(CoreAttention):
     """Bidirectional attention through torch.nn.functional.scaled_dot_product_attention."""
 
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        key_mask: torch.Tensor | None = None,
-        packed: PackedSegments | None = None,
-    ) -> torch.Tensor:
-        """q [sq, b, h, d], k/v [skv, b, h, d]; key_mask [b, skv] (True = attend); -> [sq, b, h, d]."""
-        if packed is not None:
-            return self._packed(q, k, v, packed)
+    def dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         mask = None if key_mask is None else key_mask[:, None, None, :]
         out = F.scaled_dot_product_attention(
             q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), attn_mask=mask
         )
         return out.permute(2, 0, 1, 3)
 
-    @staticmethod
-    def _packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedSegments) -> torch.Tensor:
+    def packed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedSegments) -> torch.Tensor:
         """Segment by segment, from the segments' host lengths: consecutive segments of equal query
         and key lengths are one batched call on views of q, k and v (a toy pack of B same-size
         clips is one call, as a dense batch of B was). No segment is copied or masked, so SDPA
@@ -91,7 +99,7 @@ def _rows(t: torch.Tensor, start: int, length: int) -> torch.Tensor:
     return t if (start, length) == (0, t.shape[0]) else t[start:start + length]
 
 
-class FlashAttention(torch.nn.Module):
+class FlashAttention(CoreAttention):
     """flash-attn kernels (GPU). Key-padding masks go through the varlen kernel per sample."""
 
     def __init__(self) -> None:
@@ -101,38 +109,32 @@ class FlashAttention(torch.nn.Module):
         self._dense = flash_attn_func
         self._varlen = flash_attn_varlen_func
 
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        key_mask: torch.Tensor | None = None,
-        packed: PackedSegments | None = None,
-    ) -> torch.Tensor:
+    def dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         sq, b, h, d = q.shape
         scale = 1.0 / math.sqrt(d)
-        if packed is None and key_mask is None:
+        if key_mask is None:
             out = self._dense(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), softmax_scale=scale)
             return out.transpose(0, 1)
-        if packed is None:
-            # Right-padded keys (captions): per-sample lengths become a varlen problem.
-            lens = key_mask.sum(dim=1, dtype=torch.int32)
-            cu_kv = F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
-            cu_q = torch.arange(0, (b + 1) * sq, sq, dtype=torch.int32, device=q.device)
-            kk = torch.cat([k[: int(n), i] for i, n in enumerate(lens)])
-            vv = torch.cat([v[: int(n), i] for i, n in enumerate(lens)])
-            out = self._varlen(q.transpose(0, 1).reshape(b * sq, h, d), kk, vv, cu_q, cu_kv,
-                               sq, int(lens.max()), softmax_scale=scale)
-            return out.reshape(b, sq, h, d).transpose(0, 1)
+        # Right-padded keys (captions): per-sample lengths become a varlen problem.
+        lens = key_mask.sum(dim=1, dtype=torch.int32)
+        cu_kv = F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
+        cu_q = torch.arange(0, (b + 1) * sq, sq, dtype=torch.int32, device=q.device)
+        kk = torch.cat([k[: int(n), i] for i, n in enumerate(lens)])
+        vv = torch.cat([v[: int(n), i] for i, n in enumerate(lens)])
+        out = self._varlen(q.transpose(0, 1).reshape(b * sq, h, d), kk, vv, cu_q, cu_kv,
+                           sq, int(lens.max()), softmax_scale=scale)
+        return out.reshape(b, sq, h, d).transpose(0, 1)
+
+    def packed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedSegments) -> torch.Tensor:
         out = self._varlen(
             q.squeeze(1), k.squeeze(1), v.squeeze(1),
             packed.cu_seqlens_q.int(), packed.cu_seqlens_kv.int(),
-            packed.max_seqlen_q, packed.max_seqlen_kv, softmax_scale=scale,
+            packed.max_seqlen_q, packed.max_seqlen_kv, softmax_scale=1.0 / math.sqrt(q.shape[-1]),
         )
         return out.unsqueeze(1)
 
 
-class UlyssesAttention(torch.nn.Module):
+class UlyssesAttention(CoreAttention):
     """Ulysses sequence parallelism around a local attention backend (``submodules``).
 
     Each CP rank holds a contiguous slice of the sequence (``cp_layout``). One all-to-all sends q,
@@ -153,24 +155,22 @@ class UlyssesAttention(torch.nn.Module):
             raise ValueError(f"Ulysses attention splits the {heads} heads of a tensor-parallel rank over "
                              f"{self.cp} context-parallel ranks; choose a cp that divides {heads}")
 
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        key_mask: torch.Tensor | None = None,
-        packed: PackedSegments | None = None,
-    ) -> torch.Tensor:
+    def dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        return self._all_heads(q, k, v, key_mask=key_mask)
+
+    def packed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedSegments) -> torch.Tensor:
+        return self._all_heads(q, k, v, packed=packed)
+
+    def _all_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **segments: Any) -> torch.Tensor:
         """q/k/v [S/cp, b, heads, d] (this rank's tokens) -> [S/cp, b, heads, d]."""
         if self.cp == 1:
-            return self.core(q, k, v, key_mask=key_mask, packed=packed)
+            return self.core(q, k, v, **segments)
         group = parallel_state.get_context_parallel_group()
         q, k, v = sequence_to_heads(torch.stack((q, k, v)), group).unbind(0)
-        out = self.core(q, k, v, key_mask=key_mask, packed=packed)
-        return heads_to_sequence(out, group)
+        return heads_to_sequence(self.core(q, k, v, **segments), group)
 
 
-class TECoreAttention(torch.nn.Module):
+class TECoreAttention(CoreAttention):
     """Transformer Engine's fused attention (GPU), context parallel over megatron's CP group.
 
     TE expects this rank's tokens in its zigzag layout (``cp_layout``) and, for packs, the global
@@ -190,20 +190,12 @@ class TECoreAttention(torch.nn.Module):
         self.attn = TEDotProductAttention(config, layer_number=1, attn_mask_type=AttnMaskType.no_mask,
                                           attention_type="self", cp_comm_type=config.cp_comm_type)
 
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        key_mask: torch.Tensor | None = None,
-        packed: PackedSegments | None = None,
-    ) -> torch.Tensor:
-        """q/k/v [s, b, heads, d] (packed: b = 1, THD segments in ``packed``) -> [s, b, heads, d]."""
+    def dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         if key_mask is not None:
             raise ValueError("TECoreAttention is the self-attention backend; it takes no key mask")
-        if packed is None:
-            out = self.attn(q, k, v, None, AttnMaskType.no_mask)
-        else:
-            out = self.attn(q.squeeze(1), k.squeeze(1), v.squeeze(1), None, AttnMaskType.padding,
-                            packed_seq_params=packed)
+        return self.attn(q, k, v, None, AttnMaskType.no_mask).reshape(q.shape)
+
+    def packed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedSegments) -> torch.Tensor:
+        out = self.attn(q.squeeze(1), k.squeeze(1), v.squeeze(1), None, AttnMaskType.padding,
+                        packed_seq_params=packed)
         return out.reshape(q.shape)
