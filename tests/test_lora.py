@@ -9,13 +9,14 @@
 - Training moves the adapters only: the base stays bitwise as it was, the optimizer holds state
   for the adapters only, the EMA averages only them; under full activation recompute the adapters
   get the gradients they get without it.
+- TP=2 (with full recompute) and PP=2 train the adapters as one process does (tests/dist_equivalence.py).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_stage
+from conftest import assert_same_run, build_stage, layout_runner
 from numerics import assert_close_to_scale
 
 from goku_megatron.batch import pack_batch
@@ -180,3 +181,32 @@ def test_training_moves_the_adapters_only(extra, megatron_world):
     assert _optimizer_state_numel(training.optimizer) == (adapter_numel, adapter_numel)
     assert {id(p) for p in training.ema.params} == {id(p) for p in adapters.values()}
     assert all(not torch.equal(avg, before[name].float()) for name, avg in zip(adapters, training.ema.averages))
+
+
+# Layouts of tests/dist_equivalence.py with adapters on every target (two Adam steps at lr 1e-3).
+LAYOUTS = {
+    "single": (1, LORA),
+    "tp2_recompute": (2, [*LORA, "parallel.tp=2", "model.recompute=true"]),
+    "pp2": (2, [*LORA, "parallel.pp=2"]),
+}
+# Adam's step m / (sqrt(v) + eps) passes a gradient element's rounding on amplified by up to
+# ~1/eps where the element is near eps (1e-8). The adapters start at zero (B) and their first
+# gradients are small (~1e-4), so some elements are: they agree to a small fraction of the step
+# (measured 1e-4 of lr over the two steps), not to their own scale (2 lr after two steps).
+ADAM_NEAR_EPS = 1e-3 * 1e-3 * 2
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    return layout_runner(tmp_path_factory, LAYOUTS, prefix="lora-")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["tp2_recompute", "pp2"])
+def test_a_lora_layout_matches_one_process(lora_run, layout):
+    got, ref = lora_run(layout), lora_run("single")
+    assert all(is_adapter(name) for name in ref["grads1"]) and len(ref["grads1"]) == 2 * (4 * 11 + 2)
+    assert_same_run(got["record"], ref["record"], got, ref, weights_plus=ADAM_NEAR_EPS)
+    for name, weight in ref["weights"].items():  # the frozen base: the same initial weights everywhere
+        if not is_adapter(name):
+            assert torch.equal(got["weights"][name], weight), name
