@@ -2,9 +2,10 @@
 
 Each rank averages its own parameters that train (its tensor- and pipeline-parallel shard; in a
 LoRA run the adapters: the frozen base never changes) in fp32, after every successful optimizer
-step: ``ema = decay * ema + (1 - decay) * param``. In a checkpoint the average is stored under ``ema.<name>`` with exactly the sharding (global shape, offsets, replica
-ids) of the weight it follows, so it reshards like the weights and loads into an unsharded model
-for sampling (``checkpoint.load_model_weights(..., ema=True)``).
+step: ``ema = decay * ema + (1 - decay) * param``. In a checkpoint the average is stored under
+``ema.<name>`` with exactly the sharding (global shape, offsets, replica ids) of the weight it
+follows, so it reshards like the weights and loads into an unsharded model for sampling
+(``checkpoint.load_model_weights(..., ema=True)``).
 """
 
 from __future__ import annotations

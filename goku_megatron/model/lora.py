@@ -120,9 +120,9 @@ class LoraLinear(torch.nn.Module):
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
         """Dropout of the adapter's input, the mask drawn at full width from the default generator
         (the same state on every TP rank) and, for a row-parallel base's split input, sliced to
-        this rank's features: every TP rank drops what TP=1 drops, without megatron's
-        model-parallel RNG tracker (on CPU its fork warns at every call). Activation recompute
-        restores the default generator, so the recomputed mask is the same."""
+        this rank's features: the ranks' masks are slices of one full-width mask, as at TP=1,
+        without megatron's model-parallel RNG tracker (on CPU its fork warns at every call).
+        Activation recompute restores the default generator, so the recomputed mask is the same."""
         tp = parallel_state.get_tensor_model_parallel_world_size()
         split = self.lora_kind == ROW and tp > 1
         shape = (*x.shape[:-1], x.shape[-1] * tp) if split else x.shape
@@ -137,7 +137,7 @@ class LoraLinear(torch.nn.Module):
         the layer becomes its base class again, without adapters."""
         delta = self.lora_B.weight.float() @ self.lora_A.weight.float() * self.lora_scale
         self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
-        del self.lora_A, self.lora_B
+        del self.lora_A, self.lora_B, self.lora_kind, self.lora_scale, self.lora_dropout
         self.__class__ = self.lora_base_class
 
 
