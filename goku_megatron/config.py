@@ -59,6 +59,15 @@ RECOMPUTE_GRANULARITIES = ("full", "selective")
 FP8_FORMATS = ("", "e4m3", "hybrid")
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 WANDB_MODES = ("online", "offline", "disabled")
+# What lora.targets may name (docs/recipes.md, "LoRA finetuning"); goku_megatron/model/lora.py maps
+# each name to the linear layers it adapts. Per layer: the self- (attn1) and cross-attention
+# (attn2) projections, the MLP and the adaLN modulation (norm1.linear); once per model: the final
+# layer (its adaLN and output projection).
+LORA_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+                "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o",
+                "mlp.fc1", "mlp.fc2", "adaln", "final")
+# lora.base for adapters on the base that train.seed initialises (tests, benchmarks): no weights read.
+LORA_SEED_BASE = "seed"
 
 
 @dataclass
@@ -341,6 +350,24 @@ class CheckpointConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA finetuning (docs/recipes.md, "LoRA finetuning"): low-rank adapters on the linear layers
+    that ``targets`` names, ``scale * B(A(dropout(x)))`` added to each one's output with scale =
+    alpha / rank; every other weight is the base's and stays frozen (model.i2v's image_cond, the
+    one layer an I2V finetune adds to a text-to-video base, trains in full). ``rank`` 0: off."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0  # on the adapters' inputs only; the base sees x unchanged
+    targets: list[str] = field(default_factory=lambda: [t for t in LORA_TARGETS if t not in ("adaln", "final")])
+    # The frozen base: a run directory or its checkpoints/iter_N, or a .safetensors file in the
+    # reference block layout (goku-data convert-checkpoint); "seed": the base that train.seed
+    # initialises. Read when the run starts, so a recipe chained after the run that trains its
+    # base dry-runs before that run exists.
+    base: str = ""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -349,6 +376,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -697,6 +725,35 @@ def _validate_performance(cfg: Config, has_cuda: bool) -> None:
                  "optim.overlap_param_gather=false")
 
 
+def _validate_lora(cfg: Config) -> None:
+    """lora.*: adapters need a base to adapt and targets that exist (docs/recipes.md, "LoRA finetuning")."""
+    lora = cfg.lora
+    _require(lora.rank >= 0, f"lora.rank must be >= 0 (0: no LoRA, the whole model trains), got {lora.rank}")
+    if lora.rank == 0:
+        _require(not lora.base, f"lora.base={lora.base} names the base of a LoRA run, but LoRA is off: set "
+                                f"lora.rank > 0 (e.g. 16), or lora.base=''")
+        return
+    _require(lora.alpha > 0, f"lora.alpha must be positive (the adapters' scale is alpha / rank), got {lora.alpha}")
+    _require(0 <= lora.dropout < 1, f"lora.dropout must be in [0, 1), got {lora.dropout}")
+    _require(bool(lora.targets), f"lora.targets is empty: name the layers to adapt, from {', '.join(LORA_TARGETS)}")
+    for target in lora.targets:
+        _require(target in LORA_TARGETS, f"lora.targets: unknown target '{target}'; use names from "
+                                         f"{', '.join(LORA_TARGETS)}")
+        _require(lora.targets.count(target) == 1, f"lora.targets names '{target}' twice; list it once")
+    _require(bool(lora.base), f"lora.rank={lora.rank} trains adapters on a base model: set lora.base to its run "
+                              f"directory, checkpoints/iter_N or .safetensors file (lora.base={LORA_SEED_BASE}: "
+                              f"the base that train.seed initialises, for tests)")
+    _require(not cfg.checkpoint.init_from,
+             f"checkpoint.init_from={cfg.checkpoint.init_from} and lora.base both name the weights a run starts "
+             f"from; a LoRA run takes them from lora.base: set checkpoint.init_from=''")
+    _require(cfg.parallel.pp == 1 or lora.targets != ["final"],
+             f"lora.targets=[final] leaves the first {cfg.parallel.pp - 1} of parallel.pp={cfg.parallel.pp} pipeline "
+             f"stages nothing to train: add a per-layer target (e.g. self_attn.q) or set parallel.pp=1")
+    _require(not cfg.optim.fp8_param_gather,
+             "optim.fp8_param_gather all-gathers FP8 weights, but LoRA's base is frozen (never gathered) and its "
+             "adapters train in bf16: set optim.fp8_param_gather=false")
+
+
 def _validate_fsdp(cfg: Config, sharding_ranks: int) -> None:
     """parallel.fsdp: the combinations megatron's FSDP2 wrapper refuses, one line each."""
     p, o = cfg.parallel, cfg.optim
@@ -815,6 +872,7 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> None:
         _require(d.kind == "toy" and not m.i2v, "train.eval_interval runs ShapesBench, which scores text-to-video "
                  "toy runs; set train.eval_interval=0 for this run")
     _validate_checkpoint(cfg.checkpoint)
+    _validate_lora(cfg)
 
     _require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
     _require(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must be in [0, optim.lr={o.lr}]")

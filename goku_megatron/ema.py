@@ -1,10 +1,11 @@
 """Exponential moving average of the weights, as Goku (and DiT) keep for sampling.
 
-Each rank averages its own parameters (its tensor- and pipeline-parallel shard) in fp32, after
-every successful optimizer step: ``ema = decay * ema + (1 - decay) * param``. In a checkpoint the
-average is stored under ``ema.<name>`` with exactly the sharding (global shape, offsets, replica
-ids) of the weight it follows, so it reshards like the weights and loads into an unsharded model
-for sampling (``checkpoint.load_model_weights(..., ema=True)``).
+Each rank averages its own parameters that train (its tensor- and pipeline-parallel shard; in a
+LoRA run the adapters: the frozen base never changes) in fp32, after every successful optimizer
+step: ``ema = decay * ema + (1 - decay) * param``. In a checkpoint the average is stored under
+``ema.<name>`` with exactly the sharding (global shape, offsets, replica ids) of the weight it
+follows, so it reshards like the weights and loads into an unsharded model for sampling
+(``checkpoint.load_model_weights(..., ema=True)``).
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ EMA_PREFIX = "ema."
 
 
 class EMA:
-    """fp32 moving averages of this rank's parameters of ``model`` (megatron model chunks)."""
+    """fp32 moving averages of this rank's trainable parameters of ``model`` (megatron model chunks)."""
 
     def __init__(self, model: list[torch.nn.Module], decay: float) -> None:
         if not 0 < decay < 1:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.decay = decay
-        self.params = [p for stage in iter_stage_models(model) for p in stage.parameters()]
+        self.params = [p for stage in iter_stage_models(model) for p in stage.parameters() if p.requires_grad]
         self.averages = [p.detach().float().clone() for p in self.params]
         self._by_param = {id(p): avg for p, avg in zip(self.params, self.averages)}
 

@@ -30,7 +30,7 @@ from goku_megatron import flow
 from goku_megatron.batch import Pack
 from goku_megatron.checkpoint import (Checkpointer, TrainingState, checkpoint_dir, choose_resume_checkpoint,
                                       init_weights_from, latest_checkpoint, restore)
-from goku_megatron.config import Config
+from goku_megatron.config import LORA_SEED_BASE, Config, ConfigError
 from goku_megatron.data.encoders import check_weights
 from goku_megatron.data.pipeline import DataWaitStopped, PackedBatches, ReadAhead, build_data_source
 from goku_megatron.ema import EMA
@@ -154,6 +154,9 @@ def run(cfg: Config, source: PackedBatches | ReadAhead | None = None) -> list[St
             # Inputs first: missing encoder weights, a missing or empty data path or validation
             # split fail in one line before the model is built.
             check_weights(cfg)
+            if cfg.lora.rank and cfg.lora.base != LORA_SEED_BASE:  # not the adapters on random weights
+                raise ConfigError(f"lora.base={cfg.lora.base}: goku-train does not load a LoRA base yet (docs/"
+                                  f"recipes.md, \"LoRA finetuning\"); use lora.base={LORA_SEED_BASE} or lora.rank=0")
             if source is None:
                 source = build_data_source(cfg, parallel_state.get_data_parallel_rank(), cfg.parallel.dp, device)
             source.stop_requested = lambda: signals.received

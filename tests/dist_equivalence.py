@@ -2,12 +2,13 @@
 
 Usage: torchrun --nproc-per-node N tests/dist_equivalence.py OUT_DIR [--packed] key=value ...
 Every layout trains on the same synthetic global batches (each DP rank takes its slice; CP peers
-take the same one), and dumps the loss, grad norm, full (TP-gathered) gradients and final weights
-under global parameter names, then saves a distributed checkpoint (OUT_DIR/checkpoints) and the
-resolved config (OUT_DIR/config.yaml). By default the batches are [3, 2, 8, 8] clips, packed
-micro_batch_size equal clips to a pack by the data pipeline's own noised_pack, as a toy run packs
-them; ``--packed`` trains on packs of differently sized samples instead (one pack per micro-batch),
-whose sample boundaries fall inside and on the edges of context-parallel shards.
+take the same one), and dumps the loss, grad norm, full (TP-gathered) gradients of the parameters
+that train (in a LoRA run the adapters) and final weights under global parameter names, then saves
+a distributed checkpoint (OUT_DIR/checkpoints) and the resolved config (OUT_DIR/config.yaml). By
+default the batches are [3, 2, 8, 8] clips, packed micro_batch_size equal clips to a pack by the
+data pipeline's own noised_pack, as a toy run packs them; ``--packed`` trains on packs of
+differently sized samples instead (one pack per micro-batch), whose sample boundaries fall inside
+and on the edges of context-parallel shards.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ def full_tensors(stage, use_grad: bool) -> dict[str, torch.Tensor]:
     tp = parallel_state.get_tensor_model_parallel_world_size()
     out = {}
     for name, param in stage.named_parameters():
+        if use_grad and not param.requires_grad:  # frozen (a LoRA run's base): no gradient
+            continue
         value = (getattr(param, "main_grad", param.grad) if use_grad else param.data).detach()
         if isinstance(value, DTensor):  # parallel.fsdp: gather the shards over the DP x CP ranks
             value = value.full_tensor()

@@ -33,8 +33,10 @@ def _error(actual: torch.Tensor, expected: torch.Tensor, what: str) -> float:
     return (actual.detach().double() - expected.detach().double()).abs().max().item()
 
 
-def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, ulps: float, msg: str = "") -> None:
-    """Every element of ``actual`` within ``ulps`` fp32 epsilons of ``expected``'s scale.
+def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, ulps: float, msg: str = "",
+                          plus: float = 0.0) -> None:
+    """Every element of ``actual`` within ``ulps`` fp32 epsilons of ``expected``'s scale, plus
+    ``plus`` for an error that does not scale with the tensor (its caller says which).
 
     For two fp32 computations of the same value that sum in another order (other kernels, another
     split of the work over ranks or threads): rounding errors accumulate relative to the magnitude
@@ -44,9 +46,10 @@ def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, ulps: fl
     """
     what = f"{msg}: " if msg else ""
     error = _error(actual, expected, what)
-    bound = ulps * EPS32 * scale_of(expected)
+    bound = ulps * EPS32 * scale_of(expected) + plus
     assert error <= bound, (f"{what}max |actual - expected| = {error:.3g} > {bound:.3g} "
-                            f"({ulps} fp32 ulps of the scale {scale_of(expected):.3g})")
+                            f"({ulps} fp32 ulps of the scale {scale_of(expected):.3g}"
+                            f"{f' + {plus:.3g}' if plus else ''})")
 
 
 def assert_as_accurate(actual: torch.Tensor, reference: torch.Tensor, exact: torch.Tensor, factor: float = 4.0,

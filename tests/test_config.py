@@ -217,6 +217,24 @@ INVALID = [
      r"'cloud' is not one of online, offline, disabled"),
     (["train.wandb_entity=my-team"], 1, False, "train.wandb_project",
      r"name a W&B run, but W&B is off: set train.wandb_project"),
+    # LoRA finetuning (docs/recipes.md, "LoRA finetuning")
+    (["lora.rank=-4"], 1, False, "lora.rank", r"must be >= 0 \(0: no LoRA, the whole model trains\), got -4"),
+    (["lora.base=runs/goku-8b"], 1, False, "lora.base", r"LoRA is off: set lora.rank > 0 \(e.g. 16\), or lora.base=''"),
+    (["lora.rank=8", "lora.base=seed", "lora.alpha=0"], 1, False, "lora.alpha", r"must be positive .*, got 0.0"),
+    (["lora.rank=8", "lora.base=seed", "lora.dropout=1"], 1, False, "lora.dropout", r"must be in \[0, 1\), got 1.0"),
+    (["lora.rank=8", "lora.base=seed", "lora.targets=[]"], 1, False, "lora.targets",
+     r"is empty: name the layers to adapt, from self_attn.q, .*, adaln, final"),
+    (["lora.rank=8", "lora.base=seed", "lora.targets=[self_attn.qkv]"], 1, False, "lora.targets",
+     r"unknown target 'self_attn.qkv'; use names from self_attn.q, self_attn.k, .*, mlp.fc2, adaln, final"),
+    (["lora.rank=8", "lora.base=seed", "lora.targets=[mlp.fc1,mlp.fc1]"], 1, False, "lora.targets",
+     r"names 'mlp.fc1' twice; list it once"),
+    (["lora.rank=8"], 1, False, "lora.base", r"trains adapters on a base model: set lora.base to its run directory"),
+    (["lora.rank=8", "lora.base=runs/goku-8b", "checkpoint.init_from=runs/goku-8b-ft-t2v"], 1, False,
+     "checkpoint.init_from", r"a LoRA run takes them from lora.base: set checkpoint.init_from=''"),
+    (["lora.rank=8", "lora.base=seed", "lora.targets=[final]", "parallel.pp=2"], 2, False, "lora.targets",
+     r"leaves the first 1 of parallel.pp=2 pipeline stages nothing to train: add a per-layer target"),
+    (["lora.rank=8", "lora.base=seed", "model.fp8=e4m3", "optim.fp8_param_gather=true"], 1, True,
+     "optim.fp8_param_gather", r"LoRA's base is frozen .*: set optim.fp8_param_gather=false"),
 ]
 
 
@@ -280,6 +298,20 @@ def test_context_parallel_layouts_pass(overrides, world_size, cuda):
       "data.stages=[{steps: 100, token_budget: 14592}]"], 2, True),
 ])
 def test_performance_settings_pass(overrides, world_size, cuda):
+    cfg = load_config(None, overrides)
+    validate(cfg, world_size, has_cuda=cuda)
+
+
+@pytest.mark.parametrize("overrides, world_size, cuda", [
+    (["lora.rank=3", "lora.base=runs/goku-8b", "parallel.tp=2", "parallel.pp=2", "train.global_batch_size=4"],
+     4, False),
+    (["lora.rank=8", "lora.base=seed", "lora.targets=[final]", "lora.dropout=0.1", "model.i2v=true",
+      "data.image_ratio=0"], 1, False),
+    (["lora.rank=8", "lora.base=base.safetensors", "model.fp8=e4m3", "parallel.fsdp=true",
+      "optim.distributed_optimizer=false", "train.global_batch_size=16"], 2, True),
+])
+def test_lora_settings_pass(overrides, world_size, cuda):
+    """The rank need not divide by TP (lora.py replicates the adapters' low-rank side); FP8 bases."""
     cfg = load_config(None, overrides)
     validate(cfg, world_size, has_cuda=cuda)
 

@@ -14,6 +14,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from goku_megatron.config import Config
 from goku_megatron.model.fsdp import ShardedDataParallel
 from goku_megatron.model.goku import GokuModel
+from goku_megatron.model.lora import apply_lora
 from goku_megatron.model.specs import layer_spec
 from goku_megatron.platform import Backends
 
@@ -71,13 +72,16 @@ def build_stage(cfg: Config, backends: Backends, tc: TransformerConfig, seed: in
     """One pipeline stage of GokuModel on the run's device, in its precision: initialised from
     ``seed`` (None: weights are loaded next, so none are initialised), and in bf16 wrapped in
     megatron's Float16Module (bf16 weights; fp32 in and out of the stage), exactly as training runs
-    it. Every model goku builds (training, sampling, evaluation, conversion, benchmarks) is one."""
+    it; with lora.rank, LoRA adapters on the lora.targets layers and the rest frozen (model/lora.py).
+    Every model goku builds (training, sampling, evaluation, conversion, benchmarks) is one."""
     # optim.fp8_param_gather: TE creates its linears' weights as FP8 tensors (a no-op context
     # otherwise). Without grad, TE keeps no high-precision copy of megatron's initial values,
     # so the optimizer's fp32 main weights start from the FP8 weights that init_weights wrote.
     with torch.no_grad(), get_fp8_context(tc, is_init=True):
         stage = GokuModel(tc, cfg.model, layer_spec(backends.linear, backends.attention),
                           pre_process=pre_process, post_process=post_process)
+    if cfg.lora.rank:  # adapters before the weights are set: init_weights covers them, by name
+        apply_lora(stage, cfg.lora, tc)
     if seed is not None:
         stage.init_weights(seed)
     if cfg.model.compile:  # in place: parameter and checkpoint names stay those of the eager layer

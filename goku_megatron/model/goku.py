@@ -39,7 +39,7 @@ from megatron.core.transformer.utils import sharded_state_dict_default
 
 from goku_megatron.batch import Pack
 from goku_megatron.config import ModelConfig
-from goku_megatron.model import context_parallel
+from goku_megatron.model import context_parallel, lora
 from goku_megatron.model.layer import LayerInputs, modulate
 from goku_megatron.model.rope import rope_angles, rope_rotation
 from goku_megatron.model.specs import cp_layout
@@ -233,6 +233,10 @@ class GokuModel(MegatronModule):
         fp8 = bool(self.config.fp8) and self.training
         per_layer = fp8 and self.config.fp8_recipe != Fp8Recipe.delayed
         full_recompute = self.config.recompute_granularity == "full" and self.training
+        if full_recompute and torch.is_grad_enabled() and not x.requires_grad:
+            # megatron's checkpoint is reentrant: it hands gradients to the weights inside it only
+            # when an input requires grad, and behind a frozen patch embedding (LoRA) none does.
+            x = x.detach().requires_grad_()
         with get_fp8_context(self.config) if fp8 and not per_layer else nullcontext():
             for layer in self.layers:
                 run = self._run_layer(layer, inputs, per_layer)
@@ -286,6 +290,9 @@ class GokuModel(MegatronModule):
 
     def _initial_value(self, name: str, shape: list[int], seed: int) -> torch.Tensor:
         cfg = self.model_cfg
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+        if lora.is_adapter(name):  # before zero_init: an adapter of a zero-initialised layer needs its A
+            return lora.initial_value(name, shape, gen)
         zero_init = cfg.zero_init and (name.startswith("final_layer.") or ".norm1.linear." in name)
         if name.endswith("bias") or zero_init:
             return torch.zeros(shape)
@@ -293,7 +300,6 @@ class GokuModel(MegatronModule):
             return torch.cat([torch.eye(shape[0]), torch.zeros(shape[0], shape[1] - shape[0])], dim=1)
         if name.endswith("norm.weight") or name.endswith(("norm2.weight", "norm3.weight")):
             return torch.ones(shape)
-        gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
         std = cfg.init_std
         if name.endswith(("o_proj.weight", "fc2.weight")) and name.startswith("layers."):
             std = cfg.init_std / math.sqrt(2 * cfg.num_layers)  # megatron's scaled output init
