@@ -365,6 +365,7 @@ class LoraConfig:
     # initialises. Read when the run starts, so a recipe chained after the run that trains its
     # base dry-runs before that run exists.
     base: str = ""
+    base_ema: bool = False  # take a checkpoint base's EMA weights instead of its trained ones
 
 
 @dataclass
@@ -743,6 +744,9 @@ def _validate_lora(cfg: Config) -> None:
     _require(bool(lora.base), f"lora.rank={lora.rank} trains adapters on a base model: set lora.base to its run "
                               f"directory, checkpoints/iter_N or .safetensors file (lora.base={LORA_SEED_BASE}: "
                               f"the base that train.seed initialises, for tests)")
+    _require(not lora.base_ema or (lora.base != LORA_SEED_BASE and not lora.base.endswith(".safetensors")),
+             f"lora.base_ema=true takes the EMA weights of a goku-train checkpoint, but lora.base={lora.base} is "
+             f"not one: set lora.base_ema=false")
     _require(not cfg.checkpoint.init_from,
              f"checkpoint.init_from={cfg.checkpoint.init_from} and lora.base both name the weights a run starts "
              f"from; a LoRA run takes them from lora.base: set checkpoint.init_from=''")

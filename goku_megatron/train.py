@@ -29,8 +29,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from goku_megatron import flow
 from goku_megatron.batch import Pack
 from goku_megatron.checkpoint import (Checkpointer, TrainingState, checkpoint_dir, choose_resume_checkpoint,
-                                      init_weights_from, latest_checkpoint, restore)
-from goku_megatron.config import LORA_SEED_BASE, Config, ConfigError
+                                      init_weights_from, latest_checkpoint, read_manifest, restore, start_from_base)
+from goku_megatron.config import Config
 from goku_megatron.data.encoders import check_weights
 from goku_megatron.data.pipeline import DataWaitStopped, PackedBatches, ReadAhead, build_data_source
 from goku_megatron.ema import EMA
@@ -154,9 +154,6 @@ def run(cfg: Config, source: PackedBatches | ReadAhead | None = None) -> list[St
             # Inputs first: missing encoder weights, a missing or empty data path or validation
             # split fail in one line before the model is built.
             check_weights(cfg)
-            if cfg.lora.rank and cfg.lora.base != LORA_SEED_BASE:  # not the adapters on random weights
-                raise ConfigError(f"lora.base={cfg.lora.base}: goku-train does not load a LoRA base yet (docs/"
-                                  f"recipes.md, \"LoRA finetuning\"); use lora.base={LORA_SEED_BASE} or lora.rank=0")
             if source is None:
                 source = build_data_source(cfg, parallel_state.get_data_parallel_rank(), cfg.parallel.dp, device)
             source.stop_requested = lambda: signals.received
@@ -176,6 +173,10 @@ def run(cfg: Config, source: PackedBatches | ReadAhead | None = None) -> list[St
             start_step, consumed = 0, 0
             if (resume := choose_resume_checkpoint(run_dir, cfg)) is not None:
                 start_step, consumed = restore(resume, state, guard, source)
+                checkpointer.base = read_manifest(resume).get("base")
+            elif cfg.lora.rank:
+                checkpointer.base = start_from_base(state, cfg)
+                log.info("LoRA: rank %d adapters on %s, the base frozen", cfg.lora.rank, checkpointer.base["path"])
             elif ck.init_from:
                 origin = init_weights_from(Path(ck.init_from), state, cfg, ema=ck.init_from_ema)
                 log.info("finetuning: %s weights from %s; optimizer, schedule and data start anew",

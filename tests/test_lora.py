@@ -21,7 +21,7 @@ from numerics import assert_close_to_scale
 
 from goku_megatron.batch import pack_batch
 from goku_megatron import train
-from goku_megatron.config import LORA_TARGETS, ConfigError, load_config, validate
+from goku_megatron.config import LORA_TARGETS, load_config, validate
 from goku_megatron.model.goku import iter_stage_models
 from goku_megatron.model.lora import TARGET_MODULES, LoraLinear, is_adapter, merge_adapters
 
@@ -181,13 +181,6 @@ def test_training_moves_the_adapters_only(extra, megatron_world):
     assert _optimizer_state_numel(training.optimizer) == (adapter_numel, adapter_numel)
     assert {id(p) for p in training.ema.params} == {id(p) for p in adapters.values()}
     assert all(not torch.equal(avg, before[name].float()) for name, avg in zip(adapters, training.ema.averages))
-
-
-def test_goku_train_refuses_a_base_it_does_not_load(tmp_path, megatron_world):
-    """Until the checkpoint side of LoRA lands, a named base would silently be random weights."""
-    cfg = _config("lora.rank=4", f"lora.base={tmp_path / 'base'}", f"train.run_dir={tmp_path / 'run'}")
-    with pytest.raises(ConfigError, match=r"goku-train does not load a LoRA base yet .* use lora.base=seed"):
-        train.run(cfg)
 
 
 # Layouts of tests/dist_equivalence.py with adapters on every target (two Adam steps at lr 1e-3).

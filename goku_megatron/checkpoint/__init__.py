@@ -18,7 +18,10 @@ One concept per module, imports pointing one way (each imports only those above 
   run resumes from (moving bad ones aside).
 - ``writer``: the async save's snapshot and writer thread (megatron-core's writers, in a thread).
 - ``save``: the ``Checkpointer``: sync or async, atomic publishing, keep-K, write failures.
-- ``load``: resuming a training state, loading weights alone, starting a finetune.
+- ``reference``: one safetensors file in the authors' reference block layout (names, config, each
+  rank's shards of its weights).
+- ``load``: resuming a training state, loading weights alone, starting a finetune or a LoRA run
+  from its base.
 
 The names below are the package's public interface; callers import them from
 ``goku_megatron.checkpoint``.
@@ -32,7 +35,7 @@ from goku_megatron.checkpoint.layout import (CHECKSUMS, CHECKSUMS_GLOB, FORMAT, 
                                              load_loader_state, loader_state_path, read_manifest,
                                              resolve_checkpoint)
 from goku_megatron.checkpoint.load import (NEW_LAYERS, init_weights_from, load_checkpoint, load_model_weights,
-                                           restore)
+                                           restore, start_from_base)
 from goku_megatron.checkpoint.optimizer_state import flat_range_boxes
 from goku_megatron.checkpoint.save import WRITE_TIMEOUT_S, Checkpointer, free_bytes, save_checkpoint
 from goku_megatron.checkpoint.state import TrainingState, gather_weights
@@ -43,5 +46,5 @@ __all__ = [
     "checkpoint_dir", "checkpoint_step", "choose_resume_checkpoint", "file_crc32", "flat_range_boxes",
     "free_bytes", "gather_weights", "init_weights_from", "latest_checkpoint", "load_checkpoint",
     "load_loader_state", "load_model_weights", "loader_state_path", "newest_valid_checkpoint", "read_manifest",
-    "resolve_checkpoint", "restore", "save_checkpoint", "validate_checkpoint", "verify_checkpoint",
+    "resolve_checkpoint", "restore", "save_checkpoint", "start_from_base", "validate_checkpoint", "verify_checkpoint",
 ]

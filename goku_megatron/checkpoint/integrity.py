@@ -25,7 +25,7 @@ from megatron.core import dist_checkpointing
 
 from goku_megatron.checkpoint.layout import (CHECKSUMS, FORMAT, FORMATS, LATEST, MANIFEST, checkpoint_step,
                                              complete_checkpoints, read_manifest, write_atomically)
-from goku_megatron.config import Config, ConfigError
+from goku_megatron.config import Config, ConfigError, LoraConfig
 from goku_megatron.platform import barrier
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,8 @@ SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_heads", "in
                 "text_dim", "timestep_freq_dim", "i2v")
 # Shape fields added after checkpoints began, with the value a checkpoint that predates them had.
 NEWER_SHAPE_FIELDS = {"i2v": False}
+# lora.* fields that fix a LoRA checkpoint's adapters (checkpoints from before LoRA have rank 0).
+LORA_SHAPE_FIELDS = ("rank", "targets")
 
 
 def file_crc32(path: Path) -> str:
@@ -183,7 +185,19 @@ def choose_resume_checkpoint(run_dir: Path, cfg: Config) -> Path | None:
         log.warning("%s; %s", "; ".join(f"checkpoint {n}" for n in notes), where)
     if chosen is not None:
         check_compatible(read_manifest(chosen), cfg, chosen)
+        _check_same_adapters(read_manifest(chosen), cfg, chosen)
     return chosen
+
+
+def _check_same_adapters(manifest: dict[str, Any], cfg: Config, path: Path) -> None:
+    """Refuse, in one line, resuming a checkpoint whose LoRA adapters (lora.rank, lora.targets) are
+    not this run's: its weights and optimizer state would not fit."""
+    saved = {**dataclasses.asdict(LoraConfig()), **manifest.get("config", {}).get("lora", {})}
+    diffs = [f"{k} {saved[k]} (checkpoint) vs {getattr(cfg.lora, k)} (this run)" for k in LORA_SHAPE_FIELDS
+             if (saved[k] if saved["rank"] else None) != (getattr(cfg.lora, k) if cfg.lora.rank else None)]
+    if diffs:
+        raise ConfigError(f"{path}: saved with other LoRA adapters: lora.{'; lora.'.join(diffs)}; resume it with the "
+                          f"same lora.* settings, or start a new train.run_dir")
 
 
 def _quarantine(checkpoint: Path) -> Path:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from megatron.core import dist_checkpointing, parallel_state
@@ -18,22 +18,20 @@ from megatron.core.dist_checkpointing import ShardedTensor
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from goku_megatron.checkpoint.integrity import SHAPE_FIELDS, check_compatible, validate_checkpoint, verify_checkpoint
+from goku_megatron.checkpoint.reference import read_shards, saved_config
 from goku_megatron.checkpoint.layout import load_loader_state, read_manifest, resolve_checkpoint
 from goku_megatron.checkpoint.optimizer_state import (load_plain_optimizer, optimizer_metadata, optimizer_parts,
                                                       plain_fully_reshardable, prepare_optimizer_for_loading,
                                                       saved_by_megatrons_plain_optimizer, unwrapped)
 from goku_megatron.checkpoint.state import (TrainingState, fsdp_rows, model_sharded_state_dict, parallel_layout,
-                                            rng_sharded, rng_state, set_rng_state, stage_of)
-from goku_megatron.config import Config, ConfigError
+                                            rng_sharded, rng_state, set_rng_state, stage_of, trained)
+from goku_megatron.config import LORA_SEED_BASE, Config, ConfigError
 from goku_megatron.ema import EMA_PREFIX, MODEL_PREFIX
 from goku_megatron.model.fsdp import is_sharded, local
+from goku_megatron.model.goku import NEW_LAYERS
+from goku_megatron.model.lora import is_adapter
 
 log = logging.getLogger(__name__)
-
-# Layers a finetune (checkpoint.init_from) may add to the model it starts from: they keep their
-# initialisation. model.i2v's image_cond starts as the identity on the noisy tokens.
-NEW_LAYERS = ("image_cond.",)
-
 
 def load_checkpoint(path: Path, state: TrainingState) -> dict[str, Any]:
     """Load every part of ``state`` that ``path`` holds, resharding weights, optimizer and EMA to
@@ -42,6 +40,9 @@ def load_checkpoint(path: Path, state: TrainingState) -> dict[str, Any]:
     path = Path(path)
     manifest = read_manifest(path)
     same_layout = manifest["layout"] == parallel_layout()
+    base = manifest.get("base")
+    if base is not None and base["path"] != LORA_SEED_BASE:  # a LoRA run: its frozen weights are the base's
+        load_base(base, state.model)  # (a seed base is what the run's model was built with)
     model_sd = model_sharded_state_dict(state.model)
     template: dict[str, Any] = dict(model_sd)
     ema_template: dict[str, ShardedTensor] = {}
@@ -73,7 +74,7 @@ def load_checkpoint(path: Path, state: TrainingState) -> dict[str, Any]:
 
     loaded = dist_checkpointing.load(template, str(path))
 
-    _load_weights(state.model, loaded, MODEL_PREFIX)
+    _load_weights(state.model, loaded, MODEL_PREFIX, template)
     if plain and not legacy:
         load_plain_optimizer(part, loaded["optimizer"])
     elif load_optimizer:
@@ -122,11 +123,14 @@ def _describe(lay: dict[str, int]) -> str:
     return " ".join(f"{k}={v}" for k, v in lay.items())
 
 
-def _load_weights(model: list[torch.nn.Module], loaded: dict[str, Any], prefix: str,
-                  new_layers: tuple[str, ...] = ()) -> None:
+def _load_weights(model: list[torch.nn.Module], loaded: dict[str, Any], prefix: str, template: dict[str, Any]) -> None:
+    """Copy the weights ``loaded`` holds under ``prefix`` into this rank's parameters; every weight
+    ``template`` asked for must be there."""
     stage = stage_of(model)
     weights = {_local_name(stage, k[len(prefix):]): v for k, v in loaded.items()
                if isinstance(k, str) and k.startswith(prefix)}
+    wanted = {_local_name(stage, entry.key[len(prefix):]) for entry in template.values()
+              if isinstance(entry, ShardedTensor) and entry.key.startswith(prefix)}
     params = dict(stage.named_parameters())
     if any(is_sharded(param) for param in params.values()):  # parallel.fsdp: this rank's rows of each
         missing = []
@@ -134,11 +138,11 @@ def _load_weights(model: list[torch.nn.Module], loaded: dict[str, Any], prefix: 
             for name, param in params.items():
                 if name in weights:
                     local(param).copy_(weights[name])
-                elif local(param).numel():
+                elif name in wanted and local(param).numel():
                     missing.append(name)
     else:
         missing, _ = stage.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state") and not k.startswith(new_layers)]
+        missing = [k for k in missing if k in wanted]
     if missing:
         raise ConfigError(f"the checkpoint lacks weights for {missing[:3]}: it holds another model.* shape; "
                           "use a checkpoint of this model")
@@ -152,20 +156,31 @@ def _local_name(stage: Any, global_key: str) -> str:
 
 
 def load_model_weights(path: Path, model: list[torch.nn.Module], ema: bool = False,
-                       new_layers: tuple[str, ...] = ()) -> dict[str, Any]:
+                       new_layers: tuple[str, ...] = (),
+                       select: Callable[[str, torch.nn.Parameter | None], bool] = trained) -> dict[str, Any]:
     """Load only the weights (any TP/PP layout), or with ``ema`` the EMA weights in their place;
-    returns step and config. Parameters whose names start with one of ``new_layers`` may be
-    missing from the checkpoint and then keep their current values."""
-    model_sd = fsdp_rows(model_sharded_state_dict(model))
+    returns step and config. The weights are those ``select`` keeps (by default those that train:
+    all of them but a LoRA model's frozen base, which comes from the base the checkpoint names).
+    Parameters whose names start with one of ``new_layers`` may be missing from the checkpoint and
+    then keep their current values."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if manifest.get("base") is not None:
+        if not any(is_adapter(name) for name, _ in stage_of(model).named_parameters()):
+            raise ConfigError(f"{path} holds LoRA adapters on the base {manifest['base']['path']}; load it into a "
+                              "model with its lora.* settings (goku-sample does), or export it merged into its base "
+                              "(goku-data convert-checkpoint export) and use that file")
+        load_base(manifest["base"], model)
+    model_sd = fsdp_rows(model_sharded_state_dict(model, select))
     if new_layers:
         saved = dist_checkpointing.load_tensors_metadata(str(path))
         model_sd = {k: v for k, v in model_sd.items() if not (
             isinstance(v, ShardedTensor) and v.key.startswith(tuple(MODEL_PREFIX + n for n in new_layers))
             and (EMA_PREFIX + v.key[len(MODEL_PREFIX):] if ema else v.key) not in saved)}
     if ema:
-        if not read_manifest(path)["parts"]["ema"]:
+        if not manifest["parts"]["ema"]:
             raise ConfigError(f"{path}: no EMA weights in this checkpoint (checkpoint.ema_decay was 0); "
-                              "load its trained weights instead (checkpoint.init_from_ema=false)")
+                              "load its trained weights instead (checkpoint.init_from_ema=false, lora.base_ema=false)")
         template = {EMA_PREFIX + k[len(MODEL_PREFIX):]: dataclasses.replace(
             sh, key=EMA_PREFIX + sh.key[len(MODEL_PREFIX):], data=torch.empty_like(sh.data, dtype=torch.float32),
             dtype=torch.float32) for k, sh in model_sd.items() if isinstance(sh, ShardedTensor)}
@@ -174,8 +189,70 @@ def load_model_weights(path: Path, model: list[torch.nn.Module], ema: bool = Fal
     template["step"] = 0
     template["config"] = {}
     loaded = dist_checkpointing.load(template, str(path))
-    _load_weights(model, loaded, EMA_PREFIX if ema else MODEL_PREFIX, new_layers)
+    _load_weights(model, loaded, EMA_PREFIX if ema else MODEL_PREFIX, template)
     return {"step": loaded["step"], "config": loaded["config"]}
+
+
+def base_weights(key: str, param: torch.nn.Parameter | None) -> bool:
+    """What a LoRA model takes from its base: every entry but the adapters'."""
+    return not is_adapter(key)
+
+
+def load_base(base: dict[str, Any], model: list[torch.nn.Module]) -> None:
+    """The frozen base of a LoRA model, as a LoRA run's manifest records it (``start_from_base``):
+    a goku-train checkpoint (its trained or EMA weights), a reference-layout .safetensors file
+    (each rank reads its own shards), or the weights ``train.seed`` initialises. Layers the base
+    lacks (NEW_LAYERS) keep their values; the adapters are left as they are."""
+    path = base["path"]
+    if path == LORA_SEED_BASE:
+        stage_of(model).init_weights(base["seed"])
+    elif path.endswith(".safetensors"):
+        template = fsdp_rows(model_sharded_state_dict(model, base_weights))
+        loaded = read_shards(Path(path), template, MODEL_PREFIX)
+        template = {k: v for k, v in template.items() if not (
+            isinstance(v, ShardedTensor) and v.key[len(MODEL_PREFIX):].startswith(NEW_LAYERS) and v.key not in loaded)}
+        _load_weights(model, loaded, MODEL_PREFIX, template)
+    else:
+        load_model_weights(Path(path), model, ema=base["ema"], new_layers=NEW_LAYERS, select=base_weights)
+
+
+def start_from_base(state: TrainingState, cfg: Config) -> dict[str, Any]:
+    """A fresh LoRA run's frozen weights from ``lora.base``, checked first: a sound goku-train
+    checkpoint (or the run directory whose latest one it is) or a reference .safetensors file, of
+    this model's shape (NEW_LAYERS aside), holding whole weights rather than adapters. Returns the
+    record its checkpoints keep in their manifest (``base``: the resolved checkpoint, so a resume
+    or goku-sample reads the same weights after the base's run has moved on)."""
+    lora = cfg.lora
+    fields = [f for f in SHAPE_FIELDS if f != "i2v"]
+    if lora.base == LORA_SEED_BASE:  # build_stage initialised the model from train.seed already
+        return {"path": LORA_SEED_BASE, "seed": cfg.train.seed}
+    if lora.base.endswith(".safetensors"):
+        path = Path(lora.base).absolute()
+        try:
+            saved = saved_config(path)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"lora.base: {err}") from None
+        check_compatible({"config": saved}, cfg, path, fields=fields)
+        base = {"path": str(path)}
+    else:
+        try:
+            checkpoint = resolve_checkpoint(Path(lora.base)).absolute()
+        except FileNotFoundError as err:
+            raise ConfigError(f"lora.base: {err}") from None
+        reason = validate_checkpoint(checkpoint) or verify_checkpoint(checkpoint)
+        if reason is not None:
+            raise ConfigError(f"lora.base={lora.base}: {reason}; pass a sound checkpoint")
+        manifest = read_manifest(checkpoint)
+        if manifest.get("base") is not None:
+            raise ConfigError(f"lora.base={lora.base} is itself a LoRA run's checkpoint; export it merged into its "
+                              f"base (goku-data convert-checkpoint export) and use that .safetensors file")
+        check_compatible(manifest, cfg, checkpoint, fields=fields)
+        base = {"path": str(checkpoint), "ema": lora.base_ema}
+    load_base(base, state.model)
+    unwrapped(state.optimizer).reload_model_params()
+    if state.ema is not None:
+        state.ema.restart()
+    return base
 
 
 def init_weights_from(path: Path, state: TrainingState, cfg: Config, ema: bool = False) -> Path:

@@ -39,7 +39,7 @@ from goku_megatron.checkpoint.layout import (CHECKSUMS_GLOB, FORMAT, LATEST, MAN
 from goku_megatron.checkpoint.optimizer_state import (drop_optimizer_from_consistency_check,
                                                       optimizer_has_state, optimizer_sharded_state_dict)
 from goku_megatron.checkpoint.state import (TrainingState, fsdp_rows, model_sharded_state_dict, parallel_layout,
-                                            rng_sharded, rng_state)
+                                            rng_sharded, rng_state, stage_of)
 from goku_megatron.checkpoint.writer import (Snapshot, WriterQueue, WriterTimeout, in_writer_thread,
                                              install_in_process_results_queue)
 from goku_megatron.config import ConfigError
@@ -80,6 +80,9 @@ class Checkpointer:
         self.last_snapshot_s = 0.0  # how long the last async save's snapshot took
         self._needed: int | None = None  # bytes a checkpoint takes (see _check_space)
         self._space_warned = False
+        # A LoRA run's base (load.start_from_base's record): its checkpoints hold what trains, and
+        # their manifests name where the frozen rest comes from.
+        self.base: dict[str, Any] | None = None
 
     def due(self, step: int, stopping: bool = False) -> bool:
         """The training loop's question: save after ``step``? Every ``interval`` steps, at the
@@ -119,6 +122,9 @@ class Checkpointer:
         self.wait()
         final = checkpoint_dir(self.run_dir, step)
         partial = final.with_name(final.name + PARTIAL_SUFFIX)
+        if self.base is None and not all(p.requires_grad for p in stage_of(state.model).parameters()):
+            raise ValueError("the model has frozen weights, which a checkpoint does not hold: name their base "
+                             "(Checkpointer.base, from load.start_from_base)")
         model_sd = model_sharded_state_dict(state.model)
         sharded: dict[str, Any] = dict(model_sd)
         parts = {"optimizer": False, "ema": state.ema is not None, "scheduler": state.scheduler is not None}
@@ -159,7 +165,8 @@ class Checkpointer:
                     and parallel_state.get_context_parallel_rank() == 0:
                 write_atomically(loader_state_path(partial, parallel_state.get_data_parallel_rank()),
                                   json.dumps(loader_state))
-            manifest = {"format": FORMAT, "step": step, "layout": parallel_layout(), "parts": parts, "config": config}
+            manifest = {"format": FORMAT, "step": step, "layout": parallel_layout(), "parts": parts, "config": config,
+                        **({"base": self.base} if self.base is not None else {})}
             finalize = functools.partial(self._finalize, partial, final, manifest)
             # The writer hashes the tensor files it wrote, once they are written.
             request = in_writer_thread(request, functools.partial(record_checksums, partial, torch.distributed.get_rank()))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -60,11 +60,23 @@ def gather_weights(model: list[torch.nn.Module]) -> None:
             chunk.start_param_sync(force_sync=True)
 
 
-def model_sharded_state_dict(model: list[torch.nn.Module]) -> dict[str, Any]:
+def trained(key: str, param: torch.nn.Parameter | None) -> bool:
+    """The weights a checkpoint holds: those that train, with every entry that is not a weight
+    (TE's extra state). A LoRA run's frozen base is not saved again in each of its checkpoints: the
+    manifest names the base it came from (``base``)."""
+    return param is None or param.requires_grad
+
+
+def model_sharded_state_dict(model: list[torch.nn.Module],
+                             select: Callable[[str, torch.nn.Parameter | None], bool] = trained) -> dict[str, Any]:
+    """This rank's stage by global key (``model.<global name>``): the entries ``select`` keeps,
+    given each entry's key and its parameter (None for an entry that is not a weight)."""
     gather_weights(model)
     stage = stage_of(model)
-    return describe_weights(stage.sharded_state_dict(prefix=MODEL_PREFIX),
-                            {MODEL_PREFIX + stage.global_name(n): p for n, p in stage.named_parameters()})
+    params = {MODEL_PREFIX + stage.global_name(n): p for n, p in stage.named_parameters()}
+    sharded = describe_weights(stage.sharded_state_dict(prefix=MODEL_PREFIX), params)
+    return {name: entry for name, entry in sharded.items()
+            if not hasattr(entry, "key") or select(entry.key, params.get(entry.key))}
 
 
 def fsdp_rows(sharded: dict[str, Any]) -> dict[str, Any]:

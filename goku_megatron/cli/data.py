@@ -100,7 +100,7 @@ def precompute(args: argparse.Namespace) -> int:
 def convert(args: argparse.Namespace) -> int:
     try:
         if args.direction == "export":
-            written = export_checkpoint(args.checkpoint, args.out)
+            written = export_checkpoint(args.checkpoint, args.out, adapters=args.adapters)
         else:
             written = import_checkpoint(args.weights, args.run_dir)
     except (FileNotFoundError, ValueError) as err:
@@ -186,6 +186,9 @@ def build_parser() -> Parser:
     exp = directions.add_parser("export", help="checkpoint -> one safetensors file")
     exp.add_argument("checkpoint", type=Path, help="run directory or checkpoints/iter_N")
     exp.add_argument("out", type=Path, help="the .safetensors file to write")
+    exp.add_argument("--adapters", action="store_true",
+                     help="a LoRA run's adapters alone (lora_A/lora_B per adapted layer); without it a LoRA "
+                          "checkpoint is exported merged into its base, a whole model")
     imp = directions.add_parser("import", help="safetensors file -> goku-train run directory (step 0)")
     imp.add_argument("weights", type=Path, help="a .safetensors file written by export")
     imp.add_argument("run_dir", type=Path, help="the run directory to write")

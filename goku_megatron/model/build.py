@@ -13,7 +13,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from goku_megatron.config import Config
 from goku_megatron.model.fsdp import ShardedDataParallel
-from goku_megatron.model.goku import GokuModel
+from goku_megatron.model.goku import NEW_LAYERS, GokuModel
 from goku_megatron.model.lora import apply_lora
 from goku_megatron.model.specs import layer_spec
 from goku_megatron.platform import Backends
@@ -81,7 +81,7 @@ def build_stage(cfg: Config, backends: Backends, tc: TransformerConfig, seed: in
         stage = GokuModel(tc, cfg.model, layer_spec(backends.linear, backends.attention),
                           pre_process=pre_process, post_process=post_process)
     if cfg.lora.rank:  # adapters before the weights are set: init_weights covers them, by name
-        apply_lora(stage, cfg.lora, tc)
+        apply_lora(stage, cfg.lora, tc, trained_in_full=NEW_LAYERS)
     if seed is not None:
         stage.init_weights(seed)
     if cfg.model.compile:  # in place: parameter and checkpoint names stay those of the eager layer

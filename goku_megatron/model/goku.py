@@ -44,6 +44,11 @@ from goku_megatron.model.layer import LayerInputs, modulate
 from goku_megatron.model.rope import rope_angles, rope_rotation
 from goku_megatron.model.specs import cp_layout
 
+# Layers a finetune may add to the model it starts from (checkpoint.init_from, lora.base): a
+# checkpoint may lack them, and they keep their initialisation (model.i2v's image_cond starts as
+# the identity on the noisy tokens); a LoRA finetune trains them in full.
+NEW_LAYERS = ("image_cond.",)
+
 
 def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal features of timesteps in [0, 1] (scaled by 1000 as in DiT): [N] -> [N, dim]."""

@@ -59,9 +59,6 @@ TARGET_MODULES: dict[str, tuple[tuple[str, str], ...]] = {
     "adaln": (("layers.*.norm1.linear", COLUMN),),
     "final": (("final_layer.adaln", REPLICATED), ("final_layer.linear", REPLICATED)),
 }
-# Parameters besides the adapters that a LoRA run trains: model.i2v's condition layer, which an
-# I2V finetune adds to a text-to-video base (it starts as the identity on the noisy tokens).
-TRAINED_IN_FULL = ("image_cond.",)
 ADAPTER_NAMES = (".lora_A.", ".lora_B.")
 
 
@@ -205,17 +202,20 @@ def _adapt(linear: torch.nn.Module, kind: str, lora: LoraConfig, config: Transfo
     linear.lora_kind, linear.lora_scale, linear.lora_dropout = kind, lora.alpha / lora.rank, lora.dropout
 
 
-def apply_lora(stage: torch.nn.Module, lora: LoraConfig, config: TransformerConfig) -> None:
+def apply_lora(stage: torch.nn.Module, lora: LoraConfig, config: TransformerConfig,
+               trained_in_full: tuple[str, ...] = ()) -> None:
     """Adapters on the linears of this pipeline stage that ``lora.targets`` names, before the
     weights are initialised or loaded; every other parameter is frozen (requires_grad=False, so
-    megatron's DDP, optimizer and grad norm and goku's EMA leave it alone), except TRAINED_IN_FULL."""
+    megatron's DDP, optimizer and grad norm and goku's EMA leave it alone), except those whose
+    names start with ``trained_in_full``: layers the finetune adds to its base (goku.NEW_LAYERS:
+    model.i2v's condition layer, which an I2V finetune of a text-to-video base must learn)."""
     patterns = [pattern for target in lora.targets for pattern in TARGET_MODULES[target]]
     for name, module in list(stage.named_modules()):
         kinds = [kind for pattern, kind in patterns if fnmatchcase(name, pattern)]
         if kinds:
             _adapt(module, kinds[0], lora, config)
     for name, param in stage.named_parameters():
-        param.requires_grad_(is_adapter(name) or name.startswith(TRAINED_IN_FULL))
+        param.requires_grad_(is_adapter(name) or name.startswith(trained_in_full))
 
 
 def merge_adapters(model: torch.nn.Module) -> int:
