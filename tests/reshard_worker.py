@@ -13,7 +13,7 @@ from pathlib import Path
 
 def main() -> None:
     from goku_megatron import cpu_compat
-    from goku_megatron.checkpoint import Checkpointer, TrainingState, load_checkpoint
+    from goku_megatron.checkpoint import Checkpointer, TrainingState, load_checkpoint, read_manifest
     from goku_megatron.config import load_config, validate
     from goku_megatron.platform import shutdown_distributed, world_size_from_env
     from goku_megatron.train import setup
@@ -25,7 +25,9 @@ def main() -> None:
     training = setup(cfg)
     state = TrainingState(training.model, training.optimizer, training.scheduler, training.ema)
     info = load_checkpoint(src, state)
-    Checkpointer(out).save(info["step"], state, cfg.to_dict(), blocking=True)
+    checkpointer = Checkpointer(out)
+    checkpointer.base = read_manifest(src).get("base")  # a LoRA checkpoint's frozen weights stay its base's
+    checkpointer.save(info["step"], state, cfg.to_dict(), blocking=True)
     shutdown_distributed()
 
 

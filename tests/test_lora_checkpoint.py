@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoint_utils import checkpoint_tensors, losses
-from conftest import TOY_CHECKPOINT_RUN, one_process_world
+from checkpoint_utils import assert_same_tensors, checkpoint_tensors, losses
+from conftest import TOY_CHECKPOINT_RUN, one_process_world, run_torchrun
 from safetensors import safe_open
 
 from goku_megatron.batch import pack_batch
@@ -122,6 +122,20 @@ def test_a_lora_run_resumes_bitwise(lora_run, toy_data, tmp_path):
     resumed, reference = checkpoint_tensors(checkpoint_dir(run_dir, 6)), checkpoint_tensors(checkpoint_dir(lora_run, 6))
     assert resumed.keys() == reference.keys()
     assert all(torch.equal(resumed[k], v) for k, v in reference.items())
+
+
+@pytest.mark.slow
+def test_a_lora_checkpoint_reshards_to_tp2(base, lora_run, tmp_path):
+    """The TP=1 LoRA checkpoint loaded by two tensor-parallel ranks (tests/reshard_worker.py) and
+    saved again: every adapter tensor, its optimizer state and EMA come back exactly, and the
+    re-saved checkpoint names the same base."""
+    source = checkpoint_dir(lora_run, 6)
+    worker = str(Path(__file__).with_name("reshard_worker.py"))
+    run_torchrun(2, [worker, str(source), str(tmp_path), *TOY_CHECKPOINT_RUN, *LORA, f"lora.base={base}",
+                     "parallel.tp=2"])
+    got = latest_checkpoint(tmp_path)
+    assert_same_tensors(checkpoint_tensors(got), checkpoint_tensors(source))
+    assert read_manifest(got)["base"] == read_manifest(source)["base"]
 
 
 def test_export_writes_the_adapters_alone_or_merged(base, lora_run, tmp_path):
