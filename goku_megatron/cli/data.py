@@ -25,7 +25,7 @@ from goku_megatron.convert import export_checkpoint, import_checkpoint
 from goku_megatron.data.curation import REPORT_NAME, STAGES, RawFilter, curate_folder
 from goku_megatron.data.frames import FrameSpec
 from goku_megatron.data.precompute import DEFAULT_MAX_TEXT_TOKENS, input_shards, load_job, precompute_latents
-from goku_megatron.data.toy import COLORS, PIX_FMTS, ToyDatasetSpec, check_colors, make_toy_dataset
+from goku_megatron.data.toy import COLORS, PIX_FMTS, ToyDatasetSpec, make_toy_dataset, parse_colors
 from goku_megatron.logs import setup_logging
 from goku_megatron.platform import use_local_device
 from goku_megatron.resilience import EXIT_CONFIG_ERROR
@@ -55,12 +55,10 @@ def positive(text: str) -> int:
 
 def color_list(text: str) -> tuple[str, ...]:
     """``red,green,blue`` -> ("red", "green", "blue"), refused at parse time if a name is unknown."""
-    colors = tuple(name.strip() for name in text.split(",") if name.strip())
     try:
-        check_colors(colors)
+        return parse_colors(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
-    return colors
 
 
 def make_toy(args: argparse.Namespace) -> int:

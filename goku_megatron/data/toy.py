@@ -297,6 +297,14 @@ def check_colors(colors: Sequence[str]) -> None:
                          f"{', '.join(COLORS)}")
 
 
+def parse_colors(text: str) -> tuple[str, ...]:
+    """``"red,green"`` -> ("red", "green"), as goku-data and goku-eval take colours; ValueError
+    (check_colors) for an unknown name."""
+    colors = tuple(name.strip() for name in text.split(",") if name.strip())
+    check_colors(colors)
+    return colors
+
+
 def validation_samples(count: int, *, size: int, frames: int) -> list[ToySample]:
     """The validation clips: clip i shows TRIPLES[i % 32], held-out combinations included, so any
     multiple of 32 clips shows each combination equally often.
@@ -369,10 +377,9 @@ def make_toy_dataset(
     """Writes the toy dataset to ``out`` and returns its (training) shard paths.
 
     Samples 0..clips-1 are clips, the rest stills, of ``colors`` only (empty: all); the validation
-    split (``validation_samples``)
-    goes to ``out/val`` with a manifest of its own. The training manifest is removed first and
-    written last (atomically), after the validation split, so a dataset without one is known to be
-    incomplete. Shards are byte-identical for the same parameters. Call from one process only
+    split (``validation_samples``) goes to ``out/val`` with a manifest of its own. The training
+    manifest is removed first and written last (atomically), after the validation split, so a
+    dataset without one is known to be incomplete. Shards are byte-identical for the same parameters. Call from one process only
     (rank 0) and barrier.
     """
     spec = ToyDatasetSpec(clips=clips, images=images, size=size, frames=frames,
