@@ -210,6 +210,9 @@ class DataConfig:
     toy_images: int = 512
     toy_size: int = 16
     toy_frames: int = 8
+    # Colours the toy's training samples show (names of TOY_COLORS); empty: all. A base model
+    # trained without one is what a finetune teaches it (docs/recipes.md, LoRA on CPU).
+    toy_colors: list[str] = field(default_factory=list)
     image_ratio: float = 0.25
     text_encoder: str = "hash"
     text_encoder_path: str = ""
@@ -247,6 +250,9 @@ class DataConfig:
 
 # The toy dataset's frame rate (goku_megatron/data/toy.py FPS): toy clips decode at their own rate.
 TOY_FPS = 8.0
+# The toy's colour names (goku_megatron/data/toy.py COLORS, which tests/test_toy_data.py checks
+# against this): named here so that data.toy_colors is checked without importing the data package.
+TOY_COLORS = ("red", "green", "blue", "yellow")
 
 
 def toy_stage(d: DataConfig, steps: int, micro_batch_size: int, patch: Sequence[int]) -> StageConfig:
@@ -900,6 +906,9 @@ def validate(cfg: Config, world_size: int, has_cuda: bool = False) -> None:
     _require(d.workers >= -1, f"data.workers must be >= 0, or -1 (from the core count), got {d.workers}")
     _require(d.read_ahead_steps >= 1, f"data.read_ahead_steps must be >= 1, got {d.read_ahead_steps}")
     _require(d.max_bad_in_a_row >= 1, f"data.max_bad_in_a_row must be >= 1, got {d.max_bad_in_a_row}")
+    unknown = [c for c in d.toy_colors if c not in TOY_COLORS]
+    _require(not unknown, f"data.toy_colors: {', '.join(unknown)} is not a toy colour; choose from "
+             f"{', '.join(TOY_COLORS)} (empty: all)")
     if m.i2v:
         _require(all(s.image_ratio == 0 for s in d.stages), "model.i2v conditions on the first frame, which is the whole of an image: "
                  "set data.image_ratio (and data.stages[].image_ratio) to 0 for I2V training")

@@ -17,10 +17,15 @@ prompt adherence is a number, not an impression:
 
 The benchmark samples all 32 colour x shape x direction prompts; the four ``toy.HELD_OUT`` ones were
 never seen in training, so their accuracy measures composition and the others' measures fit
-(``shapes_bench``, ``shapes_report``). ``validation_loss`` is the flow loss on the dataset's
-validation split at fixed timesteps and fixed noise, comparable across runs and parallel layouts.
+(``shapes_bench``, ``shapes_report``). The report also breaks the accuracy down by the prompt's
+colour, with the colours the detector read in each colour's clips: a model trained without a colour
+(config data.toy_colors) draws another one for it, and a finetune that teaches it moves that
+colour's row; ``colors`` samples only the prompts of some colours, for a quicker look.
+``validation_loss`` is the flow loss on the dataset's validation split at fixed timesteps and fixed
+noise, comparable across runs and parallel layouts.
 
     goku-eval shapes --checkpoint runs/toy-20261122-0500 --out shapes.json --samples-per-prompt 4
+    goku-eval shapes --checkpoint runs/toy-20261122-0500 --colors yellow   # its 8 prompts only
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import dataclasses
 import math
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +54,7 @@ from goku_megatron.data.toy import (
     TRIPLES,
     ToyValidation,
     caption_for,
+    check_colors,
     read_validation,
     shape_mask,
     shape_size,
@@ -141,9 +147,11 @@ def score(prompt: str, frames: np.ndarray) -> dict[str, bool]:
 # ------------------------------------------------------------------------------------ ShapesBench
 
 
-def shapes_prompts() -> list[tuple[str, bool]]:
-    """Every colour x shape x direction prompt (toy.TRIPLES order) and whether training held it out."""
-    return [(caption_for(*triple), triple in HELD_OUT) for triple in TRIPLES]
+def shapes_prompts(colors: Collection[str] = ()) -> list[tuple[str, bool]]:
+    """Every colour x shape x direction prompt (toy.TRIPLES order), of ``colors`` only where given,
+    and whether training held it out."""
+    return [(caption_for(*triple), triple in HELD_OUT) for triple in TRIPLES
+            if not colors or triple[0] in colors]
 
 
 def _summary(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -159,14 +167,24 @@ def _summary(samples: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _color_summary(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """``_summary`` of the clips of one prompt colour, and how many of them the detector read as
+    each colour ("none": nothing drawn), so a colour the model never learnt shows what it draws."""
+    detected = [s["detected"]["color"] or "none" for s in samples]
+    return {**_summary(samples),
+            "detected": {name: detected.count(name) for name in (*COLORS, "none") if name in detected}}
+
+
 def shapes_report(prompts: list[str], held_out: list[bool], clips: list[np.ndarray]) -> dict[str, Any]:
     """ShapesBench numbers for sampled ``clips`` (uint8 [T, H, W, 3], one per prompt), as JSON.
 
     ``seen`` and ``held_out`` summarise the clips whose prompt training showed or held out:
     ``accuracy`` per attribute the prompts name (and ``all``: every named attribute right), with
-    ``scored`` clips behind each; ``chance`` is what guessing uniformly scores. ``samples`` has one
-    entry per clip, in order: prompt, held_out, what the detector saw, and per attribute whether
-    that is what the prompt asked for.
+    ``scored`` clips behind each; ``chance`` is what guessing uniformly scores. ``colors`` has the
+    same per prompt colour (seen and held-out prompts together; the colours the prompts name, in
+    toy.COLORS order), with ``detected``: how many of its clips the detector read as each colour.
+    ``samples`` has one entry per clip, in order: prompt, held_out, what the detector saw, and per
+    attribute whether that is what the prompt asked for.
     """
     if not len(prompts) == len(held_out) == len(clips):
         raise ValueError(f"need one held_out flag and one clip per prompt, got {len(prompts)} prompts, "
@@ -176,21 +194,28 @@ def shapes_report(prompts: list[str], held_out: list[bool], clips: list[np.ndarr
         seen = detect(clip)
         samples.append({"prompt": prompt, "held_out": bool(held), "detected": dataclasses.asdict(seen),
                         "correct": _matches(parse_prompt(prompt), seen)})
+    asked = [parse_prompt(s["prompt"]).color for s in samples]
     return {
         "chance": dict(CHANCE),
         "seen": _summary([s for s in samples if not s["held_out"]]),
         "held_out": _summary([s for s in samples if s["held_out"]]),
+        "colors": {color: _color_summary([s for s, c in zip(samples, asked) if c == color])
+                   for color in COLORS if color in asked},
         "samples": samples,
     }
 
 
-def shapes_bench(sample_fn: SampleFn, *, samples_per_prompt: int = 1, seed: int = 0) -> dict[str, Any]:
-    """Samples every ShapesBench prompt ``samples_per_prompt`` times and scores the clips
-    (``shapes_report``). Repeat r samples all prompts with seed ``seed + r``, so a larger count
-    extends a smaller one's clips instead of replacing them."""
+def shapes_bench(sample_fn: SampleFn, *, samples_per_prompt: int = 1, seed: int = 0,
+                 colors: Collection[str] = ()) -> dict[str, Any]:
+    """Samples every ShapesBench prompt (of ``colors`` only, where given) ``samples_per_prompt``
+    times and scores the clips (``shapes_report``). Repeat r samples all prompts with seed
+    ``seed + r``, so a larger count extends a smaller one's clips instead of replacing them. The
+    sampler's noise follows a prompt's place in the batch (sample.py), so a prompt's clips with
+    ``colors`` differ from its clips in the full benchmark: compare counts, not clips."""
     if samples_per_prompt < 1:
         raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
-    prompts, held = (list(column) for column in zip(*shapes_prompts()))
+    check_colors(list(colors))
+    prompts, held = (list(column) for column in zip(*shapes_prompts(colors)))
     clips: list[np.ndarray] = []
     for repeat in range(samples_per_prompt):
         clips += [to_uint8(pixels) for pixels in sample_fn(prompts, seed + repeat)]
@@ -271,12 +296,13 @@ def validation_loss(
 # ------------------------------------------------------------------------- in goku-eval and training
 
 
-def evaluate(sampler: SamplerBase, spec: SampleSpec, val: ToyValidation, samples_per_prompt: int = 1
-             ) -> tuple[dict[str, Any], dict[str, float]]:
-    """ShapesBench (``shapes_bench``, seeds from spec.seed) and the validation loss of a sampler's
-    model: what goku-eval reports and what training logs every train.eval_interval steps."""
+def evaluate(sampler: SamplerBase, spec: SampleSpec, val: ToyValidation, samples_per_prompt: int = 1,
+             colors: Collection[str] = ()) -> tuple[dict[str, Any], dict[str, float]]:
+    """ShapesBench (``shapes_bench``, seeds from spec.seed, the prompts of ``colors`` only where
+    given) and the validation loss of a sampler's model (always the whole split): what goku-eval
+    reports and what training logs every train.eval_interval steps."""
     bench = shapes_bench(lambda prompts, seed: sampler.sample(prompts, dataclasses.replace(spec, seed=seed)),
-                         samples_per_prompt=samples_per_prompt, seed=spec.seed)
+                         samples_per_prompt=samples_per_prompt, seed=spec.seed, colors=colors)
     text, text_mask = sampler.text_encoder(val.captions)
     losses = validation_loss(sampler.velocity, val.pixels.to(sampler.device), text.to(sampler.device),
                              text_mask.to(sampler.device), val.keys, sampler.cfg.model.patch_size,
@@ -286,26 +312,36 @@ def evaluate(sampler: SamplerBase, spec: SampleSpec, val: ToyValidation, samples
 
 def eval_scalars(bench: dict[str, Any], losses: dict[str, float]) -> dict[str, float]:
     """Flat ``eval/...`` scalars for metrics.jsonl and TensorBoard: accuracy per attribute (and all
-    three) on seen and held-out prompts, and the validation losses."""
+    three) on seen and held-out prompts, the colour accuracy per prompt colour (``eval/color_red``
+    ...: the curve a finetune that teaches a colour moves), and the validation losses."""
     out = {f"eval/{name}_{split}": accuracy for split in ("seen", "held_out")
            for name, accuracy in bench[split]["accuracy"].items() if accuracy is not None}
+    out.update({f"eval/color_{color}": summary["accuracy"]["color"] for color, summary in bench["colors"].items()
+                if summary["accuracy"]["color"] is not None})
     return {**out, **{f"eval/{name}": value for name, value in losses.items()}}
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """The report's headline numbers: accuracy per attribute, seen vs held out, and the val loss."""
+    """The report's headline numbers: accuracy per attribute, seen vs held out, and the val loss;
+    then per prompt colour the accuracy per attribute and the colours the detector read."""
     def cell(value: float | None, digits: int = 3) -> str:
         return f"{'-' if value is None else f'{value:.{digits}f}':>10}"
 
     seen, held, val, how = report["seen"], report["held_out"], report["validation"], report["sampling"]
+    prompts = len(report["samples"]) // how["samples_per_prompt"]
     lines = [f"ShapesBench: {report['checkpoint']} (step {report['step']}), {how['samples_per_prompt']} "
-             f"samples x {len(TRIPLES)} prompts, {how['steps']} steps, cfg {how['cfg_scale']}",
+             f"samples x {prompts} prompts, {how['steps']} steps, cfg {how['cfg_scale']}",
              f"{'':<10}{'seen':>10}{'held-out':>10}{'chance':>10}"]
     lines += [f"{name:<10}{cell(seen['accuracy'][name])}{cell(held['accuracy'][name])}{cell(CHANCE[name])}"
               for name in (*ATTRIBUTES, "all")]
     lines.append(f"{'clips':<10}{seen['clips']:>10}{held['clips']:>10}")
     lines.append(f"{'val_loss':<10}{cell(val.get('val_loss_seen'), 4)}{cell(val.get('val_loss_held_out'), 4)}"
                  f"   (all {val['val_loss']:.4f})")
+    lines.append(f"{'prompt':<10}{''.join(f'{name:>10}' for name in (*ATTRIBUTES, 'all'))}{'clips':>8}  detected colours")
+    for color, summary in report["colors"].items():
+        detected = ", ".join(f"{name} {count}" for name, count in summary["detected"].items())
+        lines.append(f"{color:<10}{''.join(cell(summary['accuracy'][name]) for name in (*ATTRIBUTES, 'all'))}"
+                     f"{summary['clips']:>8}  {detected}")
     return "\n".join(lines)
 
 

@@ -159,6 +159,8 @@ INVALID = [
      r"toy_frames=7 is not divisible by model.patch_size t=2"),
     (["data.image_ratio=1.5"], 1, False, "data.image_ratio", r"must be in \[0, 1\], got 1.5"),
     (["data.image_ratio=-0.5"], 1, False, "data.image_ratio", r"must be in \[0, 1\]"),
+    (["data.toy_colors=[red,purple]"], 1, False, "data.toy_colors",
+     r"purple is not a toy colour; choose from red, green, blue, yellow \(empty: all\)"),
     # recompute, FP8, communication overlap (docs/performance.md)
     (["model.recompute_granularity=layer"], 1, False, "model.recompute_granularity",
      r"'layer' is not one of full, selective"),

@@ -27,6 +27,8 @@ from goku_megatron.evaluation import (
     VAL_TIMESTEPS,
     Attributes,
     detect,
+    eval_scalars,
+    format_table,
     parse_prompt,
     score,
     shapes_bench,
@@ -116,6 +118,10 @@ def test_report_on_ground_truth_is_perfect():
         assert report[split]["clips"] == clips
         assert report[split]["scored"] == {"color": clips, "shape": clips, "direction": clips, "all": clips}
         assert report[split]["accuracy"] == {"color": 1.0, "shape": 1.0, "direction": 1.0, "all": 1.0}
+    assert list(report["colors"]) == list(COLORS)
+    for color, summary in report["colors"].items():
+        assert (summary["clips"], summary["detected"]) == (8, {color: 8})
+        assert summary["accuracy"] == {"color": 1.0, "shape": 1.0, "direction": 1.0, "all": 1.0}
     assert len(report["samples"]) == 32
     assert report["samples"][0] == {
         "prompt": "a red square moving left", "held_out": False,
@@ -134,6 +140,10 @@ def test_a_wrong_clip_lowers_only_its_attribute(attribute, wrong):
     assert report["held_out"]["accuracy"] == {name: 0.75 if name in (attribute, "all") else 1.0
                                               for name in ("color", "shape", "direction", "all")}
     assert set(report["seen"]["accuracy"].values()) == {1.0}
+    assert report["colors"]["blue"]["accuracy"] == {name: 7 / 8 if name in (attribute, "all") else 1.0
+                                                    for name in ("color", "shape", "direction", "all")}
+    assert report["colors"]["blue"]["detected"] == ({"blue": 7, "yellow": 1} if attribute == "color" else {"blue": 8})
+    assert all(set(report["colors"][c]["accuracy"].values()) == {1.0} for c in ("red", "green", "yellow"))
     sample = report["samples"][index]
     assert sample["held_out"] and sample["detected"][attribute] == wrong
     assert sample["correct"] == {name: name != attribute for name in ("color", "shape", "direction")}
@@ -150,6 +160,40 @@ def test_report_scores_only_what_a_prompt_names():
     json.dumps(report, allow_nan=False)
     with pytest.raises(ValueError, match="one clip per prompt"):
         shapes_report(["a red diamond"], [False], [])
+
+
+def test_a_colour_never_learnt_shows_in_its_row_alone():
+    """A model trained without yellow (data.toy_colors) that draws yellow prompts green, right in
+    shape and motion: yellow's colour accuracy is 0, its clips read as green, every other row is
+    perfect, and the training log gets eval/color_yellow."""
+    prompts, held, clips = _bench_inputs()
+    for i, prompt in enumerate(prompts):
+        if parse_prompt(prompt).color == "yellow":
+            clips[i] = _truth(prompt.replace("yellow", "green"), i)
+    report = shapes_report(prompts, held, clips)
+    yellow = report["colors"]["yellow"]
+    assert yellow["accuracy"] == {"color": 0.0, "shape": 1.0, "direction": 1.0, "all": 0.0}
+    assert (yellow["clips"], yellow["detected"]) == (8, {"green": 8})
+    assert report["colors"]["green"]["detected"] == {"green": 8}
+    assert all(set(report["colors"][c]["accuracy"].values()) == {1.0} for c in ("red", "green", "blue"))
+    scalars = eval_scalars(report, {"val_loss": 0.5})
+    assert {f"eval/color_{c}": scalars[f"eval/color_{c}"] for c in COLORS} == {
+        "eval/color_red": 1.0, "eval/color_green": 1.0, "eval/color_blue": 1.0, "eval/color_yellow": 0.0}
+    assert scalars["eval/color_seen"] == 21 / 28 and scalars["eval/val_loss"] == 0.5
+
+
+def test_the_table_has_a_row_per_prompt_colour():
+    prompts, held, clips = _bench_inputs()
+    blank = np.full_like(clips[0], 48)
+    clips = [blank if parse_prompt(p).color == "yellow" else c for p, c in zip(prompts, clips)]
+    report = {"checkpoint": "runs/base", "step": 600, "validation": {"val_loss": 0.25},
+              "sampling": {"samples_per_prompt": 1, "steps": 20, "cfg_scale": 4.0},
+              **shapes_report(prompts, held, clips)}
+    lines = format_table(report).splitlines()
+    assert lines[0] == "ShapesBench: runs/base (step 600), 1 samples x 32 prompts, 20 steps, cfg 4.0"
+    assert lines[-5].split() == ["prompt", "color", "shape", "direction", "all", "clips", "detected", "colours"]
+    assert lines[-4].split() == ["red", "1.000", "1.000", "1.000", "1.000", "8", "red", "8"]
+    assert lines[-1].split() == ["yellow", "0.000", "0.000", "0.000", "0.000", "8", "none", "8"]
 
 
 def test_shapes_bench_samples_every_prompt_once_per_seed():
@@ -249,3 +293,20 @@ def test_validation_loss_refuses_bad_inputs():
         validation_loss(_text_dependent, pixels, text, mask, keys, PATCH, timesteps=(0.5, 1.5))
     with pytest.raises(ValueError, match="held_out flag"):
         validation_loss(_text_dependent, pixels, text, mask, keys, PATCH, held_out=[True])
+
+
+def test_shapes_bench_samples_only_the_prompts_of_the_colours_asked_for():
+    asked = []
+
+    def sample_fn(prompts: list[str], seed: int) -> torch.Tensor:
+        asked.append(prompts)
+        return torch.stack([torch.from_numpy(_truth(p)).permute(3, 0, 1, 2).float() / 127.5 - 1 for p in prompts])
+
+    report = shapes_bench(sample_fn, samples_per_prompt=2, colors=("yellow",))
+    assert asked == [[caption_for(*t) for t in TRIPLES if t[0] == "yellow"]] * 2
+    assert list(report["colors"]) == ["yellow"] and report["colors"]["yellow"]["clips"] == 16
+    assert (report["seen"]["clips"], report["held_out"]["clips"]) == (14, 2)
+    assert [p for p, _ in shapes_prompts(["red", "yellow"])] == [
+        caption_for(*t) for t in TRIPLES if t[0] in ("red", "yellow")]
+    with pytest.raises(ValueError, match="unknown toy colour.* purple; choose from red, green, blue, yellow"):
+        shapes_bench(sample_fn, colors=("purple",))

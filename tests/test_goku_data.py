@@ -2,6 +2,7 @@
 answers --help, make-toy writes a dataset that loads, and a user mistake is one line and exit 2."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 from conftest import REPO
 
 from goku_megatron.cli import data as goku_data
-from goku_megatron.data.toy import VAL_DIR, iter_raw_samples, read_manifest, read_validation
+from goku_megatron.data.toy import COLORS, VAL_DIR, iter_raw_samples, read_manifest, read_validation
 from goku_megatron.resilience import EXIT_CONFIG_ERROR
 
 SUBCOMMANDS = ["make-toy", "prepare-shards", "precompute-latents", "convert-checkpoint"]
@@ -92,6 +93,9 @@ def test_usage_mistakes_are_one_line_too(tmp_path: Path, capsys: pytest.CaptureF
         (["make-toy"], "the following arguments are required: --out (see 'goku-data make-toy --help')"),
         (["prepare-shards", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--samples-per-shard", "0"],
          "argument --samples-per-shard: must be >= 1, got 0 (see 'goku-data prepare-shards --help')"),
+        (["make-toy", "--out", str(tmp_path / "t"), "--colors", "red,purple"],
+         "argument --colors: unknown toy colour(s) purple; choose from red, green, blue, yellow "
+         "(see 'goku-data make-toy --help')"),
     ]:
         with pytest.raises(SystemExit) as exit_:
             goku_data.main(argv)
@@ -99,3 +103,15 @@ def test_usage_mistakes_are_one_line_too(tmp_path: Path, capsys: pytest.CaptureF
         assert capsys.readouterr().err == f"goku-data: error: {message}\n"
     assert goku_data.main(["make-toy", "--out", str(tmp_path / "t"), "--clips", "0", "--images", "0"]) == 2
     assert capsys.readouterr().err == "goku-data: error: need at least one sample, got clips=0 images=0\n"
+
+
+def test_make_toy_colors_leaves_the_others_out_of_training(tmp_path: Path) -> None:
+    out = tmp_path / "toy"
+    proc = goku_data_cli("make-toy", "--out", str(out), "--clips", "6", "--images", "2", "--frames", "4",
+                         "--val-clips", "32", "--colors", "blue,red")
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote 6 clips + 2 images (blue, red only) in 1 shards" in proc.stdout
+    assert read_manifest(out)["params"]["colors"] == ["red", "blue"]
+    assert {json.loads(s["json"])["color"] for s in iter_raw_samples(out)} == {"red", "blue"}
+    assert {json.loads(s["json"])["color"] for s in iter_raw_samples(out / VAL_DIR)} == set(COLORS)
+

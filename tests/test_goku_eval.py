@@ -38,12 +38,16 @@ def test_shapes_writes_the_report(run_dir, tmp_path, capsys, megatron_world):
     assert main(["shapes", "--checkpoint", str(run_dir), "--out", str(out), "--samples-per-prompt", "2",
                  "--steps", "2", "--cfg-scale", "3", "--seed", "4"]) == 0
     report = json.loads(out.read_text())
-    assert list(report) == ["checkpoint", "step", "sampling", "validation", "chance", "seen", "held_out", "samples"]
+    assert list(report) == ["checkpoint", "step", "sampling", "validation", "chance", "seen", "held_out", "colors",
+                            "samples"]
     assert report["step"] == 3
-    assert report["sampling"] == {"samples_per_prompt": 2, "steps": 2, "cfg_scale": 3.0, "seed": 4}
+    assert report["sampling"] == {"samples_per_prompt": 2, "steps": 2, "cfg_scale": 3.0, "seed": 4,
+                                  "colors": ["red", "green", "blue", "yellow"]}
     assert (report["seen"]["clips"], report["held_out"]["clips"], len(report["samples"])) == (56, 8, 64)
-    for split in ("seen", "held_out"):
-        assert set(report[split]["accuracy"]) == {"color", "shape", "direction", "all"}
+    for summary in (report["seen"], report["held_out"], *report["colors"].values()):
+        assert set(summary["accuracy"]) == {"color", "shape", "direction", "all"}
+    assert [(c, s["clips"], sum(s["detected"].values())) for c, s in report["colors"].items()] == [
+        (c, 16, 16) for c in ("red", "green", "blue", "yellow")]
     assert set(report["samples"][0]) == {"prompt", "held_out", "detected", "correct"}
 
     val = report["validation"]
@@ -60,6 +64,19 @@ def test_shapes_writes_the_report(run_dir, tmp_path, capsys, megatron_world):
 
     printed = capsys.readouterr().out
     assert "held-out" in printed and "val_loss" in printed and f"wrote {out}" in printed
+    assert "detected colours" in printed and "\nyellow " in printed
+
+
+def test_shapes_colors_samples_only_those_prompts(run_dir, tmp_path, capsys, megatron_world):
+    out = tmp_path / "yellow.json"
+    assert main(["shapes", "--checkpoint", str(run_dir), "--out", str(out), "--steps", "1",
+                 "--samples-per-prompt", "1", "--colors", "yellow"]) == 0
+    report = json.loads(out.read_text())
+    assert report["sampling"]["colors"] == ["yellow"] and list(report["colors"]) == ["yellow"]
+    assert [s["prompt"] for s in report["samples"]] == [
+        f"a yellow {shape} moving {d}" for shape in ("square", "diamond") for d in ("left", "right", "up", "down")]
+    assert report["validation"]["clips"] == 32  # the loss stays on the whole split
+    assert "1 samples x 8 prompts" in capsys.readouterr().out
 
 
 def test_shapes_errors_are_one_line(run_dir, tmp_path, capsys, megatron_world):
@@ -75,3 +92,8 @@ def test_shapes_errors_are_one_line(run_dir, tmp_path, capsys, megatron_world):
     make_toy_dataset(tmp_path / "16px", clips=1, images=0, val_clips=1)  # 16x16x8: not the run's clips
     assert "pass --data with the run's toy dataset" in error("--checkpoint", str(run_dir), "--data",
                                                               str(tmp_path / "16px"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["shapes", "--checkpoint", str(run_dir), "--colors", "yellow,purple"])
+    assert exit_.value.code == 2
+    assert "argument --colors: unknown toy colour(s) purple; choose from red, green, blue, yellow" in \
+        capsys.readouterr().err

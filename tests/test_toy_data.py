@@ -3,6 +3,7 @@ resumable loader, hash text encoder."""
 from __future__ import annotations
 
 import gc
+import hashlib
 import itertools
 import json
 import os
@@ -17,12 +18,12 @@ import torch
 import webdataset as wds
 
 from goku_megatron.batch import unpack
-from goku_megatron.config import load_config, validate
+from goku_megatron.config import TOY_COLORS, load_config, validate
 from goku_megatron.data.decode import decode_sample
 from goku_megatron.data.frames import FrameSpec
 from goku_megatron.data.encoders import PixelSpace
 from goku_megatron.data.loader import SampleStream
-from goku_megatron.data.pipeline import PackedBatches, Prepared, build_data_source, noised_pack
+from goku_megatron.data.pipeline import PackedBatches, Prepared, build_data_source, ensure_toy_data, noised_pack
 from goku_megatron.data.shards import BadSamples, find_shards
 from goku_megatron.data.text_encoder import NULL_TOKEN, HashTextEncoder
 from goku_megatron.data.toy import (
@@ -33,6 +34,7 @@ from goku_megatron.data.toy import (
     MANIFEST,
     TRIPLES,
     VAL_DIR,
+    ToyDatasetSpec,
     ToySample,
     caption_for,
     ensure_toy_dataset,
@@ -193,6 +195,81 @@ def test_training_clips_never_show_a_held_out_combination(decoded: dict[str, dic
     assert {(s.color, s.shape, s.direction) for s in drawn} == set(TRIPLES) - set(HELD_OUT)
     metas = [s["meta"] for k, s in decoded.items() if int(k) < CLIPS]
     assert all((m["color"], m["shape"], m["direction"]) not in HELD_OUT for m in metas)
+
+
+# The factors of samples 0..1023 (768 clips, then stills) of seed 3 as the writer drew them before
+# data.toy_colors existed: sha256 of their repr, and a few written out.
+EARLIER_DRAWS_SHA256 = "7e0111d41872a5a625784c9c1747fd61995347f47ec26099cd20f83761e4c112"
+EARLIER_DRAWS = {0: ("yellow", "square", "left", 2, 7), 3: ("green", "square", "right", 3, 2),
+                 768: ("yellow", "square", None, 7, 10), 769: ("yellow", "diamond", None, 1, 5)}
+# The manifest's params before data.toy_colors existed: an all-colour dataset keeps them, so the
+# datasets already on disk are reused, not rebuilt.
+EARLIER_PARAMS = ["clips", "images", "size", "frames", "shard_size", "seed", "pix_fmt", "val_clips"]
+
+
+def _factors(sample: ToySample) -> tuple:
+    return sample.color, sample.shape, sample.direction, sample.top, sample.left
+
+
+def test_every_colour_draws_the_samples_earlier_versions_drew() -> None:
+    for colors in ((), tuple(COLORS), ("yellow", "blue", "green", "red")):
+        spec = ToyDatasetSpec(colors=colors)
+        assert spec.colors == () and list(spec.params()) == EARLIER_PARAMS
+        draws = [_factors(ToySample.draw(i, still=i >= 768, size=SIZE, frames=FRAMES, seed=3,
+                                         colors=spec.training_colors)) for i in range(1024)]
+        assert hashlib.sha256(repr(draws).encode()).hexdigest() == EARLIER_DRAWS_SHA256
+        assert {i: draws[i] for i in EARLIER_DRAWS} == EARLIER_DRAWS
+
+
+def test_left_out_colours_are_redrawn_from_the_same_rng() -> None:
+    """Without yellow, a sample whose first draw was not yellow is the all-colour sample; the others
+    are drawn again, so every sample is still a function of (seed, index)."""
+    allowed = ("red", "green", "blue")
+    for still in (False, True):
+        every = [ToySample.draw(i, still=still, size=SIZE, frames=FRAMES, seed=1) for i in range(2000)]
+        some = [ToySample.draw(i, still=still, size=SIZE, frames=FRAMES, seed=1, colors=allowed)
+                for i in range(2000)]
+        assert {s.color for s in some} == set(allowed)
+        kept = [i for i, s in enumerate(every) if s.color != "yellow"]
+        assert 0 < len(kept) < 2000 and all(some[i] == every[i] for i in kept)
+        if not still:  # every trainable combination of the allowed colours still occurs
+            assert {(s.color, s.shape, s.direction) for s in some} == {
+                t for t in TRIPLES if t[0] in allowed and t not in HELD_OUT}
+
+
+def test_colour_names_are_checked_and_normalised() -> None:
+    assert TOY_COLORS == tuple(COLORS)  # config.py checks data.toy_colors against its own copy
+    assert ToyDatasetSpec(colors=["blue", "red", "blue"]).colors == ("red", "blue")
+    with pytest.raises(ValueError, match="unknown toy colour.* purple; choose from red, green, blue, yellow"):
+        ToyDatasetSpec(colors=("red", "purple"))
+
+
+def test_a_dataset_without_a_colour_trains_on_the_others_and_validates_on_all(toy_dir: Path,
+                                                                             tmp_path: Path) -> None:
+    shards = ensure_toy_dataset(tmp_path, clips=CLIPS, images=IMAGES, size=SIZE, frames=FRAMES, shard_size=10,
+                                seed=0, colors=["green", "red", "blue"])
+    manifest = read_manifest(tmp_path)
+    assert manifest["params"]["colors"] == ["red", "green", "blue"]
+    metas = [json.loads(raw["json"]) for raw in iter_raw_samples(tmp_path)]
+    assert len(metas) == CLIPS + IMAGES and {m["color"] for m in metas} == {"red", "green", "blue"}
+    assert read_validation(tmp_path).captions == read_validation(toy_dir).captions  # all 32 combinations
+    assert ensure_toy_dataset(tmp_path, clips=CLIPS, images=IMAGES, size=SIZE, frames=FRAMES, shard_size=10,
+                              seed=0, colors=["red", "green", "blue"]) == shards  # reused
+    # Every colour again: rebuilt, and then the default dataset, byte for byte.
+    ensure_toy_dataset(tmp_path, clips=CLIPS, images=IMAGES, size=SIZE, frames=FRAMES, shard_size=10, seed=0,
+                       colors=list(COLORS))
+    for name in [*(p.name for p in sorted(toy_dir.glob("toy-*.tar"))), MANIFEST]:
+        assert (tmp_path / name).read_bytes() == (toy_dir / name).read_bytes(), name
+    assert list(read_manifest(toy_dir)["params"]) == EARLIER_PARAMS
+
+
+@pytest.mark.usefixtures("megatron_world")
+def test_a_toy_run_writes_its_data_toy_colors(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, "data.create_if_missing=true", "data.toy_clips=8", "data.toy_images=0",
+               "data.toy_colors=[blue]")
+    ensure_toy_data(cfg)
+    assert read_manifest(tmp_path)["params"]["colors"] == ["blue"]
+    assert {json.loads(raw["json"])["color"] for raw in iter_raw_samples(tmp_path)} == {"blue"}
 
 
 def test_manifests_list_the_held_out_combinations(toy_dir: Path) -> None:

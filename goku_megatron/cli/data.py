@@ -25,7 +25,7 @@ from goku_megatron.convert import export_checkpoint, import_checkpoint
 from goku_megatron.data.curation import REPORT_NAME, STAGES, RawFilter, curate_folder
 from goku_megatron.data.frames import FrameSpec
 from goku_megatron.data.precompute import DEFAULT_MAX_TEXT_TOKENS, input_shards, load_job, precompute_latents
-from goku_megatron.data.toy import PIX_FMTS, ToyDatasetSpec, make_toy_dataset
+from goku_megatron.data.toy import COLORS, PIX_FMTS, ToyDatasetSpec, make_toy_dataset, parse_colors
 from goku_megatron.logs import setup_logging
 from goku_megatron.platform import use_local_device
 from goku_megatron.resilience import EXIT_CONFIG_ERROR
@@ -53,15 +53,24 @@ def positive(text: str) -> int:
     return value
 
 
+def color_list(text: str) -> tuple[str, ...]:
+    """``red,green,blue`` -> ("red", "green", "blue"), refused at parse time if a name is unknown."""
+    try:
+        return parse_colors(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def make_toy(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         shards = make_toy_dataset(args.out, clips=args.clips, images=args.images, size=args.size,
                                   frames=args.frames, shard_size=args.shard_size, seed=args.seed,
-                                  pix_fmt=args.pix_fmt, val_clips=args.val_clips)
+                                  pix_fmt=args.pix_fmt, val_clips=args.val_clips, colors=args.colors)
     except (FileExistsError, ValueError) as err:
         return fail(err)
-    print(f"wrote {args.clips} clips + {args.images} images in {len(shards)} shards and "
+    only = f" ({', '.join(args.colors)} only)" if args.colors else ""
+    print(f"wrote {args.clips} clips + {args.images} images{only} in {len(shards)} shards and "
           f"{args.val_clips} validation clips to {args.out} in {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -130,6 +139,9 @@ def build_parser() -> Parser:
                           "colour of edge pixels exact")
     toy.add_argument("--val-clips", type=int, default=ToyDatasetSpec.val_clips,
                      help="validation clips in OUT/val (0: none); clip i shows combination i mod 32")
+    toy.add_argument("--colors", type=color_list, default=(), metavar="NAMES",
+                     help=f"comma-separated colours the training samples show, of {', '.join(COLORS)} "
+                          "(default: all); the validation split shows every colour")
     toy.set_defaults(run=make_toy)
 
     shards = commands.add_parser(

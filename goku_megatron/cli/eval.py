@@ -2,6 +2,7 @@
 (goku_megatron/evaluation.py says what is measured and how).
 
     goku-eval shapes --checkpoint runs/toy-20261122-0500 --out shapes.json --samples-per-prompt 4
+    goku-eval shapes --checkpoint runs/toy-20261122-0500 --colors yellow   # its 8 prompts only
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from goku_megatron import evaluation
 from goku_megatron.config import ConfigError
-from goku_megatron.data.toy import read_validation
+from goku_megatron.data.toy import COLORS, parse_colors, read_validation
 from goku_megatron.evaluation import VAL_TIMESTEPS, evaluate, format_table
 from goku_megatron.logs import setup_logging
 from goku_megatron.resilience import EXIT_CONFIG_ERROR
@@ -25,6 +26,14 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def _color_list(text: str) -> tuple[str, ...]:
+    """``yellow,red`` -> ("yellow", "red"), refused at parse time if a name is unknown."""
+    try:
+        return parse_colors(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -40,6 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     shapes.add_argument("--seed", type=int, default=0, help="sampling seed; repeat r uses seed + r")
     shapes.add_argument("--data", type=Path, default=None,
                         help="toy dataset whose val/ split gives the validation loss (default: the run's data.path)")
+    shapes.add_argument("--colors", type=_color_list, default=(), metavar="NAMES",
+                        help=f"sample only the prompts of these comma-separated colours, of {', '.join(COLORS)} "
+                             "(default: all); the validation loss stays on the whole split")
     return parser.parse_args(argv)
 
 
@@ -69,12 +81,12 @@ def shapes_main(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ConfigError, ValueError) as err:
         print(f"goku-eval: error: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    bench, losses = evaluate(sampler, spec, val, args.samples_per_prompt)
+    bench, losses = evaluate(sampler, spec, val, args.samples_per_prompt, args.colors)
     report = {
         "checkpoint": str(sampler.checkpoint),
         "step": sampler.step,
         "sampling": {"samples_per_prompt": args.samples_per_prompt, "steps": spec.steps,
-                     "cfg_scale": spec.cfg_scale, "seed": spec.seed},
+                     "cfg_scale": spec.cfg_scale, "seed": spec.seed, "colors": list(args.colors or COLORS)},
         "validation": {"data": str(data), "clips": len(val.keys), "held_out_clips": sum(val.held_out),
                        "timesteps": list(VAL_TIMESTEPS), **losses},
         **bench,

@@ -545,7 +545,7 @@ def ensure_toy_data(cfg: Config) -> None:
     d = cfg.data
     if torch.distributed.get_rank() == 0 and d.create_if_missing:
         ensure_toy_dataset(Path(d.path), clips=d.toy_clips, images=d.toy_images, size=d.toy_size,
-                           frames=d.toy_frames, seed=cfg.train.seed)
+                           frames=d.toy_frames, seed=cfg.train.seed, colors=d.toy_colors)
     barrier()
     try:
         read_manifest(Path(d.path))

@@ -8,6 +8,9 @@ are independent factors named in the caption, so a sampled clip can be checked a
 ShapesBench (goku_megatron/evaluation.py) tests composition with ``HELD_OUT``: four of the 32
 (colour, shape, direction) combinations that training clips never show. A validation split in
 ``val/`` next to the training shards shows every combination, held-out ones included.
+``ToyDatasetSpec.colors`` (config data.toy_colors) leaves whole colours out of training, so that a
+base model never sees one and a finetune can teach it (docs/recipes.md); the validation split still
+shows all 32 combinations.
 
 Writing: ``make_toy_dataset`` (or ``ensure_toy_dataset``, which reuses a complete dataset).
 Reading: training reads the shards like any raw shards (goku_megatron/data/pipeline.py: SampleStream,
@@ -23,7 +26,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator, Sequence
 
 import av
 import numpy as np
@@ -133,21 +136,21 @@ class ToySample:
         return caption_for(self.color, self.shape, self.direction)
 
     @classmethod
-    def draw(cls, index: int, *, still: bool, size: int, frames: int, seed: int) -> ToySample:
+    def draw(cls, index: int, *, still: bool, size: int, frames: int, seed: int,
+             colors: Collection[str] = tuple(COLORS)) -> ToySample:
         """Draws the factors from an RNG keyed by (seed, index), so a sample never depends on
         how many others are made or how they are sharded.
 
-        A clip whose factors are a HELD_OUT combination draws them again from the same RNG: the
-        sample stays a function of (seed, index), and one whose first draw was not held out is
-        the sample earlier dataset versions made."""
+        A clip whose factors are a HELD_OUT combination, or any sample of a colour outside
+        ``colors``, draws them again from the same RNG: the sample stays a function of (seed,
+        index), and one whose first draw was allowed is the sample earlier dataset versions (and
+        the dataset of all colours) made."""
         rng = np.random.default_rng([seed, index])
         while True:
             color = list(COLORS)[rng.integers(len(COLORS))]
             shape = SHAPES[rng.integers(len(SHAPES))]
-            if still:
-                return cls.placed(rng, index, color, shape, None, size=size, frames=frames)
-            direction = list(DIRECTIONS)[rng.integers(len(DIRECTIONS))]
-            if (color, shape, direction) not in HELD_OUT:
+            direction = None if still else list(DIRECTIONS)[rng.integers(len(DIRECTIONS))]
+            if color in colors and (color, shape, direction) not in HELD_OUT:
                 return cls.placed(rng, index, color, shape, direction, size=size, frames=frames)
 
     @classmethod
@@ -241,6 +244,11 @@ class ToyDatasetSpec:
     pix_fmt: str = "yuv444p"
     # Validation clips in VAL_DIR; a multiple of len(TRIPLES) shows every combination equally often.
     val_clips: int = 64
+    # The colours training clips and stills may show (config data.toy_colors), so that a factor can
+    # be left out of a base model and taught later (docs/recipes.md, LoRA on CPU); empty: every
+    # colour. Normalised to COLORS order, and all of them to (), so that listing every colour makes
+    # the default dataset. The validation split shows every colour regardless.
+    colors: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.clips < 0 or self.images < 0 or self.clips + self.images == 0:
@@ -254,6 +262,9 @@ class ToyDatasetSpec:
             )
         if self.pix_fmt not in PIX_FMTS:
             raise ValueError(f"pix_fmt must be one of {PIX_FMTS}, got {self.pix_fmt!r}")
+        check_colors(self.colors)
+        chosen = tuple(c for c in COLORS if c in self.colors)
+        object.__setattr__(self, "colors", () if len(chosen) == len(COLORS) else chosen)
         side = shape_size(self.size)
         moving = self.clips or self.val_clips
         if self.size < side or (moving and SPEED * (self.frames - 1) > self.size - side):
@@ -261,6 +272,37 @@ class ToyDatasetSpec:
                 f"a {side} px shape moving {SPEED} px/frame for {self.frames} frames does not fit "
                 f"in {self.size} px; use fewer frames or a larger size"
             )
+
+    @property
+    def training_colors(self) -> tuple[str, ...]:
+        """The colours training samples draw from."""
+        return self.colors or tuple(COLORS)
+
+    def params(self) -> dict[str, Any]:
+        """The manifest's ``params``: every field, but ``colors`` only where it leaves colours out,
+        so a dataset of every colour keeps the manifest earlier versions wrote and is reused."""
+        params = asdict(self)
+        if self.colors:
+            params["colors"] = list(self.colors)  # as JSON reads it back, to compare equal
+        else:
+            del params["colors"]
+        return params
+
+
+def check_colors(colors: Sequence[str]) -> None:
+    """ValueError naming the vocabulary if ``colors`` holds a name that is not in COLORS."""
+    unknown = [c for c in colors if c not in COLORS]
+    if unknown:
+        raise ValueError(f"unknown toy colour(s) {', '.join(map(str, unknown))}; choose from "
+                         f"{', '.join(COLORS)}")
+
+
+def parse_colors(text: str) -> tuple[str, ...]:
+    """``"red,green"`` -> ("red", "green"), as goku-data and goku-eval take colours; ValueError
+    (check_colors) for an unknown name."""
+    colors = tuple(name.strip() for name in text.split(",") if name.strip())
+    check_colors(colors)
+    return colors
 
 
 def validation_samples(count: int, *, size: int, frames: int) -> list[ToySample]:
@@ -303,7 +345,7 @@ def _write_split(split_dir: Path, samples: list[ToySample], spec: ToyDatasetSpec
     clips = sum(s["clips"] for s in shards)
     manifest = {
         "format": FORMAT,
-        "params": asdict(spec),
+        "params": spec.params(),
         **extra,
         "samples": len(samples),
         "clips": clips,
@@ -330,17 +372,19 @@ def make_toy_dataset(
     seed: int = ToyDatasetSpec.seed,
     pix_fmt: str = ToyDatasetSpec.pix_fmt,
     val_clips: int = ToyDatasetSpec.val_clips,
+    colors: Sequence[str] = ToyDatasetSpec.colors,
 ) -> list[Path]:
     """Writes the toy dataset to ``out`` and returns its (training) shard paths.
 
-    Samples 0..clips-1 are clips, the rest stills; the validation split (``validation_samples``)
-    goes to ``out/val`` with a manifest of its own. The training manifest is removed first and
-    written last (atomically), after the validation split, so a dataset without one is known to be
-    incomplete. Shards are byte-identical for the same parameters. Call from one process only
+    Samples 0..clips-1 are clips, the rest stills, of ``colors`` only (empty: all); the validation
+    split (``validation_samples``) goes to ``out/val`` with a manifest of its own. The training
+    manifest is removed first and written last (atomically), after the validation split, so a
+    dataset without one is known to be incomplete. Shards are byte-identical for the same parameters. Call from one process only
     (rank 0) and barrier.
     """
     spec = ToyDatasetSpec(clips=clips, images=images, size=size, frames=frames,
-                          shard_size=shard_size, seed=seed, pix_fmt=pix_fmt, val_clips=val_clips)
+                          shard_size=shard_size, seed=seed, pix_fmt=pix_fmt, val_clips=val_clips,
+                          colors=tuple(colors))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
@@ -349,7 +393,8 @@ def make_toy_dataset(
         _write_split(out / VAL_DIR, validation_samples(spec.val_clips, size=spec.size,
                                                        frames=spec.frames), spec, split="val")
     train = [ToySample.draw(index, still=index >= spec.clips, size=spec.size, frames=spec.frames,
-                            seed=spec.seed) for index in range(spec.clips + spec.images)]
+                            seed=spec.seed, colors=spec.training_colors)
+             for index in range(spec.clips + spec.images)]
     return _write_split(out, train, spec, split="train",
                         val_dir=VAL_DIR if spec.val_clips else None)
 
@@ -387,11 +432,12 @@ def ensure_toy_dataset(out: Path, **params: Any) -> list[Path]:
     other held-out combinations, or with parameters other than ``params`` (keyword arguments of
     ``make_toy_dataset``)."""
     out = Path(out)
-    wanted = asdict(ToyDatasetSpec(**params))
+    wanted = ToyDatasetSpec(**params).params()
     if _is_complete(out, wanted) and (not wanted["val_clips"] or _is_complete(out / VAL_DIR, wanted)):
         return [out / s["name"] for s in read_manifest(out)["shards"]]
-    log.info("data: writing the toy dataset to %s (%d clips, %d images, %dx%d, %d frames)", out, wanted["clips"],
-             wanted["images"], wanted["size"], wanted["size"], wanted["frames"])
+    log.info("data: writing the toy dataset to %s (%d clips, %d images, %dx%d, %d frames, colours: %s)", out,
+             wanted["clips"], wanted["images"], wanted["size"], wanted["size"], wanted["frames"],
+             ", ".join(wanted.get("colors", COLORS)))
     return make_toy_dataset(out, **wanted)
 
 
