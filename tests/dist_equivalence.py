@@ -80,7 +80,7 @@ def full_tensors(stage, use_grad: bool) -> dict[str, torch.Tensor]:
 
 def main() -> None:
     from goku_megatron import cpu_compat
-    from goku_megatron.checkpoint import gather_weights, save_checkpoint
+    from goku_megatron.checkpoint import base_of, gather_weights, save_checkpoint
     from goku_megatron.config import load_config, validate
     from goku_megatron.model.goku import iter_stage_models
     from goku_megatron.platform import local_device, world_size_from_env
@@ -144,7 +144,7 @@ def main() -> None:
     weights = full_tensors(stage, use_grad=False)
     if dump_rank:
         torch.save(weights, out_dir / f"weights_pp{pp_rank}.pt")
-    save_checkpoint(out_dir, 2, model, cfg.to_dict())
+    save_checkpoint(out_dir, 2, model, cfg.to_dict(), base=base_of(cfg) if cfg.lora.rank else None)
     if torch.distributed.get_rank() == 0:
         torch.save(record, out_dir / "record.pt")
         (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -34,15 +34,15 @@ from goku_megatron.checkpoint.layout import (CHECKSUMS, CHECKSUMS_GLOB, FORMAT, 
                                              PARTIAL_SUFFIX, checkpoint_dir, checkpoint_step, latest_checkpoint,
                                              load_loader_state, loader_state_path, read_manifest,
                                              resolve_checkpoint)
-from goku_megatron.checkpoint.load import (NEW_LAYERS, init_weights_from, load_checkpoint, load_model_weights,
-                                           restore, start_from_base)
+from goku_megatron.checkpoint.load import (NEW_LAYERS, base_of, init_weights_from, load_checkpoint,
+                                           load_model_weights, restore, start_from_base)
 from goku_megatron.checkpoint.optimizer_state import flat_range_boxes
 from goku_megatron.checkpoint.save import WRITE_TIMEOUT_S, Checkpointer, free_bytes, save_checkpoint
 from goku_megatron.checkpoint.state import TrainingState, gather_weights
 
 __all__ = [
     "CHECKSUMS", "CHECKSUMS_GLOB", "FORMAT", "FORMATS", "LATEST", "MANIFEST", "NEWER_SHAPE_FIELDS", "NEW_LAYERS",
-    "PARTIAL_SUFFIX", "SHAPE_FIELDS", "WRITE_TIMEOUT_S", "Checkpointer", "TrainingState", "check_compatible",
+    "PARTIAL_SUFFIX", "SHAPE_FIELDS", "WRITE_TIMEOUT_S", "Checkpointer", "TrainingState", "base_of", "check_compatible",
     "checkpoint_dir", "checkpoint_step", "choose_resume_checkpoint", "file_crc32", "flat_range_boxes",
     "free_bytes", "gather_weights", "init_weights_from", "latest_checkpoint", "load_checkpoint",
     "load_loader_state", "load_model_weights", "loader_state_path", "newest_valid_checkpoint", "read_manifest",

@@ -216,15 +216,15 @@ def load_base(base: dict[str, Any], model: list[torch.nn.Module]) -> None:
         load_model_weights(Path(path), model, ema=base["ema"], new_layers=NEW_LAYERS, select=base_weights)
 
 
-def start_from_base(state: TrainingState, cfg: Config) -> dict[str, Any]:
-    """A fresh LoRA run's frozen weights from ``lora.base``, checked first: a sound goku-train
-    checkpoint (or the run directory whose latest one it is) or a reference .safetensors file, of
-    this model's shape (NEW_LAYERS aside), holding whole weights rather than adapters. Returns the
-    record its checkpoints keep in their manifest (``base``: the resolved checkpoint, so a resume
-    or goku-sample reads the same weights after the base's run has moved on)."""
+def base_of(cfg: Config) -> dict[str, Any]:
+    """``lora.base`` resolved and checked, as a LoRA run's manifests record it (``base``): a sound
+    goku-train checkpoint (or the run directory whose latest one it is) or a reference
+    .safetensors file, of this model's shape (NEW_LAYERS aside), holding whole weights rather than
+    adapters; or ``seed``. A checkpoint is recorded resolved, so a resume or goku-sample reads the
+    same weights after the base's own run has moved on."""
     lora = cfg.lora
     fields = [f for f in SHAPE_FIELDS if f != "i2v"]
-    if lora.base == LORA_SEED_BASE:  # build_stage initialised the model from train.seed already
+    if lora.base == LORA_SEED_BASE:
         return {"path": LORA_SEED_BASE, "seed": cfg.train.seed}
     if lora.base.endswith(".safetensors"):
         path = Path(lora.base).absolute()
@@ -233,22 +233,28 @@ def start_from_base(state: TrainingState, cfg: Config) -> dict[str, Any]:
         except (FileNotFoundError, ValueError) as err:
             raise ConfigError(f"lora.base: {err}") from None
         check_compatible({"config": saved}, cfg, path, fields=fields)
-        base = {"path": str(path)}
-    else:
-        try:
-            checkpoint = resolve_checkpoint(Path(lora.base)).absolute()
-        except FileNotFoundError as err:
-            raise ConfigError(f"lora.base: {err}") from None
-        reason = validate_checkpoint(checkpoint) or verify_checkpoint(checkpoint)
-        if reason is not None:
-            raise ConfigError(f"lora.base={lora.base}: {reason}; pass a sound checkpoint")
-        manifest = read_manifest(checkpoint)
-        if manifest.get("base") is not None:
-            raise ConfigError(f"lora.base={lora.base} is itself a LoRA run's checkpoint; export it merged into its "
-                              f"base (goku-data convert-checkpoint export) and use that .safetensors file")
-        check_compatible(manifest, cfg, checkpoint, fields=fields)
-        base = {"path": str(checkpoint), "ema": lora.base_ema}
-    load_base(base, state.model)
+        return {"path": str(path)}
+    try:
+        checkpoint = resolve_checkpoint(Path(lora.base)).absolute()
+    except FileNotFoundError as err:
+        raise ConfigError(f"lora.base: {err}") from None
+    reason = validate_checkpoint(checkpoint) or verify_checkpoint(checkpoint)
+    if reason is not None:
+        raise ConfigError(f"lora.base={lora.base}: {reason}; pass a sound checkpoint")
+    manifest = read_manifest(checkpoint)
+    if manifest.get("base") is not None:
+        raise ConfigError(f"lora.base={lora.base} is itself a LoRA run's checkpoint; export it merged into its "
+                          f"base (goku-data convert-checkpoint export) and use that .safetensors file")
+    check_compatible(manifest, cfg, checkpoint, fields=fields)
+    return {"path": str(checkpoint), "ema": lora.base_ema}
+
+
+def start_from_base(state: TrainingState, cfg: Config) -> dict[str, Any]:
+    """A fresh LoRA run's frozen weights from ``lora.base`` (``base_of``: checked first); the
+    optimizer's fp32 copies and the EMA restart from them. Returns the base's record."""
+    base = base_of(cfg)
+    if base["path"] != LORA_SEED_BASE:  # build_stage initialised the model from train.seed already
+        load_base(base, state.model)
     unwrapped(state.optimizer).reload_model_params()
     if state.ema is not None:
         state.ema.restart()

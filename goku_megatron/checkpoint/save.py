@@ -384,7 +384,10 @@ def _size(n: int) -> str:
 
 
 def save_checkpoint(run_dir: Path, step: int, model: list[torch.nn.Module], config: dict[str, Any],
-                    loader_state: dict[str, Any] | None = None) -> Path:
-    """Save the weights alone (synchronously), e.g. an imported or freshly converted model."""
-    Checkpointer(run_dir).save(step, TrainingState(model), config, loader_state=loader_state, blocking=True)
+                    loader_state: dict[str, Any] | None = None, base: dict[str, Any] | None = None) -> Path:
+    """Save the weights alone (synchronously), e.g. an imported or freshly converted model; a LoRA
+    model's with the record of its ``base`` (load.base_of)."""
+    checkpointer = Checkpointer(run_dir)
+    checkpointer.base = base
+    checkpointer.save(step, TrainingState(model), config, loader_state=loader_state, blocking=True)
     return checkpoint_dir(run_dir, step)
