@@ -20,12 +20,13 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
+from goku_megatron.cli.args import color_list, positive
 from goku_megatron.config import DECODERS, StageConfig
 from goku_megatron.convert import export_checkpoint, import_checkpoint
 from goku_megatron.data.curation import REPORT_NAME, STAGES, RawFilter, curate_folder
 from goku_megatron.data.frames import FrameSpec
 from goku_megatron.data.precompute import DEFAULT_MAX_TEXT_TOKENS, input_shards, load_job, precompute_latents
-from goku_megatron.data.toy import COLORS, PIX_FMTS, ToyDatasetSpec, make_toy_dataset, parse_colors
+from goku_megatron.data.toy import COLORS, PIX_FMTS, ToyDatasetSpec, make_toy_dataset
 from goku_megatron.logs import setup_logging
 from goku_megatron.platform import use_local_device
 from goku_megatron.resilience import EXIT_CONFIG_ERROR
@@ -44,21 +45,6 @@ class Parser(argparse.ArgumentParser):
 def fail(err: Exception) -> int:
     print(f"{PROG}: error: {err}", file=sys.stderr)
     return EXIT_CONFIG_ERROR
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def color_list(text: str) -> tuple[str, ...]:
-    """``red,green,blue`` -> ("red", "green", "blue"), refused at parse time if a name is unknown."""
-    try:
-        return parse_colors(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def make_toy(args: argparse.Namespace) -> int:

@@ -13,27 +13,13 @@ import sys
 from pathlib import Path
 
 from goku_megatron import evaluation
+from goku_megatron.cli.args import color_list, positive
 from goku_megatron.config import ConfigError
-from goku_megatron.data.toy import COLORS, parse_colors, read_validation
+from goku_megatron.data.toy import COLORS, read_validation
 from goku_megatron.evaluation import VAL_TIMESTEPS, evaluate, format_table
 from goku_megatron.logs import setup_logging
 from goku_megatron.resilience import EXIT_CONFIG_ERROR
 from goku_megatron.sample import Sampler, SampleSpec
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _color_list(text: str) -> tuple[str, ...]:
-    """``yellow,red`` -> ("yellow", "red"), refused at parse time if a name is unknown."""
-    try:
-        return parse_colors(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,13 +29,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     shapes = commands.add_parser("shapes", help="ShapesBench prompt adherence and validation loss of a toy run")
     shapes.add_argument("--checkpoint", required=True, type=Path, help="run directory or checkpoints/iter_N")
     shapes.add_argument("--out", type=Path, default=Path("shapes_report.json"), help="JSON report to write")
-    shapes.add_argument("--samples-per-prompt", type=_positive_int, default=4)
-    shapes.add_argument("--steps", type=_positive_int, default=None, help="Euler steps (default flow.sample_steps)")
+    shapes.add_argument("--samples-per-prompt", type=positive, default=4)
+    shapes.add_argument("--steps", type=positive, default=None, help="Euler steps (default flow.sample_steps)")
     shapes.add_argument("--cfg-scale", type=float, default=None, help="guidance (default flow.cfg_scale)")
     shapes.add_argument("--seed", type=int, default=0, help="sampling seed; repeat r uses seed + r")
     shapes.add_argument("--data", type=Path, default=None,
                         help="toy dataset whose val/ split gives the validation loss (default: the run's data.path)")
-    shapes.add_argument("--colors", type=_color_list, default=(), metavar="NAMES",
+    shapes.add_argument("--colors", type=color_list, default=(), metavar="NAMES",
                         help=f"sample only the prompts of these comma-separated colours, of {', '.join(COLORS)} "
                              "(default: all); the validation loss stays on the whole split")
     return parser.parse_args(argv)
