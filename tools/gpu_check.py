@@ -53,7 +53,7 @@ KIT = REPO / ".gpukit"
 WHEELS = KIT / "wheels"
 SITE = Path("/tmp/site")
 
-# What the GPU image lacks (/work/.library/device KINDS.md lists what it holds: torch, pytest,
+# What the GPU image lacks (docs/gpu.md lists what it holds: torch, pytest,
 # pytest-xdist, psutil, pyyaml, tensorboard, safetensors, einops, pillow, numpy are there), pinned
 # to the versions the CPU suite runs with. megatron-core 0.16.1 is the newest that installs on both
 # Python 3.11 and 3.12 (setup.py); webdataset needs braceexpand; av (PyAV) decodes the toy clips.
