@@ -42,6 +42,7 @@ from goku_megatron.batch import Pack, PackSample, build_pack, pack_batch
 from goku_megatron.checkpoint import checkpoint_dir
 from goku_megatron.config import FP8_RECIPES, ConfigError, fp8_align_size, load_config
 from goku_megatron.model.goku import iter_stage_models
+from goku_megatron.model.lora import is_adapter
 from goku_megatron.platform import check_fp8_recipe
 
 pytestmark = [pytest.mark.gpu,
@@ -246,3 +247,25 @@ def test_each_fp8_recipe_runs_forward_and_backward_or_is_refused(megatron_world,
     error = (got - want).norm() / want.norm()
     figure(f"fp8_{recipe}_relative_error", f"{error:.4f}")
     assert error < 0.15
+
+
+@needs_te
+def test_lora_adapters_train_in_bf16_on_an_fp8_base(megatron_world):
+    """LoRA on Transformer Engine linears running FP8: the adapters are megatron's local linears in
+    bf16 (never FP8), get gradients, and the frozen base gets none (docs/recipes.md, "LoRA
+    finetuning")."""
+    recipe = "tensorwise"
+    cfg = load_config(None, ["model.zero_init=false", "model.linear_backend=te", "model.attention_backend=sdpa",
+                             "train.precision=bf16", "model.fp8=hybrid", f"model.fp8_recipe={recipe}",
+                             "lora.rank=4", "lora.base=seed"])
+    stage = build_stage(cfg)
+    pack = _pack(cfg, mixed=True, tokens_multiple=fp8_align_size(recipe)).to("cuda")
+    for _ in range(2):
+        loss = _loss(stage, pack)
+        loss.backward()
+    assert torch.isfinite(loss)
+    params = dict(stage.named_parameters())
+    adapters = {n: p for n, p in params.items() if is_adapter(n)}
+    assert adapters and all(p.dtype == torch.bfloat16 and type(p) is torch.nn.Parameter for p in adapters.values())
+    assert all(p.grad is not None or getattr(p, "main_grad", None) is not None for p in adapters.values())
+    assert all(p.grad is None for n, p in params.items() if not is_adapter(n))
