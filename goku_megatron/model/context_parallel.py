@@ -31,7 +31,6 @@ the gradients are the CP=1 gradients; train.forward_step reports the sum over CP
 from __future__ import annotations
 
 import bisect
-import itertools
 from dataclasses import dataclass, replace
 from typing import Literal, Sequence, TypeVar
 
@@ -185,13 +184,16 @@ K = TypeVar("K")
 def equal_runs(keys: Sequence[K]) -> list[tuple[int, int, K]]:
     """Maximal runs of consecutive equal ``keys`` as (start, count, key): the one grouping of
     equal neighbours behind attention's batched equal segments (SDPAAttention), the per-sample
-    blocks of modulation rows (RowRuns.blocks) and a CP shard's merged pieces (shard_pack)."""
+    blocks of modulation rows (RowRuns.blocks) and a CP shard's merged pieces (shard_pack). A
+    plain loop: it runs inside compiled layers (model.compile), and dynamo traces no
+    itertools.groupby over tuple keys."""
     runs: list[tuple[int, int, K]] = []
-    start = 0
-    for key, group in itertools.groupby(keys):
-        count = sum(1 for _ in group)
-        runs.append((start, count, key))
-        start += count
+    for i, key in enumerate(keys):
+        if runs and runs[-1][2] == key:
+            start, count, _ = runs[-1]
+            runs[-1] = (start, count + 1, key)
+        else:
+            runs.append((i, 1, key))
     return runs
 
 
