@@ -394,3 +394,25 @@ def test_lora_saves_less_than_the_full_finetunes_activation_estimate(megatron_wo
                                                 "model.num_layers=2"], (4, 16, 16))
     assert full == pytest.approx(tracked, rel=0.01)  # the two measures agree on the full finetune
     assert lora < every < full <= estimate_bytes
+
+
+def test_cli_lora(capsys):
+    args = ["--preset", "goku-8b", "--gpus", "64", "--tokens", "65536", "--samples-per-pack", "2", "--top", "3"]
+    assert main(args) == 0
+    full = capsys.readouterr().out.splitlines()
+    assert main([*args, "--lora-rank", "64"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    trained = trainable_params(GOKU_8B, 1, 1, LORA_64)
+    assert out[1] == f"# LoRA rank 64 on {','.join(LORA_64.targets)}: {trained:,.0f} trained parameters (TP=1), " \
+                     f"the base frozen"
+    assert out[2] == full[1] and len(out) == len(full) + 1
+    lora_rows = [line.split() for line in out[3:6]]
+    best = plan(GOKU_8B, Workload(tokens=65536, samples_per_pack=2), Hardware(gpus=64), lora=LORA_64)[0][0]
+    assert float(lora_rows[0][-2]) == pytest.approx(best.step_time_s, abs=0.005)
+    assert float(lora_rows[0][-2]) < float(full[2].split()[-2])  # faster than the full finetune's best
+    assert main([*args, "--lora-rank", "8", "--lora-targets", "mlp.fc1", "final"]) == 0
+    assert "# LoRA rank 8 on mlp.fc1,final: " in capsys.readouterr().out
+    assert main(["--config", "goku-8b", "--gpus", "64", "--lora-rank", "8"]) == 2
+    assert "with --config the recipe's lora section is planned" in capsys.readouterr().err
+    assert main([*args, "--lora-targets", "mlp.fc1"]) == 2
+    assert "--lora-targets needs --lora-rank" in capsys.readouterr().err
