@@ -11,15 +11,16 @@ import torch
 from conftest import build_stage, run_torchrun
 from torch.distributed._tools.mem_tracker import MemTracker
 
-from goku_megatron.config import LORA_TARGETS, MODEL_PRESETS, ConfigError, LoraConfig, ModelConfig, load_config, validate
+from goku_megatron.config import (LORA_TARGETS, MODEL_PRESETS, ConfigError, LoraConfig, ModelConfig, load_config,
+                                  validate)
 from goku_megatron.batch import PackSample, build_pack, pack_batch
 from goku_megatron.flops import forward_flops, weight_gradient_flops
 from goku_megatron.model.goku import count_parameters, iter_stage_models
 from goku_megatron.model.lora import TARGET_MODULES, adapter_params, base_features, is_adapter
 from goku_megatron.cli.plan import main
 from goku_megatron.planner import (GIB, Hardware, Layout, Workload, activation_elements, embedder_params, estimate,
-                                   fsdp_comm_s, fsdp_memory, layer_params, plan, recommend,
-                                   lora_on, resolve_layout, stage_adapter_params, stage_params, tokens_for,
+                                   fsdp_comm_s, fsdp_memory, layer_params, lora_on, plan, planned_stage, recommend,
+                                   resolve_layout, stage_adapter_params, stage_params, stage_workload, tokens_for,
                                    trainable_params)
 
 GOKU_8B = ModelConfig(preset="goku-8b", **MODEL_PRESETS["goku-8b"])
@@ -358,7 +359,18 @@ def test_fsdp_lora_memory_and_communication():
     assert fsdp_comm_s(GOKU_8B, hw, layout, LORA_64) < 0.7 * fsdp_comm_s(GOKU_8B, hw, layout)  # 2 of 3 collectives
     hybrid = _fsdp(1, 1, 64, 8)  # replicas all-reduce the adapters' gradient shards only
     assert fsdp_comm_s(GOKU_8B, hw, hybrid, LORA_64) == pytest.approx(
-        (2 * weights + adapters * 2) * 7 / 8 / hw.nvlink_bytes_per_s + 2 * 7 / 8 * adapters * 2 / 8 / hw.network_bytes_per_s)
+        (2 * weights + adapters * 2) * 7 / 8 / hw.nvlink_bytes_per_s
+        + 2 * 7 / 8 * adapters * 2 / 8 / hw.network_bytes_per_s)
+
+
+def test_recommend_plans_the_recipes_lora():
+    """parallel.auto plans a recipe's LoRA finetune: goku-8b-lora-t2v gets another layout than the
+    full finetune it shares its packs with (goku-8b-ft-t2v)."""
+    lora, full = load_config("goku-8b-lora-t2v"), load_config("goku-8b-ft-t2v")
+    work, hw = stage_workload(lora, planned_stage(lora)), Hardware(gpus=64)
+    assert work == stage_workload(full, planned_stage(full))
+    assert recommend(lora, 64) == plan(lora.model, work, hw, lora=lora.lora)[0][0].layout
+    assert recommend(full, 64) == plan(full.model, work, hw)[0][0].layout != recommend(lora, 64)
 
 
 def _saved_activation_bytes(overrides: list[str]) -> tuple[int, float]:
