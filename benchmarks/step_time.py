@@ -2,6 +2,7 @@
 peak GPU memory, and what goku-plan predicts for both.
 
     python benchmarks/step_time.py                       # tiny preset, CPU
+    python benchmarks/step_time.py lora.rank=16 lora.base=seed   # LoRA adapters on a frozen base
     python benchmarks/step_time.py model.preset=goku-1b train.micro_batch_size=1 --grid 4 16 16
     python benchmarks/step_time.py model.preset=goku-2b train.global_batch_size=1 \\
         train.micro_batch_size=1 --grid 9 60 108 --fit        # one GPU: 14580 tokens, full depth
@@ -10,19 +11,24 @@ Runs the path real training takes in one process on synthetic latents: each step
 packs of micro_batch_size samples through the data pipeline's noised_pack (noise, timesteps,
 caption dropout, Patch n' Pack), then train_step (megatron schedules, DDP, optimizer) runs them. It
 prints the median over the timed steps, packing included, and on a GPU the peak memory allocated
-during the timed steps. Beside them stands goku_megatron.planner's estimate of the same step (one
-GPU, this precision, recompute as configured): the memory goku-plan and parallel.auto plan with,
-and the step time at the planner's assumed efficiency. ``--fit`` turns full activation recompute
-on when the planner's estimate without it exceeds the GPU's memory with the planner's headroom
-(goku-2b at full depth fits an H200 without recompute, an H100 only with it), and says so. Not a
-test: figures depend on the machine.
+during the timed steps; on Linux CPUs, where no allocator counts tensors, the process's resident
+set (VmRSS) before the timed steps and its peak (VmHWM, reset first) during them: the whole
+process (interpreter, libraries, data), so compare runs with each other rather than with the plan.
+Beside them stands goku_megatron.planner's estimate of the same step (one GPU, this precision,
+recompute and lora.* as configured): the memory goku-plan and parallel.auto plan with, and the step
+time at the planner's assumed efficiency. ``--fit`` turns full activation recompute on when the
+planner's estimate without it exceeds the GPU's memory with the planner's headroom (goku-2b at full
+depth fits an H200 without recompute, an H100 only with it), and says so. Not a test: figures
+depend on the machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -48,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     from goku_megatron.data.encoders import run_text_encoder
     from goku_megatron.data.pipeline import Prepared, noised_pack
     from goku_megatron.flops import gpu_peak_flops
-    from goku_megatron.planner import GIB, HEADROOM, Hardware, Layout, Workload, estimate
+    from goku_megatron.planner import GIB, HEADROOM, Hardware, Layout, Workload, estimate, lora_on
     from goku_megatron.platform import choose_backends, has_cuda
     from goku_megatron.train import setup, train_step
 
@@ -67,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
          "peak_flops": gpu_peak_flops(torch.cuda.get_device_name()) or Hardware.peak_flops} if cuda else {}))
 
     def planned(recompute: bool):
-        return estimate(cfg.model, work, hardware, Layout(1, 1, 1, 1, recompute, cfg.optim.distributed_optimizer))
+        return estimate(cfg.model, work, hardware, Layout(1, 1, 1, 1, recompute, cfg.optim.distributed_optimizer),
+                        lora_on(cfg.lora))
 
     if args.fit and cuda and not cfg.model.recompute:
         without = planned(False).memory_bytes
@@ -83,9 +90,13 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda" if cuda else "cpu")
     samples = [(str(i), Prepared(torch.randn(shape), "a red square moving left")) for i in range(b)]
     times = []
+    rss_before: int | None = None
     for step in range(1, args.warmup + args.steps + 1):
-        if cuda and step == args.warmup + 1:
-            torch.cuda.reset_peak_memory_stats()
+        if step == args.warmup + 1:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            else:
+                rss_before = reset_peak_rss()
         start = time.perf_counter()
         packs = [noised_pack(samples[i : i + mbs], step, mbs * tokens, cfg, encoder).to(device)
                  for i in range(0, b, mbs)]
@@ -97,13 +108,32 @@ def main(argv: list[str] | None = None) -> None:
     print(f"preset={cfg.model.preset} layers={cfg.model.num_layers} device={backends.device} "
           f"precision={backends.precision} recompute={str(cfg.model.recompute).lower()} "
           f"threads={torch.get_num_threads()} batch={b} packs={b // mbs} tokens/sample={tokens} "
-          f"params={sum(p.numel() for p in model[0].parameters()):,}")
+          f"params={sum(p.numel() for p in model[0].parameters()):,} "
+          f"trained={sum(p.numel() for p in model[0].parameters() if p.requires_grad):,}")
     print(f"step_ms median={statistics.median(times) * 1e3:.1f} min={min(times) * 1e3:.1f} "
           f"max={max(times) * 1e3:.1f} over {len(times)} steps; planned_ms={plan.step_time_s * 1e3:.4g} "
           f"(at {hardware.efficiency:g} of {hardware.peak_flops / 1e12:.0f} TFLOP/s)")
     peak = f"{torch.cuda.max_memory_allocated() / GIB:.4g}" if cuda else "n/a"
     print(f"memory_gib peak={peak} planned={plan.memory_bytes / GIB:.4g} "
           f"(weights {plan.weights_bytes / GIB:.4g} + activations {plan.activation_bytes / GIB:.4g})")
+    if rss_before is not None:
+        print(f"host_rss_gib before={rss_before / GIB:.4g} peak={status_bytes('VmHWM') / GIB:.4g} "
+              f"(the whole process; peak over the timed steps)")
+
+
+def status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS, VmHWM), in bytes."""
+    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) * 1024
+
+
+def reset_peak_rss() -> int | None:
+    """Reset the process's peak resident set (VmHWM) to its current one (Linux: clear_refs 5) and
+    return the current one; None where there is no /proc/self/clear_refs (not Linux)."""
+    clear_refs = Path("/proc/self/clear_refs")
+    if not clear_refs.exists():
+        return None
+    clear_refs.write_text("5")
+    return status_bytes("VmRSS")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,12 @@ volume x channels), caption projection 2 L (T D + D^2) (T = text width), timeste
 2 (f D + D^2)
 (f = frequency width). Packed samples attend only within themselves, so S^2 is per sample.
 A training step is 3x the forward (backward = 2x); activation recompute is not model FLOPs.
+
+The backward's 2x is, per matrix multiply, one input-gradient and one weight-gradient GEMM, each
+as costly as the forward one; attention's scores and weighted sum have no weights but two input
+gradients. A linear whose weight is frozen (LoRA's base) skips its weight-gradient GEMM, so such
+a step costs 3F less the linears' forward FLOPs (``weight_gradient_flops``): 2F plus attention's
+4 S^2 D + 4 S L D per layer.
 """
 
 from __future__ import annotations
@@ -34,10 +40,19 @@ def layer_forward_flops(model: ModelConfig, video_tokens: int, text_tokens: int)
     """Forward FLOPs of one Goku layer for one sample of ``video_tokens`` tokens and a caption of
     ``text_tokens`` tokens (benchmarks/throughput.py times layers alone)."""
     s, length, d, f = video_tokens, text_tokens, model.hidden_size, model.ffn_hidden_size
-    return float(8 * s * d * d + 4 * s * s * d                                # self-attention
-                 + 4 * s * d * d + 4 * length * d * d + 4 * s * length * d    # cross-attention
-                 + 4 * s * d * f                                              # MLP
-                 + 12 * d * d)                                                # adaLN modulation
+    return float(8 * s * d * d                                  # self-attention projections
+                 + 4 * s * d * d + 4 * length * d * d           # cross-attention projections
+                 + 4 * s * d * f                                # MLP
+                 + 12 * d * d                                   # adaLN modulation
+                 + layer_attention_core_flops(model, s, length))
+
+
+def layer_attention_core_flops(model: ModelConfig, video_tokens: int, text_tokens: int) -> float:
+    """Forward FLOPs of one layer's attention scores and weighted sums, the matrix multiplies
+    without weights (self-attention 4 S^2 D, cross-attention 4 S L D): what stays of the weight
+    gradients' share of a step when the linears are frozen (``weight_gradient_flops``)."""
+    return float(4 * video_tokens * video_tokens * model.hidden_size
+                 + 4 * video_tokens * text_tokens * model.hidden_size)
 
 
 def forward_flops(model: ModelConfig, video_tokens: Sequence[int], text_tokens: Sequence[int]) -> float:
@@ -57,6 +72,14 @@ def forward_flops(model: ModelConfig, video_tokens: Sequence[int], text_tokens: 
 def training_flops(model: ModelConfig, video_tokens: Sequence[int], text_tokens: Sequence[int]) -> float:
     """Model FLOPs of one forward and backward pass (3x forward)."""
     return 3.0 * forward_flops(model, video_tokens, text_tokens)
+
+
+def weight_gradient_flops(model: ModelConfig, video_tokens: Sequence[int], text_tokens: Sequence[int]) -> float:
+    """FLOPs of the backward's weight-gradient GEMMs, one per linear and as costly as its forward:
+    the forward less attention's weightless matrix multiplies. A step whose linears are all frozen
+    (LoRA's base; the adapters' own GEMMs are left out) skips them: 3F - this = 2F + attention's."""
+    core = sum(layer_attention_core_flops(model, s, length) for s, length in zip(video_tokens, text_tokens))
+    return forward_flops(model, video_tokens, text_tokens) - model.num_layers * core
 
 
 def gpu_peak_flops(device_name: str) -> float | None:

@@ -3,11 +3,13 @@ and a recommendation.
 
     goku-plan --preset goku-8b --gpus 256 --gpu-memory-gb 80 --height 720 --width 1280 --frames 33
     goku-plan --preset goku-2b --gpus 64 --tokens 32768 --samples-per-pack 1
+    goku-plan --preset goku-8b --gpus 64 --tokens 65536 --samples-per-pack 2 --lora-rank 64
 
 Memory per GPU (bytes), for a pipeline stage holding L / PP layers:
 
-    weights + grads + optimizer   P_gpu x (w + 4 + o / DP_opt)
-        P_gpu = layer params / TP x L / PP + embedders (replicated on every stage)
+    weights + grads + optimizer   P_gpu x w + T_gpu x (4 + o / DP_opt)
+        P_gpu = layer params / TP x L / PP + embedders (replicated on every stage), + A_gpu, the
+        LoRA adapters (below); T_gpu = the parameters that train: P_gpu, or with LoRA A_gpu
         w = 2 (bf16) or 4 (fp32); grads are fp32 (megatron's grad buffer); o = 12 for Adam
         (moments, plus fp32 main weights in bf16: 4 + 4 + 4) or 8 in fp32; DP_opt = DP with the
         distributed optimizer, else 1
@@ -35,11 +37,12 @@ FSDP (parallel.fsdp, PP = 1; model/fsdp.py: megatron's FSDP2 wrapper, one unit p
 the root unit of the embedders, patch embed and final layer), with N = the shard group's DP x CP
 ranks (all of them, or parallel.fsdp_shard_size) and R = DP x CP / N replicas:
 
-    sharded     P_gpu x (w + w + o) / N       weights, gradients (in the weights' dtype: FSDP2 has
+    sharded     (P_gpu w + T_gpu (w + o)) / N weights, gradients (in the weights' dtype: FSDP2 has
                                               no fp32 grad buffer) and optimizer state, all
                                               DTensors sharded along dim 0 over the shard group
-    gathered    w x (P_root + 4 P_layer)      P_root = the root unit's (embedder) parameters,
-                                              P_layer = one layer's TP-local parameters
+    gathered    w x (P_root + 2 P_layer       P_root = the root unit's (embedder) parameters,
+                     + 2 T_layer)             P_layer = one layer's TP-local parameters, T_layer
+                                              those that train (all of them, or LoRA's adapters)
 
 The gathered term is FSDP2's peak of unsharded tensors, measured on this code
 (torch.distributed._tools.fsdp2_mem_tracker, tests/test_planner.py): the root unit's weights (all-
@@ -49,20 +52,49 @@ prefetches one layer ahead: implicitly in forward, explicitly in backward), the 
 unsharded gradients and the previous layer's reduce-scatter buffer. It is added to the activations'
 peak although it peaks during the backward, when some activations are freed: an upper bound. With
 parallel.fsdp_reshard_after_forward=false every layer stays gathered from its forward to its
-backward, so the gathered term is w x (P_root + (L + 2) P_layer). In bf16 the optimizer step
+backward, so the gathered term is w x (P_root + L P_layer + 2 T_layer). In bf16 the optimizer step
 briefly holds fp32 main gradients (4 bytes) where the bf16 ones (2) were: P_gpu x 18 / N, with no
 activations and nothing gathered, below the backward's peak unless those weigh less than
 2 P_gpu / N.
 
 FSDP2 does not skip gradient synchronisation between micro-batches: each micro-batch all-gathers
 P_gpu x w bytes in forward and, with reshard_after_forward, again in backward, and reduce-scatters
-as many gradient bytes; each moves (N - 1) / N of them per GPU (ring), over NVLink when the shard
+T_gpu x w gradient bytes; each moves (N - 1) / N of them per GPU (ring), over NVLink when the shard
 group's N x TP GPUs fit in a node (megatron's groups are consecutive ranks), else over the network.
 Hybrid sharding (R > 1) adds the all-reduce of each gradient shard across the replicas,
-2 (R - 1) / R x P_gpu x w / N per GPU, over the network once DP x CP x TP leaves a node. FSDP2
+2 (R - 1) / R x T_gpu x w / N per GPU, over the network once DP x CP x TP leaves a node. FSDP2
 overlaps these with compute (the next layer's all-gather runs while a layer computes; reduce-
 scatters run behind the backward), so a micro-batch takes max(compute, FSDP communication) plus
 the TP and CP communication: only what compute cannot hide counts.
+
+LoRA (lora.rank > 0; model/lora.py): the base is frozen (requires_grad=False), so megatron's DDP
+gives it no fp32 gradient buffer and the optimizer no moments and no fp32 main copy: a frozen
+weight costs its w bytes only. The adapters cost what trained weights cost (weights, fp32 gradients,
+Adam / DP_opt). Per TP rank (model/lora.py adapter_params, from the sharding of each adapted
+linear), A_gpu = rank x (in + out / TP) per column-parallel base (A replicated, B split), rank x
+(in / TP + out) per row-parallel one (A split, B replicated), rank x (in + out) per replicated one
+(the final layer's, counted on every stage like the embedders), over L / PP layers; T_gpu = A_gpu
+plus model.i2v's image_cond, which an I2V LoRA trains in full. Under FSDP every weight is sharded,
+frozen or not (P_gpu x w / N), and all-gathered for compute as before (P_layer includes the
+layer's adapters, P_root the final layer's); the unsharded gradients and reduce-scatter buffers
+hold the adapters' gradients only (T_layer = the layer's adapters; measured, tests/
+test_planner.py), and only those are reduce-scattered: a micro-batch moves one collective of the
+weights' size fewer.
+
+Activations: the full finetune's figure, kept as an upper bound. An adapter's A saves the input
+that its base linear saves for its weight gradient, the same tensor; a frozen base without an
+adapter saves nothing for a weight gradient. B saves A's rank-wide output, 6 rank elements per
+token and layer for the default targets (0.3% of a at rank 64 on goku-8b). Measured (saved
+tensors, D = 128, rank 16, tests/test_planner.py): 66% of the estimate with the default targets,
+80% with all twelve, 92% for the full finetune.
+
+Step time: frozen linears skip their weight-gradient GEMMs (flops.weight_gradient_flops), so a
+LoRA step costs 2F + attention's scores and weighted sums (4 S^2 D + 4 S L D per layer, 60% of a
+goku-8b layer's F at 720p) instead of 3F, F = forward FLOPs (+ F with recompute). Left out, as
+negligible: the adapters' own GEMMs (forward and backward, 6 rank x (in + out) FLOPs per token and
+adapter, about 1.5% of a goku-8b LoRA step at rank 64 and 720p), their rank-wide TP all-reduces,
+and the input-gradient GEMMs that autograd also skips where no input needs one (embedders, adaLN,
+cross-attention K and V: under 0.1% of F).
 """
 
 from __future__ import annotations
@@ -70,8 +102,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from goku_megatron.config import Config, ConfigError, ModelConfig, StageConfig
-from goku_megatron.flops import forward_flops
+from goku_megatron.config import Config, ConfigError, LoraConfig, ModelConfig, StageConfig
+from goku_megatron.flops import forward_flops, weight_gradient_flops
+from goku_megatron.model.lora import adapter_params
 
 GIB = 1024**3
 ADAM_BYTES = {"bf16": 12, "fp32": 8}  # optimizer state per parameter (see the module doc)
@@ -149,10 +182,20 @@ def layer_params(model: ModelConfig) -> tuple[int, int]:
 
 
 def embedder_params(model: ModelConfig) -> int:
+    """Parameters outside the layers: embedders, patch embedding (and model.i2v's image_cond),
+    final layer."""
     d, patch = model.hidden_size, model.in_channels * model.patch_volume
     t_embed = model.timestep_freq_dim * d + d + d * d + d
     caption = model.text_dim * d + d + d * d + d
-    return t_embed + caption + (patch * d + d) + (d * 2 * d + 2 * d + d * patch + patch)
+    return (t_embed + caption + (patch * d + d) + image_cond_params(model)
+            + (d * 2 * d + 2 * d + d * patch + patch))
+
+
+def image_cond_params(model: ModelConfig) -> int:
+    """model.i2v's condition layer, Linear(2 x patch, patch): the one layer a LoRA finetune trains
+    in full (goku.NEW_LAYERS)."""
+    patch = model.in_channels * model.patch_volume
+    return 2 * patch * patch + patch if model.i2v else 0
 
 
 def activation_elements(model: ModelConfig, tp: int, recompute: bool) -> float:
@@ -170,38 +213,70 @@ def stage_params(model: ModelConfig, tp: int, pp: int) -> float:
     return (split / tp + replicated) * model.num_layers / pp + embedder_params(model)
 
 
-def fsdp_memory(model: ModelConfig, layout: Layout, precision: str) -> tuple[float, float]:
-    """(sharded, gathered) bytes per GPU under FSDP (module doc): weights, gradients and optimizer
-    state divided by the shard group, and FSDP2's peak of all-gathered weights and unsharded
-    gradients."""
-    w = WEIGHT_BYTES[precision]
-    sharded = stage_params(model, layout.tp, 1) * (2 * w + ADAM_BYTES[precision]) / layout.fsdp_shard
+def lora_on(lora: LoraConfig | None) -> LoraConfig | None:
+    """``lora`` when it trains adapters (rank > 0), else None: the whole model trains."""
+    return lora if lora is not None and lora.rank > 0 else None
+
+
+def stage_adapter_params(model: ModelConfig, tp: int, pp: int, lora: LoraConfig | None) -> float:
+    """A_gpu: the LoRA adapters' parameters one GPU holds (module doc), 0 without LoRA."""
+    if lora_on(lora) is None:
+        return 0.0
+    per_layer, final = adapter_params(model, lora, tp)
+    return per_layer * model.num_layers / pp + final
+
+
+def trainable_params(model: ModelConfig, tp: int, pp: int, lora: LoraConfig | None) -> float:
+    """T_gpu: the parameters one GPU trains (module doc): all of P_gpu, or with LoRA its adapters
+    and model.i2v's image_cond."""
+    if lora_on(lora) is None:
+        return stage_params(model, tp, pp)
+    return stage_adapter_params(model, tp, pp, lora) + image_cond_params(model)
+
+
+def fsdp_memory(model: ModelConfig, layout: Layout, precision: str,
+                lora: LoraConfig | None = None) -> tuple[float, float]:
+    """(sharded, gathered) bytes per GPU under FSDP (module doc): weights, the trained ones'
+    gradients and optimizer state divided by the shard group, and FSDP2's peak of all-gathered
+    weights and unsharded gradients."""
+    w, tp, lora = WEIGHT_BYTES[precision], layout.tp, lora_on(lora)
+    held = stage_params(model, tp, 1) + stage_adapter_params(model, tp, 1, lora)
+    trained = trainable_params(model, tp, 1, lora)
+    sharded = (held * w + trained * (w + ADAM_BYTES[precision])) / layout.fsdp_shard
     split, replicated = layer_params(model)
-    layer = split / layout.tp + replicated
-    layers_gathered = 4 if layout.reshard_after_forward else model.num_layers + 2
-    return sharded, w * (embedder_params(model) + layers_gathered * layer)
+    adapters, final_adapters = adapter_params(model, lora, tp) if lora else (0, 0)
+    layer = split / tp + replicated + adapters
+    layer_grads = adapters if lora else layer
+    layers_gathered = 2 if layout.reshard_after_forward else model.num_layers
+    return sharded, w * (embedder_params(model) + final_adapters + layers_gathered * layer + 2 * layer_grads)
 
 
-def fsdp_comm_s(model: ModelConfig, hw: Hardware, layout: Layout) -> float:
+def fsdp_comm_s(model: ModelConfig, hw: Hardware, layout: Layout, lora: LoraConfig | None = None) -> float:
     """Seconds of FSDP communication per micro-batch (module doc): all-gathers of the weights in
-    forward (and backward), the reduce-scatter of the gradients, hybrid's all-reduce over replicas."""
-    n, replicas = layout.fsdp_shard, layout.fsdp_replicas
-    message = stage_params(model, layout.tp, 1) * WEIGHT_BYTES[hw.precision]
-    collectives = 3 if layout.reshard_after_forward else 2
+    forward (and backward), the reduce-scatter of the trained ones' gradients, hybrid's all-reduce
+    of those over replicas."""
+    n, replicas, w, tp = layout.fsdp_shard, layout.fsdp_replicas, WEIGHT_BYTES[hw.precision], layout.tp
+    weights = (stage_params(model, tp, 1) + stage_adapter_params(model, tp, 1, lora)) * w
+    grads = trainable_params(model, tp, 1, lora) * w
+    gathers = 2 if layout.reshard_after_forward else 1
     shard_bw = hw.nvlink_bytes_per_s if n * layout.tp <= hw.gpus_per_node else hw.network_bytes_per_s
     replica_bw = (hw.nvlink_bytes_per_s if layout.dp * layout.cp * layout.tp <= hw.gpus_per_node
                   else hw.network_bytes_per_s)
-    return (collectives * message * (n - 1) / n / shard_bw
-            + 2 * (replicas - 1) / replicas * message / n / replica_bw)
+    return ((gathers * weights + grads) * (n - 1) / n / shard_bw
+            + 2 * (replicas - 1) / replicas * grads / n / replica_bw)
 
 
-def estimate(model: ModelConfig, work: Workload, hw: Hardware, layout: Layout) -> Estimate:
+def estimate(model: ModelConfig, work: Workload, hw: Hardware, layout: Layout,
+             lora: LoraConfig | None = None) -> Estimate:
+    """Memory per GPU and step time of ``layout`` (module doc); ``lora``: a LoRA finetune's
+    adapters, the rest of the model frozen."""
     tp, cp, pp, dp = layout.tp, layout.cp, layout.pp, layout.dp
     if layout.fsdp_shard:
-        weights = sum(fsdp_memory(model, layout, hw.precision))
+        weights = sum(fsdp_memory(model, layout, hw.precision, lora))
     else:
         opt = ADAM_BYTES[hw.precision] / (dp * cp if layout.distributed_optimizer else 1)
-        weights = stage_params(model, tp, pp) * (WEIGHT_BYTES[hw.precision] + 4 + opt)
+        held = stage_params(model, tp, pp) + stage_adapter_params(model, tp, pp, lora)
+        weights = held * WEIGHT_BYTES[hw.precision] + trainable_params(model, tp, pp, lora) * (4 + opt)
 
     micro = max(1, work.global_packs // dp)
     layers = model.num_layers / pp
@@ -211,11 +286,14 @@ def estimate(model: ModelConfig, work: Workload, hw: Hardware, layout: Layout) -
     if layout.recompute:  # the layer being recomputed holds its full activations
         acts += local_tokens * activation_elements(model, tp, False) * elem
 
-    per_sample = work.tokens // work.samples_per_pack
-    flops = 3 * forward_flops(model, [per_sample] * work.samples_per_pack,
-                              [work.caption_tokens] * work.samples_per_pack)
+    video = [work.tokens // work.samples_per_pack] * work.samples_per_pack
+    text = [work.caption_tokens] * work.samples_per_pack
+    forward = forward_flops(model, video, text)
+    flops = 3 * forward
+    if lora_on(lora) is not None:  # the frozen linears skip their weight gradients
+        flops -= weight_gradient_flops(model, video, text)
     if layout.recompute:
-        flops *= 4 / 3
+        flops += forward
     compute = flops / (tp * cp * hw.peak_flops * hw.efficiency)
     message = local_tokens * model.hidden_size * 2
     tp_comm = 4 * layers * message * 2 * (tp - 1) / tp / hw.nvlink_bytes_per_s
@@ -223,7 +301,7 @@ def estimate(model: ModelConfig, work: Workload, hw: Hardware, layout: Layout) -
     cp_bw = hw.nvlink_bytes_per_s if tp * cp <= hw.gpus_per_node else hw.network_bytes_per_s
     cp_comm = 8 * layers * message / tp * (cp - 1) / cp / cp_bw
     # FSDP (PP = 1) hides its communication behind compute as far as compute lasts (module doc).
-    compute_or_fsdp = max(compute, fsdp_comm_s(model, hw, layout)) if layout.fsdp_shard else compute / pp
+    compute_or_fsdp = max(compute, fsdp_comm_s(model, hw, layout, lora)) if layout.fsdp_shard else compute / pp
     per_micro = compute_or_fsdp + tp_comm + cp_comm
     step = per_micro * micro * (1 + (pp - 1) / micro)
     return Estimate(layout, weights, acts, step)
@@ -260,13 +338,13 @@ def candidate_layouts(model: ModelConfig, work: Workload, gpus: int, gpus_per_no
 
 
 def plan(model: ModelConfig, work: Workload, hw: Hardware, headroom: float = HEADROOM, fsdp: bool = True,
-         reshard_after_forward: bool = True) -> list[tuple[Estimate, bool]]:
+         reshard_after_forward: bool = True, lora: LoraConfig | None = None) -> list[tuple[Estimate, bool]]:
     """All candidates (FSDP ones unless ``fsdp`` is false), fastest first, each with whether it fits
-    ``headroom`` x GPU memory. At equal step times the smaller TP wins, then megatron DDP over FSDP
-    (FSDP's estimate hides its communication, DDP moves less), then the hybrid FSDP (less network
-    traffic)."""
+    ``headroom`` x GPU memory (``lora``: a LoRA finetune's). At equal step times the smaller TP
+    wins, then megatron DDP over FSDP (FSDP's estimate hides its communication, DDP moves less),
+    then the hybrid FSDP (less network traffic)."""
     layouts = candidate_layouts(model, work, hw.gpus, hw.gpus_per_node, fsdp, reshard_after_forward)
-    estimates = [estimate(model, work, hw, layout) for layout in layouts]
+    estimates = [estimate(model, work, hw, layout, lora) for layout in layouts]
     fits = [(e, e.memory_bytes <= headroom * hw.memory_bytes) for e in estimates]
     return sorted(fits, key=lambda pair: (not pair[1], pair[0].step_time_s, pair[0].layout.tp,
                                           pair[0].layout.fsdp_shard > 0, -pair[0].layout.fsdp_replicas))
@@ -301,10 +379,11 @@ def fsdp_allowed(cfg: Config) -> bool:
 
 def recommend(cfg: Config, gpus: int) -> Layout | None:
     """The fastest layout of ``gpus`` GPUs (``parallel.gpu_memory_gb`` each) that fits the run's
-    largest stage, or None; what ``parallel.auto`` trains with."""
+    largest stage (with its lora section: a LoRA finetune's), or None; what ``parallel.auto``
+    trains with."""
     hw = Hardware(gpus=gpus, memory_bytes=cfg.parallel.gpu_memory_gb * GIB)
     ranked = plan(cfg.model, stage_workload(cfg, planned_stage(cfg)), hw, fsdp=fsdp_allowed(cfg),
-                  reshard_after_forward=cfg.parallel.fsdp_reshard_after_forward)
+                  reshard_after_forward=cfg.parallel.fsdp_reshard_after_forward, lora=lora_on(cfg.lora))
     return ranked[0][0].layout if ranked and ranked[0][1] else None
 
 

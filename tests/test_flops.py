@@ -12,8 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from goku_megatron.config import load_config, validate
 from goku_megatron.batch import PackSample, build_pack, pack_batch
-from goku_megatron.flops import (forward_flops, gpu_peak_flops, layer_forward_flops, mfu, pack_tokens,
-                                 training_flops)
+from goku_megatron.flops import (forward_flops, gpu_peak_flops, layer_attention_core_flops, layer_forward_flops, mfu,
+                                 pack_tokens, training_flops, weight_gradient_flops)
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +86,30 @@ def test_layer_flops_by_hand_at_goku_8b_720p():
     # At 720p attention's S^2 term is most of a layer (~60%): MFU hinges on the attention kernel.
     assert 0.55 < scores_and_sum / layer_forward_flops(m, s, length) < 0.65
     assert forward_flops(m, [s], [length]) > m.num_layers * layer_forward_flops(m, s, length)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_training_step_matches_torch_count(lora, megatron_world):
+    """Forward and backward: 3F, and with LoRA's frozen base 3F less the weight gradients (2F +
+    attention's). torch counts a little less: autograd also skips the input gradients of linears
+    whose inputs need none (patch embedding, embedders; with LoRA adaLN and cross-attention's K
+    and V too). Rank 1 keeps the adapters' own FLOPs, left out of the formula, out of the way."""
+    overrides = ["lora.rank=1", "lora.base=seed"] if lora else []
+    cfg = load_config(None, ["model.zero_init=false", "model.in_channels=4", "model.patch_size=[1,2,2]", *overrides])
+    validate(cfg, 1)
+    model = build_stage(cfg)
+    b, t, h, w, length = 2, 3, 8, 6, 5
+    video, text = [t * (h // 2) * (w // 2)] * b, [length] * b
+    pack = pack_batch(torch.randn(b, 4, t, h, w), torch.rand(b), torch.randn(b, length, cfg.model.text_dim),
+                      torch.ones(b, length, dtype=torch.bool), cfg.model.patch_size)
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model(pack).sum().backward()
+    formula = training_flops(cfg.model, video, text)
+    if lora:
+        formula -= weight_gradient_flops(cfg.model, video, text)
+        core = cfg.model.num_layers * sum(layer_attention_core_flops(cfg.model, s, n) for s, n in zip(video, text))
+        assert formula == pytest.approx(2 * forward_flops(cfg.model, video, text) + core)
+    assert 0.98 * formula < counter.get_total_flops() <= formula
 
 
 def test_mfu():

@@ -1,6 +1,6 @@
 """The packaged recipes: base: inheritance, the Goku training chain (T2I -> joint -> modality
-finetunes -> I2V; docs/model.md, "Training recipe") and parallel.auto's layouts from goku-plan for
-64 to 1024 GPUs."""
+finetunes -> I2V; docs/model.md, "Training recipe"), the LoRA finetunes on its runs, and
+parallel.auto's layouts from goku-plan for 64 to 1024 GPUs (LoRA: 8 to 1024)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ import pytest
 
 from goku_megatron.config import ConfigError, available_recipes, load_config, validate
 from goku_megatron.cli.plan import fsdp_column, main as plan_main
+from goku_megatron.cli.train import main as train_main
 from goku_megatron.planner import recommend, resolve_layout
 
 REPO = Path(__file__).resolve().parents[1]
 CHAIN = ["t2i", "", "ft-t2v", "ft-t2i", "i2v"]
 GOKU = [f"goku-{size}{'-' + step if step else ''}" for size in ("2b", "8b") for step in CHAIN]
+LORA = ["goku-2b-lora-t2v", "goku-8b-lora-t2v", "goku-8b-lora-i2v"]
 
 
 def test_base_recipe_is_merged_key_by_key_and_lists_replaced(tmp_path):
@@ -65,8 +67,31 @@ def test_goku_recipes_exist_and_chain():
     assert load_config("goku-2b").model.num_layers == 28 and load_config("goku-8b").model.num_layers == 40
 
 
-@pytest.mark.parametrize("name", GOKU)
-@pytest.mark.parametrize("gpus", [64, 128, 256, 512, 1024])
+def test_lora_recipes_adapt_a_run_of_the_chain():
+    """Each LoRA recipe's frozen base is the run of a full recipe of its size (lora.base, in place
+    of checkpoint.init_from, which a LoRA run refuses); the I2V one trains image_cond in full."""
+    for name in LORA:
+        cfg = load_config(name)
+        assert cfg.train.name == name and cfg.lora.rank > 0 and cfg.checkpoint.init_from == ""
+        base = cfg.lora.base
+        assert base.startswith("runs/") and base[len("runs/"):] in GOKU, (name, base)
+        assert load_config(base[len("runs/"):]).model.preset == cfg.model.preset
+    i2v, t2v = load_config("goku-8b-lora-i2v"), load_config("goku-8b-lora-t2v")
+    assert i2v.model.i2v and i2v.lora.base == load_config("goku-8b-i2v").checkpoint.init_from
+    assert i2v.train.steps == load_config("goku-8b-i2v").train.steps  # the paper's 10k I2V steps
+    assert (i2v.lora.rank, i2v.lora.alpha, i2v.optim.lr) == (t2v.lora.rank, t2v.lora.alpha, t2v.optim.lr)
+    assert load_config("toy-lora").lora.base == "runs/toy" and load_config("toy-lora").model == load_config("toy").model
+
+
+@pytest.mark.parametrize("name", LORA)
+def test_lora_recipes_dry_run(name, capsys):
+    assert train_main(["--dry-run", "--config", name, "--world-size", "64"]) == 0
+    out = capsys.readouterr().out
+    assert f"\nlora:\n  rank: {load_config(name).lora.rank}\n" in out
+
+
+@pytest.mark.parametrize("name, gpus", [(name, gpus) for name in GOKU for gpus in (64, 128, 256, 512, 1024)]
+                         + [(name, gpus) for name in LORA for gpus in (8, 16, 32, 64, 128, 256, 512, 1024)])
 def test_recipes_plan_a_layout_for_64_to_1024_gpus(name, gpus):
     cfg = load_config(name)
     layout = recommend(cfg, gpus)
@@ -100,7 +125,7 @@ def test_docs_layout_table_is_what_goku_plan_recommends():
     """docs/recipes.md's table of layouts is goku-plan's current output, row by row."""
     rows = re.findall(r"^\| (goku-\S+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (-|all|\d+) \| (yes|no) \|$",
                       (REPO / "docs" / "recipes.md").read_text(), flags=re.M)
-    assert len(rows) == 4 * 5
+    assert len(rows) == 4 * 5 + 2 * 4  # the chain at 64-1024 GPUs; the T2V LoRAs at 8-64
     for name, gpus, tp, cp, pp, dp, fsdp, recompute in rows:
         lay = recommend(load_config(name), int(gpus))
         assert (lay.tp, lay.cp, lay.pp, lay.dp, fsdp_column(lay), lay.recompute) == \
@@ -113,3 +138,10 @@ def test_goku_plan_reads_a_recipe(capsys):
     lay = recommend(load_config("goku-2b"), 256)
     assert "# goku-2b: 65536 tokens per pack, 256 packs per step, 256 GPUs" in out
     assert f"recommendation: parallel.tp={lay.tp} parallel.cp={lay.cp} parallel.pp={lay.pp}" in out
+
+
+def test_the_i2v_lora_plans_like_the_t2v_lora():
+    """docs/recipes.md lists the T2V LoRAs only: goku-8b-lora-i2v shares goku-8b-lora-t2v's packs
+    and adapters (its image_cond is 8k parameters), so it gets the same layouts."""
+    for gpus in (8, 16, 32, 64, 128, 256, 512, 1024):
+        assert recommend(load_config("goku-8b-lora-i2v"), gpus) == recommend(load_config("goku-8b-lora-t2v"), gpus)

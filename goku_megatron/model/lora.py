@@ -44,7 +44,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from goku_megatron.config import LoraConfig
+from goku_megatron.config import LoraConfig, ModelConfig
 from goku_megatron.model.specs import LocalRowParallelLinear
 
 COLUMN, ROW, REPLICATED = "column", "row", "replicated"
@@ -60,6 +60,33 @@ TARGET_MODULES: dict[str, tuple[tuple[str, str], ...]] = {
     "final": (("final_layer.adaln", REPLICATED), ("final_layer.linear", REPLICATED)),
 }
 ADAPTER_NAMES = (".lora_A.", ".lora_B.")
+
+
+def base_features(model: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) features of the whole (unsharded) linear that each TARGET_MODULES pattern names:
+    what goku-plan counts the adapters from, without building the model (tests/test_planner.py
+    checks them against a built one)."""
+    d, f, patch = model.hidden_size, model.ffn_hidden_size, model.in_channels * model.patch_volume
+    return {**{f"layers.*.{module}.{p}_proj": (d, d) for module in ("attn1", "attn2") for p in "qkvo"},
+            "layers.*.mlp.fc1": (d, f), "layers.*.mlp.fc2": (f, d), "layers.*.norm1.linear": (d, 6 * d),
+            "final_layer.adaln": (d, 2 * d), "final_layer.linear": (d, patch)}
+
+
+def adapter_params(model: ModelConfig, lora: LoraConfig, tp: int) -> tuple[int, int]:
+    """(adapter parameters of one Goku layer, of the final layer) on one TP rank, as ``_adapt``
+    shards them (module docstring): rank x (in + out / TP) for a column-parallel base (A
+    replicated, B split), rank x (in / TP + out) for a row-parallel one (A split, B replicated),
+    rank x (in + out) for a replicated one."""
+    features, per_layer, final = base_features(model), 0, 0
+    for target in lora.targets:
+        for pattern, kind in TARGET_MODULES[target]:
+            n_in, n_out = features[pattern]
+            count = lora.rank * ((n_in // tp if kind == ROW else n_in) + (n_out // tp if kind == COLUMN else n_out))
+            if pattern.startswith("layers.*."):
+                per_layer += count
+            else:
+                final += count
+    return per_layer, final
 
 
 def is_adapter(name: str) -> bool:
