@@ -69,9 +69,12 @@ def forward_flops(model: ModelConfig, video_tokens: Sequence[int], text_tokens: 
     return float(total)
 
 
-def training_flops(model: ModelConfig, video_tokens: Sequence[int], text_tokens: Sequence[int]) -> float:
-    """Model FLOPs of one forward and backward pass (3x forward)."""
-    return 3.0 * forward_flops(model, video_tokens, text_tokens)
+def training_flops(model: ModelConfig, video_tokens: Sequence[int], text_tokens: Sequence[int],
+                   frozen_base: bool = False) -> float:
+    """Model FLOPs of one forward and backward pass: 3x forward, less the weight gradients a
+    ``frozen_base`` (a LoRA run's) does not compute (``weight_gradient_flops``)."""
+    flops = 3.0 * forward_flops(model, video_tokens, text_tokens)
+    return flops - weight_gradient_flops(model, video_tokens, text_tokens) if frozen_base else flops
 
 
 def weight_gradient_flops(model: ModelConfig, video_tokens: Sequence[int], text_tokens: Sequence[int]) -> float:

@@ -103,7 +103,7 @@ import math
 from dataclasses import dataclass
 
 from goku_megatron.config import Config, ConfigError, LoraConfig, ModelConfig, StageConfig
-from goku_megatron.flops import forward_flops, weight_gradient_flops
+from goku_megatron.flops import forward_flops, training_flops
 from goku_megatron.model.lora import adapter_params
 
 GIB = 1024**3
@@ -288,12 +288,10 @@ def estimate(model: ModelConfig, work: Workload, hw: Hardware, layout: Layout,
 
     video = [work.tokens // work.samples_per_pack] * work.samples_per_pack
     text = [work.caption_tokens] * work.samples_per_pack
-    forward = forward_flops(model, video, text)
-    flops = 3 * forward
-    if lora_on(lora) is not None:  # the frozen linears skip their weight gradients
-        flops -= weight_gradient_flops(model, video, text)
+    # A LoRA step's frozen linears skip their weight gradients; recompute runs the forward again.
+    flops = training_flops(model, video, text, frozen_base=lora_on(lora) is not None)
     if layout.recompute:
-        flops += forward
+        flops += forward_flops(model, video, text)
     compute = flops / (tp * cp * hw.peak_flops * hw.efficiency)
     message = local_tokens * model.hidden_size * 2
     tp_comm = 4 * layers * message * 2 * (tp - 1) / tp / hw.nvlink_bytes_per_s

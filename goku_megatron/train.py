@@ -229,8 +229,8 @@ def run(cfg: Config, source: PackedBatches | ReadAhead | None = None) -> list[St
             extra: dict[str, float] = {"stage": stage, "data_wait_s": data_wait, **bad}
             # Work of the step, over all data-parallel ranks: samples, video tokens, model FLOPs.
             video_tokens, text_tokens = pack_tokens(packs)
-            counts = dp_sum([len(video_tokens), sum(video_tokens), training_flops(cfg.model, video_tokens, text_tokens),
-                             *bad.values()], device)
+            flops = training_flops(cfg.model, video_tokens, text_tokens, frozen_base=cfg.lora.rank > 0)
+            counts = dp_sum([len(video_tokens), sum(video_tokens), flops, *bad.values()], device)
             samples_done, tokens, step_flops = counts[:3]
             extra.update(zip(bad, counts[3:]))
             with fault_tolerance.section("step"):
