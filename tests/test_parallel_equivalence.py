@@ -88,7 +88,8 @@ def test_layout_matches_single_process(layout_run, single_process, layout):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["tp2_pp2", "dp2", "dp2_cp2", "dp2_overlap", "fsdp4", "hsdp2x2"])
+@pytest.mark.parametrize("layout", ["pp2_dp2_overlap_grad_reduce", "dp2_cp2", "dp2_overlap", "tp2_fsdp2_recompute",
+                                    "hsdp2x2"])
 def test_layout_checkpoint_loads_unsharded(layout_run, baseline, layout, megatron_world):
     got = layout_run(layout)
     cfg = load_config(str(got["dir"] / "config.yaml"), ["parallel.tp=1", "parallel.pp=1", "parallel.cp=1"])
