@@ -33,6 +33,9 @@ from goku_megatron.model.lora import is_adapter
 
 log = logging.getLogger(__name__)
 
+# The shape fields a finetune's starting weights must share with it: the I2V layer may be new.
+STARTING_FIELDS = [f for f in SHAPE_FIELDS if f != "i2v"]
+
 def load_checkpoint(path: Path, state: TrainingState) -> dict[str, Any]:
     """Load every part of ``state`` that ``path`` holds, resharding weights, optimizer and EMA to
     this layout. RNG states are restored only in the layout they were saved in. Returns the common
@@ -223,7 +226,6 @@ def base_of(cfg: Config) -> dict[str, Any]:
     adapters; or ``seed``. A checkpoint is recorded resolved, so a resume or goku-sample reads the
     same weights after the base's own run has moved on."""
     lora = cfg.lora
-    fields = [f for f in SHAPE_FIELDS if f != "i2v"]
     if lora.base == LORA_SEED_BASE:
         return {"path": LORA_SEED_BASE, "seed": cfg.train.seed}
     if lora.base.endswith(".safetensors"):
@@ -232,20 +234,12 @@ def base_of(cfg: Config) -> dict[str, Any]:
             saved = saved_config(path)
         except (FileNotFoundError, ValueError) as err:
             raise ConfigError(f"lora.base: {err}") from None
-        check_compatible({"config": saved}, cfg, path, fields=fields)
+        check_compatible({"config": saved}, cfg, path, fields=STARTING_FIELDS)
         return {"path": str(path)}
-    try:
-        checkpoint = resolve_checkpoint(Path(lora.base)).absolute()
-    except FileNotFoundError as err:
-        raise ConfigError(f"lora.base: {err}") from None
-    reason = validate_checkpoint(checkpoint) or verify_checkpoint(checkpoint)
-    if reason is not None:
-        raise ConfigError(f"lora.base={lora.base}: {reason}; pass a sound checkpoint")
-    manifest = read_manifest(checkpoint)
-    if manifest.get("base") is not None:
+    checkpoint = _starting_checkpoint("lora.base", lora.base, cfg).absolute()
+    if read_manifest(checkpoint).get("base") is not None:
         raise ConfigError(f"lora.base={lora.base} is itself a LoRA run's checkpoint; export it merged into its "
                           f"base (goku-data convert-checkpoint export) and use that .safetensors file")
-    check_compatible(manifest, cfg, checkpoint, fields=fields)
     return {"path": str(checkpoint), "ema": lora.base_ema}
 
 
@@ -255,9 +249,7 @@ def start_from_base(state: TrainingState, cfg: Config) -> dict[str, Any]:
     base = base_of(cfg)
     if base["path"] != LORA_SEED_BASE:  # build_stage initialised the model from train.seed already
         load_base(base, state.model)
-    unwrapped(state.optimizer).reload_model_params()
-    if state.ema is not None:
-        state.ema.restart()
+    _restart_from_weights(state)
     return base
 
 
@@ -266,17 +258,29 @@ def init_weights_from(path: Path, state: TrainingState, cfg: Config, ema: bool =
     optimizer, schedule and step starting anew. Layers of this model that the checkpoint lacks
     (NEW_LAYERS, e.g. the I2V condition layer of a T2V checkpoint) keep their initialisation; the
     optimizer's fp32 main weights and the EMA restart from the loaded weights."""
+    checkpoint = _starting_checkpoint("checkpoint.init_from", str(path), cfg)
+    load_model_weights(checkpoint, state.model, ema=ema, new_layers=NEW_LAYERS)
+    _restart_from_weights(state)
+    return checkpoint
+
+
+def _starting_checkpoint(field: str, path: str, cfg: Config) -> Path:
+    """The checkpoint a finetune starts from (``field``: checkpoint.init_from or lora.base): a sound
+    one (or the run directory whose latest one it is) of this model's shape, where the layers a
+    finetune adds (NEW_LAYERS: the I2V layer) may be new. One line for anything else."""
     try:
         checkpoint = resolve_checkpoint(Path(path))
     except FileNotFoundError as err:
-        raise ConfigError(f"checkpoint.init_from: {err}") from None
+        raise ConfigError(f"{field}: {err}") from None
     reason = validate_checkpoint(checkpoint) or verify_checkpoint(checkpoint)
     if reason is not None:
-        raise ConfigError(f"checkpoint.init_from={path}: {reason}; pass a sound checkpoint")
-    # The I2V layer may be new (NEW_LAYERS): every other shape must match.
-    check_compatible(read_manifest(checkpoint), cfg, checkpoint, fields=[f for f in SHAPE_FIELDS if f != "i2v"])
-    load_model_weights(checkpoint, state.model, ema=ema, new_layers=NEW_LAYERS)
+        raise ConfigError(f"{field}={path}: {reason}; pass a sound checkpoint")
+    check_compatible(read_manifest(checkpoint), cfg, checkpoint, fields=STARTING_FIELDS)
+    return checkpoint
+
+
+def _restart_from_weights(state: TrainingState) -> None:
+    """The optimizer's fp32 main weights and the EMA start again from weights just loaded."""
     unwrapped(state.optimizer).reload_model_params()
     if state.ema is not None:
         state.ema.restart()
-    return checkpoint
